@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SHARED := $(abspath ../shared)
+DATA ?= $(if $(wildcard $(SHARED)/datasets/oxford_flowers12),$(SHARED)/datasets/oxford_flowers12,flower_photos)
+BACKBONE ?= $(if $(wildcard $(SHARED)/keras-models/efficientnet_lite0_imagenet.keras),$(SHARED)/keras-models/efficientnet_lite0_imagenet.keras,MobileNetV2)
+LAYER ?= $(if $(findstring .keras,$(BACKBONE)),--layer avg_pool,)
+DEMO_DIR ?= demo
+
+.PHONY: venv test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[cpu,test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+test: venv
+	$(PY) -m pytest -q
+
+# Without ../shared the demo fetches TensorFlow's flower_photos archive (online only).
+demo: venv
+	mkdir -p $(DEMO_DIR)
+	if [ "$(DATA)" = flower_photos ]; then $(PY) -c "import keras, os; p = keras.utils.get_file('flower_photos', 'https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz', untar=True); print(os.path.join(p, 'flower_photos') if os.path.isdir(os.path.join(p, 'flower_photos')) else p)" > $(DEMO_DIR)/data.txt; else echo "$(DATA)" > $(DEMO_DIR)/data.txt; fi
+	$(PY) cli.py extract "$$(cat $(DEMO_DIR)/data.txt)" --backbone $(BACKBONE) $(LAYER) --cache $(DEMO_DIR)/features.h5
+	$(PY) cli.py fit-head $(DEMO_DIR)/features.h5 --clf logreg --out $(DEMO_DIR)/head-logreg
+	$(PY) cli.py predict "$$(cat $(DEMO_DIR)/data.txt)" --head $(DEMO_DIR)/head-logreg --top-k 3 --out $(DEMO_DIR)/predictions.csv
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) cache/*.h5 heads runs

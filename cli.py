@@ -1,0 +1,100 @@
+"""cnncodes command line: each command parses its options and calls one function of pipeline/."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up chatter off the terminal
+
+import typer
+
+from pipeline.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Image classification on small data: CNN codes in an HDF5 cache, "
+                       "scikit-learn heads, optional fine-tuning.")
+
+
+def command(name: str) -> Callable:
+    """Register a command whose user errors print one line and exit 2 (no traceback)."""
+    def wrap(function: Callable) -> Callable:
+        @functools.wraps(function)
+        def run(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except UserError as exc:
+                typer.echo(f"error: {exc}", err=True)
+                raise typer.Exit(2)
+            except KeyboardInterrupt:
+                typer.echo("interrupted", err=True)
+                raise typer.Exit(130)
+        return app.command(name)(run)
+    return wrap
+
+
+BACKBONE = typer.Option("MobileNetV2", "--backbone", "-b",
+                        help="Keras Applications name (see `backbones`) or path to a .keras model.")
+WEIGHTS = typer.Option("imagenet", help="imagenet, none (random init), or a weights file path.")
+LAYER = typer.Option(None, help="Pool this layer's output instead of the top (see `backbones --layers`).")
+POOLING = typer.Option("avg", help="Global pooling of a convolutional layer: avg or max.")
+IMAGE_SIZE = typer.Option(None, help="Square input size; default: the backbone's own.")
+RESIZE = typer.Option("bilinear", help="Resize filter: bilinear, bicubic, lanczos, nearest, area.")
+ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25).")
+
+
+def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: str,
+                    image_size: Optional[int], resize: str, alpha: Optional[float]):
+    from pipeline.backbones import BackboneConfig
+
+    return BackboneConfig(backbone, weights, layer, pooling, image_size, resize, alpha)
+
+
+@command("extract")
+def extract_command(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/CLASS/*.jpg or DATA_DIR/{train,val,test}/CLASS/*.jpg"),
+    backbone: str = BACKBONE, weights: str = WEIGHTS, layer: Optional[str] = LAYER,
+    pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
+    alpha: Optional[float] = ALPHA,
+    cache: Optional[Path] = typer.Option(None, help="Cache file; default: cache/<dataset>-<config>.h5"),
+    cache_dir: Path = typer.Option(Path("cache"), help="Folder for default cache names."),
+    batch_size: int = typer.Option(32, help="Images per inference batch."),
+    chunk_size: int = typer.Option(256, help="Images per crash-safe chunk written to disk."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
+    from pipeline.extract import extract, summary_lines
+
+    summary = extract(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
+                      cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
+                      workers=workers, progress=progress, log=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(summary_lines(summary)))
+    if summary.interrupted:
+        raise typer.Exit(130)
+
+
+@command("backbones")
+def backbones_command(
+    layers: Optional[str] = typer.Option(None, help="List the layers of this backbone (name or .keras path)."),
+    weights: str = typer.Option("none", help="Weights to build with when listing layers."),
+) -> None:
+    """List the known backbones (name, default input size, feature width), or one backbone's layers."""
+    from pipeline.backbones import APPLICATIONS, DEFAULT_BACKBONE, BackboneConfig, layer_names
+
+    if layers:
+        for name, shape in layer_names(BackboneConfig(layers, weights).resolved()):
+            typer.echo(f"{name:40s} {shape}")
+        return
+    typer.echo(f"{'backbone':20s} {'size':>5s} {'width':>6s}")
+    for name, app_info in APPLICATIONS.items():
+        mark = "  (default)" if name == DEFAULT_BACKBONE else ""
+        typer.echo(f"{name:20s} {app_info.size:5d} {app_info.width:6d}{mark}")
+    typer.echo("Any saved Keras model also works: --backbone PATH.keras [--layer NAME].")
+
+
+if __name__ == "__main__":
+    app()

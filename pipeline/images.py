@@ -1,0 +1,173 @@
+"""Find images under a class-per-folder root, hash their bytes, decode any common format to RGB."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
+# Folder names that mark a DATA_DIR/{train,val,test}/CLASS layout, and the split each records.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+RESIZE_METHODS = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "nearest": Image.Resampling.NEAREST,
+    "area": Image.Resampling.BOX,
+}
+# Pillow's reduce-then-resample shortcut; 3.0 is "indistinguishable from fair resampling" (Pillow docs).
+REDUCING_GAP = 3.0
+# The decoding recipe is part of what makes the features: a change here must change this string.
+DECODER = f"pillow-draft-exif-rgb-squash-gap{REDUCING_GAP:g}"
+# Refuse images above this many pixels (Pillow's own warning threshold, about 89 megapixels).
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+
+class ImageError(Exception):
+    """An image file that cannot be used; the message is the reason recorded in the cache."""
+
+
+@dataclass(frozen=True)
+class ImageFile:
+    """One image file: where it is, its class index (-1 when unknown) and its split ('' when none)."""
+
+    path: Path
+    relpath: str
+    label: int = -1
+    split: str = ""
+
+
+@dataclass
+class Dataset:
+    """The result of scanning a dataset folder."""
+
+    root: Path
+    class_names: list[str]
+    files: list[ImageFile]
+    ignored: list[str] = field(default_factory=list)
+
+    @property
+    def has_splits(self) -> bool:
+        return any(f.split for f in self.files)
+
+
+def is_image_name(name: str) -> bool:
+    """True for a visible file whose extension (any case) is an image format we read."""
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
+    """All image files under folder (sorted, recursive) and the other files that were ignored."""
+    images, ignored = [], []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            (images if is_image_name(name) else ignored).append(Path(dirpath) / name)
+    return images, ignored
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def scan_dataset(root: str | os.PathLike) -> Dataset:
+    """Scan DATA_DIR/CLASS/... or DATA_DIR/{train,val,test}/CLASS/...; raise UserError if unusable."""
+    root = Path(root).expanduser().resolve()
+    if not root.is_dir():
+        raise UserError(f"{root} is not a folder; expected DATA_DIR/CLASS/*.jpg (one sub-folder per class).")
+    top = _subfolders(root)
+    split_layout = bool(top) and all(p.name.lower() in SPLIT_FOLDERS for p in top)
+    # (split, class folder) pairs
+    groups = [(SPLIT_FOLDERS[s.name.lower()], c) for s in top for c in _subfolders(s)] if split_layout \
+        else [("", c) for c in top]
+    class_names = sorted({c.name for _, c in groups})
+    if not class_names:
+        raise UserError(f"{root} has no class folders; expected DATA_DIR/CLASS/*.jpg "
+                        "or DATA_DIR/train/CLASS/*.jpg.")
+    index = {name: i for i, name in enumerate(class_names)}
+    files: list[ImageFile] = []
+    ignored = [p for p in root.iterdir() if p.is_file()]
+    for split, folder in groups:
+        images, other = _walk_images(folder)
+        ignored += other
+        if not images:
+            raise UserError(f"class folder {folder} has no images ({len(other)} other files); "
+                            "add images (.jpg .jpeg .png .bmp .gif .webp) or remove the folder.")
+        files += [ImageFile(p, p.relative_to(root).as_posix(), index[folder.name], split) for p in images]
+    if len(class_names) < 2:
+        raise UserError(f"{root} has one class ({class_names[0]}); a classifier needs at least two "
+                        "class folders.")
+    return Dataset(root, class_names, files, [p.relative_to(root).as_posix() for p in ignored])
+
+
+def scan_paths(paths: list[str | os.PathLike]) -> tuple[list[ImageFile], list[str]]:
+    """Image files named directly or found under folders (for predict), and the paths ignored."""
+    files: list[ImageFile] = []
+    ignored: list[str] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            images, other = _walk_images(path)
+            files += [ImageFile(p.resolve(), str(p)) for p in images]
+            ignored += [str(p) for p in other]
+        elif path.is_file():
+            files.append(ImageFile(path.resolve(), str(path)))
+        else:
+            raise UserError(f"{path} does not exist; give image files or folders of images.")
+    return files, ignored
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of the file's bytes: the key of its row in the cache."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB; 16/32-bit integer images are scaled, not clipped."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        scale = 257.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
+        img = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear") -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 RGB array, or raise ImageError with the reason."""
+    if os.path.getsize(path) == 0:
+        raise ImageError("empty file (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the "
+                                     f"{MAX_PIXELS}-pixel decompression-bomb limit")
+                if img.format == "JPEG":
+                    # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size
+                    img.draft("RGB", (size, size))
+                img = _to_rgb(ImageOps.exif_transpose(img))
+                if img.size != (size, size):
+                    downscale = img.width > size and img.height > size
+                    img = img.resize((size, size), RESIZE_METHODS[resize],
+                                     reducing_gap=REDUCING_GAP if downscale else None)
+                return np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError(f"refused: {exc}") from None
+    except UnidentifiedImageError:
+        raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"corrupt or truncated image: {exc}") from None
