@@ -96,5 +96,51 @@ def backbones_command(
     typer.echo("Any saved Keras model also works: --backbone PATH.keras [--layer NAME].")
 
 
+@command("fit-head")
+def fit_head_command(
+    cache: Path = typer.Argument(..., help="A cache written by `extract`."),
+    clf: str = typer.Option("logreg", help="logreg, svm, rbf-svm or knn."),
+    cv: int = typer.Option(5, help="Cross-validation folds for choosing C (or k)."),
+    n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),
+    class_weight: Optional[str] = typer.Option(None, help="'balanced' for imbalanced classes."),
+    seed: int = typer.Option(0, help="Seed of the split and the CV folds."),
+    test_size: float = typer.Option(0.2, help="Test fraction when the cache has no test split."),
+    l2_normalize: bool = typer.Option(True, help="L2-normalise each feature vector first."),
+    out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
+) -> None:
+    """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
+    from pipeline.heads import fit_head
+    from pipeline.report import metrics_table
+
+    result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
+                      test_size=test_size, l2_normalize=l2_normalize, out=out, log=typer.echo)
+    m = result.metrics
+    typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
+    for note in m["split_notes"]:
+        typer.echo(f"  {note}")
+    typer.echo(f"{m['cv_folds']}-fold CV ({m['cv_scoring']}) chose {m['best_params']}: CV score {m['cv_score']:.4f}")
+    typer.echo(metrics_table(m))
+    typer.echo(f"fitted in {m['fit_seconds']:.1f} s; head saved to {result.folder}/")
+
+
+@command("predict")
+def predict_command(
+    paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+    head: Path = typer.Option(..., help="A head folder written by `fit-head`."),
+    top_k: int = typer.Option(3, help="Classes per image."),
+    out: Optional[Path] = typer.Option(None, help="Write all predictions to this CSV."),
+    batch_size: int = typer.Option(32, help="Images per inference batch."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+) -> None:
+    """Classify new images with a head; images already in the head's cache need no backbone."""
+    from pipeline.predict import prediction_lines, predict
+
+    predictions = predict(paths, head, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
+                          log=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
+    if out:
+        typer.echo(f"predictions written to {out}")
+
+
 if __name__ == "__main__":
     app()

@@ -235,8 +235,8 @@ def _layer_error(model: Any, layer: str, source: str) -> UserError:
                      f"{', '.join(names[-8:])} (`python cli.py backbones --layers {source}` lists all).")
 
 
-def _base_model(config: BackboneConfig) -> tuple[Any, str | None]:
-    """The backbone's feature model (input to chosen layer) and the preprocess_input module, if any."""
+def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
+    """The whole loaded or built model, its name for messages, its preprocess module and default layer."""
     import keras
 
     if config.weights == "file":
@@ -244,7 +244,7 @@ def _base_model(config: BackboneConfig) -> tuple[Any, str | None]:
             model = keras.saving.load_model(config.backbone, compile=False)
         except Exception as exc:  # Keras raises many kinds for unreadable files
             raise UserError(f"could not load Keras model {config.backbone}: {exc}") from None
-        name = config.layer or next(l.name for l in reversed(model.layers) if len(l.output.shape) == 4)
+        default = next(l.name for l in reversed(model.layers) if len(l.output.shape) == 4)
         source, module = Path(config.backbone).name, None
     else:
         app = APPLICATIONS[config.backbone]
@@ -260,8 +260,17 @@ def _base_model(config: BackboneConfig) -> tuple[Any, str | None]:
             raise UserError(f"{config.backbone} cannot be built this way: {exc}") from None
         except Exception as exc:  # download failures surface as URL, HTTP or OS errors
             raise keras_weights_error(exc, config) from None
-        name = config.layer or model.layers[-1].name
+        default = model.layers[-1].name
         source, module = config.backbone, app.module
+    return model, source, module, default
+
+
+def _base_model(config: BackboneConfig) -> tuple[Any, str | None]:
+    """The backbone's feature model (input to chosen layer) and the preprocess_input module, if any."""
+    import keras
+
+    model, source, module, default = _full_model(config)
+    name = config.layer or default
     try:
         output = model.get_layer(name).output
     except ValueError:
@@ -275,6 +284,8 @@ def build_backbone(config: BackboneConfig) -> Any:
 
     base, module = _base_model(config)
     size = base.input_shape[1] or config.image_size
+    if size is None:
+        raise UserError(f"{config.backbone} takes images of any size; give --image-size N.")
     inputs = keras.Input((size, size, 3), name="pixels")
     x = preprocess_layer_class()(module, name="preprocess")(inputs) if module else inputs
     x = base(x)
@@ -289,5 +300,6 @@ def build_backbone(config: BackboneConfig) -> Any:
 
 def layer_names(config: BackboneConfig) -> list[tuple[str, str]]:
     """(name, output shape) of every layer of a backbone, for choosing --layer."""
-    base, _ = _base_model(replace(config, layer=None))
-    return [(l.name, str(tuple(l.output.shape[1:]))) for l in base.layers]
+    # every layer of the model, including those after the default one (a model file's pooled layer)
+    model, _, _, _ = _full_model(config)
+    return [(l.name, str(tuple(l.output.shape[1:]))) for l in model.layers]

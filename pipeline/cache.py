@@ -15,7 +15,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -147,6 +147,7 @@ class CacheWriter:
         self._pending: list[tuple[str, np.ndarray, str]] = []
         self._pending_skipped: dict[str, str] = {}
         self.resumed_rows = 0
+        self.resumed_hashes: set[str] = set()  # rows found in the journal of an interrupted run
         self.dim: int | None = None
         if self.path.exists():
             self._open_existing()
@@ -163,7 +164,8 @@ class CacheWriter:
         with h5py.File(self.path, "r") as f:
             self.dim = int(f["features"].shape[1]) if f["features"].shape[0] else None
             self._source.update((h, (-1, i)) for i, h in enumerate(_str_list(f["content_hash"])))
-            self._skipped.update(zip(_str_list(f["skipped/content_hash"]), _str_list(f["skipped/reasons"])))
+            self._skipped.update((h, r) for h, r in zip(_str_list(f["skipped/content_hash"]),
+                                                        _str_list(f["skipped/reasons"])) if h)
 
     def _open_journal(self) -> None:
         if not self.partial_dir.is_dir():
@@ -184,6 +186,7 @@ class CacheWriter:
             for row, h in enumerate(hashes):
                 if h not in self._source:
                     self.resumed_rows += 1
+                    self.resumed_hashes.add(h)
                 self._source[h] = (index, row)
             self._skipped.update((h, str(r)) for h, r in skipped.items())
 
@@ -249,15 +252,21 @@ class CacheWriter:
 
     # -- committing --------------------------------------------------------------------------
     def commit(self, rows: Sequence[Row], class_names: Sequence[str], attrs: dict[str, Any],
-               skipped_paths: dict[str, str]) -> tuple[int, int]:
+               skipped_paths: Mapping[str, str] | Sequence[tuple[str, str]],
+               unreadable: Sequence[tuple[str, str]] = ()) -> tuple[int, int]:
         """Rewrite the cache with these rows (those whose features are known), atomically.
 
-        skipped_paths maps content hash -> path for files that could not be used. Returns
-        (rows written, files skipped). The journal is removed once the new cache is in place.
+        skipped_paths gives (content hash, path) pairs, or maps content hash -> path, for the files
+        that may have been skipped; pairs keep every path of byte-identical files (e.g. several empty
+        files). unreadable lists (path, reason) of files that could not even be read (no content
+        hash; recorded with an empty one). Returns (rows written, files skipped). The journal is
+        removed once the new cache is in place.
         """
         self.flush()
         kept = [r for r in rows if r.content_hash in self._source]
-        skipped = [(p, h, self._skipped[h]) for h, p in skipped_paths.items() if h in self._skipped]
+        pairs = skipped_paths.items() if isinstance(skipped_paths, Mapping) else skipped_paths
+        skipped = [(p, h, self._skipped[h]) for h, p in pairs if h in self._skipped]
+        skipped += [(p, "", reason) for p, reason in unreadable]
         dim = self.dim or 0
         needed = len(kept) * dim * 4 + (1 << 20) * 4
         free = shutil.disk_usage(self.path.parent).free

@@ -180,11 +180,13 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
             extract_seconds = time.perf_counter() - t0
     rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
     n_rows, _ = writer.commit(rows, dataset.class_names, _cache_attrs(config, dataset.root, len(dataset.ignored)),
-                              {h: f.relpath for f, h in files})
+                              [(h, f.relpath) for f, h in files], unreadable)
     skipped = unreadable + [(f.relpath, writer.skip_reason(h)) for f, h in files if writer.skip_reason(h)]
     n_new = sum(1 for h in todo if writer.has_features(h))
-    return ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - writer.resumed_rows,
-                          writer.resumed_rows, skipped, len(dataset.ignored), time.perf_counter() - started,
+    # journalled rows of files that are still there (a file deleted since the crash is not resumed)
+    n_resumed = sum(1 for _, h in files if h in writer.resumed_hashes)
+    return ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - n_resumed,
+                          n_resumed, skipped, len(dataset.ignored), time.perf_counter() - started,
                           extract_seconds, runtime_name, interrupted)
 
 

@@ -1,0 +1,301 @@
+"""scikit-learn heads on cached features: honest splits, C chosen by grouped CV, persistence with metadata.
+
+No TensorFlow here: fitting a head on a cache takes seconds, not a TensorFlow start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import __version__
+from .cache import FeatureCache, load
+from .errors import UserError
+from .params import Interval, Options, check_params
+from .report import classification_metrics, save_metrics
+
+CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
+HEAD_FORMAT_VERSION = 1
+MODEL_FILE, META_FILE = "head.joblib", "head.json"
+# The hyper-parameter each classifier sweeps, and its grid (log-spaced; for knn, the neighbour count k).
+GRIDS: dict[str, tuple[str, list[float]]] = {
+    "logreg": ("clf__C", np.logspace(-4, 2, 9).tolist()),
+    "svm": ("clf__estimator__C", np.logspace(-6, 0, 9).tolist()),
+    "rbf-svm": ("clf__C", np.logspace(-1, 3, 9).tolist()),
+    "knn": ("clf__n_neighbors", [1, 3, 5, 7, 9, 15, 21, 31]),
+}
+HEAD_CONSTRAINTS = {
+    "clf": [Options(CLASSIFIERS)],
+    "cv": [Interval(2, 50, integer=True)],
+    "n_jobs": [Interval(-1, 256, integer=True)],
+    "class_weight": [Options(("balanced",)), None],
+    "seed": [Interval(0, 2**32 - 1, integer=True)],
+    "test_size": [Interval(0.01, 0.9)],
+}
+
+
+def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None = None, seed: int = 0):
+    """The scikit-learn Pipeline for one classifier: [L2 normalisation], StandardScaler, classifier.
+
+    Solvers are chosen for small n and wide features: multinomial logistic regression by L-BFGS;
+    the linear SVM is one-vs-rest libsvm with a linear kernel (its cost does not explode at large C
+    on separable data the way liblinear's dual solver does); probabilities for SVMs come from
+    sigmoid calibration at the final fit (see fit_head).
+    """
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.multiclass import OneVsRestClassifier
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+    from sklearn.svm import SVC
+
+    estimator = {
+        "logreg": lambda: LogisticRegression(max_iter=2000, tol=1e-4, class_weight=class_weight),
+        "svm": lambda: OneVsRestClassifier(SVC(kernel="linear", class_weight=class_weight, random_state=seed)),
+        "rbf-svm": lambda: SVC(kernel="rbf", gamma="scale", class_weight=class_weight, random_state=seed),
+        "knn": lambda: KNeighborsClassifier(weights="distance"),
+    }[clf]()
+    steps = ([("l2", Normalizer())] if l2_normalize else []) + [("scale", StandardScaler()), ("clf", estimator)]
+    return Pipeline(steps)
+
+
+# -- splits ---------------------------------------------------------------------------------------
+@dataclass
+class Split:
+    """Which rows train and which test, how that was decided, and what the duplicates look like."""
+
+    train: np.ndarray
+    test: np.ndarray
+    source: str
+    notes: list[str] = field(default_factory=list)
+    duplicate_groups: int = 0
+    leaked_groups: int = 0
+
+
+def _groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int]]]:
+    """A group id per row (rows with identical bytes share one) and the multi-row groups."""
+    ids: dict[str, int] = {}
+    group = np.array([ids.setdefault(h, len(ids)) for h in content_hash], dtype=np.int64)
+    members: dict[int, list[int]] = defaultdict(list)
+    for row, g in enumerate(group):
+        members[int(g)].append(row)
+    return group, {g: rows for g, rows in members.items() if len(rows) > 1}
+
+
+def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Split:
+    """Folder splits when the cache has them, else a stratified split by seed over duplicate groups."""
+    group, duplicates = _groups(cache.content_hash)
+    split = np.asarray(cache.split)
+    labels = cache.labels
+    notes = []
+    conflicts = [rows for rows in duplicates.values() if len(set(labels[rows])) > 1]
+    if conflicts:
+        notes.append(f"{len(conflicts)} groups of identical files carry different labels, e.g. "
+                     + " | ".join(cache.paths[r] for r in conflicts[0]))
+    test_name = "test" if (split == "test").any() else "val" if (split == "val").any() else ""
+    if test_name:
+        train = np.flatnonzero((split != test_name) & (split != ""))
+        test = np.flatnonzero(split == test_name)
+        leaked = [rows for rows in duplicates.values() if len(set(split[rows])) > 1]
+        source = f"folders ({test_name} is the test part)"
+        if leaked:
+            notes.append(f"LEAKAGE: {len(leaked)} groups of byte-identical files span the given splits, e.g. "
+                         + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
+        return Split(train, test, source, notes, len(duplicates), len(leaked))
+    rng = np.random.default_rng(seed)
+    first_row = {}
+    for row, g in enumerate(group):
+        first_row.setdefault(int(g), row)
+    test_groups = []
+    for label in np.unique(labels):
+        class_groups = np.array([g for g, row in first_row.items() if labels[row] == label])
+        rng.shuffle(class_groups)
+        n_test = int(round(test_size * len(class_groups)))
+        n_test = min(max(n_test, 1), len(class_groups) - 1) if len(class_groups) > 1 else 0
+        test_groups.extend(class_groups[:n_test].tolist())
+    in_test = np.isin(group, test_groups)
+    if duplicates:
+        notes.append(f"{len(duplicates)} groups of byte-identical files "
+                     f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split.")
+    return Split(np.flatnonzero(~in_test), np.flatnonzero(in_test),
+                 f"stratified by class, test_size {test_size}, seed {seed}, duplicates grouped",
+                 notes, len(duplicates), 0)
+
+
+def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int,
+              log: Callable[[str], None] = print) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Stratified, duplicate-grouped K-fold over the training part; fewer folds if a class is small."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise UserError("the training part holds one class only; a classifier needs at least two.")
+    smallest = int(counts.min())
+    if smallest < 2:
+        raise UserError(f"class index {classes[counts.argmin()]} has {smallest} training image; cross-validation "
+                        "needs at least 2 per class: add images or remove the class folder.")
+    if smallest < n_splits:
+        log(f"note: the smallest class has {smallest} training images, so CV uses {smallest} folds "
+            f"instead of {n_splits}.")
+        n_splits = smallest
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
+# -- fitting --------------------------------------------------------------------------------------
+@dataclass
+class HeadResult:
+    """What fit_head produced."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    split: Split
+
+
+def default_head_dir(cache_path: Path, clf: str) -> Path:
+    """heads/<cache name>-<clf>/"""
+    return Path("heads") / f"{Path(cache_path).stem}-{clf}"
+
+
+def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
+             class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
+             l2_normalize: bool = True, out: str | os.PathLike | None = None,
+             log: Callable[[str], None] = print) -> HeadResult:
+    """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
+    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size),
+                 HEAD_CONSTRAINTS)
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.model_selection import GridSearchCV
+
+    started = time.perf_counter()
+    cache = load(cache_path)
+    if len(cache) == 0:
+        raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")
+    split = split_rows(cache, test_size, seed)
+    if len(split.test) == 0:
+        raise UserError("no test images: every class has a single image (or group of identical images).")
+    X, y = cache.features, cache.labels
+    group, _ = _groups(cache.content_hash)
+    folds = cv_splits(y[split.train], group[split.train], cv, seed, log)
+    param, grid = GRIDS[clf]
+    if clf == "knn":  # k cannot exceed the smallest training fold
+        grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
+    scoring = "balanced_accuracy" if class_weight == "balanced" else "accuracy"
+    search = GridSearchCV(make_pipeline(clf, l2_normalize, class_weight, seed), {param: grid}, cv=folds,
+                          scoring=scoring, n_jobs=n_jobs, refit=clf in ("logreg", "knn"), error_score="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        search.fit(X[split.train], y[split.train])
+    if clf in ("svm", "rbf-svm"):
+        # probabilities: one SVM on the whole training part, sigmoid-calibrated on cross-validated scores
+        model = make_pipeline(clf, l2_normalize, class_weight, seed).set_params(**search.best_params_)
+        calibrated = CalibratedClassifierCV(model.steps[-1][1], method="sigmoid", cv=folds, ensemble=False)
+        model.steps[-1] = ("clf", calibrated)
+        model.fit(X[split.train], y[split.train])
+    else:
+        model = search.best_estimator_
+    fit_seconds = time.perf_counter() - started
+    y_pred = model.predict(X[split.test])
+    metrics = classification_metrics(y[split.test], y_pred, cache.class_names)
+    metrics.update({
+        "method": f"{clf} head", "clf": clf, "best_params": {param.split("__")[-1]: search.best_params_[param]},
+        "cv_score": float(search.best_score_), "cv_scoring": scoring, "cv_folds": len(folds),
+        "cv_grid": [float(v) for v in grid], "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
+        "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
+        "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups, "seed": seed,
+    })
+    folder = Path(out) if out else default_head_dir(Path(cache_path), clf)
+    save_head(folder, model, cache, metrics, dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight,
+                                                    seed=seed, test_size=test_size, cv=cv))
+    return HeadResult(folder, metrics, split)
+
+
+# -- persistence ----------------------------------------------------------------------------------
+def _versions() -> dict[str, str]:
+    import sklearn
+
+    return {"cnncodes": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__}
+
+
+def save_head(folder: Path, model: Any, cache: FeatureCache, metrics: dict[str, Any],
+              options: dict[str, Any]) -> None:
+    """head.joblib (the fitted pipeline), head.json (what it was trained on), metrics.json, the PNG."""
+    import joblib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    joblib.dump(model, folder / MODEL_FILE)
+    meta = {
+        "format_version": HEAD_FORMAT_VERSION, "classes": cache.class_names, "identity": cache.identity,
+        "fingerprint": cache.attrs["fingerprint"], "backbone_config": json.loads(cache.attrs["config_json"]),
+        "feature_dim": int(cache.features.shape[1]), "cache_path": str(Path(cache.path).resolve()),
+        "dataset_root": cache.attrs.get("dataset_root", ""), "options": options,
+        "metrics": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "cv_score", "best_params")},
+        "versions": _versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
+    save_metrics(metrics, folder)
+
+
+@dataclass
+class Head:
+    """A fitted head and the facts it was trained on."""
+
+    folder: Path
+    model: Any
+    meta: dict[str, Any]
+
+    @property
+    def classes(self) -> list[str]:
+        return self.meta["classes"]
+
+    def check_features(self, identity: dict[str, Any], dim: int, source: str) -> None:
+        """Refuse features from another backbone, layer, pooling, size or width."""
+        from .cache import describe_mismatch
+
+        if dim != self.meta["feature_dim"] or identity != self.meta["identity"]:
+            differences = describe_mismatch(self.meta["identity"], identity)
+            if dim != self.meta["feature_dim"]:
+                differences = f"feature width: {self.meta['feature_dim']} -> {dim}; " + differences
+            raise UserError(f"head {self.folder} was trained on other features than {source} "
+                            f"({differences.rstrip('; ')}). Fit a head on a cache of this configuration.")
+
+    def predict_proba(self, features: np.ndarray) -> np.ndarray:
+        """Class probabilities, after checking the feature width."""
+        if features.ndim != 2 or features.shape[1] != self.meta["feature_dim"]:
+            raise UserError(f"head {self.folder} expects {self.meta['feature_dim']} features per image, "
+                            f"got shape {features.shape}.")
+        return self.model.predict_proba(features)
+
+
+def load_head(folder: str | os.PathLike) -> Head:
+    """Load a head folder the user pointed to. joblib unpickles: only load heads you trust."""
+    import joblib
+
+    folder = Path(folder)
+    meta_path, model_path = folder / META_FILE, folder / MODEL_FILE
+    for path in (meta_path, model_path):
+        if not path.is_file():
+            raise UserError(f"{path} is missing; --head must be a folder written by `fit-head`.")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except ValueError as exc:
+        raise UserError(f"{meta_path} is not valid JSON ({exc}).") from None
+    if meta.get("format_version") != HEAD_FORMAT_VERSION:
+        raise UserError(f"{folder} has head format {meta.get('format_version')!r}; expected "
+                        f"{HEAD_FORMAT_VERSION}. Fit the head again.")
+    trained_with = meta.get("versions", {}).get("scikit-learn")
+    if trained_with and trained_with != _versions()["scikit-learn"]:
+        warnings.warn(f"head {folder} was saved with scikit-learn {trained_with}, this is "
+                      f"{_versions()['scikit-learn']}; predictions may differ or fail.", stacklevel=2)
+    model = joblib.load(model_path)
+    if list(getattr(model, "classes_", range(len(meta["classes"])))) != list(range(len(meta["classes"]))):
+        raise UserError(f"{model_path} does not match {meta_path} (classes differ); fit the head again.")
+    return Head(folder, model, meta)

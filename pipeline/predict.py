@@ -1,0 +1,110 @@
+"""New images to classes, with exactly the backbone configuration the head was trained on."""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+
+from . import cache as feature_cache
+from .backbones import BackboneConfig
+from .errors import UserError
+from .extract import hash_files, stream_features
+from .heads import Head, load_head
+from .images import ImageFile, scan_paths
+from .params import Interval, check_params
+
+
+@dataclass
+class Prediction:
+    """The top-k classes of one image (or why it could not be classified)."""
+
+    path: str
+    classes: list[str] = field(default_factory=list)
+    probabilities: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def _top_k(path: str, proba: np.ndarray, classes: Sequence[str], k: int) -> Prediction:
+    order = np.argsort(-proba, kind="stable")[:k]
+    return Prediction(path, [classes[i] for i in order], [float(proba[i]) for i in order])
+
+
+def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size: int, workers: int | None,
+                      log: Callable[[str], None]) -> Iterator[Prediction]:
+    """Features from the head's cache where it holds the image, from the backbone otherwise."""
+    hashes = hash_files([f.path for f in files], workers)
+    known: dict[str, np.ndarray] = {}
+    cache_path = Path(head.meta["cache_path"])
+    if cache_path.is_file() and feature_cache.read_attrs(cache_path).get("fingerprint") == head.meta["fingerprint"]:
+        known = feature_cache.lookup(cache_path, [h for h in hashes if isinstance(h, str)])
+    hash_of = {id(f): h for f, h in zip(files, hashes)}
+    cached = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] in known]
+    for file in files:
+        if isinstance(hash_of[id(file)], Exception):
+            yield Prediction(file.relpath, error=f"unreadable: {hash_of[id(file)]}")
+    if cached:
+        proba = head.predict_proba(np.stack([known[hash_of[id(f)]] for f in cached]))
+        yield from (_top_k(f.relpath, p, head.classes, top_k) for f, p in zip(cached, proba))
+    rest = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] not in known]
+    if not rest:
+        return
+    from .runtime import make_runtime
+
+    config = BackboneConfig(**head.meta["backbone_config"]).resolved()
+    head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
+    log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {config.backbone}")
+    engine = make_runtime(config)
+    for batch in stream_features(rest, engine, config.resize, batch_size, workers):
+        yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
+        if batch.files:
+            proba = head.predict_proba(batch.features)
+            yield from (_top_k(f.relpath, p, head.classes, top_k) for f, p in zip(batch.files, proba))
+
+
+def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike, *, top_k: int = 3,
+            out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
+            log: Callable[[str], None] = print) -> list[Prediction]:
+    """Classify image files or folders with a fitted head; write a CSV when out is given."""
+    check_params(dict(top_k=top_k, batch_size=batch_size), {"top_k": [Interval(1, 1000, integer=True)],
+                                                           "batch_size": [Interval(1, 4096, integer=True)]})
+    loaded = load_head(head)
+    files, ignored = scan_paths(list(paths))
+    if ignored:
+        log(f"{len(ignored)} non-image files ignored")
+    if not files:
+        raise UserError("no image files found in " + ", ".join(map(str, paths)) + ".")
+    top_k = min(top_k, len(loaded.classes))
+    predictions = list(_head_predictions(loaded, files, top_k, batch_size, workers, log))
+    if out:
+        write_csv(predictions, out, top_k)
+    return predictions
+
+
+def write_csv(predictions: Sequence[Prediction], out: str | os.PathLike, top_k: int) -> None:
+    """path, class_1, prob_1, ..., class_k, prob_k, error."""
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "prob")]
+                        + ["error"])
+        for p in predictions:
+            cells = [c for pair in zip(p.classes, (f"{q:.6f}" for q in p.probabilities)) for c in pair]
+            writer.writerow([p.path] + cells + [""] * (2 * top_k - len(cells)) + [p.error])
+
+
+def prediction_lines(predictions: Sequence[Prediction], limit: int = 50) -> list[str]:
+    """Human-readable lines: path, then the top classes with probabilities; errors last."""
+    good = [p for p in predictions if not p.error]
+    bad = [p for p in predictions if p.error]
+    lines = [f"{p.path}: " + ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities))
+             for p in good[:limit]]
+    if len(good) > limit:
+        lines.append(f"... {len(good) - limit} more (use --out FILE.csv for all)")
+    lines.append(f"{len(good)} images classified, {len(bad)} skipped")
+    lines += [f"  skipped {p.path}: {p.error}" for p in bad]
+    return lines
