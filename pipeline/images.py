@@ -143,8 +143,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear") -> np.ndarray:
-    """Decode one file to a (size, size, 3) uint8 RGB array, or raise ImageError with the reason."""
+def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear", draft: bool = True) -> np.ndarray:
+    """Decode one file to a (size, size, 3) uint8 RGB array, or raise ImageError with the reason.
+
+    draft=False decodes JPEGs at full scale (slower, for measuring what draft mode saves).
+    """
     if os.path.getsize(path) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
@@ -154,7 +157,7 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear") -
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the "
                                      f"{MAX_PIXELS}-pixel decompression-bomb limit")
-                if img.format == "JPEG":
+                if draft and img.format == "JPEG":
                     # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size
                     img.draft("RGB", (size, size))
                 img = _to_rgb(ImageOps.exif_transpose(img))

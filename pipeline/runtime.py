@@ -33,6 +33,7 @@ class KerasRuntime:
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.uint8)
         self._run = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
                                 input_signature=[spec])
+        self(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in the first batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self._run(batch).numpy()
