@@ -44,6 +44,8 @@ POOLING = typer.Option("avg", help="Global pooling of a convolutional layer: avg
 IMAGE_SIZE = typer.Option(None, help="Square input size; default: the backbone's own.")
 RESIZE = typer.Option("bilinear", help="Resize filter: bilinear, bicubic, lanczos, nearest, area.")
 ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25).")
+RUNTIME = typer.Option("auto", help="auto (TFLite on a CPU-only machine), keras or tflite.")
+THREADS = typer.Option(None, help="TFLite (XNNPACK) threads (default: every core).")
 
 
 def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: str,
@@ -64,6 +66,7 @@ def extract_command(
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     chunk_size: int = typer.Option(256, help="Images per crash-safe chunk written to disk."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+    runtime: str = RUNTIME, threads: Optional[int] = THREADS,
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
@@ -71,7 +74,8 @@ def extract_command(
 
     summary = extract(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
-                      workers=workers, progress=progress, log=lambda m: typer.echo(m, err=True))
+                      workers=workers, runtime=runtime, threads=threads, progress=progress,
+                      log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(summary_lines(summary)))
     if summary.interrupted:
         raise typer.Exit(130)
@@ -131,12 +135,13 @@ def predict_command(
     out: Optional[Path] = typer.Option(None, help="Write all predictions to this CSV."),
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+    runtime: str = RUNTIME, threads: Optional[int] = THREADS,
 ) -> None:
     """Classify new images with a head; images already in the head's cache need no backbone."""
     from pipeline.predict import prediction_lines, predict
 
     predictions = predict(paths, head, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
-                          log=lambda m: typer.echo(m, err=True))
+                          runtime=runtime, threads=threads, log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
     if out:
         typer.echo(f"predictions written to {out}")

@@ -18,8 +18,8 @@ from . import __version__
 from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
 from .images import ImageError, ImageFile, decode_image, file_sha256, scan_dataset
-from .params import Interval, check_params
-from .runtime import Runtime, make_runtime
+from .params import Interval, Options, check_params
+from .runtime import RUNTIMES, Runtime, make_runtime
 
 DEFAULT_CACHE_DIR = Path("cache")
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "h5py", "numpy", "pillow", "scikit-learn")
@@ -28,6 +28,8 @@ RUN_CONSTRAINTS = {
     "batch_size": [Interval(1, 4096, integer=True)],
     "chunk_size": [Interval(1, 1 << 20, integer=True)],
     "workers": [Interval(1, 256, integer=True), None],
+    "threads": [Interval(1, 256, integer=True), None],
+    "runtime": [Options(RUNTIMES)],
 }
 
 
@@ -137,11 +139,12 @@ def _cache_attrs(config: BackboneConfig, dataset_root: Path, n_ignored: int) -> 
 def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
             batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
-            runtime: str = "keras", progress: bool = True,
+            runtime: str = "auto", threads: int | None = None, progress: bool = True,
             log: Callable[[str], None] = print) -> ExtractSummary:
     """Bring the cache of data_dir for this backbone configuration up to date; return what was done."""
     started = time.perf_counter()
-    check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers), RUN_CONSTRAINTS)
+    check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers, threads=threads,
+                      runtime=runtime), RUN_CONSTRAINTS)
     config = config.resolved()
     dataset = scan_dataset(data_dir)
     path = Path(cache) if cache else default_cache_path(dataset.root, config, Path(cache_dir))
@@ -157,7 +160,7 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
     n_known = len(files) - len(todo)
     interrupted, runtime_name, extract_seconds = False, "", 0.0
     if todo:
-        engine = make_runtime(config, runtime)
+        engine = make_runtime(config, runtime, tflite_dir=path.parent, threads=threads, log=log)
         runtime_name = engine.name
         hash_of = {id(f): h for h, f in todo.items()}
         log(f"extracting {len(todo)} new images with {engine.name} ({n_known} files already known, "

@@ -13,10 +13,11 @@ import numpy as np
 from . import cache as feature_cache
 from .backbones import BackboneConfig
 from .errors import UserError
-from .extract import hash_files, stream_features
+from .extract import RUN_CONSTRAINTS, hash_files, stream_features
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, check_params
+from .runtime import make_runtime
 
 
 @dataclass
@@ -35,7 +36,7 @@ def _top_k(path: str, proba: np.ndarray, classes: Sequence[str], k: int) -> Pred
 
 
 def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size: int, workers: int | None,
-                      log: Callable[[str], None]) -> Iterator[Prediction]:
+                      runtime: str, threads: int | None, log: Callable[[str], None]) -> Iterator[Prediction]:
     """Features from the head's cache where it holds the image, from the backbone otherwise."""
     hashes = hash_files([f.path for f in files], workers)
     known: dict[str, np.ndarray] = {}
@@ -53,12 +54,10 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     rest = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] not in known]
     if not rest:
         return
-    from .runtime import make_runtime
-
     config = BackboneConfig(**head.meta["backbone_config"]).resolved()
     head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
     log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {config.backbone}")
-    engine = make_runtime(config)
+    engine = make_runtime(config, runtime, tflite_dir=cache_path.parent, threads=threads, log=log)
     for batch in stream_features(rest, engine, config.resize, batch_size, workers):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         if batch.files:
@@ -68,10 +67,12 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
 
 def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike, *, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
+            runtime: str = "auto", threads: int | None = None,
             log: Callable[[str], None] = print) -> list[Prediction]:
     """Classify image files or folders with a fitted head; write a CSV when out is given."""
-    check_params(dict(top_k=top_k, batch_size=batch_size), {"top_k": [Interval(1, 1000, integer=True)],
-                                                           "batch_size": [Interval(1, 4096, integer=True)]})
+    check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime),
+                 {"top_k": [Interval(1, 1000, integer=True)],
+                  **{k: RUN_CONSTRAINTS[k] for k in ("batch_size", "workers", "threads", "runtime")}})
     loaded = load_head(head)
     files, ignored = scan_paths(list(paths))
     if ignored:
@@ -79,7 +80,7 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike, *, top_
     if not files:
         raise UserError("no image files found in " + ", ".join(map(str, paths)) + ".")
     top_k = min(top_k, len(loaded.classes))
-    predictions = list(_head_predictions(loaded, files, top_k, batch_size, workers, log))
+    predictions = list(_head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log))
     if out:
         write_csv(predictions, out, top_k)
     return predictions
