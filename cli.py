@@ -130,7 +130,8 @@ def fit_head_command(
 @command("predict")
 def predict_command(
     paths: List[Path] = typer.Argument(..., help="Image files or folders."),
-    head: Path = typer.Option(..., help="A head folder written by `fit-head`."),
+    head: Optional[Path] = typer.Option(None, help="A head folder written by `fit-head`."),
+    model: Optional[Path] = typer.Option(None, help="A .keras or .tflite file from `export` or `finetune`."),
     top_k: int = typer.Option(3, help="Classes per image."),
     out: Optional[Path] = typer.Option(None, help="Write all predictions to this CSV."),
     batch_size: int = typer.Option(32, help="Images per inference batch."),
@@ -140,11 +141,32 @@ def predict_command(
     """Classify new images with a head; images already in the head's cache need no backbone."""
     from pipeline.predict import prediction_lines, predict
 
-    predictions = predict(paths, head, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
+    predictions = predict(paths, head, model=model, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
                           runtime=runtime, threads=threads, log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
     if out:
         typer.echo(f"predictions written to {out}")
+
+
+@command("export")
+def export_command(
+    head: Path = typer.Argument(..., help="A linear head folder (logreg or svm) written by `fit-head`."),
+    format: str = typer.Option("keras", "--format", help="keras or tflite."),
+    quantize: str = typer.Option("none", help="TFLite weights: none, float16 or dynamic (int8)."),
+    out: Path = typer.Option(..., help="Output file (.keras or .tflite); class names go beside it as .json."),
+    verify: int = typer.Option(64, help="Compare with the head on this many of its dataset's images (0: skip)."),
+) -> None:
+    """Export backbone + head as one model: raw pixels in, class probabilities out."""
+    from pipeline.export import export_head, load_model_file, sidecar_path, verify_export
+    from pipeline.heads import load_head
+
+    path, _ = export_head(head, out, format=format, quantize=quantize)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {sidecar_path(path)}")
+    if verify:
+        check = verify_export(load_model_file(path)[0], load_head(head), verify)
+        if check:
+            typer.echo(f"check on {check['images']} dataset images: max |p_export - p_head| "
+                       f"{check['max_abs_prob_diff']:.2e}, top-1 agreement {check['top1_agreement']:.4f}")
 
 
 if __name__ == "__main__":

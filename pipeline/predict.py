@@ -65,22 +65,42 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
             yield from (_top_k(f.relpath, p, head.classes, top_k) for f, p in zip(batch.files, proba))
 
 
-def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike, *, top_k: int = 3,
+def _model_predictions(model: str | os.PathLike, files: list[ImageFile], top_k: int, batch_size: int,
+                       workers: int | None) -> Iterator[Prediction]:
+    """An exported or fine-tuned model file: pixels in, probabilities out."""
+    from .export import load_model_file
+
+    runtime, meta = load_model_file(model)
+    classes = meta["classes"]
+    for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers):
+        yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
+        yield from (_top_k(f.relpath, p, classes, top_k) for f, p in zip(batch.files, batch.features))
+
+
+def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None = None, *,
+            model: str | os.PathLike | None = None, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None,
             log: Callable[[str], None] = print) -> list[Prediction]:
-    """Classify image files or folders with a fitted head; write a CSV when out is given."""
+    """Classify image files or folders with a fitted head or a model file; write a CSV when out is given."""
     check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime),
                  {"top_k": [Interval(1, 1000, integer=True)],
                   **{k: RUN_CONSTRAINTS[k] for k in ("batch_size", "workers", "threads", "runtime")}})
-    loaded = load_head(head)
+    if (head is None) == (model is None):
+        raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
+    loaded = load_head(head) if head is not None else None
     files, ignored = scan_paths(list(paths))
     if ignored:
         log(f"{len(ignored)} non-image files ignored")
     if not files:
         raise UserError("no image files found in " + ", ".join(map(str, paths)) + ".")
-    top_k = min(top_k, len(loaded.classes))
-    predictions = list(_head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log))
+    if loaded is not None:
+        top_k = min(top_k, len(loaded.classes))
+        stream = _head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log)
+    else:
+        stream = _model_predictions(model, files, top_k, batch_size, workers)
+    predictions = list(stream)
+    top_k = max((len(p.classes) for p in predictions), default=top_k)
     if out:
         write_csv(predictions, out, top_k)
     return predictions
