@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
@@ -157,7 +156,8 @@ def export_command(
     verify: int = typer.Option(64, help="Compare with the head on this many of its dataset's images (0: skip)."),
 ) -> None:
     """Export backbone + head as one model: raw pixels in, class probabilities out."""
-    from pipeline.export import export_head, load_model_file, sidecar_path, verify_export
+    from pipeline.export import export_head, verify_export
+    from pipeline.runtime import load_model_file, sidecar_path
     from pipeline.heads import load_head
 
     path, _ = export_head(head, out, format=format, quantize=quantize)

@@ -9,7 +9,6 @@ was killed leaves those behind and the next run starts from them, redoing at mos
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import time

@@ -299,3 +299,32 @@ def load_head(folder: str | os.PathLike) -> Head:
     if list(getattr(model, "classes_", range(len(meta["classes"])))) != list(range(len(meta["classes"]))):
         raise UserError(f"{model_path} does not match {meta_path} (classes differ); fit the head again.")
     return Head(folder, model, meta)
+
+
+def linear_weights(head: Head) -> tuple[np.ndarray, np.ndarray, str, bool]:
+    """(W, b, activation, l2) with probabilities = activation(l2(x) @ W + b), scaler folded in."""
+    pipeline = head.model
+    steps = dict(pipeline.steps)
+    scaler, clf = steps["scale"], steps["clf"]
+    mean = scaler.mean_ if scaler.with_mean else 0.0
+    scale = scaler.scale_ if scaler.with_std else 1.0
+    n_classes = len(head.classes)
+    if head.meta["options"]["clf"] == "logreg":
+        coef, intercept = clf.coef_.T, clf.intercept_
+        if n_classes == 2:  # binary logistic regression: p1 = sigmoid(z) = softmax([0, z])[1]
+            coef, intercept = np.hstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
+        activation = "softmax"
+    else:
+        calibrated = clf.calibrated_classifiers_[0]
+        machines = calibrated.estimator.estimators_
+        coef = np.stack([m.coef_.ravel() for m in machines], axis=1)
+        intercept = np.array([m.intercept_[0] for m in machines])
+        a = np.array([c.a_ for c in calibrated.calibrators])
+        b = np.array([c.b_ for c in calibrated.calibrators])
+        coef, intercept = -a * coef, -(a * intercept + b)  # g = -(a f + b)
+        if n_classes == 2:  # one machine for class 1: p1 = sigmoid(g), p0 = sigmoid(-g)
+            coef, intercept = np.hstack([-coef, coef]), np.concatenate([-intercept, intercept])
+        activation = "log_sigmoid"
+    weights = coef / np.asarray(scale)[:, None] if np.ndim(scale) else coef / scale
+    bias = intercept - np.asarray(mean) @ weights if np.ndim(mean) else intercept
+    return weights.astype(np.float32), bias.astype(np.float32), activation, "l2" in steps

@@ -17,7 +17,7 @@ from .extract import RUN_CONSTRAINTS, hash_files, stream_features
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, check_params
-from .runtime import make_runtime
+from .runtime import load_model_file, make_runtime
 
 
 @dataclass
@@ -68,8 +68,6 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
 def _model_predictions(model: str | os.PathLike, files: list[ImageFile], top_k: int, batch_size: int,
                        workers: int | None) -> Iterator[Prediction]:
     """An exported or fine-tuned model file: pixels in, probabilities out."""
-    from .export import load_model_file
-
     runtime, meta = load_model_file(model)
     classes = meta["classes"]
     for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers):

@@ -6,6 +6,7 @@ float32 (n, dim) features (TFLite float32 through XNNPACK is about twice as fast
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import warnings
@@ -14,7 +15,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
-from .backbones import BackboneConfig, build_backbone
+from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError
 
 RUNTIMES = ("auto", "keras", "tflite")
@@ -156,3 +157,37 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
                             f"{str(exc).splitlines()[0] if str(exc) else ''}); use --runtime keras.") from None
         log(f"note: TFLite conversion failed ({type(exc).__name__}); using the Keras runtime.")
         return KerasRuntime(model)
+
+
+def sidecar_path(model_path: str | os.PathLike) -> Path:
+    """The JSON beside a model file that carries its class names and input settings."""
+    return Path(model_path).with_name(Path(model_path).name + ".json")
+
+
+def write_sidecar(model_path: Path, classes: list[str], backbone_config: dict[str, Any],
+                  extra: dict[str, Any]) -> Path:
+    """Class names, input size and resize filter beside the model file."""
+    path = sidecar_path(model_path)
+    path.write_text(json.dumps({"classes": classes, "image_size": backbone_config.get("image_size"),
+                                "resize": backbone_config.get("resize", "bilinear"),
+                                "backbone_config": backbone_config, **extra}, indent=2))
+    return path
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """A .keras or .tflite classifier and its sidecar, as (runtime producing probabilities, sidecar)."""
+    path = Path(path)
+    meta_path = sidecar_path(path)
+    if not path.is_file():
+        raise UserError(f"{path} does not exist; give a model written by `export` or `finetune`.")
+    if not meta_path.is_file():
+        raise UserError(f"{meta_path} is missing: the class names travel in it beside {path.name}.")
+    meta = json.loads(meta_path.read_text())
+    if path.suffix == ".tflite":
+        return TFLiteRuntime(path), meta
+    if path.suffix != ".keras":
+        raise UserError(f"{path} is neither .keras nor .tflite.")
+    import keras
+
+    preprocess_layer_class()  # registers our preprocessing layer for deserialisation
+    return KerasRuntime(keras.saving.load_model(path, compile=False)), meta
