@@ -169,5 +169,60 @@ def export_command(
                        f"{check['max_abs_prob_diff']:.2e}, top-1 agreement {check['top1_agreement']:.4f}")
 
 
+@command("finetune")
+def finetune_command(
+    data_dir: Path = typer.Argument(..., help="The dataset folder (as for extract)."),
+    backbone: str = BACKBONE, weights: str = WEIGHTS, layer: Optional[str] = LAYER,
+    pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
+    alpha: Optional[float] = ALPHA,
+    init_head: Optional[Path] = typer.Option(None, help="Start from this logreg head (linear probe, then fine-tune)."),
+    unfreeze: str = typer.Option("20", help="Top backbone layers to train in phase 2, or 'all'."),
+    from_layer: Optional[str] = typer.Option(None, help="Train the backbone from this layer up (instead of --unfreeze)."),
+    epochs: int = typer.Option(10, help="Phase 2 (fine-tuning) epochs at most."),
+    head_epochs: Optional[int] = typer.Option(None, help="Phase 1 (head only) epochs; default 5, or 0 with --init-head."),
+    batch_size: int = typer.Option(32, help="Images per training batch."),
+    lr: float = typer.Option(1e-4, help="Phase 2 learning rate."),
+    head_lr: float = typer.Option(1e-3, help="Phase 1 learning rate."),
+    optimizer: str = typer.Option("adam", help="adam, or sgd (momentum 0.9)."),
+    augment: str = typer.Option("light", help="none, light or strong (flip, rotation, translation, zoom, contrast)."),
+    dropout: float = typer.Option(0.2, help="Dropout before the softmax layer."),
+    patience: int = typer.Option(3, help="Early-stopping patience on validation loss (epochs)."),
+    test_size: float = typer.Option(0.2, help="Test fraction (as fit-head) when there is no test folder."),
+    val_size: float = typer.Option(0.15, help="Validation fraction carved from the training part."),
+    seed: int = typer.Option(0, help="Seed of the split, the initialisation and the shuffling."),
+    cache: Optional[Path] = typer.Option(None, help="The feature cache (its rows and split are used)."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<cache>-finetune/)."),
+) -> None:
+    """Fine-tune the backbone's upper layers with a new head; same split and report as fit-head."""
+    from pipeline.finetune import finetune
+    from pipeline.report import metrics_table
+
+    result = finetune(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
+                      init_head=init_head, unfreeze=unfreeze, from_layer=from_layer, epochs=epochs,
+                      head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, optimizer=optimizer,
+                      augment=augment, dropout=dropout, patience=patience, test_size=test_size,
+                      val_size=val_size, seed=seed, cache=cache, out=out, log=typer.echo)
+    typer.echo(metrics_table(result.metrics))
+    typer.echo(f"trained in {result.metrics['train_seconds']:.1f} s; run saved to {result.folder}/")
+    if result.interrupted:
+        typer.echo("interrupted: the best weights so far were evaluated and saved.")
+        raise typer.Exit(130)
+
+
+@command("compare")
+def compare_command(
+    paths: List[Path] = typer.Argument(..., help="Head folders and fine-tuning run folders."),
+    out: Path = typer.Option(Path("compare"), help="Folder for compare.md, compare.json, compare.png."),
+) -> None:
+    """One row per method: test metrics, training seconds, inference ms/image, model size."""
+    from pipeline.compare import compare
+
+    rows, folder = compare(paths, out, log=lambda m: typer.echo(m, err=True))
+    from pipeline.report import compare_markdown
+
+    typer.echo(compare_markdown(rows))
+    typer.echo(f"saved {folder}/compare.md, compare.json, compare.png")
+
+
 if __name__ == "__main__":
     app()

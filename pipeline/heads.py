@@ -80,7 +80,7 @@ class Split:
     leaked_groups: int = 0
 
 
-def _groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int]]]:
+def content_groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int]]]:
     """A group id per row (rows with identical bytes share one) and the multi-row groups."""
     ids: dict[str, int] = {}
     group = np.array([ids.setdefault(h, len(ids)) for h in content_hash], dtype=np.int64)
@@ -90,9 +90,28 @@ def _groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int
     return group, {g: rows for g, rows in members.items() if len(rows) > 1}
 
 
+def grouped_stratified_split(labels: np.ndarray, group: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A mask of the rows held out: round(fraction * groups) per class, whole duplicate groups, by seed.
+
+    Every class with at least two groups keeps at least one on each side.
+    """
+    rng = np.random.default_rng(seed)
+    first_row: dict[int, int] = {}
+    for row, g in enumerate(group):
+        first_row.setdefault(int(g), row)
+    held_out = []
+    for label in np.unique(labels):
+        class_groups = np.array([g for g, row in first_row.items() if labels[row] == label])
+        rng.shuffle(class_groups)
+        n_out = int(round(fraction * len(class_groups)))
+        n_out = min(max(n_out, 1), len(class_groups) - 1) if len(class_groups) > 1 else 0
+        held_out.extend(class_groups[:n_out].tolist())
+    return np.isin(group, held_out)
+
+
 def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Split:
     """Folder splits when the cache has them, else a stratified split by seed over duplicate groups."""
-    group, duplicates = _groups(cache.content_hash)
+    group, duplicates = content_groups(cache.content_hash)
     split = np.asarray(cache.split)
     labels = cache.labels
     notes = []
@@ -110,18 +129,7 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Sp
             notes.append(f"LEAKAGE: {len(leaked)} groups of byte-identical files span the given splits, e.g. "
                          + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
         return Split(train, test, source, notes, len(duplicates), len(leaked))
-    rng = np.random.default_rng(seed)
-    first_row = {}
-    for row, g in enumerate(group):
-        first_row.setdefault(int(g), row)
-    test_groups = []
-    for label in np.unique(labels):
-        class_groups = np.array([g for g, row in first_row.items() if labels[row] == label])
-        rng.shuffle(class_groups)
-        n_test = int(round(test_size * len(class_groups)))
-        n_test = min(max(n_test, 1), len(class_groups) - 1) if len(class_groups) > 1 else 0
-        test_groups.extend(class_groups[:n_test].tolist())
-    in_test = np.isin(group, test_groups)
+    in_test = grouped_stratified_split(labels, group, test_size, seed)
     if duplicates:
         notes.append(f"{len(duplicates)} groups of byte-identical files "
                      f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split.")
@@ -183,7 +191,7 @@ def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5,
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
-    group, _ = _groups(cache.content_hash)
+    group, _ = content_groups(cache.content_hash)
     folds = cv_splits(y[split.train], group[split.train], cv, seed, log)
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold

@@ -1,0 +1,350 @@
+"""The Keras end-to-end stage: the backbone's upper layers and a new head, on fit-head's split.
+
+Recipe (the Keras transfer-learning guide): the backbone runs with training=False, so BatchNorm
+stays in inference mode; its BatchNorm layers also stay frozen. Phase 1 trains the head alone
+(or starts from the logistic regression fitted on the cached features: a linear probe, then
+fine-tuning). Phase 2 unfreezes the top layers and trains at a low learning rate. Early stopping
+on validation loss; the best weights are kept, and written whenever they improve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .backbones import BackboneConfig, build_backbone
+from .cache import FeatureCache, load
+from .errors import UserError
+from .extract import extract
+from .heads import content_groups, grouped_stratified_split, linear_weights, load_head, split_rows
+from .images import decode_image
+from .params import Interval, Options, check_params
+from .report import classification_metrics, save_metrics
+from .runtime import write_sidecar
+
+AUGMENTATIONS = ("none", "light", "strong")
+OPTIMIZERS = ("adam", "sgd")
+HISTORY_FIELDS = ["phase", "epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
+MEMORY_CACHE_BYTES = 1 << 30  # decoded images are kept in memory across epochs below this size
+FINETUNE_CONSTRAINTS = {
+    "epochs": [Interval(0, 1000, integer=True)],
+    "head_epochs": [Interval(0, 1000, integer=True), None],
+    "batch_size": [Interval(1, 1024, integer=True)],
+    "lr": [Interval(1e-8, 1.0)],
+    "head_lr": [Interval(1e-8, 1.0)],
+    "optimizer": [Options(OPTIMIZERS)],
+    "augment": [Options(AUGMENTATIONS)],
+    "dropout": [Interval(0.0, 0.95)],
+    "patience": [Interval(1, 1000, integer=True)],
+    "val_size": [Interval(0.01, 0.9)],
+    "seed": [Interval(0, 2**31 - 1, integer=True)],
+}
+
+
+def augmentation(kind: str) -> list[Any]:
+    """Keras preprocessing layers: active while training only, never at evaluation."""
+    import keras
+
+    if kind == "none":
+        return []
+    strong = kind == "strong"
+    return [keras.layers.RandomFlip("horizontal"),
+            keras.layers.RandomRotation(0.15 if strong else 0.05),
+            keras.layers.RandomTranslation(0.1 if strong else 0.05, 0.1 if strong else 0.05),
+            keras.layers.RandomZoom(0.2 if strong else 0.1),
+            keras.layers.RandomContrast(0.3 if strong else 0.1)]
+
+
+def build_model(config: BackboneConfig, n_classes: int, augment: str = "light", dropout: float = 0.2,
+                init_head: Any = None) -> Any:
+    """pixels -> [augmentation] -> backbone (preprocessing, chosen layer, pooling) -> [L2] -> dropout -> softmax."""
+    import keras
+
+    features = build_backbone(config)
+    size = int(features.input_shape[1])
+    inputs = keras.Input((size, size, 3), name="pixels")
+    x = inputs
+    if augment != "none":
+        x = keras.Sequential(augmentation(augment), name="augmentation")(x)
+    x = features(x)
+    init = None
+    if init_head is not None:
+        weights, bias, activation, l2 = linear_weights(init_head)
+        if activation != "softmax":
+            raise UserError(f"--init-head {init_head.folder} is not a logistic-regression head; "
+                            "fit one with `fit-head --clf logreg`.")
+        if l2:
+            x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
+        init = [weights, bias]
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", name="classifier")(x)
+    model = keras.Model(inputs, outputs, name="cnncodes_finetune")
+    if init is not None:
+        model.get_layer("classifier").set_weights(init)
+    return model
+
+
+def backbone_base(model: Any) -> Any:
+    """The backbone's own layers (inside the features sub-model)."""
+    return model.get_layer("cnncodes_backbone").get_layer("backbone")
+
+
+def set_trainable(model: Any, unfreeze: str | int, from_layer: str | None = None) -> int:
+    """Phase 2 flags: the top layers of the backbone trainable, BatchNorm frozen. Returns how many train."""
+    import keras
+
+    base = backbone_base(model)
+    base.trainable = True
+    names = [layer.name for layer in base.layers]
+    if from_layer is not None:
+        if from_layer not in names:
+            raise UserError(f"--from-layer {from_layer!r} is not a layer of the backbone "
+                            f"(its last layers: {', '.join(names[-6:])}).")
+        first = names.index(from_layer)
+    elif unfreeze == "all":
+        first = 0
+    else:
+        first = max(0, len(names) - int(unfreeze))
+    for k, layer in enumerate(base.layers):
+        layer.trainable = k >= first and not isinstance(layer, keras.layers.BatchNormalization)
+    return sum(1 for layer in base.layers if layer.trainable and layer.weights)
+
+
+def freeze_backbone(model: Any) -> None:
+    """Phase 1 flags: the whole backbone frozen, only the head trains."""
+    backbone_base(model).trainable = False
+
+
+@dataclass
+class Parts:
+    """Row indices of the training, validation and test parts of a cache."""
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    source: str
+
+
+def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int) -> Parts:
+    """fit-head's train/test split; validation is the `val` folder, or carved from training by seed."""
+    split = split_rows(cache, test_size, seed)
+    folders = np.asarray(cache.split)
+    if split.source.startswith("folders") and (folders == "val").any() and (folders == "test").any():
+        return Parts(np.flatnonzero(folders == "train"), np.flatnonzero(folders == "val"), split.test,
+                     split.source + "; val folder validates")
+    group, _ = content_groups(cache.content_hash)
+    held = grouped_stratified_split(cache.labels[split.train], group[split.train], val_size, seed)
+    return Parts(split.train[~held], split.train[held], split.test,
+                 split.source + f"; validation carved from training (val_size {val_size})")
+
+
+def image_dataset(paths: list[str], labels: np.ndarray, size: int, resize: str, batch_size: int,
+                  shuffle: bool, seed: int) -> Any:
+    """tf.data: decode (as extract does) in parallel, keep decoded images in memory when small, batch, prefetch."""
+    import tensorflow as tf
+
+    def decode(path: bytes) -> np.ndarray:
+        return decode_image(path.decode(), size, resize)
+
+    ds = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
+    ds = ds.map(lambda p, y: (tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), (size, size, 3)), y),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if len(paths) * size * size * 3 < MEMORY_CACHE_BYTES:
+        ds = ds.cache()
+    if shuffle:
+        ds = ds.shuffle(len(paths), seed=seed, reshuffle_each_iteration=True)
+    return ds.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _optimizer(name: str, lr: float) -> Any:
+    import keras
+
+    return keras.optimizers.Adam(lr) if name == "adam" else keras.optimizers.SGD(lr, momentum=0.9)
+
+
+class _Interrupt:
+    """Ctrl-C during training: stop after the current batch (and remember it)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_Interrupt":
+        self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.signal(signal.SIGINT, self._previous)
+
+
+def _callbacks(model: Any, phase: int, history: list[dict], best: dict, checkpoint: Path,
+               interrupt: _Interrupt, patience: int, log: Callable[[str], None]) -> list[Any]:
+    import keras
+
+    class Progress(keras.callbacks.Callback):
+        """Per-epoch line, history row, best-weights checkpoint, Ctrl-C check after every batch."""
+
+        def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+            self.started = time.perf_counter()
+
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            if interrupt.requested:
+                self.model.stop_training = True
+
+        def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+            logs = logs or {}
+            row = {"phase": phase, "epoch": len(history) + 1, "seconds": time.perf_counter() - self.started,
+                   **{k: float(logs[k]) for k in HISTORY_FIELDS[3:7] if k in logs},
+                   "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
+            history.append(row)
+            improved = row.get("val_loss", np.inf) < best["val_loss"]
+            if improved:
+                best.update(val_loss=row["val_loss"], weights=self.model.get_weights(), epoch=row["epoch"])
+                tmp = checkpoint.with_name("checkpoint.tmp.keras")
+                self.model.save(tmp)
+                os.replace(tmp, checkpoint)
+            log(f"phase {phase} epoch {row['epoch']:3d}  {row['seconds']:6.1f} s  loss {row.get('loss', 0):.4f}  "
+                f"acc {row.get('accuracy', 0):.4f}  val_loss {row.get('val_loss', 0):.4f}  "
+                f"val_acc {row.get('val_accuracy', 0):.4f}{'  *' if improved else ''}")
+
+    return [Progress(), keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
+                                                      restore_best_weights=True)]
+
+
+def plot_learning_curves(history: list[dict], path: Path) -> None:
+    """Training and validation accuracy and loss per epoch; the start of fine-tuning marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key in zip(axes, ("accuracy", "loss")):
+        ax.plot(epochs, [r.get(key, np.nan) for r in history], "o-", label=f"training {key}")
+        ax.plot(epochs, [r.get(f"val_{key}", np.nan) for r in history], "o-", label=f"validation {key}")
+        start = next((r["epoch"] for r in history if r["phase"] == 2), None)
+        if start is not None:
+            ax.axvline(start - 0.5, color="gray", linestyle="--", label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.set_title(key)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+@dataclass
+class FinetuneResult:
+    """What finetune produced."""
+
+    folder: Path
+    metrics: dict[str, Any]
+    history: list[dict]
+    interrupted: bool
+
+
+def default_run_dir(cache_path: Path) -> Path:
+    """runs/<cache name>-finetune/"""
+    return Path("runs") / f"{Path(cache_path).stem}-finetune"
+
+
+def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
+             init_head: str | os.PathLike | None = None, unfreeze: str = "20", from_layer: str | None = None,
+             epochs: int = 10, head_epochs: int | None = None, batch_size: int = 32, lr: float = 1e-4,
+             head_lr: float = 1e-3, optimizer: str = "adam", augment: str = "light", dropout: float = 0.2,
+             patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
+             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = "cache",
+             out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> FinetuneResult:
+    """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
+    check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
+                      optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
+                      val_size=val_size, seed=seed), FINETUNE_CONSTRAINTS)
+    if unfreeze != "all" and not (unfreeze.isdigit() and int(unfreeze) >= 0):
+        raise UserError(f"--unfreeze is {unfreeze!r}; it must be a number of layers or 'all'.")
+    config = config.resolved()
+    head = load_head(init_head) if init_head is not None else None
+    if head is not None:
+        head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
+    started = time.perf_counter()
+    # the cache is the list of usable images, their classes, hashes and splits: fit-head's split exactly
+    summary = extract(data_dir, config, cache=cache, cache_dir=cache_dir, progress=False, log=log)
+    rows = load(summary.cache_path)
+    if summary.skipped:
+        log(f"{len(summary.skipped)} unusable files left out (listed by extract in {summary.cache_path})")
+    parts = finetune_parts(rows, test_size, val_size, seed)
+    head_epochs = (0 if head is not None else 5) if head_epochs is None else head_epochs
+
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    n_classes = len(rows.class_names)
+    model = build_model(config, n_classes, augment, dropout, head)
+    size, root = int(model.input_shape[1]), Path(rows.attrs["dataset_root"])
+
+    def data(idx: np.ndarray, shuffle: bool) -> Any:
+        return image_dataset([str(root / rows.paths[i]) for i in idx], rows.labels[idx], size, config.resize,
+                             batch_size, shuffle, seed)
+
+    train, val, test = data(parts.train, True), data(parts.val, False), data(parts.test, False)
+    folder = Path(out) if out else default_run_dir(summary.cache_path)
+    folder.mkdir(parents=True, exist_ok=True)
+    checkpoint = folder / "model.keras"
+    history: list[dict] = []
+    best: dict[str, Any] = {"val_loss": np.inf, "weights": None, "epoch": 0}
+    log(f"split: {parts.source}; {len(parts.train)} train / {len(parts.val)} validation / {len(parts.test)} test")
+    n_trainable = 0
+    with _Interrupt() as interrupt:
+        for phase, n_epochs in ((1, head_epochs), (2, epochs)):
+            if n_epochs == 0 or interrupt.requested:
+                continue
+            if phase == 1:
+                freeze_backbone(model)
+            else:
+                n_trainable = set_trainable(model, unfreeze, from_layer)
+                log(f"fine-tuning: {n_trainable} backbone layers with weights are trainable (BatchNorm frozen)")
+            model.compile(optimizer=_optimizer(optimizer, head_lr if phase == 1 else lr),
+                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+            model.fit(train, validation_data=val, epochs=n_epochs, verbose=0,
+                      callbacks=_callbacks(model, phase, history, best, checkpoint, interrupt, patience, log))
+    if best["weights"] is not None:
+        model.set_weights(best["weights"])
+    train_seconds = time.perf_counter() - started
+    t0 = time.perf_counter()
+    proba = model.predict(test, verbose=0)
+    inference_ms = 1000 * (time.perf_counter() - t0) / max(1, len(parts.test))
+    metrics = classification_metrics(rows.labels[parts.test], proba.argmax(1), rows.class_names)
+    metrics.update({
+        "method": "fine-tune" + (" (from logreg)" if head is not None else ""), "clf": "finetune",
+        "best_params": {"unfreeze": unfreeze if from_layer is None else f"from {from_layer}", "lr": lr,
+                        "best_epoch": best["epoch"]},
+        "cv_score": None, "fit_seconds": train_seconds, "train_seconds": train_seconds,
+        "inference_ms": inference_ms, "n_train": int(len(parts.train)), "n_val": int(len(parts.val)),
+        "split": parts.source, "split_notes": [], "seed": seed, "epochs_run": len(history),
+        "trainable_layers": n_trainable, "interrupted": interrupt.requested,
+        "options": {"augment": augment, "dropout": dropout, "optimizer": optimizer, "head_epochs": head_epochs,
+                    "epochs": epochs, "batch_size": batch_size, "head_lr": head_lr,
+                    "init_head": str(init_head) if init_head else None},
+    })
+    model.save(checkpoint)
+    write_sidecar(checkpoint, rows.class_names, {**json.loads(rows.attrs["config_json"]), "image_size": size},
+                  {"kind": "fine-tuned model", "identity": rows.identity, "cache_path": str(summary.cache_path)})
+    with open(folder / "history.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, HISTORY_FIELDS)
+        writer.writeheader()
+        writer.writerows(history)
+    if history:
+        plot_learning_curves(history, folder / "learning_curves.png")
+    save_metrics(metrics, folder)
+    return FinetuneResult(folder, metrics, history, interrupt.requested)
