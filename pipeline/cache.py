@@ -114,6 +114,16 @@ def _is_disk_full(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
 
 
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -148,9 +158,17 @@ class CacheWriter:
         self.resumed_rows = 0
         self.resumed_hashes: set[str] = set()  # rows found in the journal of an interrupted run
         self.dim: int | None = None
+        self._remove_stale_temporaries()
         if self.path.exists():
             self._open_existing()
         self._open_journal()
+
+    def _remove_stale_temporaries(self) -> None:
+        """Half-written caches of runs that were killed while committing (their process is gone)."""
+        for tmp in self.path.parent.glob(self.path.name + ".tmp-*"):
+            pid = tmp.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _process_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     # -- reading what is already there -------------------------------------------------------
     def _open_existing(self) -> None:

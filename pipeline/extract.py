@@ -156,15 +156,14 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
     todo: dict[str, ImageFile] = {}
     for f, h in files:
         if not writer.has(h):
-            todo.setdefault(h, f)
-    n_known = len(files) - len(todo)
+            todo.setdefault(h, f)  # byte-identical files are decoded once
+    n_known = sum(1 for _, h in files if h not in todo)
     interrupted, runtime_name, extract_seconds = False, "", 0.0
     if todo:
         engine = make_runtime(config, runtime, tflite_dir=path.parent, threads=threads, log=log)
         runtime_name = engine.name
         hash_of = {id(f): h for h, f in todo.items()}
-        log(f"extracting {len(todo)} new images with {engine.name} ({n_known} files already known, "
-            "byte-identical duplicates included)")
+        log(f"extracting {len(todo)} new images with {engine.name} ({n_known} files already in the cache)")
         from tqdm import tqdm
 
         bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
@@ -185,7 +184,7 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
     n_rows, _ = writer.commit(rows, dataset.class_names, _cache_attrs(config, dataset.root, len(dataset.ignored)),
                               [(h, f.relpath) for f, h in files], unreadable)
     skipped = unreadable + [(f.relpath, writer.skip_reason(h)) for f, h in files if writer.skip_reason(h)]
-    n_new = sum(1 for h in todo if writer.has_features(h))
+    n_new = sum(1 for _, h in files if h in todo and writer.has_features(h))
     # journalled rows of files that are still there (a file deleted since the crash is not resumed)
     n_resumed = sum(1 for _, h in files if h in writer.resumed_hashes)
     return ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - n_resumed,

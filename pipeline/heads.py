@@ -35,7 +35,7 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
 HEAD_CONSTRAINTS = {
     "clf": [Options(CLASSIFIERS)],
     "cv": [Interval(2, 50, integer=True)],
-    "n_jobs": [Interval(-1, 256, integer=True)],
+    "n_jobs": [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)],
     "class_weight": [Options(("balanced",)), None],
     "seed": [Interval(0, 2**32 - 1, integer=True)],
     "test_size": [Interval(0.01, 0.9)],
@@ -123,10 +123,11 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Sp
     if test_name:
         train = np.flatnonzero((split != test_name) & (split != ""))
         test = np.flatnonzero(split == test_name)
-        leaked = [rows for rows in duplicates.values() if len(set(split[rows])) > 1]
+        leaked = [rows for rows in duplicates.values() if len({s == test_name for s in split[rows]}) > 1]
         source = f"folders ({test_name} is the test part)"
         if leaked:
-            notes.append(f"LEAKAGE: {len(leaked)} groups of byte-identical files span the given splits, e.g. "
+            notes.append(f"LEAKAGE: {len(leaked)} groups of byte-identical files span the {test_name} folder and "
+                         "the training folders, e.g. "
                          + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
         return Split(train, test, source, notes, len(duplicates), len(leaked))
     in_test = grouped_stratified_split(labels, group, test_size, seed)
@@ -138,24 +139,44 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Sp
                  notes, len(duplicates), 0)
 
 
-def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int,
+def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str],
               log: Callable[[str], None] = print) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, duplicate-grouped K-fold over the training part; fewer folds if a class is small."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    classes, counts = np.unique(labels, return_counts=True)
-    if len(classes) < 2:
+    present = np.unique(labels)
+    missing = [class_names[c] for c in range(len(class_names)) if c not in present]
+    if len(present) < 2:
         raise UserError("the training part holds one class only; a classifier needs at least two.")
-    smallest = int(counts.min())
+    if missing:
+        raise UserError(f"class {', '.join(missing)} has no training images (only test images, or none "
+                        "readable); add training images or remove the class folder.")
+    # folds split groups of identical files, so what limits them is distinct images per class
+    distinct = {c: len(np.unique(groups[labels == c])) for c in present}
+    smallest_class = min(distinct, key=distinct.get)
+    smallest = distinct[smallest_class]
     if smallest < 2:
-        raise UserError(f"class index {classes[counts.argmin()]} has {smallest} training image; cross-validation "
-                        "needs at least 2 per class: add images or remove the class folder.")
+        raise UserError(f"class {class_names[smallest_class]} has {smallest} distinct training image; "
+                        "cross-validation needs at least 2 per class: add images or remove the class folder.")
     if smallest < n_splits:
-        log(f"note: the smallest class has {smallest} training images, so CV uses {smallest} folds "
-            f"instead of {n_splits}.")
+        log(f"note: class {class_names[smallest_class]} has {smallest} distinct training images, so CV uses "
+            f"{smallest} folds instead of {n_splits}.")
         n_splits = smallest
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, groups))
+
+
+def best_index(results: dict[str, Any], tie_break: str | None) -> int:
+    """The grid point with the best mean CV score; ties go to the best tie_break score, else the middle one.
+
+    Separable features give many grid points the same accuracy; the smallest C among them would
+    be the most regularised head, with needlessly flat probabilities.
+    """
+    score = np.asarray(results["mean_test_score"])
+    tied = np.flatnonzero(score >= score.max() - 1e-12)
+    if tie_break is not None:
+        return int(tied[np.argmax(np.asarray(results[f"mean_test_{tie_break}"])[tied])])
+    return int(tied[len(tied) // 2])
 
 
 # -- fitting --------------------------------------------------------------------------------------
@@ -192,30 +213,33 @@ def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5,
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
     group, _ = content_groups(cache.content_hash)
-    folds = cv_splits(y[split.train], group[split.train], cv, seed, log)
+    folds = cv_splits(y[split.train], group[split.train], cv, seed, cache.class_names, log)
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
         grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
     scoring = "balanced_accuracy" if class_weight == "balanced" else "accuracy"
+    # heads with probabilities during the sweep break accuracy ties by CV log-loss
+    tie_break = "log_loss" if clf in ("logreg", "knn") else None
+    scorers = {"score": scoring, **({"log_loss": "neg_log_loss"} if tie_break else {})}
     search = GridSearchCV(make_pipeline(clf, l2_normalize, class_weight, seed), {param: grid}, cv=folds,
-                          scoring=scoring, n_jobs=n_jobs, refit=clf in ("logreg", "knn"), error_score="raise")
+                          scoring=scorers, n_jobs=n_jobs, refit=False, error_score="raise")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
         search.fit(X[split.train], y[split.train])
+    best = best_index(search.cv_results_, tie_break)
+    best_value, cv_score = grid[best], float(search.cv_results_["mean_test_score"][best])
+    model = make_pipeline(clf, l2_normalize, class_weight, seed).set_params(**{param: best_value})
     if clf in ("svm", "rbf-svm"):
         # probabilities: one SVM on the whole training part, sigmoid-calibrated on cross-validated scores
-        model = make_pipeline(clf, l2_normalize, class_weight, seed).set_params(**search.best_params_)
         calibrated = CalibratedClassifierCV(model.steps[-1][1], method="sigmoid", cv=folds, ensemble=False)
         model.steps[-1] = ("clf", calibrated)
-        model.fit(X[split.train], y[split.train])
-    else:
-        model = search.best_estimator_
+    model.fit(X[split.train], y[split.train])
     fit_seconds = time.perf_counter() - started
     y_pred = model.predict(X[split.test])
     metrics = classification_metrics(y[split.test], y_pred, cache.class_names)
     metrics.update({
-        "method": f"{clf} head", "clf": clf, "best_params": {param.split("__")[-1]: search.best_params_[param]},
-        "cv_score": float(search.best_score_), "cv_scoring": scoring, "cv_folds": len(folds),
+        "method": f"{clf} head", "clf": clf, "best_params": {param.split("__")[-1]: best_value},
+        "cv_score": cv_score, "cv_scoring": scoring, "cv_folds": len(folds),
         "cv_grid": [float(v) for v in grid], "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
         "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
         "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups, "seed": seed,

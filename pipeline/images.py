@@ -29,6 +29,9 @@ REDUCING_GAP = 3.0
 DECODER = f"pillow-draft-exif-rgb-squash-gap{REDUCING_GAP:g}"
 # Refuse images above this many pixels (Pillow's own warning threshold, about 89 megapixels).
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Such images are refused by the explicit pixel count in decode_image; Pillow's warning would only be noise
+# (and catch_warnings, which could turn it into an error, is not thread-safe under the decoding pool).
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class ImageError(Exception):
@@ -94,7 +97,8 @@ def scan_dataset(root: str | os.PathLike) -> Dataset:
                         "or DATA_DIR/train/CLASS/*.jpg.")
     index = {name: i for i, name in enumerate(class_names)}
     files: list[ImageFile] = []
-    ignored = [p for p in root.iterdir() if p.is_file()]
+    # files outside class folders (beside them, or beside the split folders) are not images of a class
+    ignored = [p for folder in ([root] + (top if split_layout else [])) for p in folder.iterdir() if p.is_file()]
     for split, folder in groups:
         images, other = _walk_images(folder)
         ignored += other
@@ -151,24 +155,22 @@ def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear", d
     if os.path.getsize(path) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                if img.width * img.height > MAX_PIXELS:
-                    raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the "
-                                     f"{MAX_PIXELS}-pixel decompression-bomb limit")
-                if draft and img.format == "JPEG":
-                    # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size
-                    img.draft("RGB", (size, size))
-                img = _to_rgb(ImageOps.exif_transpose(img))
-                if img.size != (size, size):
-                    downscale = img.width > size and img.height > size
-                    img = img.resize((size, size), RESIZE_METHODS[resize],
-                                     reducing_gap=REDUCING_GAP if downscale else None)
-                return np.asarray(img, dtype=np.uint8)
+        with Image.open(path) as img:
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the "
+                                 f"{MAX_PIXELS}-pixel decompression-bomb limit")
+            if draft and img.format == "JPEG":
+                # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size
+                img.draft("RGB", (size, size))
+            img = _to_rgb(ImageOps.exif_transpose(img))
+            if img.size != (size, size):
+                downscale = img.width > size and img.height > size
+                img = img.resize((size, size), RESIZE_METHODS[resize],
+                                 reducing_gap=REDUCING_GAP if downscale else None)
+            return np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError(f"refused: {exc}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None

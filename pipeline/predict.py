@@ -17,7 +17,7 @@ from .extract import RUN_CONSTRAINTS, hash_files, stream_features
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, check_params
-from .runtime import load_model_file, make_runtime
+from .runtime import load_model_file, make_runtime, read_sidecar
 
 
 @dataclass
@@ -96,9 +96,10 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
         top_k = min(top_k, len(loaded.classes))
         stream = _head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log)
     else:
+        top_k = min(top_k, len(read_sidecar(model)["classes"]))
         stream = _model_predictions(model, files, top_k, batch_size, workers)
-    predictions = list(stream)
-    top_k = max((len(p.classes) for p in predictions), default=top_k)
+    order = {f.relpath: k for k, f in reversed(list(enumerate(files)))}
+    predictions = sorted(stream, key=lambda p: order[p.path])  # as given, whatever the source of features
     if out:
         write_csv(predictions, out, top_k)
     return predictions

@@ -174,15 +174,20 @@ def write_sidecar(model_path: Path, classes: list[str], backbone_config: dict[st
     return path
 
 
-def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
-    """A .keras or .tflite classifier and its sidecar, as (runtime producing probabilities, sidecar)."""
-    path = Path(path)
-    meta_path = sidecar_path(path)
+def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:
+    """The sidecar of a model file; UserError when the model or its sidecar is missing."""
+    path, meta_path = Path(model_path), sidecar_path(model_path)
     if not path.is_file():
         raise UserError(f"{path} does not exist; give a model written by `export` or `finetune`.")
     if not meta_path.is_file():
         raise UserError(f"{meta_path} is missing: the class names travel in it beside {path.name}.")
-    meta = json.loads(meta_path.read_text())
+    return json.loads(meta_path.read_text())
+
+
+def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """A .keras or .tflite classifier and its sidecar, as (runtime producing probabilities, sidecar)."""
+    path = Path(path)
+    meta = read_sidecar(path)
     if path.suffix == ".tflite":
         return TFLiteRuntime(path), meta
     if path.suffix != ".keras":

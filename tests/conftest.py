@@ -21,6 +21,9 @@ if str(ROOT) not in sys.path:
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.backbones import BackboneConfig  # noqa: E402
+from pipeline.runtime import make_runtime as _REAL_MAKE_RUNTIME  # noqa: E402 (imports no TensorFlow)
+
+_RUNTIMES: dict = {}  # (resolved config, kind) -> runtime built once per session (see shared_runtime)
 
 # Class name -> base colour; each image adds its own noise so that no two files share bytes.
 CLASS_COLOURS = {"apple": (200, 40, 40), "grass": (40, 180, 60), "sky": (50, 80, 210)}
@@ -28,6 +31,9 @@ IMAGE_WH = (40, 30)  # width, height
 TINY = dict(backbone="MobileNetV2", weights="none", image_size=32, alpha=0.35)
 # The same configuration as command-line options.
 TINY_ARGS = ["--backbone", "MobileNetV2", "--weights", "none", "--image-size", "32", "--alpha", "0.35"]
+# Tests run the Keras runtime unless they test TFLite: `auto` means TFLite on a CPU, and converting
+# even the tiny backbone takes about 20 s (tests that want it convert once, see test_extract.py).
+RUNTIME = "keras"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -184,7 +190,7 @@ def tiny_model(tiny_config: BackboneConfig):
 
 @pytest.fixture
 def shared_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable:
-    """Make extract() reuse one built runtime per configuration (saves a model build per run).
+    """Make extract() reuse one built runtime per configuration and kind (saves a model build per run).
 
     Returns a function giving how many images went through the runtime so far.
     """
@@ -200,15 +206,11 @@ def shared_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable:
             counter["images"] += len(batch)
             return self.inner(batch)
 
-    def make(config, kind="keras"):
-        if config not in _RUNTIMES:
-            _RUNTIMES[config] = _REAL_MAKE_RUNTIME(config, kind)
-        return Counting(_RUNTIMES[config])
+    def make(config, kind="auto", **kwargs):
+        if (config, kind) not in _RUNTIMES:
+            _RUNTIMES[config, kind] = _REAL_MAKE_RUNTIME(config, kind, **kwargs)
+        return Counting(_RUNTIMES[config, kind])
 
     monkeypatch.setattr(extract_module, "make_runtime", make)
     return lambda: counter["images"]
 
-
-from pipeline.runtime import make_runtime as _REAL_MAKE_RUNTIME  # noqa: E402
-
-_RUNTIMES: dict = {}

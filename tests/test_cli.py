@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from conftest import ROOT, TINY_ARGS, make_dataset
+from conftest import ROOT, RUNTIME, TINY_ARGS, make_dataset
 from pipeline.cache import load
 
 runner = CliRunner()
@@ -60,6 +60,7 @@ def test_empty_class_folder(dataset: Path, tmp_path: Path) -> None:
 @pytest.mark.parametrize("args, fragment", [
     (["--pooling", "mean"], "--pooling is 'mean'"),
     (["--chunk-size", "0"], "--chunk-size is 0"),
+    (["--runtime", "onnx"], "--runtime is 'onnx'"),
     (["--image-size", "8"], "--image-size is 8"),
     (["--backbone", "ResNet50", "--alpha", "0.5"], "--alpha applies to"),
     (["--weights", "/no/such/weights.h5"], "weights file /no/such/weights.h5 does not exist"),
@@ -80,11 +81,12 @@ def test_backbones_lists_applications() -> None:
 
 def test_extract_then_other_config_on_the_same_cache(dataset: Path, tmp_path: Path, shared_runtime) -> None:
     cache = tmp_path / "c.h5"
-    result = invoke("extract", dataset, *TINY_ARGS, "--cache", cache, "--batch-size", "5", "--no-progress")
+    result = invoke("extract", dataset, *TINY_ARGS, "--cache", cache, "--batch-size", "5", "--runtime", RUNTIME,
+                    "--no-progress")
     assert result.exit_code == 0, (result.stderr, result.exception)
     assert f"cache: {cache} (12 images)" in result.stdout and "new 12, already cached 0" in result.stdout
     assert len(load(cache)) == 12
-    again = invoke("extract", dataset, *TINY_ARGS, "--cache", cache, "--no-progress")
+    again = invoke("extract", dataset, *TINY_ARGS, "--cache", cache, "--runtime", RUNTIME, "--no-progress")
     assert again.exit_code == 0 and "new 0, already cached 12" in again.stdout
     other = [a if a != "32" else "48" for a in TINY_ARGS]
     assert_user_error(invoke("extract", dataset, *other, "--cache", cache, "--no-progress"),

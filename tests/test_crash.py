@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_ARGS, make_dataset
+from conftest import ROOT, RUNTIME, TINY_ARGS, make_dataset
 from pipeline.cache import load
 from pipeline.extract import extract
 
@@ -29,8 +29,10 @@ CHUNK, BATCH = 16, 8
 
 
 def cli_args(data: Path, cache: Path) -> list[str]:
+    # --runtime keras: TFLite would first convert the model (about 20 s) and then finish 300 tiny images
+    # in a blink, too fast to stop it half way; the journal and the commit do not depend on the runtime.
     return [sys.executable, "cli.py", "extract", str(data), *TINY_ARGS, "--cache", str(cache),
-            "--chunk-size", str(CHUNK), "--batch-size", str(BATCH), "--no-progress"]
+            "--chunk-size", str(CHUNK), "--batch-size", str(BATCH), "--runtime", RUNTIME, "--no-progress"]
 
 
 def env() -> dict[str, str]:
@@ -82,7 +84,8 @@ def big(tmp_path_factory: pytest.TempPathFactory, tiny_config):
             (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, subset / path.parent.name / path.name)
     reference = base / "reference" / "all.h5"
-    summary = extract(full, tiny_config, cache=reference, batch_size=32, progress=False, log=lambda m: None)
+    summary = extract(full, tiny_config, cache=reference, batch_size=32, runtime=RUNTIME, progress=False,
+                      log=lambda m: None)
     assert summary.n_rows == 3 * PER_CLASS
     return full, subset, load(reference)
 
@@ -91,7 +94,7 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config
     full, subset, reference = big
     cache = tmp_path / "cache" / "features.h5"
     partial = cache.with_name(cache.name + ".partial")
-    first = extract(subset, tiny_config, cache=cache, progress=False, log=lambda m: None)
+    first = extract(subset, tiny_config, cache=cache, runtime=RUNTIME, progress=False, log=lambda m: None)
     assert first.n_rows == 3 * SUBSET_PER_CLASS
     old = load(cache)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import pipeline.cache as cache_module
-from conftest import (CLASS_COLOURS, add_broken, add_ignored, add_images, add_modes, make_dataset, pixels,
+from conftest import (CLASS_COLOURS, RUNTIME, add_broken, add_ignored, add_images, add_modes, make_dataset, pixels,
                       save_image)
 from pipeline.backbones import BackboneConfig
 from pipeline.cache import CacheWriter, load
@@ -25,6 +25,7 @@ from pipeline.images import file_sha256
 def run(data: Path, config: BackboneConfig, cache: Path, **kwargs):
     """extract() quietly, with small batches so that even tiny datasets take several."""
     kwargs.setdefault("batch_size", 4)
+    kwargs.setdefault("runtime", RUNTIME)
     return extract(data, config, cache=cache, progress=False, log=lambda m: None, **kwargs)
 
 
@@ -55,7 +56,7 @@ def test_broken_files_are_skipped_with_reasons(dataset: Path, tiny_config, cache
     good = 12 + len(modes)
     assert summary.n_files == good + len(broken)
     assert summary.n_rows == good and summary.n_new == good
-    assert summary.n_reused == 1  # the second empty file is byte-identical to the first: decoded once
+    assert summary.n_reused == 0  # nothing was in the cache before this run
     assert summary.n_ignored == len(ignored) and not summary.interrupted
     assert dict(summary.skipped).keys() == broken.keys() and len(summary.skipped) == len(broken)
     for path, reason in summary.skipped:
@@ -134,7 +135,8 @@ def test_split_layout_recorded(tmp_path: Path, tiny_config, cache_path, shared_r
 def test_duplicate_files_share_one_extraction(dataset: Path, tiny_config, cache_path, shared_runtime) -> None:
     shutil.copy(dataset / "apple" / "img_000.png", dataset / "grass" / "copy_of_apple.png")
     summary = run(dataset, tiny_config, cache_path)
-    assert summary.n_rows == 13 and summary.n_new == 12 and shared_runtime() == 12
+    # 13 files are new to the cache, the backbone ran 12 times: the copy shares the original's features
+    assert summary.n_rows == 13 and summary.n_new == 13 and shared_runtime() == 12
     c = load(cache_path)
     i, j = c.paths.index("apple/img_000.png"), c.paths.index("grass/copy_of_apple.png")
     assert c.content_hash[i] == c.content_hash[j]
@@ -233,9 +235,10 @@ def test_other_config_same_cache_is_refused(dataset: Path, tiny_config, cache_pa
 
 
 def test_default_cache_names_differ_per_config(dataset: Path, tiny_config, tmp_path, shared_runtime) -> None:
-    a = extract(dataset, tiny_config, cache_dir=tmp_path / "c", progress=False, log=lambda m: None)
-    b = extract(dataset, replace(tiny_config, pooling="max"), cache_dir=tmp_path / "c", progress=False,
+    a = extract(dataset, tiny_config, cache_dir=tmp_path / "c", runtime=RUNTIME, progress=False,
                 log=lambda m: None)
+    b = extract(dataset, replace(tiny_config, pooling="max"), cache_dir=tmp_path / "c", runtime=RUNTIME,
+                progress=False, log=lambda m: None)
     assert a.cache_path != b.cache_path and a.cache_path.parent == b.cache_path.parent == tmp_path / "c"
     assert a.cache_path.name.startswith("data-MobileNetV2-32-") and a.cache_path.suffix == ".h5"
     assert load(a.cache_path).attrs["pooling"] == "avg" and load(b.cache_path).attrs["pooling"] == "max"
@@ -362,8 +365,8 @@ def test_keyboard_interrupt_keeps_finished_rows(tmp_path: Path, tiny_config, cac
     make = extract_module.make_runtime
     calls = {"n": 0}
 
-    def interrupting(config, kind="keras"):
-        engine = make(config, kind)
+    def interrupting(config, kind="auto", **kwargs):
+        engine = make(config, kind, **kwargs)
         inner = engine.__call__
 
         class Runtime:
@@ -433,7 +436,8 @@ def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, 
         with pytest.raises(UserError, match="disk is full"):
             run(dataset, tiny_config, cache_path)
     assert cache_path.read_bytes() == before
-    assert sorted(p.name for p in cache_path.parent.iterdir()) == ["features.h5", "features.h5.partial"]
+    assert sorted(p.name for p in cache_path.parent.iterdir() if p.suffix != ".tflite") == [
+        "features.h5", "features.h5.partial"]
     assert run(dataset, tiny_config, cache_path).n_resumed == 2
 
 
@@ -495,3 +499,39 @@ def test_unicode_and_spaces_in_names(tmp_path: Path, tiny_config, cache_path, sh
     assert sorted(c.paths) == sorted(["crème brûlée/photo 1.png", "crème brûlée/фото.jpg", "日本/写真 3.PNG"])
     assert c.class_names == ["crème brûlée", "日本"] and c.skipped[0][0] == "日本/Ø.png"
     assert all(c.class_names[l] == p.split("/")[0] for p, l in zip(c.paths, c.labels))
+
+
+@pytest.mark.slow
+def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
+    """A run crashed under Keras and resumed under TFLite: one cache, both runtimes, the same features.
+
+    The fingerprint leaves the runtime out, so rows from both may share a cache; that is only sound
+    when they agree. Converting the tiny backbone takes about 20 s, once.
+    """
+    data = make_dataset(tmp_path / "data", per_class=6)
+    with monkeypatch.context() as mp:
+        flaky_flush(mp, 1, RuntimeError("simulated crash"))
+        with pytest.raises(RuntimeError):
+            run(data, tiny_config, cache_path, chunk_size=4, runtime="keras")
+    messages: list[str] = []
+    summary = extract(data, tiny_config, cache=cache_path, batch_size=4, runtime="tflite", progress=False,
+                      log=messages.append)
+    assert (summary.n_resumed, summary.n_new, summary.runtime) == (4, 14, "tflite")
+    converted = cache_path.parent / f"MobileNetV2-32-{tiny_config.resolved().fingerprint()}.tflite"
+    assert converted.is_file() and any("converting the backbone to TFLite" in m for m in messages)
+    c = load(cache_path)
+    assert sorted(c.runtime) == ["keras"] * 4 + ["tflite"] * 14
+
+    reference = run(data, tiny_config, tmp_path / "keras.h5", runtime="keras")
+    want = features_by_hash(load(reference.cache_path))
+    assert_same_features(c.features, np.stack([want[h] for h in c.content_hash]))
+
+    import pipeline.extract as extract_module
+    import pipeline.runtime as runtime_module
+
+    monkeypatch.setattr(extract_module, "make_runtime", runtime_module.make_runtime)  # no memo: really load it
+    messages.clear()  # a second cache in the same folder reuses the conversion
+    again = extract(data, tiny_config, cache=cache_path.with_name("other.h5"), runtime="tflite", progress=False,
+                    log=messages.append)
+    assert again.n_new == 18 and not any("converting" in m for m in messages)
+    assert_same_features(load(again.cache_path).features, load(reference.cache_path).features)

@@ -1,0 +1,114 @@
+"""pipeline.report: metrics checked by hand, the printed table, the comparison table and the plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import heads_fixtures  # noqa: F401  (puts the project root on sys.path)
+from pipeline.report import (CONFUSION_PNG, METRICS_FILE, classification_metrics, compare_markdown, load_metrics,
+                             metrics_table, plot_compare, plot_confusion_matrix, save_metrics)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+NAMES = ["apple", "banana", "cherry", "durian"]
+# 6 test images; durian never occurs (support 0) and is never predicted.
+Y_TRUE = np.array([0, 0, 0, 1, 1, 2])
+Y_PRED = np.array([0, 0, 1, 1, 2, 2])
+
+
+@pytest.fixture
+def metrics() -> dict:
+    return classification_metrics(Y_TRUE, Y_PRED, NAMES)
+
+
+def test_classification_metrics_by_hand(metrics: dict) -> None:
+    # confusion matrix (rows: true, columns: predicted)
+    assert metrics["confusion_matrix"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 0], [0, 0, 0, 0]]
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    # recall 2/3, 1/2, 1/1 over the classes that occur
+    assert metrics["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+    pc = metrics["per_class"]
+    assert pc["apple"] == pytest.approx({"precision": 1.0, "recall": 2 / 3, "f1": 0.8, "support": 3})
+    assert pc["banana"] == pytest.approx({"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2})
+    assert pc["cherry"] == pytest.approx({"precision": 0.5, "recall": 1.0, "f1": 2 / 3, "support": 1})
+    assert pc["durian"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+    # macro F1 over the classes present in the test part (durian has no support)
+    assert metrics["macro_f1"] == pytest.approx((0.8 + 0.5 + 2 / 3) / 3)
+    assert metrics["n_test"] == 6 and metrics["class_names"] == NAMES
+    assert list(pc) == NAMES
+    json.dumps(metrics)  # plain Python types only
+
+
+def test_perfect_and_all_wrong() -> None:
+    y = np.array([0, 1, 1, 0])
+    right = classification_metrics(y, y, ["a", "b"])
+    assert right["accuracy"] == right["balanced_accuracy"] == right["macro_f1"] == 1.0
+    wrong = classification_metrics(y, 1 - y, ["a", "b"])
+    assert wrong["accuracy"] == wrong["balanced_accuracy"] == wrong["macro_f1"] == 0.0
+    assert wrong["confusion_matrix"] == [[0, 2], [2, 0]]
+
+
+def test_metrics_table(metrics: dict) -> None:
+    table = metrics_table(metrics)
+    lines = table.splitlines()
+    assert lines[0].split() == ["class", "precision", "recall", "f1", "support"]
+    for name in NAMES:
+        assert sum(line.split()[0] == name for line in lines) == 1, name
+    apple = next(line for line in lines if line.startswith("apple"))
+    assert apple.split() == ["apple", "1.000", "0.667", "0.800", "3"]
+    assert lines[-1] == ("test accuracy 0.6667   balanced accuracy 0.7222   macro F1 0.6556   (6 test images)")
+
+
+def test_metrics_table_long_class_names() -> None:
+    names = ["a", "a_really_long_class_name_indeed"]
+    table = metrics_table(classification_metrics(np.array([0, 1]), np.array([0, 1]), names))
+    rows = table.splitlines()[1:3]
+    assert rows[0].startswith("a ") and rows[1].startswith(names[1] + " ")
+    # the columns line up whatever the name length
+    assert len({len(r) for r in rows}) == 1 and len(rows[0]) == len(table.splitlines()[0])
+
+
+def test_save_and_load_metrics(metrics: dict, tmp_path: Path) -> None:
+    path = save_metrics({**metrics, "method": "x"}, tmp_path / "run")
+    assert path == tmp_path / "run" / METRICS_FILE
+    assert load_metrics(tmp_path / "run") == {**metrics, "method": "x"}
+    assert (tmp_path / "run" / CONFUSION_PNG).read_bytes()[:8] == PNG_MAGIC
+
+
+def test_plot_confusion_matrix(tmp_path: Path) -> None:
+    plot_confusion_matrix(np.array([[3, 0], [1, 0]]), ["a", "b"], tmp_path / "cm.png")
+    data = (tmp_path / "cm.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+ROWS = [
+    {"method": "logreg head", "accuracy": 0.91234, "balanced_accuracy": 0.9, "macro_f1": 0.88,
+     "train_seconds": 1.26, "inference_ms": 0.5, "size_mb": 0.01},
+    {"method": "svm head", "accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7, "train_seconds": 3.0},
+    {"method": "fine-tuned", "accuracy": 0.95, "balanced_accuracy": 0.94, "macro_f1": 0.93,
+     "train_seconds": 120.0, "inference_ms": None, "size_mb": 9.5},
+]
+
+
+def test_compare_markdown() -> None:
+    lines = compare_markdown(ROWS).splitlines()
+    assert len(lines) == 2 + len(ROWS)
+    assert lines[0].startswith("| method | test acc |")
+    assert set(lines[1].replace("|", "").split()) == {"---"}
+    header_cells = lines[0].count("|")
+    for row, line in zip(ROWS, lines[2:]):
+        assert line.startswith(f"| {row['method']} |") and line.count("|") == header_cells
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert cells == ["logreg head", "0.9123", "0.9000", "0.8800", "1.3", "0.50", "0.01"]
+    svm = [c.strip() for c in lines[3].strip("|").split("|")]
+    assert svm[-2:] == ["", ""]  # missing values are blank, not 'None'
+    assert "None" not in "\n".join(lines)
+
+
+def test_plot_compare(tmp_path: Path) -> None:
+    plot_compare(ROWS, tmp_path / "compare.png")
+    data = (tmp_path / "compare.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
