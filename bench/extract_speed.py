@@ -3,16 +3,18 @@
     python bench/extract_speed.py DATA_DIR --backbone PATH_OR_NAME [--layer NAME] [--batch-size 32]
 
 Prints the figures and, as its last line, one JSON object with backbone_img_s, extract_img_s,
-ratio (extract / backbone), decode_cpu_ms (per image, draft mode on), decode_cpu_ms_no_draft,
+ratio (extract / backbone), runtime, decode_cpu_ms (per image, draft mode on), decode_cpu_ms_no_draft,
 peak_rss_mb.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import sys
 import tempfile
 import time
@@ -48,11 +50,15 @@ def main() -> None:
     parser.add_argument("--layer", default=None)
     parser.add_argument("--alpha", type=float, default=None)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--runtime", default="keras", choices=["auto", "keras", "tflite"],
+                        help="the same runtime measures (a) and (b)")
     args = parser.parse_args()
     config = BackboneConfig(args.backbone, args.weights, args.layer, alpha=args.alpha).resolved()
     files = scan_dataset(args.data_dir).files
 
-    runtime = make_runtime(config)
+    tflite_dir = tempfile.mkdtemp()  # conversion (if any) is set-up, not extraction: done here, reused below
+    atexit.register(shutil.rmtree, tflite_dir, True)
+    runtime = make_runtime(config, args.runtime, tflite_dir=tflite_dir, log=lambda m: None)
     batch = np.random.default_rng(0).integers(0, 256, (args.batch_size, runtime.image_size,
                                                        runtime.image_size, 3), dtype=np.uint8)
     n_batches = max(4, len(files) // args.batch_size)
@@ -62,13 +68,13 @@ def main() -> None:
     backbone_img_s = n_batches * args.batch_size / (time.perf_counter() - start)
     del runtime
 
-    with tempfile.TemporaryDirectory() as tmp:
-        summary = extract(args.data_dir, config, cache=Path(tmp) / "bench.h5", batch_size=args.batch_size,
-                          progress=False, log=lambda m: None)
+    summary = extract(args.data_dir, config, cache=Path(tflite_dir) / "bench.h5", batch_size=args.batch_size,
+                      runtime=args.runtime, progress=False, log=lambda m: None)
     extract_img_s = summary.images_per_s
     paths = [f.path for f in files]
     result = {
         "data_dir": args.data_dir, "backbone": args.backbone, "layer": args.layer, "batch_size": args.batch_size,
+        "runtime": summary.runtime,
         "images": summary.n_new, "backbone_img_s": round(backbone_img_s, 1),
         "extract_img_s": round(extract_img_s, 1), "ratio": round(extract_img_s / backbone_img_s, 3),
         "extract_wall_s": round(summary.seconds, 1),
