@@ -9,19 +9,15 @@ peak_rss_mb.
 
 from __future__ import annotations
 
-import argparse
 import atexit
-import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import backbone_parser, report  # noqa: E402 (sets the import path and environment)
 
 import numpy as np
 
@@ -43,13 +39,7 @@ def decode_cpu_ms(paths: list[Path], size: int, draft: bool) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data_dir")
-    parser.add_argument("--backbone", default="MobileNetV2")
-    parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--layer", default=None)
-    parser.add_argument("--alpha", type=float, default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = backbone_parser(__doc__.splitlines()[0])
     parser.add_argument("--runtime", default="keras", choices=["auto", "keras", "tflite"],
                         help="the same runtime measures (a) and (b)")
     args = parser.parse_args()
@@ -83,11 +73,9 @@ def main() -> None:
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "cpus": os.cpu_count(),
     }
-    print("command: python " + " ".join(sys.argv))
-    print(f"backbone alone {backbone_img_s:.1f} img/s, extract {extract_img_s:.1f} img/s "
+    report(f"backbone alone {backbone_img_s:.1f} img/s, extract {extract_img_s:.1f} img/s "
           f"(ratio {result['ratio']:.2f}); decode {result['decode_cpu_ms']} CPU ms/img with draft, "
           f"{result['decode_cpu_ms_no_draft']} without; peak RSS {result['peak_rss_mb']} MB")
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -9,15 +9,11 @@ logreg head at the default settings, then compare. Run folders go to runs/bench/
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import ROOT, SHARED  # noqa: E402 (sets the import path and environment)
 
 from pipeline.backbones import BackboneConfig
 from pipeline.compare import compare

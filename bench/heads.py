@@ -10,20 +10,10 @@ to cache/bench/ and are reused on later runs (extract is incremental). Split: de
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-if "KERAS_HOME" not in os.environ and (SHARED / "keras-models/models").is_dir():
-    # Keras reads KERAS_HOME at import and writes keras.json there: a writable folder linking the weights
-    home = Path(tempfile.mkdtemp(prefix="keras-home-"))
-    (home / "models").symlink_to(SHARED / "keras-models/models")
-    os.environ["KERAS_HOME"] = str(home)
+from common import ROOT, SHARED  # noqa: E402 (sets the import path and environment)
 
 from pipeline.backbones import BackboneConfig
 from pipeline.extract import extract

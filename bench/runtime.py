@@ -8,16 +8,11 @@ speedup and min_cosine (per image, the two caches matched by content hash).
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from common import backbone_parser, report  # noqa: E402 (sets the import path and environment)
 
 import numpy as np
 
@@ -27,14 +22,9 @@ from pipeline.extract import extract
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("data_dir")
-    parser.add_argument("--backbone", default="MobileNetV2")
-    parser.add_argument("--weights", default="imagenet")
-    parser.add_argument("--layer", default=None)
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser = backbone_parser(__doc__.splitlines()[0])
     args = parser.parse_args()
-    config = BackboneConfig(args.backbone, args.weights, args.layer)
+    config = BackboneConfig(args.backbone, args.weights, args.layer, alpha=args.alpha)
     result, caches = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for runtime in ("keras", "tflite"):
@@ -54,11 +44,9 @@ def main() -> None:
                   min_cosine=float(cosine.min()), max_abs_diff=float(np.abs(a - b).max()),
                   images=len(b), data_dir=args.data_dir, backbone=args.backbone, layer=args.layer,
                   batch_size=args.batch_size, runtimes_recorded=sorted(set(tflite.runtime)))
-    print("command: python " + " ".join(sys.argv))
-    print(f"keras {result['keras_img_s']} img/s, tflite {result['tflite_img_s']} img/s: speedup "
+    report(f"keras {result['keras_img_s']} img/s, tflite {result['tflite_img_s']} img/s: speedup "
           f"{result['speedup']}x, min cosine {result['min_cosine']:.7f} over {len(b)} images "
           f"(setup: keras {result['keras_setup_s']} s, tflite incl. conversion {result['tflite_setup_s']} s)")
-    print(json.dumps(result))
 
 
 if __name__ == "__main__":
