@@ -288,7 +288,7 @@ def build_backbone(config: BackboneConfig) -> Any:
         raise UserError(f"{config.backbone} takes images of any size; give --image-size N.")
     inputs = keras.Input((size, size, 3), name="pixels")
     x = preprocess_layer_class()(module, name="preprocess")(inputs) if module else inputs
-    x = base(x, training=False)  # BatchNorm stays in inference mode, also when fine-tuning
+    x = base(x)
     if len(x.shape) == 4:
         pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
         x = pool(name="pool")(x)

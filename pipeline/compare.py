@@ -43,23 +43,25 @@ def _time_ms(runtime: Any, files: list[ImageFile], resize: str, after: Callable[
 def describe(path: str | os.PathLike, timing_images: int = TIMING_IMAGES) -> dict[str, Any]:
     """One comparison row for a head folder or a fine-tuning run folder."""
     path = Path(path)
+    is_head = (path / META_FILE).is_file() and (path / MODEL_FILE).is_file()
+    if not (is_head or (path / "model.keras").is_file()) or not (path / "metrics.json").is_file():
+        raise UserError(f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras) "
+                        "with its metrics.json.")
     metrics = load_metrics(path)
     row = {key: metrics.get(key) for key in ("method", "accuracy", "balanced_accuracy", "macro_f1",
                                              "train_seconds", "n_test")}
     row["path"] = str(path)
-    if (path / META_FILE).is_file() and (path / MODEL_FILE).is_file():
+    if is_head:
         head = load_head(path)
         backbone = build_backbone(BackboneConfig(**head.meta["backbone_config"]).resolved())
         runtime, after = KerasRuntime(backbone), head.predict_proba
         files, resize = _test_images(head.meta["cache_path"], timing_images)
         row["size_mb"] = backbone.count_params() * 4 / 1e6 + (path / MODEL_FILE).stat().st_size / 1e6
-    elif (path / "model.keras").is_file():
+    else:
         runtime, meta = load_model_file(path / "model.keras")
         after = lambda outputs: outputs  # noqa: E731 - the model's outputs are the probabilities
         files, resize = _test_images(meta["cache_path"], timing_images)
         row["size_mb"] = runtime.model.count_params() * 4 / 1e6
-    else:
-        raise UserError(f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras).")
     runtime(np.zeros((1, runtime.image_size, runtime.image_size, 3), np.uint8))  # warm-up
     row["inference_ms"] = _time_ms(runtime, files, resize, after) if files else None
     return row

@@ -56,6 +56,9 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
                  {"format": [Options(FORMATS)], "quantize": [Options(QUANTIZATIONS)]})
     if format == "keras" and quantize != "none":
         raise UserError("--quantize applies to --format tflite only.")
+    if Path(out).suffix != f".{format}":
+        raise UserError(f"--out {out} does not end in .{format}; with --format {format} write a .{format} "
+                        f"file (predict --model tells the format by the suffix).")
     head = load_head(head_dir)
     model = build_classifier(head)
     out = Path(out)

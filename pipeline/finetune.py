@@ -1,7 +1,10 @@
 """The Keras end-to-end stage: the backbone's upper layers and a new head, on fit-head's split.
 
-Recipe (the Keras transfer-learning guide): the backbone runs with training=False, so BatchNorm
-stays in inference mode; its BatchNorm layers also stay frozen. Phase 1 trains the head alone
+Recipe (the Keras transfer-learning guide): BatchNorm stays in inference mode. In Keras 3 the
+outer call's `training` flag reaches every layer of a functional model, whatever a nested call
+said, so what keeps BatchNorm in inference mode is freezing it: a non-trainable BatchNormalization
+layer uses its moving statistics and does not update them. Every BatchNorm layer of the backbone,
+at any depth, stays frozen in both phases. Phase 1 trains the head alone
 (or starts from the logistic regression fitted on the cached features: a linear probe, then
 fine-tuning). Phase 2 unfreezes the top layers and trains at a low learning rate. Early stopping
 on validation loss; the best weights are kept, and written whenever they improve.
@@ -92,6 +95,14 @@ def build_model(config: BackboneConfig, n_classes: int, augment: str = "light", 
     return model
 
 
+def all_layers(layer: Any) -> list[Any]:
+    """Every layer inside a model, nested sub-models included."""
+    found = []
+    for inner in getattr(layer, "layers", []):
+        found += [inner, *all_layers(inner)]
+    return found
+
+
 def backbone_base(model: Any) -> Any:
     """The backbone's own layers (inside the features sub-model)."""
     return model.get_layer("cnncodes_backbone").get_layer("backbone")
@@ -114,7 +125,10 @@ def set_trainable(model: Any, unfreeze: str | int, from_layer: str | None = None
     else:
         first = max(0, len(names) - int(unfreeze))
     for k, layer in enumerate(base.layers):
-        layer.trainable = k >= first and not isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = k >= first
+    for layer in all_layers(base):  # also inside nested blocks of a model file
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = False
     return sum(1 for layer in base.layers if layer.trainable and layer.weights)
 
 

@@ -1,0 +1,170 @@
+"""Shared TensorFlow-backed fixtures for the runtime, export, fine-tune and compare tests.
+
+One tiny dataset (3 classes x 8 images with distinct patterns), one Keras-runtime cache of the
+random-weights MobileNetV2 (alpha 0.35, 32x32), and heads fitted on it, built once per session so
+that the TensorFlow work is shared between test files (memoised in _BUILT: a fixture imported into
+several modules is one definition per module). Import the fixtures into a test module:
+
+    from model_fixtures import world, finetune_run  # noqa: F401 (pytest fixtures)
+
+Random-init features are tiny (norms ~1e-10): heads meant to be compared exactly with a Keras or
+TFLite model are fitted with l2_normalize=False (see the notes in the tests).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pipeline.backbones import BackboneConfig  # noqa: E402
+
+# Built once per session: each test module that imports a fixture below gets its own copy of the
+# fixture definition, so the session-scoped fixtures memoise what they build here.
+_BUILT: dict[str, object] = {}
+TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
+CLASSES3 = ("bars", "checks", "speckle")
+CLASSES2 = ("bars", "checks")
+PER_CLASS = 8
+WH = 40  # square images, 40x40 px
+
+
+def pattern(cls: str, k: int, seed: int = 0) -> np.ndarray:
+    """A 40x40 RGB uint8 image whose pattern depends on the class and whose details depend on k."""
+    rng = np.random.default_rng(seed * 10_000 + 97 * CLASSES3.index(cls) + k)
+    yy, xx = np.mgrid[0:WH, 0:WH].astype(np.float64)
+    if cls == "bars":  # horizontal gradient with vertical bars, reddish
+        base = xx / WH * 200 + 40 * ((xx // (2 + k % 4)) % 2)
+        img = np.stack([base, 0.3 * base, 0.2 * (255 - base)], -1)
+    elif cls == "checks":  # checkerboard, greenish, with a vertical gradient
+        period = 3 + k % 5
+        board = (((xx // period) + (yy // period)) % 2) * 180
+        img = np.stack([0.2 * board, board * 0.5 + yy / WH * 120, 60 + 0 * board], -1)
+    else:  # coloured speckle noise, bluish and bright
+        img = rng.uniform(0, 255, (WH, WH, 3)) * np.array([0.4, 0.6, 1.0])
+    img = img + rng.normal(0, 10, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def make_pattern_dataset(root: Path, classes=CLASSES3, per_class: int = PER_CLASS, seed: int = 0) -> Path:
+    """root/CLASS/img_K.png: per_class images per class (all byte-distinct)."""
+    for cls in classes:
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        for k in range(per_class):
+            Image.fromarray(pattern(cls, k, seed)).save(root / cls / f"img_{k:02d}.png")
+    return root
+
+
+def quiet(messages: list[str] | None = None):
+    """A log function that collects messages (or drops them)."""
+    return (lambda m: messages.append(str(m))) if messages is not None else (lambda m: None)
+
+
+@dataclass
+class World:
+    """Everything built once: datasets, caches (Keras runtime) and fitted heads."""
+
+    root: Path
+    config: BackboneConfig  # resolved
+    data: Path
+    cache: Path
+    heads: dict[str, Path] = field(default_factory=dict)  # logreg, svm (l2 off), knn, rbf-svm, logreg_l2
+    data2: Path | None = None
+    cache2: Path | None = None
+    heads2: dict[str, Path] = field(default_factory=dict)  # logreg, svm on the 2-class dataset
+
+    def images(self, data: Path | None = None) -> tuple[list[str], np.ndarray]:
+        """(relative paths, decoded uint8 images) of every file of a dataset, as extract decodes them."""
+        from pipeline.images import decode_image
+
+        data = data or self.data
+        rel = sorted(p.relative_to(data).as_posix() for p in data.rglob("*.png"))
+        size = self.config.image_size
+        return rel, np.stack([decode_image(data / r, size, self.config.resize) for r in rel])
+
+
+def _fit(cache: Path, clf: str, out: Path, l2: bool) -> Path:
+    from pipeline.heads import fit_head
+
+    return fit_head(cache, clf, out=out, l2_normalize=l2, n_jobs=1, log=quiet()).folder
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The tiny datasets, their Keras-runtime caches and the heads (about 10 s, once per session)."""
+    if "world" in _BUILT:
+        return _BUILT["world"]
+    from pipeline.extract import extract
+
+    root = tmp_path_factory.mktemp("model_world")
+    config = TINY_CONFIG.resolved()
+    w = World(root, config, make_pattern_dataset(root / "data"), root / "caches" / "tiny.h5")
+    extract(w.data, config, cache=w.cache, runtime="keras", progress=False, log=quiet())
+    for clf, l2 in (("logreg", False), ("svm", False), ("knn", True), ("rbf-svm", True)):
+        w.heads[clf] = _fit(w.cache, clf, root / "heads" / clf, l2)
+    w.data2 = make_pattern_dataset(root / "data2", CLASSES2, seed=1)
+    w.cache2 = root / "caches" / "binary.h5"
+    extract(w.data2, config, cache=w.cache2, runtime="keras", progress=False, log=quiet())
+    for clf in ("logreg", "svm"):
+        w.heads2[clf] = _fit(w.cache2, clf, root / "heads2" / clf, False)
+    _BUILT["world"] = w
+    return w
+
+
+@pytest.fixture(scope="session")
+def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
+    """One end-to-end fine-tuning run (1 head epoch + 1 fine-tuning epoch) on the tiny dataset."""
+    if "finetune_run" in _BUILT:
+        return _BUILT["finetune_run"]
+    from pipeline.finetune import finetune
+
+    root = tmp_path_factory.mktemp("finetune_run")
+    cache = root / "tiny.h5"
+    shutil.copy(world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
+    messages: list[str] = []
+    result = finetune(world.data, TINY_CONFIG, epochs=1, head_epochs=1, batch_size=8, cache=cache,
+                      out=root / "run", log=quiet(messages))
+    _BUILT["finetune_run"] = result, messages
+    return result, messages
+
+
+def save_small_cnn(path: Path) -> Path:
+    """A tiny seeded CNN saved as a .keras file: its pooled features have ordinary magnitudes (norms ~1),
+    unlike the random-init MobileNetV2's (~1e-10); usable with L2 normalisation and float16 weights."""
+    import keras
+
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((32, 32, 3), name="image")
+    x = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
+    x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv_a")(x)
+    x = keras.layers.Conv2D(24, 3, strides=2, activation="relu", name="conv_b")(x)
+    keras.Model(inputs, x, name="small_cnn").save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
+    """The 3-class dataset through a small CNN model file (ordinary feature norms); L2-normalised heads."""
+    if "cnn_world" in _BUILT:
+        return _BUILT["cnn_world"]
+    from pipeline.extract import extract
+
+    root = tmp_path_factory.mktemp("cnn_world")
+    config = BackboneConfig(str(save_small_cnn(root / "small_cnn.keras"))).resolved()
+    w = World(root, config, world.data, root / "caches" / "cnn.h5")
+    extract(w.data, config, cache=w.cache, runtime="keras", progress=False, log=quiet())
+    for clf in ("logreg", "svm"):
+        w.heads[clf] = _fit(w.cache, clf, root / "heads" / clf, True)
+    _BUILT["cnn_world"] = w
+    return w

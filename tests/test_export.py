@@ -1,0 +1,216 @@
+"""pipeline/export.py: backbone + folded linear head as one .keras / .tflite file that reproduces the
+scikit-learn head on raw pixels; predict --model; export refusals.
+
+Heads compared to 1e-4 are fitted with l2_normalize=False: the random-init backbone's features have
+norms ~1e-10, below which scikit-learn's Normalizer leaves vectors unscaled while Keras'
+UnitNormalization still scales them. L2-normalised heads are checked on a small CNN whose features
+have ordinary norms (cnn_world), where the two agree.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from model_fixtures import CLASSES2, CLASSES3, World, cnn_world, world  # noqa: F401 (pytest fixtures)
+from pipeline.cache import load
+from pipeline.errors import UserError
+from pipeline.export import export_head, verify_export
+from pipeline.heads import load_head
+from pipeline.predict import predict
+from pipeline.runtime import load_model_file, sidecar_path
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+
+def expected_proba(w: World, head_dir: Path, data: Path, cache_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(decoded images, the head's probabilities on their cached features), in the same order."""
+    rel, images = w.images(data)
+    cache = load(cache_path)
+    row = {p: i for i, p in enumerate(cache.paths)}
+    return images, load_head(head_dir).predict_proba(cache.features[[row[r] for r in rel]])
+
+
+def assert_matches_head(model_path: Path, images: np.ndarray, expected: np.ndarray, classes, tol=1e-4) -> None:
+    runtime, meta = load_model_file(model_path)
+    assert meta["classes"] == list(classes)
+    assert meta["image_size"] == 32 == runtime.image_size and meta["resize"] == "bilinear"
+    proba = runtime(images)
+    assert proba.shape == expected.shape
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
+    assert np.abs(proba - expected).max() <= tol, np.abs(proba - expected).max()
+    np.testing.assert_array_equal(proba.argmax(1), expected.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def exported(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """The logreg and svm heads of the 3-class cache, each exported to .keras and .tflite (2 conversions)."""
+    folder = tmp_path_factory.mktemp("exported")
+    out = {}
+    for clf in ("logreg", "svm"):
+        for fmt in ("keras", "tflite"):
+            path, model = export_head(world.heads[clf], folder / f"{clf}.{fmt}", format=fmt)
+            assert path == folder / f"{clf}.{fmt}" and model.output_shape == (None, 3)
+            out[clf, fmt] = path
+    return out
+
+
+# -- round trip -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["keras", "tflite"])
+@pytest.mark.parametrize("clf", ["logreg", "svm"])
+def test_export_reproduces_head(world: World, exported, clf: str, fmt: str) -> None:
+    path = exported[clf, fmt]
+    images, expected = expected_proba(world, world.heads[clf], world.data, world.cache)
+    # a useful check only if the head is not uniform: its probabilities must separate the classes
+    assert (expected.max(1) - np.sort(expected, 1)[:, -2]).min() > 0.05
+    assert_matches_head(path, images, expected, CLASSES3)
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["format"] == fmt and meta["quantize"] == "none" and meta["kind"] == "exported head"
+    assert Path(meta["head"]) == world.heads[clf].resolve()
+    assert meta["backbone_config"]["backbone"] == "MobileNetV2" and meta["backbone_config"]["alpha"] == 0.35
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm"])
+def test_binary_export_reproduces_head(world: World, clf: str, tmp_path: Path) -> None:
+    path, model = export_head(world.heads2[clf], tmp_path / f"{clf}2.keras")
+    assert model.output_shape == (None, 2)
+    images, expected = expected_proba(world, world.heads2[clf], world.data2, world.cache2)
+    assert (np.abs(expected[:, 0] - expected[:, 1])).min() > 0.05
+    assert_matches_head(path, images, expected, CLASSES2)
+
+
+@pytest.mark.parametrize("clf", ["logreg", "svm"])
+def test_l2_normalised_export_reproduces_head(cnn_world: World, clf: str, tmp_path: Path) -> None:
+    """At ordinary feature norms the UnitNormalization layer reproduces scikit-learn's Normalizer."""
+    w = cnn_world
+    assert load_head(w.heads[clf]).meta["options"]["l2_normalize"] is True
+    path, model = export_head(w.heads[clf], tmp_path / f"{clf}.keras")
+    assert "l2_normalize" in [layer.name for layer in model.layers]
+    images, expected = expected_proba(w, w.heads[clf], w.data, w.cache)
+    assert_matches_head(path, images, expected, CLASSES3)
+
+
+def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> None:
+    w = cnn_world
+    path, _ = export_head(w.heads["logreg"], tmp_path / "f16.tflite", format="tflite", quantize="float16")
+    meta = json.loads(sidecar_path(path).read_text())
+    assert (meta["format"], meta["quantize"]) == ("tflite", "float16")
+    runtime, _ = load_model_file(path)
+    check = verify_export(runtime, load_head(w.heads["logreg"]), 64)
+    assert set(check) == {"images", "max_abs_prob_diff", "top1_agreement"}
+    assert check["images"] == 24
+    assert 0.9 <= check["top1_agreement"] <= 1.0
+    assert 0.0 <= check["max_abs_prob_diff"] < 0.05
+
+
+def test_verify_export_reports_exact_agreement(world: World, exported) -> None:
+    runtime, _ = load_model_file(exported["logreg", "keras"])
+    check = verify_export(runtime, load_head(world.heads["logreg"]), max_images=10)
+    assert check["images"] == 10
+    assert check["top1_agreement"] == 1.0 and check["max_abs_prob_diff"] <= 1e-4
+    # against another head's probabilities the difference shows
+    other = verify_export(runtime, load_head(world.heads["svm"]), max_images=10)
+    assert other["max_abs_prob_diff"] > 1e-3
+
+
+# -- refusals -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("clf", ["knn", "rbf-svm"])
+def test_non_linear_heads_do_not_export(world: World, clf: str, tmp_path: Path) -> None:
+    with pytest.raises(UserError) as info:
+        export_head(world.heads[clf], tmp_path / "m.keras")
+    message = str(info.value)
+    assert f"is a {clf} head" in message and "logreg, svm" in message and "--clf logreg" in message
+    assert not (tmp_path / "m.keras").exists() and not sidecar_path(tmp_path / "m.keras").exists()
+
+
+def test_quantize_needs_tflite(world: World, tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="--quantize applies to --format tflite only"):
+        export_head(world.heads["logreg"], tmp_path / "m.keras", format="keras", quantize="float16")
+    with pytest.raises(UserError, match="onnx"):
+        export_head(world.heads["logreg"], tmp_path / "m.onnx", format="onnx")
+    with pytest.raises(UserError, match="int4"):
+        export_head(world.heads["logreg"], tmp_path / "m.tflite", format="tflite", quantize="int4")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("name", ["model.tflite", "model.bin"])
+def test_keras_export_with_wrong_extension_is_user_error(world: World, tmp_path: Path, name: str) -> None:
+    with pytest.raises(UserError, match="does not end in .keras"):
+        export_head(world.heads["logreg"], tmp_path / name, format="keras")
+
+
+@pytest.mark.parametrize("name, fmt", [("m.h5", "keras"), ("m.keras", "tflite")])
+def test_export_suffix_must_match_format(world: World, exported, tmp_path: Path, name: str, fmt: str,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.export as export_module
+
+    def fake_convert(model, path, quantize="none", input_dtype="uint8"):  # a real conversion takes ~15 s
+        shutil.copy(exported["logreg", "tflite"], path)
+        return Path(path)
+
+    monkeypatch.setattr(export_module, "convert_to_tflite", fake_convert)
+    with pytest.raises(UserError):
+        export_head(world.heads["logreg"], tmp_path / name, format=fmt)
+
+
+def test_cli_export_knn_head_is_a_user_error(world: World, tmp_path: Path) -> None:
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["export", str(world.heads["knn"]), "--out", str(tmp_path / "m.keras")])
+    assert result.exit_code == 2, (result.output, result.exception)
+    assert isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("error: ") and "logreg, svm" in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+
+
+def test_cli_export_keras_with_verification(world: World, tmp_path: Path) -> None:
+    import cli
+
+    out = tmp_path / "cli.keras"
+    result = CliRunner().invoke(cli.app, ["export", str(world.heads["logreg"]), "--out", str(out), "--verify", "12"])
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert out.is_file() and sidecar_path(out).is_file()
+    assert "check on 12 dataset images" in result.stdout and "top-1 agreement 1.0000" in result.stdout
+
+
+# -- predict --model ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fmt", ["keras", "tflite"])
+def test_predict_with_model_file(world: World, exported, fmt: str, tmp_path: Path) -> None:
+    out = tmp_path / "pred.csv"
+    predictions = predict([world.data], model=exported["logreg", fmt], top_k=2, out=out, log=lambda m: None)
+    assert len(predictions) == 24 and not any(p.error for p in predictions)
+    cache = load(world.cache)
+    row = {p: i for i, p in enumerate(cache.paths)}
+    head = load_head(world.heads["logreg"])
+    for p in predictions:
+        assert len(p.classes) == 2 and set(p.classes) <= set(CLASSES3) and p.classes[0] != p.classes[1]
+        assert p.probabilities[0] >= p.probabilities[1]
+        rel = Path(p.path).relative_to(world.data).as_posix()
+        proba = head.predict_proba(cache.features[[row[rel]]])[0]
+        assert p.classes[0] == CLASSES3[int(proba.argmax())]
+        assert abs(p.probabilities[0] - proba.max()) <= 1e-4
+    with open(out, newline="") as handle:
+        lines = list(csv.reader(handle))
+    assert lines[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert len(lines) == 25
+
+
+def test_missing_sidecar_is_user_error(world: World, exported, tmp_path: Path) -> None:
+    for fmt in ("keras", "tflite"):
+        lonely = tmp_path / f"lonely.{fmt}"
+        shutil.copy(exported["logreg", fmt], lonely)
+        with pytest.raises(UserError, match=r"lonely\.%s\.json is missing" % fmt):
+            load_model_file(lonely)
+        with pytest.raises(UserError, match="missing"):
+            predict([world.data], model=lonely, log=lambda m: None)
+    with pytest.raises(UserError, match="does not exist"):
+        load_model_file(tmp_path / "nothing.keras")
