@@ -74,8 +74,8 @@ def main() -> None:
         "cpus": os.cpu_count(),
     }
     report(f"backbone alone {backbone_img_s:.1f} img/s, extract {extract_img_s:.1f} img/s "
-          f"(ratio {result['ratio']:.2f}); decode {result['decode_cpu_ms']} CPU ms/img with draft, "
-          f"{result['decode_cpu_ms_no_draft']} without; peak RSS {result['peak_rss_mb']} MB")
+           f"(ratio {result['ratio']:.2f}); decode {result['decode_cpu_ms']} CPU ms/img with draft, "
+           f"{result['decode_cpu_ms_no_draft']} without; peak RSS {result['peak_rss_mb']} MB", result)
 
 
 if __name__ == "__main__":

@@ -45,8 +45,8 @@ def main() -> None:
                   images=len(b), data_dir=args.data_dir, backbone=args.backbone, layer=args.layer,
                   batch_size=args.batch_size, runtimes_recorded=sorted(set(tflite.runtime)))
     report(f"keras {result['keras_img_s']} img/s, tflite {result['tflite_img_s']} img/s: speedup "
-          f"{result['speedup']}x, min cosine {result['min_cosine']:.7f} over {len(b)} images "
-          f"(setup: keras {result['keras_setup_s']} s, tflite incl. conversion {result['tflite_setup_s']} s)")
+           f"{result['speedup']}x, min cosine {result['min_cosine']:.7f} over {len(b)} images "
+           f"(setup: keras {result['keras_setup_s']} s, tflite incl. conversion {result['tflite_setup_s']} s)", result)
 
 
 if __name__ == "__main__":
