@@ -39,10 +39,16 @@ def env() -> dict[str, str]:
     return {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "", "PYTHONUNBUFFERED": "1"}
 
 
+def _default_sigint() -> None:
+    # a shell's background job starts with SIGINT ignored, and Python keeps an inherited SIG_IGN:
+    # give the child the default disposition, as in a terminal, so Ctrl-C can be tested wherever we run
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(data: Path, cache: Path, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(cli_args(data, cache), cwd=ROOT, env=env(), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"))
+                            stderr=open(logs / "stderr", "w"), preexec_fn=_default_sigint)
 
 
 def wait_for_chunks(proc: subprocess.Popen, partial: Path, count: int, logs: Path, timeout: float = 180) -> int:
