@@ -330,7 +330,7 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
                 log(f"fine-tuning: {n_trainable} backbone layers with weights are trainable (BatchNorm frozen)")
             model.compile(optimizer=_optimizer(optimizer, head_lr if phase == 1 else lr),
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-            model.fit(train, validation_data=val, epochs=n_epochs, verbose=0,
+            model.fit(train, validation_data=val, epochs=n_epochs, verbose=0, shuffle=False,  # tf.data shuffles
                       callbacks=_callbacks(model, phase, history, best, checkpoint, interrupt, patience, log))
     if best["weights"] is not None:
         model.set_weights(best["weights"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,40 @@ def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: 
     with pytest.raises(UserError, match=fragment):
         finetune(world.data, TINY_CONFIG, cache=tmp_path / "c.h5", out=tmp_path / "run", log=quiet(), **options)
     assert not (tmp_path / "run").exists() and not (tmp_path / "c.h5").exists()
+
+
+# -- Ctrl-C ---------------------------------------------------------------------------------------
+
+def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(tmp_path: Path) -> None:
+    """SIGINT during phase 2: exit code 130, every output written from the best epoch so far."""
+    import signal
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for c in range(3):
+        (tmp_path / "data" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "run"
+    command = [sys.executable, str(root / "cli.py"), "finetune", str(tmp_path / "data"), "--backbone", "MobileNetV2",
+               "--weights", "none", "--image-size", "32", "--alpha", "0.35", "--epochs", "500", "--head-epochs", "0",
+               "--patience", "500", "--batch-size", "4", "--cache", str(tmp_path / "c.h5"), "--out", str(out)]
+    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "phase 2 epoch   2" in line:
+            proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, "".join(lines)[-2000:]
+    text = "".join(lines)
+    assert "interrupted: the best weights so far were evaluated and saved." in text and "Traceback" not in text
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["interrupted"] is True and 2 <= metrics["epochs_run"] < 500
+    for name in ("model.keras", "model.keras.json", "history.csv", "learning_curves.png", "confusion_matrix.png"):
+        assert (out / name).is_file(), name
