@@ -14,7 +14,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import h5py
 import numpy as np
@@ -155,7 +155,6 @@ class CacheWriter:
         self._skipped: dict[str, str] = {}  # hash -> reason
         self._pending: list[tuple[str, np.ndarray, str]] = []
         self._pending_skipped: dict[str, str] = {}
-        self.resumed_rows = 0
         self.resumed_hashes: set[str] = set()  # rows found in the journal of an interrupted run
         self.dim: int | None = None
         self._remove_stale_temporaries()
@@ -202,7 +201,6 @@ class CacheWriter:
             self._parts.append(part)
             for row, h in enumerate(hashes):
                 if h not in self._source:
-                    self.resumed_rows += 1
                     self.resumed_hashes.add(h)
                 self._source[h] = (index, row)
             self._skipped.update((h, str(r)) for h, r in skipped.items())
@@ -269,20 +267,18 @@ class CacheWriter:
 
     # -- committing --------------------------------------------------------------------------
     def commit(self, rows: Sequence[Row], class_names: Sequence[str], attrs: dict[str, Any],
-               skipped_paths: Mapping[str, str] | Sequence[tuple[str, str]],
                unreadable: Sequence[tuple[str, str]] = ()) -> tuple[int, int]:
         """Rewrite the cache with these rows (those whose features are known), atomically.
 
-        skipped_paths gives (content hash, path) pairs, or maps content hash -> path, for the files
-        that may have been skipped; pairs keep every path of byte-identical files (e.g. several empty
-        files). unreadable lists (path, reason) of files that could not even be read (no content
-        hash; recorded with an empty one). Returns (rows written, files skipped). The journal is
-        removed once the new cache is in place.
+        Rows whose content could not be used are recorded under skipped/ with their reason (every
+        path of byte-identical files). unreadable lists (path, reason) of files that could not even
+        be read (no content hash; recorded with an empty one). Returns (rows written, files skipped).
+        The journal is removed once the new cache is in place.
         """
         self.flush()
         kept = [r for r in rows if r.content_hash in self._source]
-        pairs = skipped_paths.items() if isinstance(skipped_paths, Mapping) else skipped_paths
-        skipped = [(p, h, self._skipped[h]) for h, p in pairs if h in self._skipped]
+        skipped = [(r.path, r.content_hash, self._skipped[r.content_hash]) for r in rows
+                   if r.content_hash not in self._source and r.content_hash in self._skipped]
         skipped += [(p, "", reason) for p, reason in unreadable]
         dim = self.dim or 0
         needed = len(kept) * dim * 4 + (1 << 20) * 4

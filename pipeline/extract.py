@@ -182,7 +182,7 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
             extract_seconds = time.perf_counter() - t0
     rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
     n_rows, _ = writer.commit(rows, dataset.class_names, _cache_attrs(config, dataset.root, len(dataset.ignored)),
-                              [(h, f.relpath) for f, h in files], unreadable)
+                              unreadable)
     skipped = unreadable + [(f.relpath, writer.skip_reason(h)) for f, h in files if writer.skip_reason(h)]
     n_new = sum(1 for _, h in files if h in todo and writer.has_features(h))
     # journalled rows of files that are still there (a file deleted since the crash is not resumed)

@@ -72,5 +72,5 @@ def write_cache(path: Path, X: np.ndarray, y: Sequence[int], class_names: Sequen
             writer.add(h, vector, "keras")
     rows = [Row(paths[i], y[i], split[i], hashes[i]) for i in range(n)]
     attrs = {"config_json": json.dumps(resolved.__dict__), "dataset_root": str(path.parent / "data")}
-    writer.commit(rows, class_names, attrs, {h: p for h, p in zip(hashes, paths)})
+    writer.commit(rows, class_names, attrs)
     return path
