@@ -27,7 +27,8 @@ from .backbones import BackboneConfig, build_backbone
 from .cache import FeatureCache, load
 from .errors import UserError
 from .extract import extract
-from .heads import content_groups, grouped_stratified_split, linear_weights, load_head, split_rows
+from .heads import linear_weights, load_head
+from .splits import finetune_parts
 from .images import decode_image
 from .params import Interval, Options, check_params
 from .report import classification_metrics, save_metrics
@@ -135,29 +136,6 @@ def set_trainable(model: Any, unfreeze: str | int, from_layer: str | None = None
 def freeze_backbone(model: Any) -> None:
     """Phase 1 flags: the whole backbone frozen, only the head trains."""
     backbone_base(model).trainable = False
-
-
-@dataclass
-class Parts:
-    """Row indices of the training, validation and test parts of a cache."""
-
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-    source: str
-
-
-def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int) -> Parts:
-    """fit-head's train/test split; validation is the `val` folder, or carved from training by seed."""
-    split = split_rows(cache, test_size, seed)
-    folders = np.asarray(cache.split)
-    if split.source.startswith("folders") and (folders == "val").any() and (folders == "test").any():
-        return Parts(np.flatnonzero(folders == "train"), np.flatnonzero(folders == "val"), split.test,
-                     split.source + "; val folder validates")
-    group, _ = content_groups(cache.content_hash)
-    held = grouped_stratified_split(cache.labels[split.train], group[split.train], val_size, seed)
-    return Parts(split.train[~held], split.train[held], split.test,
-                 split.source + f"; validation carved from training (val_size {val_size})")
 
 
 def image_dataset(paths: list[str], labels: np.ndarray, size: int, resize: str, batch_size: int,

@@ -9,8 +9,7 @@ import json
 import os
 import time
 import warnings
-from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -21,6 +20,7 @@ from .cache import FeatureCache, load
 from .errors import UserError
 from .params import Interval, Options, check_params
 from .report import classification_metrics, save_metrics
+from .splits import Split, cv_splits, split_rows
 
 CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
 HEAD_FORMAT_VERSION = 1
@@ -65,105 +65,6 @@ def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None 
     }[clf]()
     steps = ([("l2", Normalizer())] if l2_normalize else []) + [("scale", StandardScaler()), ("clf", estimator)]
     return Pipeline(steps)
-
-
-# -- splits ---------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    """Which rows train and which test, how that was decided, and what the duplicates look like."""
-
-    train: np.ndarray
-    test: np.ndarray
-    source: str
-    notes: list[str] = field(default_factory=list)
-    duplicate_groups: int = 0
-    leaked_groups: int = 0
-
-
-def content_groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int]]]:
-    """A group id per row (rows with identical bytes share one) and the multi-row groups."""
-    ids: dict[str, int] = {}
-    group = np.array([ids.setdefault(h, len(ids)) for h in content_hash], dtype=np.int64)
-    members: dict[int, list[int]] = defaultdict(list)
-    for row, g in enumerate(group):
-        members[int(g)].append(row)
-    return group, {g: rows for g, rows in members.items() if len(rows) > 1}
-
-
-def grouped_stratified_split(labels: np.ndarray, group: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """A mask of the rows held out: round(fraction * groups) per class, whole duplicate groups, by seed.
-
-    Every class with at least two groups keeps at least one on each side.
-    """
-    rng = np.random.default_rng(seed)
-    first_row: dict[int, int] = {}
-    for row, g in enumerate(group):
-        first_row.setdefault(int(g), row)
-    held_out = []
-    for label in np.unique(labels):
-        class_groups = np.array([g for g, row in first_row.items() if labels[row] == label])
-        rng.shuffle(class_groups)
-        n_out = int(round(fraction * len(class_groups)))
-        n_out = min(max(n_out, 1), len(class_groups) - 1) if len(class_groups) > 1 else 0
-        held_out.extend(class_groups[:n_out].tolist())
-    return np.isin(group, held_out)
-
-
-def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0) -> Split:
-    """Folder splits when the cache has them, else a stratified split by seed over duplicate groups."""
-    group, duplicates = content_groups(cache.content_hash)
-    split = np.asarray(cache.split)
-    labels = cache.labels
-    notes = []
-    conflicts = [rows for rows in duplicates.values() if len(set(labels[rows])) > 1]
-    if conflicts:
-        notes.append(f"{len(conflicts)} groups of identical files carry different labels, e.g. "
-                     + " | ".join(cache.paths[r] for r in conflicts[0]))
-    test_name = "test" if (split == "test").any() else "val" if (split == "val").any() else ""
-    if test_name:
-        train = np.flatnonzero((split != test_name) & (split != ""))
-        test = np.flatnonzero(split == test_name)
-        leaked = [rows for rows in duplicates.values() if len({s == test_name for s in split[rows]}) > 1]
-        source = f"folders ({test_name} is the test part)"
-        if leaked:
-            notes.append(f"LEAKAGE: {len(leaked)} groups of byte-identical files span the {test_name} folder and "
-                         "the training folders, e.g. "
-                         + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
-        return Split(train, test, source, notes, len(duplicates), len(leaked))
-    in_test = grouped_stratified_split(labels, group, test_size, seed)
-    if duplicates:
-        notes.append(f"{len(duplicates)} groups of byte-identical files "
-                     f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split.")
-    return Split(np.flatnonzero(~in_test), np.flatnonzero(in_test),
-                 f"stratified by class, test_size {test_size}, seed {seed}, duplicates grouped",
-                 notes, len(duplicates), 0)
-
-
-def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str],
-              log: Callable[[str], None] = print) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Stratified, duplicate-grouped K-fold over the training part; fewer folds if a class is small."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    present = np.unique(labels)
-    missing = [class_names[c] for c in range(len(class_names)) if c not in present]
-    if len(present) < 2:
-        raise UserError("the training part holds one class only; a classifier needs at least two.")
-    if missing:
-        raise UserError(f"class {', '.join(missing)} has no training images (only test images, or none "
-                        "readable); add training images or remove the class folder.")
-    # folds split groups of identical files, so what limits them is distinct images per class
-    distinct = {c: len(np.unique(groups[labels == c])) for c in present}
-    smallest_class = min(distinct, key=distinct.get)
-    smallest = distinct[smallest_class]
-    if smallest < 2:
-        raise UserError(f"class {class_names[smallest_class]} has {smallest} distinct training image; "
-                        "cross-validation needs at least 2 per class: add images or remove the class folder.")
-    if smallest < n_splits:
-        log(f"note: class {class_names[smallest_class]} has {smallest} distinct training images, so CV uses "
-            f"{smallest} folds instead of {n_splits}.")
-        n_splits = smallest
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    return list(splitter.split(np.zeros(len(labels)), labels, groups))
 
 
 def best_index(results: dict[str, Any], tie_break: str | None) -> int:
@@ -212,8 +113,7 @@ def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5,
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
-    group, _ = content_groups(cache.content_hash)
-    folds = cv_splits(y[split.train], group[split.train], cv, seed, cache.class_names, log)
+    folds = cv_splits(y[split.train], split.group[split.train], cv, seed, cache.class_names, log)
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
         grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]

@@ -16,7 +16,8 @@ from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.finetune import (backbone_base, build_model, finetune, finetune_parts, freeze_backbone,
                                set_trainable)
-from pipeline.heads import load_head, split_rows
+from pipeline.heads import load_head
+from pipeline.splits import split_rows
 
 pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
               pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")]

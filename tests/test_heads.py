@@ -16,7 +16,8 @@ from heads_fixtures import (CLASS_NAMES3, ROOT, SYNTH_CONFIG, blobs, fake_hash, 
 from pipeline import heads
 from pipeline.cache import load
 from pipeline.errors import UserError
-from pipeline.heads import CLASSIFIERS, cv_splits, fit_head, load_head, split_rows
+from pipeline.heads import CLASSIFIERS, fit_head, load_head
+from pipeline.splits import cv_splits, split_rows
 from pipeline.report import CONFUSION_PNG, METRICS_FILE, load_metrics
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
