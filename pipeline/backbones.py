@@ -6,6 +6,7 @@ fingerprint) works without TensorFlow; only build_backbone imports Keras.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import functools
 import hashlib
@@ -15,7 +16,9 @@ import zipfile
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple, Sequence
+
+import numpy as np
 
 from .errors import UserError
 from .images import DECODER, RESIZE_METHODS
@@ -195,6 +198,31 @@ class BackboneConfig:
         return "-".join(parts).replace(os.sep, "_")
 
 
+@contextlib.contextmanager
+def temp_seed(seed: int) -> Iterator[None]:
+    """Seed Python, NumPy, TensorFlow and Keras inside the block only; the caller's random state comes back
+    afterwards (as Hugging Face datasets' temp_seed), so building a seeded backbone never reseeds a run."""
+    import random
+
+    import keras
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from tensorflow.python.eager import context
+
+    keys = ("global_random_seed", seed_generator.GLOBAL_SEED_GENERATOR)
+    saved = (random.getstate(), np.random.get_state(), context.global_seed(),
+             [global_state.get_global_attribute(k) for k in keys])
+    keras.utils.set_random_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        context.set_global_seed(saved[2])
+        for key, value in zip(keys, saved[3]):
+            global_state.set_global_attribute(key, value)
+
+
 def keras_weights_error(exc: Exception, config: BackboneConfig) -> UserError:
     """A clear message for ImageNet weights that could not be fetched (offline machines)."""
     keras_home = os.environ.get("KERAS_HOME", os.path.expanduser("~/.keras"))
@@ -250,12 +278,11 @@ def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
         app = APPLICATIONS[config.backbone]
         weights = {"imagenet": "imagenet", "none": None}.get(config.weights, config.weights)
         kwargs = {"alpha": config.alpha} if config.alpha is not None else {}
-        if weights is None:
-            keras.utils.set_random_seed(RANDOM_WEIGHTS_SEED)
         try:
-            model = getattr(keras.applications, config.backbone)(
-                include_top=False, weights=weights, input_shape=(config.image_size, config.image_size, 3),
-                **kwargs)
+            with temp_seed(RANDOM_WEIGHTS_SEED) if weights is None else contextlib.nullcontext():
+                model = getattr(keras.applications, config.backbone)(
+                    include_top=False, weights=weights, input_shape=(config.image_size, config.image_size, 3),
+                    **kwargs)
         except ValueError as exc:
             raise UserError(f"{config.backbone} cannot be built this way: {exc}") from None
         except Exception as exc:  # download failures surface as URL, HTTP or OS errors
@@ -265,37 +292,52 @@ def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
     return model, source, module, default
 
 
-def _base_model(config: BackboneConfig) -> tuple[Any, str | None]:
-    """The backbone's feature model (input to chosen layer) and the preprocess_input module, if any."""
+def _base_model(config: BackboneConfig, layers: Sequence[str | None] | None = None) -> tuple[Any, str | None]:
+    """The backbone's feature model (input to the chosen layer, or to each of layers) and its preprocess module."""
     import keras
 
     model, source, module, default = _full_model(config)
-    name = config.layer or default
-    try:
-        output = model.get_layer(name).output
-    except ValueError:
-        raise _layer_error(model, name, source) from None
-    return keras.Model(model.inputs, output, name="backbone"), module
+    outputs = []
+    for name in [config.layer or default] if layers is None else [layer or default for layer in layers]:
+        try:
+            outputs.append(model.get_layer(name).output)
+        except ValueError:
+            raise _layer_error(model, name, source) from None
+    return keras.Model(model.inputs, outputs[0] if layers is None else outputs, name="backbone"), module
 
 
-def build_backbone(config: BackboneConfig) -> Any:
-    """Raw RGB pixels (0..255, image_size x image_size x 3) in, pooled float32 features out."""
+def _pooled(x: Any, pooling: str, name: str, layer: str | None) -> Any:
+    """A layer's output as (n, dim) features: global pooling of a 4-D output, a 2-D one as it is."""
     import keras
 
-    base, module = _base_model(config)
+    if len(x.shape) == 4:
+        pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
+        return pool(name=name)(x)
+    if len(x.shape) != 2:
+        raise UserError(f"layer {layer} has output shape {tuple(x.shape)}; pick a convolutional "
+                        "(4-D) or pooled (2-D) layer.")
+    return x
+
+
+def build_backbone(config: BackboneConfig, layers: Sequence[str | None] | None = None) -> Any:
+    """Raw RGB pixels (0..255, image_size x image_size x 3) in, pooled float32 features out.
+
+    With layers, one model with one pooled output per layer, in that order, from one forward pass
+    (None stands for the default layer); without, the single output of config.layer.
+    """
+    import keras
+
+    base, module = _base_model(config, layers)
     size = base.input_shape[1] or config.image_size
     if size is None:
         raise UserError(f"{config.backbone} takes images of any size; give --image-size N.")
     inputs = keras.Input((size, size, 3), name="pixels")
     x = preprocess_layer_class()(module, name="preprocess")(inputs) if module else inputs
     x = base(x)
-    if len(x.shape) == 4:
-        pool = keras.layers.GlobalAveragePooling2D if config.pooling == "avg" else keras.layers.GlobalMaxPooling2D
-        x = pool(name="pool")(x)
-    elif len(x.shape) != 2:
-        raise UserError(f"layer {config.layer} has output shape {tuple(x.shape)}; pick a convolutional "
-                        "(4-D) or pooled (2-D) layer.")
-    return keras.Model(inputs, x, name="cnncodes_backbone")
+    if layers is None:
+        return keras.Model(inputs, _pooled(x, config.pooling, "pool", config.layer), name="cnncodes_backbone")
+    outputs = [_pooled(out, config.pooling, f"pool_{k}", layer) for k, (out, layer) in enumerate(zip(x, layers))]
+    return keras.Model(inputs, outputs, name="cnncodes_backbone")
 
 
 def layer_names(config: BackboneConfig) -> list[tuple[str, str]]:

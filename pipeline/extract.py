@@ -1,50 +1,31 @@
-"""The streaming loop: scan, skip what the cache holds, decode in parallel with inference, append, commit."""
+"""The extract command: scan, skip what the caches hold, run the streaming engine, commit, summarise."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
-from itertools import islice
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import Any, Callable, Sequence
 
 from . import __version__
 from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
-from .images import ImageError, ImageFile, decode_image, file_sha256, scan_dataset
-from .params import Interval, Options, check_params
-from .runtime import RUNTIMES, Runtime, make_runtime
+from .errors import UserError
+from .images import scan_dataset
+from .params import check_params
+from .runtime import make_runtime
+from .stream import RUN_CONSTRAINTS, FeatureSink, RunResult, hash_files, read_tasks, run
 
 DEFAULT_CACHE_DIR = Path("cache")
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "h5py", "numpy", "pillow", "scikit-learn")
 
-RUN_CONSTRAINTS = {
-    "batch_size": [Interval(1, 4096, integer=True)],
-    "chunk_size": [Interval(1, 1 << 20, integer=True)],
-    "workers": [Interval(1, 256, integer=True), None],
-    "threads": [Interval(1, 256, integer=True), None],
-    "runtime": [Options(RUNTIMES)],
-}
-
-
-@dataclass
-class Batch:
-    """One inference batch: the files that decoded with their features, and those that failed."""
-
-    files: list[ImageFile]
-    features: np.ndarray
-    failed: list[tuple[ImageFile, str]] = field(default_factory=list)
-
 
 @dataclass
 class ExtractSummary:
-    """What an extract run did, for the CLI to print and for benchmarks to read."""
+    """What an extract run did to one cache, for the CLI to print and for benchmarks to read."""
 
     cache_path: Path
     n_files: int
@@ -58,68 +39,25 @@ class ExtractSummary:
     extract_seconds: float
     runtime: str = ""
     interrupted: bool = False
+    first_batch_s: float | None = None  # from process start to the first batch out of the runtime
+    engine: str = "local"
+    layer: str = ""
 
     @property
     def images_per_s(self) -> float:
         return self.n_new / self.extract_seconds if self.extract_seconds > 0 else 0.0
 
 
-def default_workers() -> int:
-    """Decoding threads: one per core (Pillow releases the GIL while decoding)."""
-    return os.cpu_count() or 2
-
-
-def hash_files(paths: Sequence[Path], workers: int | None = None) -> list[str | Exception]:
-    """sha256 of each file, in parallel; an unreadable file gives its exception instead."""
-    def one(path: Path) -> str | Exception:
-        try:
-            return file_sha256(path)
-        except OSError as exc:
-            return exc
-
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        return list(pool.map(one, paths))
-
-
-def _decode(file: ImageFile, size: int, resize: str) -> np.ndarray | str:
+def process_start_time() -> float | None:
+    """When this process started, on time.time()'s clock (Linux /proc; None elsewhere)."""
     try:
-        return decode_image(file.path, size, resize)
-    except ImageError as exc:
-        return str(exc)
-    except Exception as exc:  # one bad file never aborts a run, whatever the decoder raises
-        return f"could not decode ({type(exc).__name__}: {exc})"
-
-
-def stream_features(files: Iterable[ImageFile], runtime: Runtime, resize: str = "bilinear",
-                    batch_size: int = 32, workers: int | None = None) -> Iterator[Batch]:
-    """Decode files on a thread pool (a few batches ahead) while the runtime infers the current batch."""
-    size = runtime.image_size
-    pending: deque[tuple[ImageFile, Future]] = deque()
-    source = iter(files)
-    buffer = np.empty((batch_size, size, size, 3), np.uint8)
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        def submit(items: Iterable[ImageFile]) -> None:
-            pending.extend((f, pool.submit(_decode, f, size, resize)) for f in items)
-
-        submit(islice(source, 3 * batch_size))
-        try:
-            batch = Batch([], np.empty((0, runtime.dim), np.float32))
-            while pending:
-                file, future = pending.popleft()
-                submit(islice(source, 1))
-                image = future.result()
-                if isinstance(image, str):
-                    batch.failed.append((file, image))
-                else:
-                    buffer[len(batch.files)] = image
-                    batch.files.append(file)
-                if len(batch.files) == batch_size or not pending:
-                    batch.features = runtime(buffer[:len(batch.files)]) if batch.files else batch.features
-                    yield batch
-                    batch = Batch([], np.empty((0, runtime.dim), np.float32))
-        finally:
-            for _, future in pending:
-                future.cancel()
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # field 22 (starttime, clock ticks after boot) is the 20th after the parenthesised command name
+            started_ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            seconds_since_boot = float(uptime.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - seconds_since_boot + started_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def default_cache_path(dataset_root: Path, config: BackboneConfig, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
@@ -136,60 +74,92 @@ def _cache_attrs(config: BackboneConfig, dataset_root: Path, n_ignored: int) -> 
             "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
 
-def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
-            cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
-            batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
-            runtime: str = "auto", threads: int | None = None, progress: bool = True,
-            log: Callable[[str], None] = print) -> ExtractSummary:
-    """Bring the cache of data_dir for this backbone configuration up to date; return what was done."""
+def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: Sequence[str | None], *,
+                   caches: Sequence[str | os.PathLike | None] | None = None,
+                   cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, batch_size: int = 32, chunk_size: int = 256,
+                   workers: int | None = None, runtime: str = "auto", threads: int | None = None,
+                   engine: str = "local", compact: bool = False, progress: bool = True,
+                   log: Callable[[str], None] = print, ray_address: str | None = None, actors: int | None = None,
+                   gpus_per_actor: float = 0.0) -> list[ExtractSummary]:
+    """Bring one cache per layer up to date with one forward pass per batch; one summary per layer.
+
+    Each layer's cache is the file `extract --layer L` uses (same name and fingerprint); an image
+    goes through the backbone when at least one of the caches lacks it. ray_address, actors and
+    gpus_per_actor configure engine="ray" (see pipeline.engine_ray.run_ray).
+    """
     started = time.perf_counter()
+    ray_options = dict(ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
     check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers, threads=threads,
-                      runtime=runtime), RUN_CONSTRAINTS)
-    config = config.resolved()
+                      runtime=runtime, engine=engine, **ray_options), RUN_CONSTRAINTS)
+    if engine == "ray":
+        from .engine_ray import require_ray
+
+        require_ray(ray_address)  # said before the scan and the hashing, which take minutes on big data
+    elif ray_address is not None or actors is not None or gpus_per_actor:
+        raise UserError("--ray-address, --actors and --gpus-per-actor apply to --engine ray only.")
+    layers = list(layers)
+    if not layers or len(set(layers)) != len(layers):
+        raise UserError(f"layers {layers} must name at least one layer, each once.")
+    if caches is not None and len(caches) != len(layers):
+        raise UserError(f"{len(caches)} cache paths for {len(layers)} layers: give one per layer, or none.")
+    configs = [replace(config, layer=layer).resolved() for layer in layers]
     dataset = scan_dataset(data_dir)
-    path = Path(cache) if cache else default_cache_path(dataset.root, config, Path(cache_dir))
-    path.parent.mkdir(parents=True, exist_ok=True)
+    paths = [Path(c) if c else default_cache_path(dataset.root, cfg, Path(cache_dir))
+             for c, cfg in zip(caches or [None] * len(layers), configs)]
+    if len({p.resolve() for p in paths}) != len(paths):
+        raise UserError(f"two layers would write the same cache file ({', '.join(map(str, paths))}); "
+                        "give each layer its own cache path.")
     hashes = hash_files([f.path for f in dataset.files], workers)
     unreadable = [(f.relpath, f"unreadable: {h}") for f, h in zip(dataset.files, hashes) if isinstance(h, Exception)]
     files = [(f, h) for f, h in zip(dataset.files, hashes) if isinstance(h, str)]
-    writer = CacheWriter(path, config.identity(), config.fingerprint(), chunk_size)
-    todo: dict[str, ImageFile] = {}
-    for f, h in files:
-        if not writer.has(h):
-            todo.setdefault(h, f)  # byte-identical files are decoded once
-    n_known = sum(1 for _, h in files if h not in todo)
-    interrupted, runtime_name, extract_seconds = False, "", 0.0
-    if todo:
-        engine = make_runtime(config, runtime, tflite_dir=path.parent, threads=threads, log=log)
-        runtime_name = engine.name
-        hash_of = {id(f): h for h, f in todo.items()}
-        log(f"extracting {len(todo)} new images with {engine.name} ({n_known} files already in the cache)")
-        from tqdm import tqdm
-
-        bar = tqdm(total=len(todo), unit="img", disable=not progress, dynamic_ncols=True)
-        t0 = time.perf_counter()
-        try:
-            for batch in stream_features(todo.values(), engine, config.resize, batch_size, workers):
-                for file, reason in batch.failed:
-                    writer.add_skipped(hash_of[id(file)], reason)
-                for file, vector in zip(batch.files, batch.features):
-                    writer.add(hash_of[id(file)], vector, engine.name)
-                bar.update(len(batch.files) + len(batch.failed))
-        except KeyboardInterrupt:
-            interrupted = True
-        finally:
-            bar.close()
-            extract_seconds = time.perf_counter() - t0
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    writers = [CacheWriter(p, cfg.identity(), cfg.fingerprint(), chunk_size) for p, cfg in zip(paths, configs)]
+    lacked = [{h for _, h in files if not w.has(h)} for w in writers]  # per cache, before this run
+    for writer in writers:
+        if writer.lost_hashes:
+            log(f"note: {writer.path} lost shard files of {len(writer.lost_hashes)} rows; extracting them again")
+    tasks = read_tasks(files, writers)
+    result = RunResult()
+    if tasks:
+        # one model for every layer; a single layer builds exactly the model `extract --layer` builds
+        factory = functools.partial(make_runtime, configs[0], runtime, tflite_dir=paths[0].parent, threads=threads,
+                                    log=log, layers=layers if len(layers) > 1 else None)
+        log(f"{len(files) - len(tasks)} of {len(files)} files already in the cache")
+        result = run(tasks, factory, FeatureSink(writers), engine=engine, resize=configs[0].resize,
+                     batch_size=batch_size, workers=workers, progress=progress, log=log,
+                     engine_options=ray_options if engine == "ray" else None)
+    process_start = process_start_time()
+    first_batch_s = (result.first_batch_at - process_start
+                     if result.first_batch_at is not None and process_start is not None else None)
     rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
-    n_rows, _ = writer.commit(rows, dataset.class_names, _cache_attrs(config, dataset.root, len(dataset.ignored)),
-                              unreadable)
-    skipped = unreadable + [(f.relpath, writer.skip_reason(h)) for f, h in files if writer.skip_reason(h)]
-    n_new = sum(1 for _, h in files if h in todo and writer.has_features(h))
-    # journalled rows of files that are still there (a file deleted since the crash is not resumed)
-    n_resumed = sum(1 for _, h in files if h in writer.resumed_hashes)
-    return ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - n_resumed,
-                          n_resumed, skipped, len(dataset.ignored), time.perf_counter() - started,
-                          extract_seconds, runtime_name, interrupted)
+    summaries = []
+    for writer, cfg, path, missing in zip(writers, configs, paths, lacked):
+        n_rows, _ = writer.commit(rows, dataset.class_names, _cache_attrs(cfg, dataset.root, len(dataset.ignored)),
+                                  unreadable, compact=compact)
+        skipped = unreadable + [(f.relpath, writer.skip_reason(h)) for f, h in files if writer.skip_reason(h)]
+        n_new = sum(1 for _, h in files if h in missing and writer.has_features(h))
+        # journalled rows of files that are still there (a file deleted since the crash is not resumed)
+        n_resumed = sum(1 for _, h in files if h in writer.resumed_hashes)
+        n_known = sum(1 for _, h in files if h not in missing)
+        summaries.append(ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - n_resumed, n_resumed,
+                                        skipped, len(dataset.ignored), time.perf_counter() - started,
+                                        result.seconds, result.runtime, result.interrupted, first_batch_s,
+                                        engine, cfg.layer or ""))
+    return summaries
+
+
+def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
+            cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+            batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
+            runtime: str = "auto", threads: int | None = None, engine: str = "local", compact: bool = False,
+            progress: bool = True, log: Callable[[str], None] = print, ray_address: str | None = None,
+            actors: int | None = None, gpus_per_actor: float = 0.0) -> ExtractSummary:
+    """Bring the cache of data_dir for this backbone configuration up to date; return what was done."""
+    return extract_layers(data_dir, config, [config.layer], caches=[cache], cache_dir=cache_dir,
+                          batch_size=batch_size, chunk_size=chunk_size, workers=workers, runtime=runtime,
+                          threads=threads, engine=engine, compact=compact, progress=progress, log=log,
+                          ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)[0]
 
 
 def summary_lines(summary: ExtractSummary, max_listed: int = 20) -> list[str]:
@@ -200,6 +170,8 @@ def summary_lines(summary: ExtractSummary, max_listed: int = 20) -> list[str]:
     if summary.n_new:
         lines.append(f"  {summary.images_per_s:.1f} images/s with {summary.runtime} "
                      f"({summary.extract_seconds:.1f} s extracting, {summary.seconds:.1f} s in all)")
+    if summary.first_batch_s is not None:
+        lines.append(f"  first batch after {summary.first_batch_s:.2f} s from process start")
     if summary.skipped:
         lines.append(f"  skipped files ({len(summary.skipped)}; also listed in the cache under skipped/):")
         lines += [f"    {path}: {reason}" for path, reason in summary.skipped[:max_listed]]

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -147,12 +149,26 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def decode_image(path: str | os.PathLike, size: int, resize: str = "bilinear", draft: bool = True) -> np.ndarray:
-    """Decode one file to a (size, size, 3) uint8 RGB array, or raise ImageError with the reason.
+def _byte_count(source: str | os.PathLike | IO[bytes]) -> int:
+    """The size of a file, or of what is left to read in a seekable binary stream (left where it was)."""
+    if isinstance(source, (str, os.PathLike)):
+        return os.path.getsize(source)
+    start = source.tell()
+    end = source.seek(0, io.SEEK_END)
+    source.seek(start)
+    return end - start
+
+
+def decode_image(path: str | os.PathLike | bytes | IO[bytes], size: int, resize: str = "bilinear",
+                 draft: bool = True) -> np.ndarray:
+    """Decode one file (a path, or its bytes or a binary stream, e.g. an upload) to a (size, size, 3)
+    uint8 RGB array, or raise ImageError with the reason.
 
     draft=False decodes JPEGs at full scale (slower, for measuring what draft mode saves).
     """
-    if os.path.getsize(path) == 0:
+    if isinstance(path, (bytes, bytearray, memoryview)):
+        path = io.BytesIO(path)
+    if _byte_count(path) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
         with Image.open(path) as img:

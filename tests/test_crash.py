@@ -125,7 +125,8 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config
     assert resumed_rows >= 2 * CHUNK and cached == 3 * SUBSET_PER_CLASS
     assert new + resumed_rows == 3 * (PER_CLASS - SUBSET_PER_CLASS)  # only the rest was extracted
     assert f"cache: {cache} ({3 * PER_CLASS} images)" in resumed.stdout
-    assert sorted(p.name for p in cache.parent.iterdir()) == ["features.h5"]  # journal gone, no temp files
+    # journal gone, no temp files
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["features.h5", "features.h5.shards"]
 
     final = load(cache)
     assert len(final) == 3 * PER_CLASS and sorted(final.content_hash) == sorted(reference.content_hash)
@@ -149,6 +150,7 @@ def test_ctrl_c_saves_finished_rows(big, tmp_path: Path) -> None:
     saved = load(cache)
     assert 2 * CHUNK <= len(saved) < 3 * PER_CLASS
     assert f"cache: {cache} ({len(saved)} images)" in stdout
-    assert not partial.exists() and sorted(p.name for p in cache.parent.iterdir()) == ["features.h5"]
+    assert not partial.exists()
+    assert sorted(p.name for p in cache.parent.iterdir()) == ["features.h5", "features.h5.shards"]
     assert set(saved.content_hash) <= set(reference.content_hash)
     assert_rows_match(saved, reference)

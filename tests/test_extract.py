@@ -104,7 +104,7 @@ def test_cache_layout(dataset: Path, tiny_config, cache_path, shared_runtime) ->
         assert digest == file_sha256(dataset / path)
     assert set(c.split) == {""} and set(c.runtime) == {"keras"} and c.skipped == []
     a = c.attrs
-    assert a["format_version"] == cache_module.FORMAT_VERSION == 1
+    assert a["format_version"] == cache_module.FORMAT_VERSION == 2
     assert a["fingerprint"] == resolved.fingerprint()
     assert c.identity == resolved.identity()
     assert (a["backbone"], a["weights"], a["layer"], a["pooling"]) == ("MobileNetV2", "none (random, seed 0)", "", "avg")
@@ -437,7 +437,7 @@ def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, 
             run(dataset, tiny_config, cache_path)
     assert cache_path.read_bytes() == before
     assert sorted(p.name for p in cache_path.parent.iterdir() if p.suffix != ".tflite") == [
-        "features.h5", "features.h5.partial"]
+        "features.h5", "features.h5.partial", "features.h5.shards"]
     assert run(dataset, tiny_config, cache_path).n_resumed == 2
 
 
