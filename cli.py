@@ -64,8 +64,18 @@ def extract_command(
     cache_dir: Path = typer.Option(Path("cache"), help="Folder for default cache names."),
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     chunk_size: int = typer.Option(256, help="Images per crash-safe chunk written to disk."),
-    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core); with --engine "
+                                                     "ray, decoding tasks at once."),
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
+    engine: str = typer.Option("local", help="local (one process), or ray (Ray Data workers: "
+                                             "pip install -e '.[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="With --engine ray: auto, or ray://HOST:PORT of a running "
+                                                          "cluster; default: start a local one."),
+    actors: Optional[int] = typer.Option(None, help="With --engine ray: inference actors (default: one per node; "
+                                                    "with --gpus-per-actor, as many as the cluster's GPUs hold)."),
+    gpus_per_actor: float = typer.Option(0.0, help="With --engine ray: GPUs each inference actor reserves "
+                                                   "(Keras runs there)."),
+    compact: bool = typer.Option(False, help="Rewrite the cache into one shard file afterwards (see `compact`)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
@@ -73,8 +83,9 @@ def extract_command(
 
     summary = extract(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
-                      workers=workers, runtime=runtime, threads=threads, progress=progress,
-                      log=lambda m: typer.echo(m, err=True))
+                      workers=workers, runtime=runtime, threads=threads, engine=engine, compact=compact,
+                      progress=progress, log=lambda m: typer.echo(m, err=True), ray_address=ray_address,
+                      actors=actors, gpus_per_actor=gpus_per_actor)
     typer.echo("\n".join(summary_lines(summary)))
     if summary.interrupted:
         raise typer.Exit(130)
@@ -109,6 +120,9 @@ def fit_head_command(
     seed: int = typer.Option(0, help="Seed of the split and the CV folds."),
     test_size: float = typer.Option(0.2, help="Test fraction when the cache has no test split."),
     l2_normalize: bool = typer.Option(True, help="L2-normalise each feature vector first."),
+    group_near_duplicates: Optional[float] = typer.Option(
+        None, help="Keep images whose features have cosine >= this (e.g. 0.97) on one side of the split "
+                   "and of every fold, as byte-identical files are (see `audit`)."),
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
@@ -116,7 +130,8 @@ def fit_head_command(
     from pipeline.report import metrics_table
 
     result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
-                      test_size=test_size, l2_normalize=l2_normalize, out=out, log=typer.echo)
+                      test_size=test_size, l2_normalize=l2_normalize,
+                      group_near_duplicates=group_near_duplicates, out=out, log=typer.echo)
     m = result.metrics
     typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
     for note in m["split_notes"]:
@@ -136,12 +151,15 @@ def predict_command(
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
+    trust_pickle: bool = typer.Option(False, help="Load an old head saved as a pickle (head.joblib), which "
+                                                  "can run code: only for heads you made yourself."),
 ) -> None:
     """Classify new images with a head; images already in the head's cache need no backbone."""
     from pipeline.predict import prediction_lines, predict
 
     predictions = predict(paths, head, model=model, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
-                          runtime=runtime, threads=threads, log=lambda m: typer.echo(m, err=True))
+                          runtime=runtime, threads=threads, trust_pickle=trust_pickle,
+                          log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
     if out:
         typer.echo(f"predictions written to {out}")
@@ -153,20 +171,15 @@ def export_command(
     format: str = typer.Option("keras", "--format", help="keras or tflite."),
     quantize: str = typer.Option("none", help="TFLite weights: none, float16 or dynamic (int8)."),
     out: Path = typer.Option(..., help="Output file (.keras or .tflite); class names go beside it as .json."),
-    verify: int = typer.Option(64, help="Compare with the head on this many of its dataset's images (0: skip)."),
+    verify: int = typer.Option(64, help="Check the written model on this many of the head's test images "
+                                         "(0: skip)."),
 ) -> None:
     """Export backbone + head as one model: raw pixels in, class probabilities out."""
-    from pipeline.export import export_head, verify_export
-    from pipeline.runtime import load_model_file, sidecar_path
-    from pipeline.heads import load_head
+    from pipeline.export import export_head, verify_lines
 
-    path, _ = export_head(head, out, format=format, quantize=quantize)
-    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {sidecar_path(path)}")
-    if verify:
-        check = verify_export(load_model_file(path)[0], load_head(head), verify)
-        if check:
-            typer.echo(f"check on {check['images']} dataset images: max |p_export - p_head| "
-                       f"{check['max_abs_prob_diff']:.2e}, top-1 agreement {check['top1_agreement']:.4f}")
+    path, check = export_head(head, out, format=format, quantize=quantize, verify=verify)
+    typer.echo(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB) and {path}.json")
+    typer.echo("\n".join(verify_lines(check, verify)))
 
 
 @command("finetune")
@@ -222,6 +235,100 @@ def compare_command(
 
     typer.echo(compare_markdown(rows))
     typer.echo(f"saved {folder}/compare.md, compare.json, compare.png")
+
+
+@command("compact")
+def compact_command(cache: Path = typer.Argument(..., help="A cache written by `extract`.")) -> None:
+    """Rewrite a cache's shards into one file in row order: reclaims deleted rows, speeds up reading."""
+    from pipeline.cache import compact, layout_line
+
+    before, after = compact(cache)
+    typer.echo(f"compacted {cache}: {layout_line(before)} -> {layout_line(after)}")
+
+
+@command("study")
+def study_command(
+    data_dir: Path = typer.Argument(..., help="The dataset folder (as for extract)."),
+    backbones: str = typer.Option("MobileNetV2", help="Comma-separated Keras names or .keras paths, each with "
+                                  "optional :alpha=A :weights=W :size=N :pooling=P (e.g. MobileNet:alpha=0.25)."),
+    layers: str = typer.Option("auto,auto+top", help="Comma-separated: top, auto (top + two earlier stages), "
+                               "layer names, or A+B hypercolumns (auto+top: the deepest auto stage with the top)."),
+    heads: str = typer.Option("logreg,svm", help="Comma-separated classifiers: logreg, svm, rbf-svm, knn."),
+    finetune: bool = typer.Option(False, "--finetune", help="Also fine-tune the winner's backbone; paired test."),
+    budget_minutes: Optional[float] = typer.Option(None, help="Run the cheapest useful configurations first "
+                                                   "within this time; list the rest as skipped."),
+    seed: int = typer.Option(0, help="Seed of the split, the CV folds and the samples."),
+    test_size: float = typer.Option(0.2, help="Test fraction (as fit-head) when there is no test folder."),
+    cv: int = typer.Option(5, help="Cross-validation folds."),
+    runtime: str = RUNTIME,
+    cache_dir: Path = typer.Option(Path("cache"), help="Folder of the feature caches (shared with extract)."),
+    out: Optional[Path] = typer.Option(None, help="Study folder (default: studies/<dataset>/)."),
+) -> None:
+    """Which backbone, layer and head suit this dataset: a CV-chosen winner head, the table, CS231n's advice."""
+    from pipeline.study import study
+
+    result = study(data_dir, backbones, layers, heads, finetune=finetune, budget_minutes=budget_minutes, seed=seed,
+                   test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out,
+                   log=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(result.lines()))
+    if result.interrupted:
+        raise typer.Exit(130)
+
+
+@command("report")
+def report_command(
+    folders: List[Path] = typer.Argument(..., help="Head, fine-tuning run and study folders."),
+    audit: Optional[Path] = typer.Option(None, help="An audit folder (written by `audit`) to include."),
+    out: Path = typer.Option(Path("report.html"), help="The HTML file to write."),
+    projection: str = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster)."),
+    thumb_px: int = typer.Option(96, help="Thumbnail size in pixels (JPEG, embedded once per image)."),
+    seed: int = typer.Option(0, help="Seed of the projection and of the per-class samples."),
+) -> None:
+    """One self-contained HTML report (opens from disk, no network): tables, confusion matrix, galleries, map."""
+    from pipeline.web.report import build_report
+
+    build_report(folders, audit, out, projection=projection, thumb_px=thumb_px, seed=seed,
+                 log=lambda m: typer.echo(m, err=True))
+
+
+@command("serve")
+def serve_command(
+    head: Optional[Path] = typer.Option(None, help="A head folder written by `fit-head`."),
+    model: Optional[Path] = typer.Option(None, help="A .keras or .tflite file from `export` or `finetune`."),
+    host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    max_upload_mb: float = typer.Option(20, help="Largest accepted image file, in MB."),
+    max_batch: int = typer.Option(32, help="Most images in one model call (requests arriving together share it)."),
+    batch_wait_ms: float = typer.Option(5, help="How long the first waiting request waits for others to join."),
+    top_k: int = typer.Option(5, help="Classes per image by default (POST /predict?top_k=N overrides)."),
+    runtime: str = RUNTIME, threads: Optional[int] = THREADS,
+) -> None:
+    """Classify uploaded images: a page at /, POST /predict (JSON), GET /health; the model is loaded once."""
+    from pipeline.web.serve import serve
+
+    serve(head, model, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
+          batch_wait_ms=batch_wait_ms, top_k=top_k, runtime=runtime, threads=threads,
+          log=lambda m: typer.echo(m, err=True))
+
+
+@command("audit")
+def audit_command(
+    cache: Path = typer.Argument(..., help="A cache written by `extract`."),
+    head: Optional[Path] = typer.Option(None, help="Judge leakage against this head's test images (default: "
+                                                   "fit-head's split for --seed)."),
+    out: Optional[Path] = typer.Option(None, help="Audit folder (default: audits/<cache>/)."),
+    threshold: float = typer.Option(0.95, help="Cosine at or above which two images are near-duplicates."),
+    seed: int = typer.Option(0, help="Seed of the split, the CV folds and the learning-curve subsamples."),
+    cv: int = typer.Option(5, help="Cross-validation folds for the out-of-fold probabilities."),
+    n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),
+) -> None:
+    """Can the score be trusted? Label issues, near-duplicates (leakage), outliers, learning curve (no TensorFlow)."""
+    from pipeline.audit import audit
+
+    result = audit(cache, head, out, threshold=threshold, seed=seed, cv=cv, n_jobs=n_jobs,
+                   log=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(result.summary))
+    typer.echo(f"audited in {result.report['seconds']:.1f} s; written to {result.folder}/")
 
 
 if __name__ == "__main__":

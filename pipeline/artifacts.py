@@ -26,6 +26,7 @@ from typing import IO, Any, Iterator, Sequence
 import numpy as np
 
 from .errors import UserError
+from .images import ImageFile
 
 # -- file names: the one place they are spelled --------------------------------------------------
 HEAD_JSON = "head.json"  # what the head was trained on (classes, backbone identity, options, fingerprints)
@@ -56,38 +57,21 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 def temporary_name(path: str | os.PathLike) -> Path:
-    """A unique sibling of path for staging it: `.<name>.tmp-<pid>-<random>` (same filesystem)."""
+    """A unique sibling of path for staging it: `.<name>.tmp-<pid>-<random><suffix>` (same filesystem;
+    the suffix kept last for writers that insist on it, such as Keras)."""
     path = Path(path)
-    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}{path.suffix}")
 
 
 @contextmanager
-def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
-    """Open a temporary file beside path; on success fsync it and rename it over path.
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside path to write; on success it is fsynced and renamed over path.
 
     On any exception, Ctrl-C included, the temporary file is removed and path is untouched.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_name(path)
-    try:
-        with open(tmp, mode, **open_kwargs) as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path beside path for a writer that wants a file name (h5py, Keras); renamed on success."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temporary_name(path).with_suffix(path.suffix)  # some writers insist on the suffix
     try:
         yield tmp
         with open(tmp, "rb+") as handle:
@@ -97,6 +81,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "wb", **open_kwargs: Any) -> Iterator[IO]:
+    """Open a temporary file beside path; on success it replaces path (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, mode, **open_kwargs) as handle:
+        yield handle
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -274,6 +265,16 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     except (KeyError, ValueError) as exc:
         raise UserError(f"{path} has a malformed row ({exc}).") from None
     return Predictions([r[0] for r in body], [r[1] for r in body], [r[2] for r in body], y_true, proba, names)
+
+
+def sample_images(predictions: Predictions, dataset_root: str | os.PathLike, n: int) -> list[ImageFile]:
+    """Up to n of the predicted images (spread evenly over them) that are still on disk under dataset_root."""
+    if not len(predictions):
+        return []
+    root = Path(dataset_root)
+    rows = np.unique(np.linspace(0, len(predictions) - 1, min(n, len(predictions))).astype(int))
+    return [ImageFile(root / predictions.paths[i], predictions.paths[i], int(predictions.y_true[i]),
+                      predictions.split[i]) for i in rows if (root / predictions.paths[i]).is_file()]
 
 
 def predictions_from_rows(rows: np.ndarray, proba: np.ndarray, paths: Sequence[str], content_hash: Sequence[str],

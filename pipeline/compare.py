@@ -1,8 +1,11 @@
-"""Side-by-side comparison of heads and fine-tuned runs: one row per method, measured the same way."""
+"""Side-by-side comparison of heads and fine-tuned runs: one row per method, measured the same way.
+
+Everything comes from the folders themselves (metrics.json, predictions.csv, the model): the
+paired test compares the methods on the very same test images, and no cache is needed.
+"""
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -10,25 +13,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, read_predictions,
+                        sample_images, staged_folder, write_json, write_text)
 from .backbones import BackboneConfig, build_backbone
-from .cache import load
 from .errors import UserError
-from .extract import stream_features
-from .heads import META_FILE, MODEL_FILE, load_head
+from .heads import load_head
 from .images import ImageFile
 from .report import compare_markdown, load_metrics, plot_compare
 from .runtime import KerasRuntime, load_model_file
+from .stream import stream_features
 
 TIMING_IMAGES = 64
-
-
-def _test_images(cache_path: str, n: int) -> tuple[list[ImageFile], str]:
-    """Up to n image files of a cache's dataset (spread over the rows), for timing."""
-    cache = load(cache_path)
-    root = Path(cache.attrs["dataset_root"])
-    rows = np.linspace(0, len(cache) - 1, min(n, len(cache))).astype(int)
-    files = [ImageFile(root / cache.paths[i], cache.paths[i]) for i in rows if (root / cache.paths[i]).is_file()]
-    return files, json.loads(cache.attrs["config_json"]).get("resize", "bilinear")
 
 
 def _time_ms(runtime: Any, files: list[ImageFile], resize: str, after: Callable[[np.ndarray], Any]) -> float:
@@ -40,43 +35,69 @@ def _time_ms(runtime: Any, files: list[ImageFile], resize: str, after: Callable[
     return 1000 * (time.perf_counter() - start) / max(count, 1)
 
 
-def describe(path: str | os.PathLike, timing_images: int = TIMING_IMAGES) -> dict[str, Any]:
-    """One comparison row for a head folder or a fine-tuning run folder."""
+def describe(path: str | os.PathLike, timing: int = TIMING_IMAGES) -> tuple[dict[str, Any], Predictions]:
+    """One comparison row for a head folder or a fine-tuning run folder, and its test predictions."""
     path = Path(path)
-    is_head = (path / META_FILE).is_file() and (path / MODEL_FILE).is_file()
-    if not (is_head or (path / "model.keras").is_file()) or not (path / "metrics.json").is_file():
+    kind = folder_kind(path)
+    if kind not in ("head", "run"):
         raise UserError(f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras) "
                         "with its metrics.json.")
     metrics = load_metrics(path)
-    row = {key: metrics.get(key) for key in ("method", "accuracy", "balanced_accuracy", "macro_f1",
+    predictions = read_predictions(path / PREDICTIONS_CSV)
+    row = {key: metrics.get(key) for key in ("method", "accuracy", "accuracy_ci", "balanced_accuracy",
+                                             "balanced_accuracy_ci", "macro_f1", "macro_f1_ci",
                                              "train_seconds", "n_test")}
     row["path"] = str(path)
-    if is_head:
+    if kind == "head":
         head = load_head(path)
         backbone = build_backbone(BackboneConfig(**head.meta["backbone_config"]).resolved())
         runtime, after = KerasRuntime(backbone), head.predict_proba
-        files, resize = _test_images(head.meta["cache_path"], timing_images)
-        row["size_mb"] = backbone.count_params() * 4 / 1e6 + (path / MODEL_FILE).stat().st_size / 1e6
+        root, resize = head.meta["dataset_root"], head.meta["backbone_config"].get("resize", "bilinear")
+        row["size_mb"] = backbone.count_params() * 4 / 1e6 + (path / HEAD_MODEL).stat().st_size / 1e6
     else:
-        runtime, meta = load_model_file(path / "model.keras")
+        runtime, meta = load_model_file(path / RUN_MODEL)
         after = lambda outputs: outputs  # noqa: E731 - the model's outputs are the probabilities
-        files, resize = _test_images(meta["cache_path"], timing_images)
+        root, resize = meta.get("dataset_root", ""), meta.get("resize", "bilinear")
         row["size_mb"] = runtime.model.count_params() * 4 / 1e6
+    files = sample_images(predictions, root, timing)
     runtime(np.zeros((1, runtime.image_size, runtime.image_size, 3), np.uint8))  # warm-up
     row["inference_ms"] = _time_ms(runtime, files, resize, after) if files else None
-    return row
+    return row, predictions
+
+
+def paired_tests(rows: list[dict[str, Any]], predictions: list[Predictions]) -> None:
+    """Each method against the most accurate one, on the test images both were scored on (exact McNemar)."""
+    from .stats import mcnemar_exact, paired_verdict
+
+    best = int(np.argmax([r["accuracy"] for r in rows]))
+    for k, (row, pred) in enumerate(zip(rows, predictions)):
+        if k == best:
+            row["paired_verdict"] = "(the best)"
+            continue
+        common = sorted(set(pred.content_hash) & set(predictions[best].content_hash))
+        if not common:
+            row["paired_verdict"] = "no common test images: not comparable"
+            continue
+        mine = dict(zip(pred.content_hash, pred.correct))
+        theirs = dict(zip(predictions[best].content_hash, predictions[best].correct))
+        a, b = np.array([mine[h] for h in common]), np.array([theirs[h] for h in common])
+        row["paired_test"] = {"against": rows[best]["method"], **mcnemar_exact(a, b)}
+        row["paired_verdict"] = paired_verdict(row["method"], rows[best]["method"], a, b)
 
 
 def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike = "compare",
             log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], Path]:
-    """Rows for every head or run; writes compare.md, compare.json and compare.png in out."""
-    rows = []
+    """Rows for every head or run, with paired tests; writes compare.md, compare.json and compare.png in out."""
+    rows, predictions = [], []
     for path in paths:
         log(f"measuring {path}")
-        rows.append(describe(path))
+        row, pred = describe(path)
+        rows.append(row)
+        predictions.append(pred)
+    paired_tests(rows, predictions)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "compare.md").write_text(compare_markdown(rows) + "\n")
-    (out / "compare.json").write_text(json.dumps(rows, indent=2))
-    plot_compare(rows, out / "compare.png")
+    with staged_folder(out) as stage:
+        write_text(stage / "compare.md", compare_markdown(rows) + "\n")
+        write_json(stage / "compare.json", rows)
+        plot_compare(rows, stage / "compare.png")
     return rows, out

@@ -23,15 +23,19 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .backbones import BackboneConfig, build_backbone
-from .cache import FeatureCache, load
+from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, atomic_path,
+                        atomic_write, chain_fingerprint, predictions_from_rows, staged_folder, write_json,
+                        write_predictions)
+from .backbones import BackboneConfig, build_backbone, temp_seed
+from .cache import load
 from .errors import UserError
 from .extract import extract
-from .heads import linear_weights, load_head
+from .export import linear_weights
+from .heads import load_head, rows_digest
 from .splits import finetune_parts
 from .images import decode_image
 from .params import Interval, Options, check_params
-from .report import classification_metrics, save_metrics
+from .report import classification_metrics, new_figure, save_figure, save_metrics
 from .runtime import write_sidecar
 
 AUGMENTATIONS = ("none", "light", "strong")
@@ -48,6 +52,7 @@ FINETUNE_CONSTRAINTS = {
     "augment": [Options(AUGMENTATIONS)],
     "dropout": [Interval(0.0, 0.95)],
     "patience": [Interval(1, 1000, integer=True)],
+    "test_size": [Interval(0.01, 0.9)],
     "val_size": [Interval(0.01, 0.9)],
     "seed": [Interval(0, 2**31 - 1, integer=True)],
 }
@@ -203,9 +208,8 @@ def _callbacks(model: Any, phase: int, history: list[dict], best: dict, checkpoi
             improved = row.get("val_loss", np.inf) < best["val_loss"]
             if improved:
                 best.update(val_loss=row["val_loss"], weights=self.model.get_weights(), epoch=row["epoch"])
-                tmp = checkpoint.with_name("checkpoint.tmp.keras")
-                self.model.save(tmp)
-                os.replace(tmp, checkpoint)
+                with atomic_path(checkpoint) as tmp:
+                    self.model.save(tmp)
             log(f"phase {phase} epoch {row['epoch']:3d}  {row['seconds']:6.1f} s  loss {row.get('loss', 0):.4f}  "
                 f"acc {row.get('accuracy', 0):.4f}  val_loss {row.get('val_loss', 0):.4f}  "
                 f"val_acc {row.get('val_accuracy', 0):.4f}{'  *' if improved else ''}")
@@ -216,14 +220,9 @@ def _callbacks(model: Any, phase: int, history: list[dict], best: dict, checkpoi
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
     """Training and validation accuracy and loss per epoch; the start of fine-tuning marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     epochs = [r["epoch"] for r in history]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for ax, key in zip(axes, ("accuracy", "loss")):
+    fig = new_figure(10, 3.8)
+    for ax, key in zip(fig.subplots(1, 2), ("accuracy", "loss")):
         ax.plot(epochs, [r.get(key, np.nan) for r in history], "o-", label=f"training {key}")
         ax.plot(epochs, [r.get(f"val_{key}", np.nan) for r in history], "o-", label=f"validation {key}")
         start = next((r["epoch"] for r in history if r["phase"] == 2), None)
@@ -232,9 +231,7 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
         ax.set_xlabel("epoch")
         ax.set_title(key)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 @dataclass
@@ -262,7 +259,7 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
-                      val_size=val_size, seed=seed), FINETUNE_CONSTRAINTS)
+                      test_size=test_size, val_size=val_size, seed=seed), FINETUNE_CONSTRAINTS)
     if unfreeze != "all" and not (unfreeze.isdigit() and int(unfreeze) >= 0):
         raise UserError(f"--unfreeze is {unfreeze!r}; it must be a number of layers or 'all'.")
     config = config.resolved()
@@ -277,27 +274,27 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         log(f"{len(summary.skipped)} unusable files left out (listed by extract in {summary.cache_path})")
     parts = finetune_parts(rows, test_size, val_size, seed)
     head_epochs = (0 if head is not None else 5) if head_epochs is None else head_epochs
-
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    n_classes = len(rows.class_names)
-    model = build_model(config, n_classes, augment, dropout, head)
-    size, root = int(model.input_shape[1]), Path(rows.attrs["dataset_root"])
-
-    def data(idx: np.ndarray, shuffle: bool) -> Any:
-        return image_dataset([str(root / rows.paths[i]) for i in idx], rows.labels[idx], size, config.resize,
-                             batch_size, shuffle, seed)
-
-    train, val, test = data(parts.train, True), data(parts.val, False), data(parts.test, False)
+    options = {"unfreeze": unfreeze, "from_layer": from_layer, "augment": augment, "dropout": dropout,
+               "optimizer": optimizer, "head_epochs": head_epochs, "epochs": epochs, "batch_size": batch_size,
+               "lr": lr, "head_lr": head_lr, "patience": patience, "test_size": test_size, "val_size": val_size,
+               "seed": seed, "init_head": head.meta["fingerprint"] if head is not None else None}
+    n_classes, root = len(rows.class_names), Path(rows.attrs["dataset_root"])
     folder = Path(out) if out else default_run_dir(summary.cache_path)
-    folder.mkdir(parents=True, exist_ok=True)
-    checkpoint = folder / "model.keras"
     history: list[dict] = []
     best: dict[str, Any] = {"val_loss": np.inf, "weights": None, "epoch": 0}
     log(f"split: {parts.source}; {len(parts.train)} train / {len(parts.val)} validation / {len(parts.test)} test")
     n_trainable = 0
-    with _Interrupt() as interrupt:
+    # the run's files are staged and swapped in whole; its randomness is scoped to this block
+    with temp_seed(seed), staged_folder(folder) as stage, _Interrupt() as interrupt:
+        model = build_model(config, n_classes, augment, dropout, head)
+        size = int(model.input_shape[1])
+
+        def data(idx: np.ndarray, shuffle: bool) -> Any:
+            return image_dataset([str(root / rows.paths[i]) for i in idx], rows.labels[idx], size, config.resize,
+                                 batch_size, shuffle, seed)
+
+        train, val, test = data(parts.train, True), data(parts.val, False), data(parts.test, False)
+        checkpoint = stage / RUN_MODEL
         for phase, n_epochs in ((1, head_epochs), (2, epochs)):
             if n_epochs == 0 or interrupt.requested:
                 continue
@@ -310,33 +307,42 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
                           loss="sparse_categorical_crossentropy", metrics=["accuracy"])
             model.fit(train, validation_data=val, epochs=n_epochs, verbose=0, shuffle=False,  # tf.data shuffles
                       callbacks=_callbacks(model, phase, history, best, checkpoint, interrupt, patience, log))
-    if best["weights"] is not None:
-        model.set_weights(best["weights"])
-    train_seconds = time.perf_counter() - started
-    t0 = time.perf_counter()
-    proba = model.predict(test, verbose=0)
-    inference_ms = 1000 * (time.perf_counter() - t0) / max(1, len(parts.test))
-    metrics = classification_metrics(rows.labels[parts.test], proba.argmax(1), rows.class_names)
-    metrics.update({
-        "method": "fine-tune" + (" (from logreg)" if head is not None else ""), "clf": "finetune",
-        "best_params": {"unfreeze": unfreeze if from_layer is None else f"from {from_layer}", "lr": lr,
-                        "best_epoch": best["epoch"]},
-        "cv_score": None, "fit_seconds": train_seconds, "train_seconds": train_seconds,
-        "inference_ms": inference_ms, "n_train": int(len(parts.train)), "n_val": int(len(parts.val)),
-        "split": parts.source, "split_notes": [], "seed": seed, "epochs_run": len(history),
-        "trainable_layers": n_trainable, "interrupted": interrupt.requested,
-        "options": {"augment": augment, "dropout": dropout, "optimizer": optimizer, "head_epochs": head_epochs,
-                    "epochs": epochs, "batch_size": batch_size, "head_lr": head_lr,
-                    "init_head": str(init_head) if init_head else None},
-    })
-    model.save(checkpoint)
-    write_sidecar(checkpoint, rows.class_names, {**json.loads(rows.attrs["config_json"]), "image_size": size},
-                  {"kind": "fine-tuned model", "identity": rows.identity, "cache_path": str(summary.cache_path)})
-    with open(folder / "history.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, HISTORY_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
-    if history:
-        plot_learning_curves(history, folder / "learning_curves.png")
-    save_metrics(metrics, folder)
+        if best["weights"] is not None:
+            model.set_weights(best["weights"])
+        train_seconds = time.perf_counter() - started
+        t0 = time.perf_counter()
+        proba = model.predict(test, verbose=0)
+        inference_ms = 1000 * (time.perf_counter() - t0) / max(1, len(parts.test))
+        metrics = classification_metrics(rows.labels[parts.test], proba.argmax(1), rows.class_names, seed=seed)
+        fingerprint = chain_fingerprint(rows.attrs["fingerprint"], kind="finetune", options=options,
+                                        rows=rows_digest(rows, np.concatenate([parts.train, parts.val, parts.test])))
+        metrics.update({
+            "method": "fine-tune" + (" (from logreg)" if head is not None else ""), "clf": "finetune",
+            "best_params": {"unfreeze": unfreeze if from_layer is None else f"from {from_layer}", "lr": lr,
+                            "best_epoch": best["epoch"]},
+            "cv_score": None, "fit_seconds": train_seconds, "train_seconds": train_seconds,
+            "inference_ms": inference_ms, "n_train": int(len(parts.train)), "n_val": int(len(parts.val)),
+            "split": parts.source, "split_notes": [], "seed": seed, "epochs_run": len(history),
+            "trainable_layers": n_trainable, "interrupted": interrupt.requested, "options": options,
+            "fingerprint": fingerprint,
+        })
+        model.save(checkpoint)
+        backbone_config = {**json.loads(rows.attrs["config_json"]), "image_size": size}
+        write_sidecar(checkpoint, rows.class_names, backbone_config,
+                      {"kind": "fine-tuned model", "identity": rows.identity, "fingerprint": fingerprint,
+                       "dataset_root": str(root)})
+        write_json(stage / RUN_JSON, {"kind": "finetune", "fingerprint": fingerprint,
+                                      "cache_fingerprint": rows.attrs["fingerprint"], "dataset_root": str(root),
+                                      "cache_path": str(Path(summary.cache_path).resolve()),
+                                      "classes": rows.class_names, "backbone_config": backbone_config,
+                                      "options": options})
+        with atomic_write(stage / HISTORY_CSV, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, HISTORY_FIELDS)
+            writer.writeheader()
+            writer.writerows(history)
+        if history:
+            plot_learning_curves(history, stage / LEARNING_CURVES_PNG)
+        write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(
+            parts.test, proba, rows.paths, rows.content_hash, rows.split, rows.labels, rows.class_names))
+        save_metrics(metrics, stage)
     return FinetuneResult(folder, metrics, history, interrupt.requested)

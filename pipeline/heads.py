@@ -23,8 +23,7 @@ from .report import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
 
 CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
-HEAD_FORMAT_VERSION = 1
-MODEL_FILE, META_FILE = "head.joblib", "head.json"
+HEAD_FORMAT_VERSION = 2  # 2: head.skops; 1: head.joblib (a pickle)
 # The hyper-parameter each classifier sweeps, and its grid (log-spaced; for knn, the neighbour count k).
 GRIDS: dict[str, tuple[str, list[float]]] = {
     "logreg": ("clf__C", np.logspace(-4, 2, 9).tolist()),
@@ -39,6 +38,7 @@ HEAD_CONSTRAINTS = {
     "class_weight": [Options(("balanced",)), None],
     "seed": [Interval(0, 2**32 - 1, integer=True)],
     "test_size": [Interval(0.01, 0.9)],
+    "group_near_duplicates": [Interval(0.5, 1.0), None],
 }
 
 
@@ -67,20 +67,127 @@ def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None 
     return Pipeline(steps)
 
 
-def best_index(results: dict[str, Any], tie_break: str | None) -> int:
+def best_index(score: np.ndarray, tie_break: np.ndarray | None) -> int:
     """The grid point with the best mean CV score; ties go to the best tie_break score, else the middle one.
 
     Separable features give many grid points the same accuracy; the smallest C among them would
     be the most regularised head, with needlessly flat probabilities.
     """
-    score = np.asarray(results["mean_test_score"])
     tied = np.flatnonzero(score >= score.max() - 1e-12)
     if tie_break is not None:
-        return int(tied[np.argmax(np.asarray(results[f"mean_test_{tie_break}"])[tied])])
+        return int(tied[np.argmax(tie_break[tied])])
     return int(tied[len(tied) // 2])
 
 
-# -- fitting --------------------------------------------------------------------------------------
+# -- fitting on arrays ----------------------------------------------------------------------------
+@dataclass
+class FittedHead:
+    """A head fitted on arrays: the pipeline, the value CV chose, and the out-of-fold evidence."""
+
+    model: Any
+    clf: str
+    options: dict[str, Any]
+    best_params: dict[str, float]
+    cv_score: float
+    cv_scoring: str
+    cv_folds: int
+    cv_grid: list[float]
+    cv_proba: np.ndarray | None  # out-of-fold probabilities of the training rows at the chosen value
+    fit_seconds: float
+
+
+def _score(y_true: np.ndarray, y_pred: np.ndarray, balanced: bool) -> float:
+    if not balanced:
+        return float(np.mean(y_true == y_pred))
+    classes = np.unique(y_true)
+    return float(np.mean([np.mean(y_pred[y_true == c] == c) for c in classes]))
+
+
+def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, grid: list[float],
+                n_classes: int, l2_normalize: bool, class_weight: str | None, seed: int) -> list[np.ndarray]:
+    """One fold: the transform fitted once, then every grid value; returns, per value, the validation
+    probabilities (n_val, n_classes) for logreg and knn, or the predicted labels (n_val,) for SVMs.
+
+    Logistic regression walks the grid from strong to weak regularisation, each fit warm-started from
+    the previous coefficients (the regularisation path, as LogisticRegressionCV does).
+    """
+    pipeline = make_pipeline(clf, l2_normalize, class_weight, seed)
+    transform, estimator = pipeline[:-1], pipeline.steps[-1][1]
+    train_x = transform.fit_transform(X[train])
+    val_x = transform.transform(X[val])
+    outputs = []
+    if clf == "logreg":
+        estimator.set_params(warm_start=True)
+    for value in grid:
+        param = GRIDS[clf][0].split("__", 1)[1]
+        estimator.set_params(**{param: value})
+        estimator.fit(train_x, y[train])
+        if clf in ("logreg", "knn"):
+            proba = np.zeros((len(val), n_classes))
+            proba[:, estimator.classes_] = estimator.predict_proba(val_x)
+            outputs.append(proba)
+        else:
+            outputs.append(estimator.predict(val_x))
+    return outputs
+
+
+def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
+               *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
+               l2_normalize: bool = True, log: Callable[[str], None] = print) -> FittedHead:
+    """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
+
+    groups: rows of one group (identical files, near-duplicates) stay in one fold.
+    """
+    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed), HEAD_CONSTRAINTS)
+    from joblib import Parallel, delayed
+    from sklearn.calibration import CalibratedClassifierCV
+
+    started = time.perf_counter()
+    folds = cv_splits(y, groups, cv, seed, class_names, log)
+    param, grid = GRIDS[clf]
+    if clf == "knn":  # k cannot exceed the smallest training fold
+        grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
+    n_classes = len(class_names)
+    balanced = class_weight == "balanced"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        warnings.simplefilter("ignore", category=RuntimeWarning)
+        # threads: the solvers spend their time in BLAS and Fortran with the GIL released, and
+        # threads spare the process start-up and the copy of X that worker processes would cost
+        per_fold = Parallel(n_jobs=min(n_jobs if n_jobs > 0 else os.cpu_count() or 1, len(folds)),
+                            prefer="threads")(
+            delayed(_fold_sweep)(clf, X, y, tr, va, grid, n_classes, l2_normalize, class_weight, seed)
+            for tr, va in folds)
+    has_proba = clf in ("logreg", "knn")
+    scores = np.zeros((len(folds), len(grid)))
+    log_loss = np.zeros((len(folds), len(grid)))
+    for f, ((_, va), outputs) in enumerate(zip(folds, per_fold)):
+        for g, out in enumerate(outputs):
+            predicted = out.argmax(1) if has_proba else out
+            scores[f, g] = _score(y[va], predicted, balanced)
+            if has_proba:
+                log_loss[f, g] = -np.mean(np.log(np.clip(out[np.arange(len(va)), y[va]], 1e-15, None)))
+    best = best_index(scores.mean(0), -log_loss.mean(0) if has_proba else None)
+    cv_proba = None
+    if has_proba:
+        cv_proba = np.zeros((len(y), n_classes))
+        for (_, va), outputs in zip(folds, per_fold):
+            cv_proba[va] = outputs[best]
+    model = make_pipeline(clf, l2_normalize, class_weight, seed).set_params(**{param: grid[best]})
+    if clf in ("svm", "rbf-svm"):
+        # probabilities: one SVM on the whole training part, sigmoid-calibrated on cross-validated scores
+        calibrated = CalibratedClassifierCV(model.steps[-1][1], method="sigmoid", cv=folds, ensemble=False)
+        model.steps[-1] = ("clf", calibrated)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        model.fit(X, y)
+    options = dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight, seed=seed, cv=cv)
+    return FittedHead(model, clf, options, {param.split("__")[-1]: grid[best]}, float(scores.mean(0)[best]),
+                      "balanced_accuracy" if balanced else "accuracy", len(folds), [float(v) for v in grid],
+                      cv_proba, time.perf_counter() - started)
+
+
+# -- fit-head: a cache in, a head folder out -------------------------------------------------------
 @dataclass
 class HeadResult:
     """What fit_head produced."""
@@ -95,58 +202,36 @@ def default_head_dir(cache_path: Path, clf: str) -> Path:
     return Path("heads") / f"{Path(cache_path).stem}-{clf}"
 
 
+def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[int, int]]:
+    """Row pairs whose features are nearly identical (cosine >= threshold), to keep on one side."""
+    from .audit import near_duplicate_pairs
+
+    i, j, _ = near_duplicate_pairs(cache.features, threshold)
+    return list(zip(i.tolist(), j.tolist()))
+
+
 def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
              class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, out: str | os.PathLike | None = None,
-             log: Callable[[str], None] = print) -> HeadResult:
+             l2_normalize: bool = True, group_near_duplicates: float | None = None,
+             out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
-    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size),
-                 HEAD_CONSTRAINTS)
-    from sklearn.calibration import CalibratedClassifierCV
-    from sklearn.model_selection import GridSearchCV
-
-    started = time.perf_counter()
+    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
+                      group_near_duplicates=group_near_duplicates), HEAD_CONSTRAINTS)
     cache = load(cache_path)
     if len(cache) == 0:
         raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")
-    split = split_rows(cache, test_size, seed)
+    links = near_duplicate_links(cache, group_near_duplicates) if group_near_duplicates is not None else ()
+    split = split_rows(cache, test_size, seed, links)
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
-    folds = cv_splits(y[split.train], split.group[split.train], cv, seed, cache.class_names, log)
-    param, grid = GRIDS[clf]
-    if clf == "knn":  # k cannot exceed the smallest training fold
-        grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
-    scoring = "balanced_accuracy" if class_weight == "balanced" else "accuracy"
-    # heads with probabilities during the sweep break accuracy ties by CV log-loss
-    tie_break = "log_loss" if clf in ("logreg", "knn") else None
-    scorers = {"score": scoring, **({"log_loss": "neg_log_loss"} if tie_break else {})}
-    search = GridSearchCV(make_pipeline(clf, l2_normalize, class_weight, seed), {param: grid}, cv=folds,
-                          scoring=scorers, n_jobs=n_jobs, refit=False, error_score="raise")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=UserWarning)
-        search.fit(X[split.train], y[split.train])
-    best = best_index(search.cv_results_, tie_break)
-    best_value, cv_score = grid[best], float(search.cv_results_["mean_test_score"][best])
-    model = make_pipeline(clf, l2_normalize, class_weight, seed).set_params(**{param: best_value})
-    if clf in ("svm", "rbf-svm"):
-        # probabilities: one SVM on the whole training part, sigmoid-calibrated on cross-validated scores
-        calibrated = CalibratedClassifierCV(model.steps[-1][1], method="sigmoid", cv=folds, ensemble=False)
-        model.steps[-1] = ("clf", calibrated)
-    model.fit(X[split.train], y[split.train])
-    fit_seconds = time.perf_counter() - started
-    y_pred = model.predict(X[split.test])
-    metrics = classification_metrics(y[split.test], y_pred, cache.class_names)
-    metrics.update({
-        "method": f"{clf} head", "clf": clf, "best_params": {param.split("__")[-1]: best_value},
-        "cv_score": cv_score, "cv_scoring": scoring, "cv_folds": len(folds),
-        "cv_grid": [float(v) for v in grid], "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
-        "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
-        "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups, "seed": seed,
-    })
+    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf, cv=cv,
+                        n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize, log=log)
+    fitted.options.update(test_size=test_size, group_near_duplicates=group_near_duplicates)
+    test_proba = fitted.model.predict_proba(X[split.test])
     folder = Path(out) if out else default_head_dir(Path(cache_path), clf)
-    save_head(folder, model, cache, metrics, dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight,
-                                                    seed=seed, test_size=test_size, cv=cv))
+    metrics = save_head(folder, fitted, cache, split, test_proba,
+                        {"near_duplicate_links": len(links)} if group_near_duplicates is not None else {})
     return HeadResult(folder, metrics, split)
 
 
@@ -157,23 +242,58 @@ def _versions() -> dict[str, str]:
     return {"cnncodes": __version__, "scikit-learn": sklearn.__version__, "numpy": np.__version__}
 
 
-def save_head(folder: Path, model: Any, cache: FeatureCache, metrics: dict[str, Any],
-              options: dict[str, Any]) -> None:
-    """head.joblib (the fitted pipeline), head.json (what it was trained on), metrics.json, the PNG."""
-    import joblib
+def rows_digest(cache: FeatureCache, rows: np.ndarray) -> str:
+    """A digest of which images (content, label, split) a head was trained and tested on."""
+    import hashlib
 
-    folder.mkdir(parents=True, exist_ok=True)
-    joblib.dump(model, folder / MODEL_FILE)
+    blob = "\n".join(f"{cache.content_hash[i]} {cache.labels[i]} {cache.split[i]}" for i in np.sort(rows))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache, split: Split,
+              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
+    per-image test predictions, the out-of-fold training predictions when the sweep made them, the PNG.
+    Returns the metrics."""
+    import skops.io
+
+    from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, chain_fingerprint,
+                            predictions_from_rows, staged_folder, write_json, write_predictions)
+
+    y_test = cache.labels[split.test]
+    metrics = classification_metrics(y_test, test_proba.argmax(1), cache.class_names, seed=fitted.options["seed"])
+    metrics.update({
+        "method": f"{fitted.clf} head", "clf": fitted.clf, "best_params": fitted.best_params,
+        "cv_score": fitted.cv_score, "cv_scoring": fitted.cv_scoring, "cv_folds": fitted.cv_folds,
+        "cv_grid": fitted.cv_grid, "fit_seconds": fitted.fit_seconds, "train_seconds": fitted.fit_seconds,
+        "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
+        "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups,
+        "seed": fitted.options["seed"], **(extra_metrics or {}),
+    })
+    cache_fingerprint = cache.attrs["fingerprint"]
+    fingerprint = chain_fingerprint(cache_fingerprint, options=fitted.options,
+                                    rows=rows_digest(cache, np.concatenate([split.train, split.test])))
+    metrics["fingerprint"] = fingerprint
     meta = {
-        "format_version": HEAD_FORMAT_VERSION, "classes": cache.class_names, "identity": cache.identity,
-        "fingerprint": cache.attrs["fingerprint"], "backbone_config": json.loads(cache.attrs["config_json"]),
+        "format_version": HEAD_FORMAT_VERSION, "kind": "head", "fingerprint": fingerprint,
+        "cache_fingerprint": cache_fingerprint, "classes": cache.class_names, "identity": cache.identity,
+        "backbone_config": json.loads(cache.attrs["config_json"]),
         "feature_dim": int(cache.features.shape[1]), "cache_path": str(Path(cache.path).resolve()),
-        "dataset_root": cache.attrs.get("dataset_root", ""), "options": options,
-        "metrics": {k: metrics[k] for k in ("accuracy", "balanced_accuracy", "macro_f1", "cv_score", "best_params")},
+        "dataset_root": cache.attrs.get("dataset_root", ""), "options": fitted.options,
+        "metrics": {k: metrics[k] for k in ("accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1",
+                                            "cv_score", "best_params")},
         "versions": _versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    (folder / META_FILE).write_text(json.dumps(meta, indent=2))
-    save_metrics(metrics, folder)
+    rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
+                class_names=cache.class_names)
+    with staged_folder(folder) as stage:
+        skops.io.dump(fitted.model, stage / HEAD_MODEL)
+        write_json(stage / HEAD_JSON, meta)
+        write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
+        if fitted.cv_proba is not None:
+            write_predictions(stage / CV_PREDICTIONS_CSV, predictions_from_rows(split.train, fitted.cv_proba, **rows))
+        save_metrics(metrics, stage)
+    return metrics
 
 
 @dataclass
@@ -207,56 +327,66 @@ class Head:
         return self.model.predict_proba(features)
 
 
-def load_head(folder: str | os.PathLike) -> Head:
-    """Load a head folder the user pointed to. joblib unpickles: only load heads you trust."""
-    import joblib
+# Every type a head pipeline may hold; a head.skops asking for anything else is refused unread.
+TRUSTED_TYPES = frozenset({
+    "sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.Normalizer",
+    "sklearn.preprocessing._data.StandardScaler", "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.multiclass.OneVsRestClassifier", "sklearn.svm._classes.SVC",
+    "sklearn.neighbors._classification.KNeighborsClassifier", "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
+    "sklearn.preprocessing._label.LabelBinarizer", "sklearn.neighbors._kd_tree.KDTree",
+    "sklearn.neighbors._ball_tree.BallTree", "builtins.slice",
+})
+
+
+def _load_skops(path: Path) -> Any:
+    import skops.io
+
+    try:
+        untrusted = skops.io.get_untrusted_types(file=path)
+    except Exception as exc:  # a damaged or foreign file: skops raises zip, JSON and key errors
+        raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {exc}); fit the head again.") \
+            from None
+    refused = sorted(set(untrusted) - TRUSTED_TYPES)
+    if refused:
+        raise UserError(f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
+                        "Fit the head again with `fit-head`.")
+    return skops.io.load(path, trusted=sorted(untrusted))
+
+
+def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
+    """Load a head folder: head.json and head.skops (types checked against TRUSTED_TYPES).
+
+    A format-1 head (head.joblib, a pickle that can run code when loaded) loads only with trust_pickle.
+    """
+    from .artifacts import HEAD_JSON, HEAD_MODEL, LEGACY_HEAD_MODEL, read_json, recover_folder
 
     folder = Path(folder)
-    meta_path, model_path = folder / META_FILE, folder / MODEL_FILE
-    for path in (meta_path, model_path):
-        if not path.is_file():
-            raise UserError(f"{path} is missing; --head must be a folder written by `fit-head`.")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except ValueError as exc:
-        raise UserError(f"{meta_path} is not valid JSON ({exc}).") from None
-    if meta.get("format_version") != HEAD_FORMAT_VERSION:
-        raise UserError(f"{folder} has head format {meta.get('format_version')!r}; expected "
-                        f"{HEAD_FORMAT_VERSION}. Fit the head again.")
+    recover_folder(folder)
+    meta_path = folder / HEAD_JSON
+    meta = read_json(meta_path, "--head must be a folder written by `fit-head`")
+    version = meta.get("format_version")
+    if version == 1:
+        model_path = folder / LEGACY_HEAD_MODEL
+        if not trust_pickle:
+            raise UserError(f"{folder} is an old head saved as a pickle ({LEGACY_HEAD_MODEL}), which can run "
+                            "code when loaded. Fit it again, or pass --trust-pickle if you made it yourself.")
+    elif version == HEAD_FORMAT_VERSION:
+        model_path = folder / HEAD_MODEL
+    else:
+        raise UserError(f"{folder} has head format {version!r}; expected {HEAD_FORMAT_VERSION}. Fit the head again.")
+    if not model_path.is_file():
+        raise UserError(f"{model_path} is missing; --head must be a folder written by `fit-head`.")
     trained_with = meta.get("versions", {}).get("scikit-learn")
     if trained_with and trained_with != _versions()["scikit-learn"]:
         warnings.warn(f"head {folder} was saved with scikit-learn {trained_with}, this is "
                       f"{_versions()['scikit-learn']}; predictions may differ or fail.", stacklevel=2)
-    model = joblib.load(model_path)
+    if version == 1:
+        import joblib
+
+        model = joblib.load(model_path)
+    else:
+        model = _load_skops(model_path)
     if list(getattr(model, "classes_", range(len(meta["classes"])))) != list(range(len(meta["classes"]))):
         raise UserError(f"{model_path} does not match {meta_path} (classes differ); fit the head again.")
     return Head(folder, model, meta)
-
-
-def linear_weights(head: Head) -> tuple[np.ndarray, np.ndarray, str, bool]:
-    """(W, b, activation, l2) with probabilities = activation(l2(x) @ W + b), scaler folded in."""
-    pipeline = head.model
-    steps = dict(pipeline.steps)
-    scaler, clf = steps["scale"], steps["clf"]
-    mean = scaler.mean_ if scaler.with_mean else 0.0
-    scale = scaler.scale_ if scaler.with_std else 1.0
-    n_classes = len(head.classes)
-    if head.meta["options"]["clf"] == "logreg":
-        coef, intercept = clf.coef_.T, clf.intercept_
-        if n_classes == 2:  # binary logistic regression: p1 = sigmoid(z) = softmax([0, z])[1]
-            coef, intercept = np.hstack([np.zeros_like(coef), coef]), np.array([0.0, intercept[0]])
-        activation = "softmax"
-    else:
-        calibrated = clf.calibrated_classifiers_[0]
-        machines = calibrated.estimator.estimators_
-        coef = np.stack([m.coef_.ravel() for m in machines], axis=1)
-        intercept = np.array([m.intercept_[0] for m in machines])
-        a = np.array([c.a_ for c in calibrated.calibrators])
-        b = np.array([c.b_ for c in calibrated.calibrators])
-        coef, intercept = -a * coef, -(a * intercept + b)  # g = -(a f + b)
-        if n_classes == 2:  # one machine for class 1: p1 = sigmoid(g), p0 = sigmoid(-g)
-            coef, intercept = np.hstack([-coef, coef]), np.concatenate([-intercept, intercept])
-        activation = "log_sigmoid"
-    weights = coef / np.asarray(scale)[:, None] if np.ndim(scale) else coef / scale
-    bias = intercept - np.asarray(mean) @ weights if np.ndim(mean) else intercept
-    return weights.astype(np.float32), bias.astype(np.float32), activation, "l2" in steps

@@ -59,9 +59,12 @@ def _describe(constraint: Any) -> str:
 
 
 def check_params(values: Mapping[str, Any], constraints: Mapping[str, list]) -> None:
-    """Raise UserError naming the first option whose value none of its constraints accept."""
-    for name, allowed in constraints.items():
-        value = values.get(name)
+    """Raise UserError naming the first option whose value none of its constraints accept.
+
+    Every name in values must have a row in constraints; a table may hold more rows than one caller checks.
+    """
+    for name, value in values.items():
+        allowed = constraints[name]
         if not any(_accepts(c, value) for c in allowed):
             wants = " or ".join(_describe(c) for c in allowed)
             raise UserError(f"--{name.replace('_', '-')} is {value!r}; it must be {wants}.")

@@ -13,11 +13,11 @@ import numpy as np
 from . import cache as feature_cache
 from .backbones import BackboneConfig
 from .errors import UserError
-from .extract import RUN_CONSTRAINTS, hash_files, stream_features
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, check_params
-from .runtime import load_model_file, make_runtime, read_sidecar
+from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
+from .stream import RUN_CONSTRAINTS, hash_files, stream_features
 
 
 @dataclass
@@ -41,7 +41,8 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     hashes = hash_files([f.path for f in files], workers)
     known: dict[str, np.ndarray] = {}
     cache_path = Path(head.meta["cache_path"])
-    if cache_path.is_file() and feature_cache.read_attrs(cache_path).get("fingerprint") == head.meta["fingerprint"]:
+    fingerprint = head.meta.get("cache_fingerprint")
+    if cache_path.is_file() and feature_cache.read_attrs(cache_path).get("fingerprint") == fingerprint:
         known = feature_cache.lookup(cache_path, [h for h in hashes if isinstance(h, str)])
     hash_of = {id(f): h for f, h in zip(files, hashes)}
     cached = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] in known]
@@ -57,7 +58,9 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     config = BackboneConfig(**head.meta["backbone_config"]).resolved()
     head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
     log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {config.backbone}")
-    engine = make_runtime(config, runtime, tflite_dir=cache_path.parent, threads=threads, log=log)
+    # the conversion is cached beside the features; a head whose cache folder is gone converts into cache/
+    tflite_dir = cache_path.parent if cache_path.parent.is_dir() else Path("cache")
+    engine = make_runtime(config, runtime, tflite_dir=tflite_dir, threads=threads, log=log)
     for batch in stream_features(rest, engine, config.resize, batch_size, workers):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         if batch.files:
@@ -78,7 +81,7 @@ def _model_predictions(model: str | os.PathLike, files: list[ImageFile], top_k: 
 def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None = None, *,
             model: str | os.PathLike | None = None, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
-            runtime: str = "auto", threads: int | None = None,
+            runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
             log: Callable[[str], None] = print) -> list[Prediction]:
     """Classify image files or folders with a fitted head or a model file; write a CSV when out is given."""
     check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime),
@@ -86,7 +89,7 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
                   **{k: RUN_CONSTRAINTS[k] for k in ("batch_size", "workers", "threads", "runtime")}})
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
-    loaded = load_head(head) if head is not None else None
+    loaded = load_head(head, trust_pickle) if head is not None else None
     files, ignored = scan_paths(list(paths))
     if ignored:
         log(f"{len(ignored)} non-image files ignored")
@@ -128,3 +131,50 @@ def prediction_lines(predictions: Sequence[Prediction], limit: int = 50) -> list
     lines.append(f"{len(good)} images classified, {len(bad)} skipped")
     lines += [f"  skipped {p.path}: {p.error}" for p in bad]
     return lines
+
+
+# -- one classifier loaded once, pixels to probabilities (the web server's path) ------------------
+@dataclass
+class Classifier:
+    """A head with its backbone, or a model file, loaded once: uint8 pixels in, class probabilities out."""
+
+    classes: list[str]
+    image_size: int
+    resize: str
+    backbone: str  # a readable name of the backbone configuration (for /health)
+    run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(n, n_classes) probabilities of a uint8 batch (n, image_size, image_size, 3)."""
+        if images.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"expected images of shape (n, {self.image_size}, {self.image_size}, 3), "
+                             f"got {images.shape}")
+        return np.asarray(self.run(images), dtype=np.float64)
+
+
+def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
+                    runtime: str = "auto", threads: int | None = None, *,
+                    scratch_dir: str | os.PathLike | None = None,
+                    log: Callable[[str], None] = print) -> Classifier:
+    """Load a head (and the backbone recorded in it) or a .keras/.tflite model file, once.
+
+    A head's backbone converted to TFLite is reused from beside its cache, as predict does; when it
+    is not there yet, scratch_dir (if given) receives the conversion instead of the cache's folder.
+    """
+    check_params(dict(runtime=runtime, threads=threads), {k: RUN_CONSTRAINTS[k] for k in ("runtime", "threads")})
+    if (head is None) == (model is None):
+        raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
+    if model is not None:
+        engine, meta = load_model_file(model)
+        name = BackboneConfig(**meta["backbone_config"]).short_name if meta.get("backbone_config") \
+            else Path(model).name
+        return Classifier(list(meta["classes"]), engine.image_size, meta.get("resize", "bilinear"), name, engine)
+    loaded = load_head(head)
+    config = BackboneConfig(**loaded.meta["backbone_config"]).resolved()
+    loaded.check_features(config.identity(), loaded.meta["feature_dim"], f"backbone {config.backbone}")
+    folder = Path(loaded.meta["cache_path"]).parent
+    if scratch_dir is not None and not tflite_path(config, folder).is_file():
+        folder = Path(scratch_dir)
+    engine = make_runtime(config, runtime, tflite_dir=folder, threads=threads, log=log)
+    return Classifier(loaded.classes, engine.image_size, config.resize, config.short_name,
+                      lambda images: loaded.predict_proba(engine(images)))

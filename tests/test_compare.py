@@ -7,9 +7,11 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from model_fixtures import World, finetune_run, quiet, world  # noqa: F401 (pytest fixtures)
+from pipeline.artifacts import HEAD_MODEL
 from pipeline.compare import compare
 from pipeline.errors import UserError
 
@@ -46,11 +48,18 @@ def test_compare_writes_three_files_one_row_per_input(world: World, compared) ->
     assert rows[0]["accuracy"] == head_metrics["accuracy"] and rows[1]["accuracy"] == run_metrics["accuracy"]
     assert rows[0]["n_test"] == rows[1]["n_test"] == head_metrics["n_test"]
     # the head's size: the backbone's float32 weights plus the joblib file, so larger than the joblib alone
-    assert rows[0]["size_mb"] > (world.heads["logreg"] / "head.joblib").stat().st_size / 1e6
+    assert rows[0]["size_mb"] > (world.heads["logreg"] / HEAD_MODEL).stat().st_size / 1e6
     assert json.loads((folder / "compare.json").read_text()) == rows
     md = (folder / "compare.md").read_text().strip().splitlines()
     assert md[0].startswith("| method | test acc") and len(md) == 4
     assert md[2].startswith("| logreg head | ") and md[3].startswith("| fine-tune")
+    # the paired test: both methods on the same test images, the best one named
+    best = int(np.argmax([r["accuracy"] for r in rows]))
+    assert rows[best]["paired_verdict"] == "(the best)"
+    other = rows[1 - best]
+    assert other["paired_test"]["n"] == head_metrics["n_test"] and " vs " in other["paired_verdict"]
+    assert "p = " in other["paired_verdict"] and "evidence" in other["paired_verdict"]
+    assert other["paired_verdict"] in (folder / "compare.md").read_text()
 
 
 def test_compare_refuses_a_folder_that_is_neither(world: World, tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from model_fixtures import CLASSES2, CLASSES3, World, cnn_world, world  # noqa: F401 (pytest fixtures)
+from pipeline.artifacts import PREDICTIONS_CSV, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.export import export_head, verify_export
@@ -55,8 +56,8 @@ def exported(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[tup
     out = {}
     for clf in ("logreg", "svm"):
         for fmt in ("keras", "tflite"):
-            path, model = export_head(world.heads[clf], folder / f"{clf}.{fmt}", format=fmt)
-            assert path == folder / f"{clf}.{fmt}" and model.output_shape == (None, 3)
+            path, check = export_head(world.heads[clf], folder / f"{clf}.{fmt}", format=fmt, verify=0)
+            assert path == folder / f"{clf}.{fmt}" and check == {}
             out[clf, fmt] = path
     return out
 
@@ -79,8 +80,8 @@ def test_export_reproduces_head(world: World, exported, clf: str, fmt: str) -> N
 
 @pytest.mark.parametrize("clf", ["logreg", "svm"])
 def test_binary_export_reproduces_head(world: World, clf: str, tmp_path: Path) -> None:
-    path, model = export_head(world.heads2[clf], tmp_path / f"{clf}2.keras")
-    assert model.output_shape == (None, 2)
+    path, _ = export_head(world.heads2[clf], tmp_path / f"{clf}2.keras", verify=0)
+    assert load_model_file(path)[0].model.output_shape == (None, 2)
     images, expected = expected_proba(world, world.heads2[clf], world.data2, world.cache2)
     assert (np.abs(expected[:, 0] - expected[:, 1])).min() > 0.05
     assert_matches_head(path, images, expected, CLASSES2)
@@ -91,8 +92,8 @@ def test_l2_normalised_export_reproduces_head(cnn_world: World, clf: str, tmp_pa
     """At ordinary feature norms the UnitNormalization layer reproduces scikit-learn's Normalizer."""
     w = cnn_world
     assert load_head(w.heads[clf]).meta["options"]["l2_normalize"] is True
-    path, model = export_head(w.heads[clf], tmp_path / f"{clf}.keras")
-    assert "l2_normalize" in [layer.name for layer in model.layers]
+    path, _ = export_head(w.heads[clf], tmp_path / f"{clf}.keras", verify=0)
+    assert "l2_normalize" in [layer.name for layer in load_model_file(path)[0].model.layers]
     images, expected = expected_proba(w, w.heads[clf], w.data, w.cache)
     assert_matches_head(path, images, expected, CLASSES3)
 
@@ -103,20 +104,27 @@ def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> N
     meta = json.loads(sidecar_path(path).read_text())
     assert (meta["format"], meta["quantize"]) == ("tflite", "float16")
     runtime, _ = load_model_file(path)
-    check = verify_export(runtime, load_head(w.heads["logreg"]), 64)
-    assert set(check) == {"images", "max_abs_prob_diff", "top1_agreement"}
-    assert check["images"] == 24
+    head = load_head(w.heads["logreg"])
+    test = read_predictions(w.heads["logreg"] / PREDICTIONS_CSV)
+    check = verify_export(runtime, head, test, 64)
+    assert set(check) == {"images", "max_abs_prob_diff", "top1_agreement", "export_accuracy", "head_accuracy",
+                          "n_test"}
+    assert check["images"] == check["n_test"] == len(test) > 0
     assert 0.9 <= check["top1_agreement"] <= 1.0
+    assert check["head_accuracy"] == pytest.approx(float(test.correct.mean()))
+    assert abs(check["export_accuracy"] - check["head_accuracy"]) <= 1 - check["top1_agreement"] + 1e-9
     assert 0.0 <= check["max_abs_prob_diff"] < 0.05
 
 
 def test_verify_export_reports_exact_agreement(world: World, exported) -> None:
     runtime, _ = load_model_file(exported["logreg", "keras"])
-    check = verify_export(runtime, load_head(world.heads["logreg"]), max_images=10)
-    assert check["images"] == 10
+    test = read_predictions(world.heads["logreg"] / PREDICTIONS_CSV)
+    check = verify_export(runtime, load_head(world.heads["logreg"]), test, max_images=3)
+    assert check["images"] == 3
     assert check["top1_agreement"] == 1.0 and check["max_abs_prob_diff"] <= 1e-4
     # against another head's probabilities the difference shows
-    other = verify_export(runtime, load_head(world.heads["svm"]), max_images=10)
+    other_test = read_predictions(world.heads["svm"] / PREDICTIONS_CSV)
+    other = verify_export(runtime, load_head(world.heads["svm"]), other_test, max_images=10)
     assert other["max_abs_prob_diff"] > 1e-3
 
 
@@ -178,7 +186,25 @@ def test_cli_export_keras_with_verification(world: World, tmp_path: Path) -> Non
     result = CliRunner().invoke(cli.app, ["export", str(world.heads["logreg"]), "--out", str(out), "--verify", "12"])
     assert result.exit_code == 0, (result.output, result.exception)
     assert out.is_file() and sidecar_path(out).is_file()
-    assert "check on 12 dataset images" in result.stdout and "top-1 agreement 1.0000" in result.stdout
+    n_test = len(read_predictions(world.heads["logreg"] / PREDICTIONS_CSV))
+    assert f"check on {min(12, n_test)} of the head's {n_test} test images" in result.stdout
+    assert "top-1 agreement 1.0000" in result.stdout and "test accuracy on those images: exported" in result.stdout
+
+
+def test_export_works_without_the_cache_and_refuses_bad_verify(world: World, tmp_path: Path) -> None:
+    """export (with its check) needs the head folder and the images, not the feature cache."""
+    import cli
+
+    moved = tmp_path / "moved.h5"
+    shutil.copytree(world.heads["logreg"], tmp_path / "head")
+    head = json.loads((tmp_path / "head" / "head.json").read_text())
+    (tmp_path / "head" / "head.json").write_text(json.dumps({**head, "cache_path": str(moved)}))
+    path, check = export_head(tmp_path / "head", tmp_path / "m.keras", verify=100)
+    assert path.is_file() and check["top1_agreement"] == 1.0
+    result = CliRunner().invoke(cli.app, ["export", str(tmp_path / "head"), "--out", str(tmp_path / "n.keras"),
+                                          "--verify", "-1"])
+    assert result.exit_code == 2 and result.stderr.startswith("error: --verify is -1")
+    assert "Traceback" not in result.output and not (tmp_path / "n.keras").exists()
 
 
 # -- predict --model ------------------------------------------------------------------------------
@@ -214,3 +240,6 @@ def test_missing_sidecar_is_user_error(world: World, exported, tmp_path: Path) -
             predict([world.data], model=lonely, log=lambda m: None)
     with pytest.raises(UserError, match="does not exist"):
         load_model_file(tmp_path / "nothing.keras")
+    sidecar_path(lonely).write_text("{not json")
+    with pytest.raises(UserError, match=r"lonely\.tflite\.json is not valid JSON"):
+        load_model_file(lonely)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from model_fixtures import CLASSES3, TINY_CONFIG, World, finetune_run, quiet, world  # noqa: F401 (fixtures)
+from pipeline.artifacts import PREDICTIONS_CSV, RUN_JSON, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.finetune import (backbone_base, build_model, finetune, finetune_parts, freeze_backbone,
@@ -23,7 +24,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn'
               pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")]
 
 RUN_FILES = ["model.keras", "model.keras.json", "history.csv", "learning_curves.png", "metrics.json",
-             "confusion_matrix.png"]
+             "confusion_matrix.png", "predictions.csv", "run.json"]
 FIT_HEAD_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names",
                  "n_test", "method", "clf", "best_params", "cv_score", "fit_seconds", "train_seconds",
                  "n_train", "split", "split_notes", "seed"}
@@ -240,6 +241,15 @@ def test_finetune_end_to_end(world: World, finetune_run) -> None:
     sidecar = json.loads((folder / "model.keras.json").read_text())
     assert sidecar["classes"] == list(CLASSES3) and sidecar["image_size"] == 32
     assert any("fine-tuning:" in m and "trainable" in m for m in messages)
+    # per-image test predictions, on fit-head's test images, agreeing with metrics.json
+    predictions = read_predictions(folder / PREDICTIONS_CSV)
+    head_predictions = read_predictions(world.heads["logreg"] / PREDICTIONS_CSV)
+    assert sorted(predictions.content_hash) == sorted(head_predictions.content_hash)
+    assert predictions.correct.mean() == pytest.approx(metrics["accuracy"])
+    run = json.loads((folder / RUN_JSON).read_text())
+    assert run["fingerprint"] == metrics["fingerprint"] == sidecar["fingerprint"]
+    assert run["cache_fingerprint"] == load(world.cache).attrs["fingerprint"]
+    assert metrics["accuracy_ci"][0] <= metrics["accuracy"] <= metrics["accuracy_ci"][1]
 
 
 def test_predict_with_finetuned_model(world: World, finetune_run) -> None:
@@ -260,6 +270,7 @@ def test_predict_with_finetuned_model(world: World, finetune_run) -> None:
     (dict(optimizer="rmsprop"), "optimizer"),
     (dict(epochs=-1), "epochs"),
     (dict(batch_size=0), "--batch-size is 0"),
+    (dict(test_size=5), "--test-size is 5"),
 ])
 def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
@@ -302,3 +313,26 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(tmp_path: Path)
     assert metrics["interrupted"] is True and 2 <= metrics["epochs_run"] < 500
     for name in ("model.keras", "model.keras.json", "history.csv", "learning_curves.png", "confusion_matrix.png"):
         assert (out / name).is_file(), name
+
+
+# -- randomness is scoped -------------------------------------------------------------------------
+
+def test_seed_decides_the_new_layers_and_the_random_backbone_is_fixed(world: World) -> None:
+    """A weights=None backbone is always the seed-0 one (it is the cache's configuration), it does not
+    reseed the caller, and the finetune seed alone decides the rest of the model."""
+    from pipeline.backbones import build_backbone, temp_seed
+
+    config = TINY_CONFIG.resolved()
+
+    def model_weights(seed: int) -> list[np.ndarray]:
+        with temp_seed(seed):
+            return build_model(config, 3, "none", 0.2).get_layer("classifier").get_weights()
+
+    np.random.seed(123)
+    expected = np.random.random(3)
+    np.random.seed(123)
+    backbone = build_backbone(config).get_weights()
+    assert np.array_equal(np.random.random(3), expected)  # building did not reseed the caller
+    assert all(np.array_equal(a, b) for a, b in zip(backbone, build_backbone(config).get_weights()))
+    one, same, other = model_weights(1), model_weights(1), model_weights(2)
+    assert np.array_equal(one[0], same[0]) and not np.array_equal(one[0], other[0])

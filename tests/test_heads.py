@@ -14,6 +14,7 @@ from threadpoolctl import threadpool_limits
 from heads_fixtures import (CLASS_NAMES3, ROOT, SYNTH_CONFIG, blobs, fake_hash, noise,  # noqa: F401
                             write_cache)
 from pipeline import heads
+from pipeline.artifacts import CV_PREDICTIONS_CSV, HEAD_MODEL, PREDICTIONS_CSV, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS, fit_head, load_head
@@ -109,7 +110,7 @@ def test_noise_labels_score_near_chance(tmp_path: Path, clf: str, small_grids) -
     result = fit(cache, tmp_path / "h", clf)
     assert result.metrics["accuracy"] < 0.7
     assert result.metrics["cv_score"] < 0.7
-    assert (tmp_path / "h" / METRICS_FILE).is_file() and (tmp_path / "h" / "head.joblib").is_file()
+    assert (tmp_path / "h" / METRICS_FILE).is_file() and (tmp_path / "h" / HEAD_MODEL).is_file()
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -391,7 +392,9 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     result, blob_cache = fitted[clf], fitted["cache"]
     folder = result.folder
     assert folder.name == clf
-    assert {p.name for p in folder.iterdir()} == {"head.joblib", "head.json", METRICS_FILE, CONFUSION_PNG}
+    with_oof = {CV_PREDICTIONS_CSV} if clf in ("logreg", "knn") else set()  # SVM sweeps make no probabilities
+    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_FILE, CONFUSION_PNG,
+                                                  PREDICTIONS_CSV} | with_oof
 
     metrics = json.loads((folder / METRICS_FILE).read_text())
     assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
@@ -411,7 +414,11 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     cache = load(blob_cache)
     assert meta["classes"] == CLASS_NAMES3
     assert meta["identity"] == cache.identity == SYNTH_CONFIG.resolved().identity()
-    assert meta["fingerprint"] == SYNTH_CONFIG.resolved().fingerprint()
+    assert meta["cache_fingerprint"] == SYNTH_CONFIG.resolved().fingerprint()
+    # the head's own fingerprint is chained from the cache's and the options
+    assert len(meta["fingerprint"]) == 16 and meta["fingerprint"] != meta["cache_fingerprint"]
+    assert meta["fingerprint"] == metrics["fingerprint"]
+    assert meta["options"]["clf"] == clf and meta["dataset_root"] == cache.attrs["dataset_root"]
     assert meta["feature_dim"] == 16
     assert Path(meta["cache_path"]) == blob_cache.resolve()
     assert {"scikit-learn", "numpy", "cnncodes"} <= set(meta["versions"])
@@ -419,6 +426,22 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
 
     assert (folder / CONFUSION_PNG).read_bytes()[:8] == PNG_MAGIC
+
+    # predictions.csv holds every test image once; metrics.json is recomputed from it exactly
+    predictions = read_predictions(folder / PREDICTIONS_CSV)
+    assert sorted(predictions.paths) == sorted(cache.paths[i] for i in result.split.test)
+    assert predictions.class_names == CLASS_NAMES3 and predictions.proba.shape == (18, 3)
+    assert np.allclose(predictions.proba.sum(1), 1, atol=1e-4)
+    assert predictions.correct.mean() == pytest.approx(metrics["accuracy"])
+    recomputed = np.zeros((3, 3), int)
+    np.add.at(recomputed, (predictions.y_true, predictions.y_pred), 1)
+    assert recomputed.tolist() == metrics["confusion_matrix"]
+    lo, hi = metrics["accuracy_ci"]
+    assert lo <= metrics["accuracy"] <= hi and 0 <= lo < hi <= 1
+    if clf in ("logreg", "knn"):  # out-of-fold probabilities of every training row
+        oof = read_predictions(folder / CV_PREDICTIONS_CSV)
+        assert sorted(oof.paths) == sorted(cache.paths[i] for i in result.split.train)
+        assert oof.correct.mean() == pytest.approx(metrics["cv_score"], abs=0.05)
 
 
 def test_default_head_folder(blob_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -440,8 +463,8 @@ def head_dir(fitted: dict, tmp_path: Path) -> Path:
 def test_missing_head_files(head_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(UserError, match="head.json is missing"):
         load_head(tmp_path / "nowhere")
-    (head_dir / "head.joblib").unlink()
-    with pytest.raises(UserError, match="head.joblib is missing"):
+    (head_dir / HEAD_MODEL).unlink()
+    with pytest.raises(UserError, match="head.skops is missing"):
         load_head(head_dir)
 
 
@@ -509,7 +532,7 @@ def test_fit_head_and_cli_never_import_tensorflow(blob_cache: Path, tmp_path: Pa
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "accuracy 1.0" in out.stdout
     assert "test accuracy" in out.stdout and "(18 test images)" in out.stdout
-    assert (head / "head.joblib").is_file() and (cli_head / "head.json").is_file()
+    assert (head / HEAD_MODEL).is_file() and (cli_head / "head.json").is_file()
 
 
 # -- the command line ----------------------------------------------------------------------------------

@@ -59,7 +59,10 @@ def test_metrics_table(metrics: dict) -> None:
         assert sum(line.split()[0] == name for line in lines) == 1, name
     apple = next(line for line in lines if line.startswith("apple"))
     assert apple.split() == ["apple", "1.000", "0.667", "0.800", "3"]
-    assert lines[-1] == ("test accuracy 0.6667   balanced accuracy 0.7222   macro F1 0.6556   (6 test images)")
+    b, f = metrics["balanced_accuracy_ci"], metrics["macro_f1_ci"]
+    assert metrics["accuracy_ci"] == pytest.approx([0.3000, 0.9032], abs=5e-4)  # Wilson, 4 of 6
+    assert lines[-1] == (f"test accuracy 0.6667 [0.300, 0.903]   balanced accuracy 0.7222 [{b[0]:.3f}, {b[1]:.3f}]   "
+                         f"macro F1 0.6556 [{f[0]:.3f}, {f[1]:.3f}]   (6 test images)   [95% intervals]")
 
 
 def test_metrics_table_long_class_names() -> None:
@@ -96,16 +99,19 @@ ROWS = [
 def test_compare_markdown() -> None:
     lines = compare_markdown(ROWS).splitlines()
     assert len(lines) == 2 + len(ROWS)
-    assert lines[0].startswith("| method | test acc |")
+    assert lines[0].startswith("| method | test acc [95% CI] |")
     assert set(lines[1].replace("|", "").split()) == {"---"}
     header_cells = lines[0].count("|")
     for row, line in zip(ROWS, lines[2:]):
         assert line.startswith(f"| {row['method']} |") and line.count("|") == header_cells
     cells = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert cells == ["logreg head", "0.9123", "0.9000", "0.8800", "1.3", "0.50", "0.01"]
+    assert cells == ["logreg head", "0.9123", "0.9000", "0.8800", "1.3", "0.50", "0.01", ""]
     svm = [c.strip() for c in lines[3].strip("|").split("|")]
-    assert svm[-2:] == ["", ""]  # missing values are blank, not 'None'
+    assert svm[-3:] == ["", "", ""]  # missing values are blank, not 'None'
     assert "None" not in "\n".join(lines)
+    with_ci = compare_markdown([{**ROWS[0], "accuracy_ci": [0.85, 0.95], "paired_verdict": "a vs b: +1 image"}])
+    cells = [c.strip() for c in with_ci.splitlines()[2].strip("|").split("|")]
+    assert cells[1] == "0.9123 [0.850, 0.950]" and cells[-1] == "a vs b: +1 image"
 
 
 def test_plot_compare(tmp_path: Path) -> None:
