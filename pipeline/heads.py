@@ -141,6 +141,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed), HEAD_CONSTRAINTS)
     from joblib import Parallel, delayed
     from sklearn.calibration import CalibratedClassifierCV
+    from threadpoolctl import threadpool_limits
 
     started = time.perf_counter()
     folds = cv_splits(y, groups, cv, seed, class_names, log)
@@ -149,13 +150,14 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
     n_classes = len(class_names)
     balanced = class_weight == "balanced"
-    with warnings.catch_warnings():
+    workers = min(n_jobs if n_jobs > 0 else os.cpu_count() or 1, len(folds))
+    # threads: the solvers spend their time in BLAS and Fortran with the GIL released, and threads
+    # spare the process start-up and the copy of X that worker processes would cost; BLAS itself
+    # runs on one thread per fold, or its own threads and the folds' oversubscribe the cores
+    with warnings.catch_warnings(), threadpool_limits(limits=1 if workers > 1 else None, user_api="blas"):
         warnings.simplefilter("ignore", category=UserWarning)
         warnings.simplefilter("ignore", category=RuntimeWarning)
-        # threads: the solvers spend their time in BLAS and Fortran with the GIL released, and
-        # threads spare the process start-up and the copy of X that worker processes would cost
-        per_fold = Parallel(n_jobs=min(n_jobs if n_jobs > 0 else os.cpu_count() or 1, len(folds)),
-                            prefer="threads")(
+        per_fold = Parallel(n_jobs=workers, prefer="threads")(
             delayed(_fold_sweep)(clf, X, y, tr, va, grid, n_classes, l2_normalize, class_weight, seed)
             for tr, va in folds)
     has_proba = clf in ("logreg", "knn")
