@@ -451,6 +451,7 @@ class CacheWriter:
         sizes = [self._size_of(s, len(fresh)) for s in shards]
         number = self._next_number()
         new_shard = self.shards_dir / f"shard-{self.fingerprint}-{number:06d}.h5" if fresh else None
+        target = new_shard or self.path  # what was being written, for the message if it fails
         try:
             needed = len(fresh) * dim * 4 + len(kept) * 256 + (1 << 20) * 4
             if shutil.disk_usage(self.path.parent).free < needed:
@@ -459,6 +460,7 @@ class CacheWriter:
                 self._write_shard(new_shard, fresh, dim)
             names = [f"{self.shards_dir.name}/{(new_shard if s is None else self._sources[s].path).name}"
                      for s in shards]
+            target = self.path
             with atomic_path(self.path) as tmp:
                 with h5py.File(tmp, "w") as f:
                     f.attrs.update({**attrs, **self.identity, "fingerprint": self.fingerprint,
@@ -485,7 +487,7 @@ class CacheWriter:
             if new_shard is not None and new_shard.name not in _indexed_shards(self.path):
                 new_shard.unlink(missing_ok=True)
             if isinstance(exc, OSError):
-                raise self._write_error(exc, new_shard or self.path) from None
+                raise self._write_error(exc, target) from None
             raise
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         self._remove_unreferenced_shards()

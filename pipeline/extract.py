@@ -125,7 +125,8 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
         # one model for every layer; a single layer builds exactly the model `extract --layer` builds
         factory = functools.partial(make_runtime, configs[0], runtime, tflite_dir=paths[0].parent, threads=threads,
                                     log=log, layers=layers if len(layers) > 1 else None)
-        log(f"{len(files) - len(tasks)} of {len(files)} files already in the cache")
+        known = sum(1 for _, h in files if all(w.has(h) for w in writers))
+        log(f"{known} of {len(files)} files already in the cache{'s' * (len(writers) > 1)}")
         result = run(tasks, factory, FeatureSink(writers), engine=engine, resize=configs[0].resize,
                      batch_size=batch_size, workers=workers, progress=progress, log=log,
                      engine_options=ray_options if engine == "ray" else None)

@@ -41,9 +41,12 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     hashes = hash_files([f.path for f in files], workers)
     known: dict[str, np.ndarray] = {}
     cache_path = Path(head.meta["cache_path"])
-    fingerprint = head.meta.get("cache_fingerprint")
-    if cache_path.is_file() and feature_cache.read_attrs(cache_path).get("fingerprint") == fingerprint:
-        known = feature_cache.lookup(cache_path, [h for h in hashes if isinstance(h, str)])
+    try:  # the cache only saves work: a head whose cache moved, broke or changed uses its backbone
+        if cache_path.is_file() and \
+                feature_cache.read_attrs(cache_path).get("fingerprint") == head.meta.get("cache_fingerprint"):
+            known = feature_cache.lookup(cache_path, [h for h in hashes if isinstance(h, str)])
+    except UserError as exc:
+        log(f"note: not using the head's cache ({exc})")
     hash_of = {id(f): h for f, h in zip(files, hashes)}
     cached = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] in known]
     for file in files:

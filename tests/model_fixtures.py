@@ -127,11 +127,12 @@ def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
     """One end-to-end fine-tuning run (1 head epoch + 1 fine-tuning epoch) on the tiny dataset."""
     if "finetune_run" in _BUILT:
         return _BUILT["finetune_run"]
+    from pipeline.cache import copy_cache
     from pipeline.finetune import finetune
 
     root = tmp_path_factory.mktemp("finetune_run")
     cache = root / "tiny.h5"
-    shutil.copy(world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
+    copy_cache(world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
     messages: list[str] = []
     result = finetune(world.data, TINY_CONFIG, epochs=1, head_epochs=1, batch_size=8, cache=cache,
                       out=root / "run", log=quiet(messages))

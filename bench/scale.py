@@ -1,0 +1,233 @@
+"""Extraction at scale: images/s, peak memory, cache size, and what an incremental run costs.
+
+For each size N (default 1,000, 5,000 and 20,000), a dataset of N real images is built once under
+--workdir: re-encoded, cropped and resized variants of ../shared/datasets/{oxford_flowers12,
+cats_vs_dogs} (14 classes). Then, each a separate `python cli.py extract` process (start-up included,
+peak RSS from wait4):
+  fresh        the N images into a new cache;
+  incremental  the same cache after adding 1% new images, named so that they fall all through the
+               scan order (the harder case for the cache's row layout);
+  new only     those new images alone into a new cache: what the incremental run is compared with
+               (target: incremental <= 3x new only, at every size).
+
+    python bench/scale.py                                          # Lite0, avg_pool, TFLite runtime
+    python bench/scale.py --sizes 1000 5000 --backbone MobileNet --alpha 0.25 --weights imagenet  # quick
+    python bench/scale.py --engines local ray                      # the ray engine too (pip install -e '.[ray]')
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and KERAS_HOME)
+
+SOURCES = ("oxford_flowers12", "cats_vs_dogs")
+LITE0 = str(SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras")
+NEW_FRACTION = 0.01
+
+
+def source_images() -> list[tuple[str, Path]]:
+    """(class, path) of every source image: class folders of the source datasets, prefixed by the dataset."""
+    found = []
+    for name in SOURCES:
+        for folder in sorted(p for p in (SHARED / "datasets" / name).iterdir() if p.is_dir()):
+            found += [(f"{name}-{folder.name}", p) for p in sorted(folder.iterdir())
+                      if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+    return found
+
+
+def variant(task: tuple[Path, Path, int]) -> None:
+    """One new image: a random crop (50-100% of each side) of a source, resized to 128-320 px, JPEG 70-95."""
+    source, target, seed = task
+    rng = np.random.default_rng(seed)
+    with Image.open(source) as img:
+        img = img.convert("RGB")
+        w, h = img.size
+        cw, ch = int(w * rng.uniform(0.5, 1.0)), int(h * rng.uniform(0.5, 1.0))
+        x, y = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+        side = int(rng.integers(128, 321))
+        out = img.crop((x, y, x + cw, y + ch)).resize((side, int(side * ch / cw) or 1), Image.BILINEAR)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    out.save(target, quality=int(rng.integers(70, 96)))
+
+
+def make_images(root: Path, names: list[str], seed: int) -> list[Path]:
+    """One variant per name under root/CLASS/name, from randomly chosen source images (in parallel)."""
+    sources = source_images()
+    picks = np.random.default_rng(seed).integers(0, len(sources), len(names))
+    tasks = [(sources[i][1], root / sources[i][0] / name, seed * 1_000_003 + k)
+             for k, (i, name) in enumerate(zip(picks, names))]
+    with ProcessPoolExecutor(os.cpu_count()) as pool:
+        list(pool.map(variant, tasks, chunksize=64))
+    return [t[1] for t in tasks]
+
+
+def dataset(workdir: Path, n: int) -> tuple[Path, Path, Path]:
+    """(base, base + 1% new, the new images alone); built once per size, the last two as hard links."""
+    base, plus, new = workdir / f"data-{n}", workdir / f"data-{n}-plus", workdir / f"data-{n}-new"
+    done = workdir / f"data-{n}.done"
+    if not done.exists():
+        for folder in (base, plus, new):
+            shutil.rmtree(folder, ignore_errors=True)
+        make_images(base, [f"img_{k:06d}.jpg" for k in range(n)], seed=n)
+        # img_<j>b<k>.jpg sorts right after img_<j>.jpg: the new images fall all through the scan order
+        after = np.random.default_rng(n + 1).integers(0, n, max(1, int(n * NEW_FRACTION)))
+        make_images(new, [f"img_{j:06d}b{k:04d}.jpg" for k, j in enumerate(after)], seed=n + 2)
+        shutil.copytree(base, plus, copy_function=os.link)
+        shutil.copytree(new, plus, copy_function=os.link, dirs_exist_ok=True)
+        done.touch()
+    return base, plus, new
+
+
+def cache_files(cache: Path) -> dict[Path, tuple[int, int]]:
+    """(size, mtime) of the index and its shards."""
+    files = [cache, *cache.with_name(cache.name + ".shards").glob("*.h5")]
+    return {p: (p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.exists()}
+
+
+def tree_memory_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
+    """Sample the summed PSS of a process and its descendants (Ray's raylet and workers) until stop is set.
+
+    PSS splits each shared page (Ray's object store, shared libraries) between the processes that map it,
+    so the sum counts it once, where a sum of RSS would count it in every process.
+    """
+    import psutil
+
+    while not stop.wait(0.25):
+        try:
+            procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return
+        total = 0
+        for proc in procs:
+            try:
+                total += proc.memory_full_info().pss
+            except psutil.Error:
+                pass  # ended between the listing and the sample
+        peak[0] = max(peak[0], total)
+
+
+def extract_process(data: Path, cache: Path, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    """One `python cli.py extract` process: wall seconds (start-up included), peak RSS, the summary's figures."""
+    command = [sys.executable, "cli.py", "extract", str(data), "--backbone", args.backbone, "--weights", args.weights,
+               "--cache", str(cache), "--runtime", args.runtime, "--engine", engine, "--no-progress"]
+    command += ["--layer", args.layer] if args.layer else []
+    command += ["--alpha", str(args.alpha)] if args.alpha else []
+    started = time.perf_counter()
+    with open(cache.with_suffix(".log"), "w") as log:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        stop, tree_peak = threading.Event(), [0]
+        sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak))
+        sampler.start()
+        stdout = proc.stdout.read()
+        stop.set()
+        sampler.join()
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - started
+    if os.waitstatus_to_exitcode(status) != 0:
+        log_text = cache.with_suffix(".log").read_text()[-2000:]
+        raise SystemExit(f"extract failed: {' '.join(command)}\n{stdout}\n{log_text}")
+    rate = re.search(r"([\d.]+) images/s", stdout)
+    first = re.search(r"first batch after ([\d.]+) s", stdout)
+    counts = re.search(r"new (\d+), already cached (\d+)", stdout)
+    ray_start = re.search(r"started a local Ray cluster in ([\d.]+) s", cache.with_suffix(".log").read_text())
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024),
+            "tree_pss_mb": round(tree_peak[0] / 2**20), "ray_start_s": float(ray_start.group(1)) if ray_start else None,
+            "images_per_s": float(rate.group(1)) if rate else None,
+            "first_batch_s": float(first.group(1)) if first else None,
+            "new": int(counts.group(1)), "cached": int(counts.group(2)),
+            "cache_mb": round(sum(size for size, _ in cache_files(cache).values()) / 1e6, 1)}
+
+
+def measure(workdir: Path, n: int, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+    """Fresh, incremental and new-only runs for one size and engine."""
+    from pipeline.cache import layout
+
+    base, plus, new = dataset(workdir, n)
+    caches = workdir / "caches"
+    for stale in caches.glob(f"{engine}-{n}-*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    cache = caches / f"{engine}-{n}-cache.h5"
+    fresh = extract_process(base, cache, args, engine)
+    before = cache_files(cache)
+    incremental = extract_process(plus, cache, args, engine)
+    incremental["written_mb"] = round(sum(size for p, (size, mtime) in cache_files(cache).items()
+                                          if before.get(p, (0, 0))[1] != mtime) / 1e6, 2)
+    stats = layout(cache)
+    incremental["layout"] = {"shards": stats.shards, "runs": stats.runs, "garbage_rows": stats.garbage_rows}
+    only_new = extract_process(new, caches / f"{engine}-{n}-new.h5", args, engine)
+    return {"engine": engine, "images": n, "new_images": only_new["new"], "fresh": fresh, "incremental": incremental,
+            "new_only": only_new, "ratio": round(incremental["seconds"] / only_new["seconds"], 2)}
+
+
+def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
+    """ray against local, size by size (fresh runs): images/s while extracting, whole-command seconds, memory."""
+    fresh = {(r["engine"], r["images"]): r["fresh"] for r in rows}
+    sizes = [n for (engine, n) in fresh if engine == "ray" and ("local", n) in fresh]
+    if not sizes:
+        return []
+    lines = ["", "ray vs local (fresh runs; memory: peak PSS summed over each command's processes, Ray's included)",
+             f"{'images':>7s} {'local img/s':>11s} {'ray img/s':>9s} {'ray/local':>9s} {'local s':>8s} {'ray s':>7s} "
+             f"{'Ray start s':>11s} {'local MB':>8s} {'ray MB':>7s}"]
+    for n in sizes:
+        local, ray = fresh["local", n], fresh["ray", n]
+        lines.append(f"{n:7d} {local['images_per_s']:11.1f} {ray['images_per_s']:9.1f} "
+                     f"{ray['images_per_s'] / local['images_per_s']:9.2f} {local['seconds']:8.1f} {ray['seconds']:7.1f} "
+                     f"{ray['ray_start_s'] or 0:11.1f} {local['tree_pss_mb']:8d} {ray['tree_pss_mb']:7d}")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
+    parser.add_argument("--engines", nargs="+", default=["local"])
+    parser.add_argument("--backbone", default=LITE0)
+    parser.add_argument("--layer", default="avg_pool")
+    parser.add_argument("--weights", default="imagenet")
+    parser.add_argument("--alpha", type=float, default=None)
+    parser.add_argument("--runtime", default="tflite")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/cnncodes-scale"))
+    parser.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
+    args = parser.parse_args()
+    if args.backbone != LITE0 and args.layer == "avg_pool":
+        args.layer = None  # avg_pool is Lite0's; a Keras Applications name pools its top by default
+    caches = args.workdir / "caches"
+    caches.mkdir(parents=True, exist_ok=True)
+    # convert the backbone once, outside the measurements (the conversion is cached beside the caches)
+    warm = args.workdir / "warm"
+    if not warm.exists():
+        make_images(warm, [f"img_{k}.jpg" for k in range(4)], seed=7)
+    extract_process(warm, caches / "warm.h5", args, "local")
+    # engines interleaved size by size: a change in the machine's load hits them alike
+    rows = [measure(args.workdir, n, args, engine) for n in args.sizes for engine in args.engines]
+    lines = [f"{'engine':6s} {'images':>7s} {'img/s':>7s} {'fresh s':>8s} {'RSS MB':>7s} {'cache MB':>9s} "
+             f"{'+1% s':>7s} {'new-only s':>10s} {'ratio':>6s} {'written MB':>10s} {'shards/runs':>11s}"]
+    for r in rows:
+        f, i, o = r["fresh"], r["incremental"], r["new_only"]
+        lines.append(f"{r['engine']:6s} {r['images']:7d} {f['images_per_s'] or 0:7.1f} {f['seconds']:8.1f} "
+                     f"{f['peak_rss_mb']:7d} {f['cache_mb']:9.1f} {i['seconds']:7.1f} {o['seconds']:10.1f} "
+                     f"{r['ratio']:6.2f} {i['written_mb']:10.2f} {i['layout']['shards']:5d}/{i['layout']['runs']:<5d}")
+    lines += engines_compared(rows)
+    result = {"backbone": args.backbone, "layer": args.layer, "runtime": args.runtime, "rows": rows}
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2))
+    report("\n".join(lines), result)
+
+
+if __name__ == "__main__":
+    main()
