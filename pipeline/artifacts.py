@@ -40,6 +40,7 @@ RUN_MODEL = "model.keras"  # a fine-tuning run's model (+ its sidecar model.kera
 RUN_JSON = "run.json"  # what a fine-tuning run was trained on (fingerprints, options)
 HISTORY_CSV = "history.csv"
 LEARNING_CURVES_PNG = "learning_curves.png"
+STUDY_JSON = "study.json"  # a study folder's table, winner, advice and checkout
 SIDECAR_SUFFIX = ".json"  # model.keras -> model.keras.json: class names and input settings
 PREDICTION_COLUMNS = ("path", "content_hash", "split", "true", "predicted")
 PROBA_PREFIX = "proba_"  # then one column per class: proba_<class name>
@@ -293,6 +294,6 @@ def folder_kind(folder: str | os.PathLike) -> str | None:
         return "head"
     if (folder / RUN_MODEL).is_file() and (folder / METRICS_JSON).is_file():
         return "run"
-    if (folder / "study.json").is_file():
+    if (folder / STUDY_JSON).is_file():
         return "study"
     return None

@@ -1,0 +1,274 @@
+"""web/serve: the JSON API with FastAPI's TestClient (a fake classifier: no TensorFlow), every bad input as a
+4xx JSON error naming the file, the micro-batcher (concurrent requests share one model call), and the
+Classifier that `serve` and `predict` share (a tiny real head, slow)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import struct
+import threading
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import noise_jpeg, pixels
+from pipeline.errors import UserError
+from pipeline.images import MAX_PIXELS, ImageError, decode_image
+
+pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from pipeline.web.serve import MAX_FILES, MicroBatcher, create_app, serve  # noqa: E402
+
+CLASSES = ["red", "green", "blue"]
+
+
+class FakeClassifier:
+    """Probabilities from the mean colour (red, green, blue), and a record of every model call."""
+
+    classes = CLASSES
+    image_size = 16
+    resize = "bilinear"
+    backbone = "fake-backbone-16"
+
+    def __init__(self, fail: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail = fail
+        self.lock = threading.Lock()
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.batches.append(len(images))
+        if self.fail:
+            raise RuntimeError("the model broke")
+        means = images.reshape(len(images), -1, 3).mean(1) / 25.0
+        e = np.exp(means - means.max(1, keepdims=True))
+        return e / e.sum(1, keepdims=True)
+
+
+def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", seed: int = 0) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels(colour, seed)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def huge_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels (the pixel data never comes): refused before decoding."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture
+def fake() -> FakeClassifier:
+    return FakeClassifier()
+
+
+@pytest.fixture
+def client(fake: FakeClassifier):
+    with TestClient(create_app(fake, max_upload_mb=0.05, top_k=5, source="fake")) as c:
+        yield c
+
+
+def post(client: TestClient, *files: tuple[str, bytes], **params):
+    return client.post("/predict", files=[("files", (name, data, "application/octet-stream")) for name, data in files],
+                       params=params)
+
+
+def assert_error(response, status: int, *fragments: str) -> None:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert list(body) == ["error"], body
+    for fragment in fragments:
+        assert fragment in body["error"], (fragment, body["error"])
+
+
+# -- the JSON shape ----------------------------------------------------------------------------------
+def test_health_names_classes_and_backbone(client: TestClient) -> None:
+    body = client.get("/health").json()
+    assert body["classes"] == CLASSES and body["backbone"] == "fake-backbone-16"
+    assert body["status"] == "ok" and body["model_calls"] == 0
+
+
+def test_predict_several_files_in_one_request(client: TestClient, fake: FakeClassifier) -> None:
+    files = [("r.png", image_bytes((220, 30, 30))), ("g.jpg", image_bytes((30, 220, 30), "JPEG")),
+             ("b.webp", image_bytes((30, 30, 220), "WEBP"))]
+    response = post(client, *files)
+    assert response.status_code == 200, response.text
+    predictions = response.json()["predictions"]
+    assert [p["filename"] for p in predictions] == ["r.png", "g.jpg", "b.webp"]
+    assert [p["top"][0]["class"] for p in predictions] == ["red", "green", "blue"]
+    for p in predictions:
+        assert [set(t) for t in p["top"]] == [{"class", "probability"}] * 3  # top_k 5, only 3 classes
+        probabilities = [t["probability"] for t in p["top"]]
+        assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-6
+    assert fake.batches == [3]  # one request, one model call
+
+
+def test_top_k_query(client: TestClient) -> None:
+    response = post(client, ("r.png", image_bytes((220, 30, 30))), top_k=1)
+    assert [t["class"] for t in response.json()["predictions"][0]["top"]] == ["red"]
+    assert_error(post(client, ("r.png", image_bytes((220, 30, 30))), top_k=4), 422, "top_k", "3")
+
+
+# -- bad input: 4xx JSON naming the file and the reason, and the server stays up ------------------------
+BAD_FILES = {
+    "not_an_image": (("notes.jpg", b"this is text, not a JPEG\n" * 4), 422, "not an image"),
+    "zero_bytes": (("empty.png", b""), 422, "empty file"),
+    "over_pixel_limit": (("bomb.png", huge_png_header(10_000, MAX_PIXELS // 10_000 + 1)), 422, f"{MAX_PIXELS}-pixel"),
+    "over_size_limit": (("big.bmp", b"BM" + bytes(60_000)), 413, "upload limit"),
+}
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # pytest resets the module filter
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_bad_file_is_a_4xx_naming_it(client: TestClient, fake: FakeClassifier, case: str) -> None:
+    (name, data), status, reason = BAD_FILES[case]
+    assert_error(post(client, (name, data)), status, name, reason)
+    assert fake.batches == []  # the model never saw it
+    assert client.get("/health").status_code == 200
+
+
+def test_truncated_jpeg(client: TestClient, tmp_path: Path) -> None:
+    whole = noise_jpeg(tmp_path / "whole.jpg").read_bytes()
+    assert_error(post(client, ("cut.jpg", whole[: len(whole) // 2])), 422, "cut.jpg", "truncated")
+
+
+def test_one_bad_file_among_good_ones_names_only_it(client: TestClient) -> None:
+    response = post(client, ("ok.png", image_bytes((220, 30, 30))), ("bad.gif", b"GIF89a broken"),
+                    ("fine.png", image_bytes((30, 30, 220))))
+    assert_error(response, 422, "1 of 3 files", "bad.gif")
+    assert "ok.png" not in response.json()["error"]
+
+
+@pytest.mark.parametrize("request_kwargs", [{}, {"data": {"files": "not a file"}}, {"data": {"other": "x"}}],
+                         ids=["no_body", "text_field", "other_field"])
+def test_request_without_files(client: TestClient, request_kwargs: dict) -> None:
+    response = client.post("/predict", **request_kwargs)
+    assert 400 <= response.status_code < 500 and list(response.json()) == ["error"], response.text
+    if "other" in request_kwargs.get("data", {}) or not request_kwargs:
+        assert "no files" in response.json()["error"]
+
+
+def test_too_many_files(client: TestClient) -> None:
+    small = image_bytes((220, 30, 30))
+    assert_error(post(client, *[(f"f{k}.png", small) for k in range(MAX_FILES + 1)]), 413, f"at most {MAX_FILES}")
+
+
+def test_body_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
+    response = client.post("/predict", content=b"x" * 10, headers={"content-length": str(10**9),
+                                                                 "content-type": "multipart/form-data; boundary=b"})
+    assert_error(response, 413, "request body", "--max-upload-mb")
+
+
+def test_unknown_route_and_method_are_json(client: TestClient) -> None:
+    assert_error(client.get("/nothing-here"), 404, "Not Found")
+    assert_error(client.get("/predict"), 405, "Method Not Allowed")
+
+
+def test_unexpected_error_is_json_and_the_server_stays_up() -> None:
+    broken = FakeClassifier(fail=True)
+    with TestClient(create_app(broken), raise_server_exceptions=False) as c:
+        for _ in range(2):
+            assert_error(post(c, ("r.png", image_bytes((220, 30, 30)))), 500, "internal error", "RuntimeError")
+        assert c.get("/health").status_code == 200
+
+
+def test_page_is_self_contained(client: TestClient) -> None:
+    html = client.get("/").text
+    assert all(name in html for name in CLASSES) and "fake-backbone-16" in html
+    assert "<script src" not in html and "stylesheet" not in html and "https://" not in html
+    assert 'type="file"' in html and "multiple" in html
+    assert client.get("/docs").status_code == 200  # FastAPI's OpenAPI page
+
+
+# -- the micro-batcher -------------------------------------------------------------------------------
+def test_concurrent_requests_share_one_model_call(fake: FakeClassifier) -> None:
+    colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (200, 40, 40)]
+    # the first request waits up to 3 s for others; four images fill the batch and it runs at once
+    with TestClient(create_app(fake, max_batch=4, batch_wait_ms=3000)) as c:
+        with ThreadPoolExecutor(4) as pool:
+            responses = list(pool.map(lambda k: post(c, (f"{k}.png", image_bytes(colours[k], seed=k))), range(4)))
+        assert fake.batches == [4]
+        assert [r.json()["predictions"][0]["top"][0]["class"] for r in responses] == ["red", "green", "blue", "red"]
+        assert c.get("/health").json()["model_calls"] == 1
+
+
+def test_batcher_splits_at_max_batch_and_returns_each_its_rows() -> None:
+    calls: list[int] = []
+
+    def identity(batch: np.ndarray) -> np.ndarray:
+        calls.append(len(batch))
+        return batch[:, :1].astype(np.float64)
+
+    async def scenario() -> list[np.ndarray]:
+        batcher = MicroBatcher(identity, max_batch=3, wait_s=0.05)
+        task = asyncio.create_task(batcher.run())
+        await asyncio.sleep(0)
+        jobs = [np.arange(start, start + n)[:, None] for start, n in ((0, 2), (10, 1), (20, 4), (30, 1))]
+        results = await asyncio.gather(*(batcher(j) for j in jobs))
+        task.cancel()
+        return [r.ravel().tolist() for r in results]
+
+    results = asyncio.run(scenario())
+    assert results == [[0, 1], [10], [20, 21, 22, 23], [30]]
+    assert max(calls) <= 3 and sum(calls) == 8 and len(calls) < 8  # batched, never above max_batch
+
+
+# -- decoding uploads from memory ----------------------------------------------------------------------
+def test_decode_image_from_bytes_and_streams_matches_the_path(tmp_path: Path) -> None:
+    path = tmp_path / "x.jpg"
+    path.write_bytes(image_bytes((120, 60, 200), "JPEG"))
+    expected = decode_image(path, 24)
+    assert np.array_equal(decode_image(path.read_bytes(), 24), expected)
+    assert np.array_equal(decode_image(io.BytesIO(path.read_bytes()), 24), expected)
+    with pytest.raises(ImageError, match="empty"):
+        decode_image(b"", 24)
+
+
+# -- serve's own checks ------------------------------------------------------------------------------
+def test_serve_refuses_bad_options_before_loading() -> None:
+    with pytest.raises(UserError, match="exactly one of"):
+        serve(None, None)
+    with pytest.raises(UserError, match="--max-upload-mb"):
+        serve("some/head", max_upload_mb=0)
+    with pytest.raises(UserError, match="--port"):
+        serve("some/head", port=70000)
+
+
+def test_serve_refuses_a_port_in_use() -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        with pytest.raises(UserError, match="cannot listen"):
+            serve("some/head", port=taken.getsockname()[1])
+
+
+# -- the Classifier shared by serve and predict (a tiny real head; TensorFlow) ---------------------------
+@pytest.mark.slow
+def test_classifier_matches_the_head_on_cached_features(world) -> None:
+    from pipeline.cache import load
+    from pipeline.heads import load_head
+    from pipeline.predict import load_classifier
+
+    classifier = load_classifier(head=world.heads["logreg"], runtime="keras")
+    assert classifier.classes == list(load_head(world.heads["logreg"]).classes)
+    assert classifier.image_size == world.config.image_size and classifier.backbone.startswith("MobileNetV2")
+    paths, images = world.images()
+    cache = load(world.cache)
+    row = {p: i for i, p in enumerate(cache.paths)}
+    expected = load_head(world.heads["logreg"]).predict_proba(cache.features[[row[p] for p in paths]])
+    np.testing.assert_allclose(classifier.predict_proba(images), expected, atol=1e-4)
+
+
+from model_fixtures import world  # noqa: E402,F401 (a pytest fixture)
