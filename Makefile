@@ -28,6 +28,11 @@ demo: venv
 	$(PY) cli.py extract "$$(cat $(DEMO_DIR)/data.txt)" --backbone $(BACKBONE) $(LAYER) --cache $(DEMO_DIR)/features.h5
 	$(PY) cli.py fit-head $(DEMO_DIR)/features.h5 --clf logreg --out $(DEMO_DIR)/head-logreg
 	$(PY) cli.py predict "$$(cat $(DEMO_DIR)/data.txt)" --head $(DEMO_DIR)/head-logreg --top-k 3 --out $(DEMO_DIR)/predictions.csv
+	$(PY) cli.py audit $(DEMO_DIR)/features.h5 --head $(DEMO_DIR)/head-logreg --out $(DEMO_DIR)/audit
+	$(PY) cli.py report $(DEMO_DIR)/head-logreg --audit $(DEMO_DIR)/audit --projection pca --out $(DEMO_DIR)/report.html
+	@echo
+	@echo "Open the report in a browser: file://$(abspath $(DEMO_DIR))/report.html"
+	@echo "Try your own photos: $(PY) cli.py serve --head $(DEMO_DIR)/head-logreg   then open http://127.0.0.1:8000/"
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) cache/*.h5 heads runs
+	rm -rf $(VENV) $(DEMO_DIR) cache/*.h5 cache/*.shards cache/*.tflite heads runs compare audits studies

@@ -121,8 +121,8 @@ def fit_head_command(
     test_size: float = typer.Option(0.2, help="Test fraction when the cache has no test split."),
     l2_normalize: bool = typer.Option(True, help="L2-normalise each feature vector first."),
     group_near_duplicates: Optional[float] = typer.Option(
-        None, help="Keep images whose features have cosine >= this (e.g. 0.97) on one side of the split "
-                   "and of every fold, as byte-identical files are (see `audit`)."),
+        None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
+                   "side of the split and of every fold, as byte-identical files are."),
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
@@ -317,7 +317,8 @@ def audit_command(
     head: Optional[Path] = typer.Option(None, help="Judge leakage against this head's test images (default: "
                                                    "fit-head's split for --seed)."),
     out: Optional[Path] = typer.Option(None, help="Audit folder (default: audits/<cache>/)."),
-    threshold: float = typer.Option(0.95, help="Cosine at or above which two images are near-duplicates."),
+    threshold: float = typer.Option(0.55, help="Cosine (of whitened features) at or above which two images are "
+                                             "near-duplicates."),
     seed: int = typer.Option(0, help="Seed of the split, the CV folds and the learning-curve subsamples."),
     cv: int = typer.Option(5, help="Cross-validation folds for the out-of-fold probabilities."),
     n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),

@@ -206,7 +206,7 @@ def default_head_dir(cache_path: Path, clf: str) -> Path:
 
 def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[int, int]]:
     """Row pairs whose features are nearly identical (cosine >= threshold), to keep on one side."""
-    from .audit import near_duplicate_pairs
+    from .neighbours import near_duplicate_pairs
 
     i, j, _ = near_duplicate_pairs(cache.features, threshold)
     return list(zip(i.tolist(), j.tolist()))
