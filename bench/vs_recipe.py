@@ -1,0 +1,151 @@
+"""The project vs the seed recipe (../shared/peers/seed_recipe.py) on one split, as whole processes.
+
+    python bench/vs_recipe.py DATASET [--work DIR] [--runs 1] [--clf logreg]
+                              [--recipe-seconds S --recipe-accuracy A] [--profile]
+
+DATASET is a folder, or a name under ../shared/datasets. A seeded 80/20 split is materialised as
+WORK/split/{train,val} (../shared/peers/split_folders.py), then:
+(a) the project, from raw images to an evaluated head: `cli.py extract` into a cold feature cache
+    (the backbone's TFLite conversion is warm: converted once beforehand, timed and reported
+    apart, like a weights download), then `cli.py fit-head`, whose test part is the val folder;
+(b) the recipe: frozen backbone + softmax, then fine-tuning, trained on train/ and scored on val/.
+--recipe-seconds/--recipe-accuracy reuse a measured recipe figure instead of running it (minutes).
+--profile also runs fit-head once under `python -X importtime` and lists its slowest imports.
+Prints the command lines, a table with phases, and as its last line one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and environment)
+from first_batch import ensure_conversion
+
+PEERS = SHARED / "peers"
+LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
+# extract's summary line: "... (3.1 s extracting, 3.2 s in all)"
+EXTRACT_TIMES = re.compile(r"\(([\d.]+) s extracting, ([\d.]+) s in all\)")
+
+
+def run(command: list[str], what: str) -> tuple[float, str]:
+    """Run one process from the project root; its wall seconds and stdout (stderr shown if it fails)."""
+    print("$ " + " ".join(command), flush=True)
+    start = time.perf_counter()
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if done.returncode:
+        raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout + done.stderr
+
+
+def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, Any]:
+    """extract (cold feature cache, warm conversion) + fit-head, each timed as a whole process."""
+    cache, head = work / "cache" / "features.h5", work / "head"
+    for stale in (cache.with_name(cache.name + ".partial"), head):
+        shutil.rmtree(stale, ignore_errors=True)
+    cache.unlink(missing_ok=True)
+    extract_s, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
+                          "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
+    times = EXTRACT_TIMES.search(out)
+    if "with tflite" not in out:
+        raise SystemExit("extract did not use the TFLite runtime:\n" + out[-2000:])
+    fit_s, _ = run([sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)],
+                   "fit-head")
+    metrics = json.loads((head / "metrics.json").read_text())
+    if "val is the test part" not in str(metrics.get("split")):
+        raise SystemExit(f"fit-head did not test on the val folder: split is {metrics.get('split')!r}")
+    extracting, in_all = (float(times.group(1)), float(times.group(2))) if times else (float("nan"),) * 2
+    return {"extract_s": extract_s, "fit_head_s": fit_s, "total_s": extract_s + fit_s,
+            "accuracy": metrics["accuracy"], "n_test": metrics["n_test"], "n_train": metrics.get("n_train"),
+            "split": metrics["split"], "best_params": metrics.get("best_params"),
+            "phases": {"extract: start-up and imports": extract_s - in_all,
+                       "extract: scan, hashing, runtime load, cache commit": in_all - extracting,
+                       "extract: decoding + inference (overlapped)": extracting,
+                       "fit-head: CV sweep + refit (fit_seconds)": metrics["fit_seconds"],
+                       "fit-head: start-up, imports, load, evaluate, save": fit_s - metrics["fit_seconds"]}}
+
+
+def slow_imports(args: argparse.Namespace, cache: Path, work: Path, least_ms: float = 40.0) -> list[tuple[str, float]]:
+    """fit-head under -X importtime: the top-level imports costing at least least_ms, slowest first."""
+    command = [sys.executable, "-X", "importtime", "cli.py", "fit-head", str(cache), "--clf", args.clf,
+               "--out", str(work / "head_profiled")]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
+    print("$ " + " ".join(command))
+    found = []
+    for line in done.stderr.splitlines():
+        parts = line.split("|")
+        # "import time: self | cumulative | name": two spaces before a module imported at top level
+        if line.startswith("import time:") and len(parts) == 3 and parts[2].startswith(" ") \
+                and not parts[2].startswith("   ") and parts[1].strip().isdigit():
+            found.append((parts[2].strip(), int(parts[1]) / 1000))
+    return sorted(((n, ms) for n, ms in found if ms >= least_ms), key=lambda item: -item[1])
+
+
+def recipe(split: Path, backbone: str) -> dict[str, Any]:
+    """The seed recipe as one process, trained on split/train and validated on split/val."""
+    seconds, out = run([sys.executable, str(PEERS / "seed_recipe.py"), str(split / "train"), "--val-dir",
+                        str(split / "val"), "--backbone", backbone], "the recipe")
+    line = next(l for l in reversed(out.splitlines()) if l.startswith("{"))
+    result = json.loads(line)
+    return {"seconds": seconds, "accuracy": result["val_acc_finetuned"], "reported": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("dataset")
+    parser.add_argument("--work", default=None, help="default: /tmp/cnncodes_vs_recipe/<dataset>")
+    parser.add_argument("--backbone", default=str(LITE0))
+    parser.add_argument("--layer", default="avg_pool")
+    parser.add_argument("--clf", default="logreg")
+    parser.add_argument("--runs", type=int, default=1, help="project runs (the median is reported)")
+    parser.add_argument("--recipe-seconds", type=float, default=None)
+    parser.add_argument("--recipe-accuracy", type=float, default=None)
+    parser.add_argument("--profile", action="store_true")
+    args = parser.parse_args()
+    if (args.recipe_seconds is None) != (args.recipe_accuracy is None):
+        parser.error("give both --recipe-seconds and --recipe-accuracy, or neither")
+    data = Path(args.dataset) if Path(args.dataset).is_dir() else SHARED / "datasets" / args.dataset
+    work = Path(args.work or f"/tmp/cnncodes_vs_recipe/{data.name}")
+    split = work / "split"
+    shutil.rmtree(split, ignore_errors=True)
+    run([sys.executable, str(PEERS / "split_folders.py"), str(data), str(split)], "split_folders")
+    conversion = ensure_conversion(argparse.Namespace(backbone=args.backbone, weights="imagenet", layer=args.layer,
+                                                      alpha=None), work / "cache")
+    runs = [project_once(args, split, work) for _ in range(args.runs)]
+    project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
+    if args.recipe_seconds is None:
+        peer = recipe(split, args.backbone)
+    else:
+        peer = {"seconds": args.recipe_seconds, "accuracy": args.recipe_accuracy, "reported": "given on the command line"}
+    ratio = peer["seconds"] / project["total_s"]
+    lines = [f"dataset {data.name}: {project['n_train']} train / {project['n_test']} test (val) images; "
+             f"split {project['split']}",
+             "one-time TFLite conversion: " + (f"{conversion:.1f} s" if conversion else "already cached in "
+                                                + str(work / "cache")),
+             f"{'':56s} {'seconds':>8s} {'accuracy':>9s}",
+             f"{'project: extract + fit-head ' + args.clf:56s} {project['total_s']:8.1f} {project['accuracy']:9.4f}"]
+    lines += [f"  {name:54s} {seconds:8.2f}" for name, seconds in project["phases"].items()]
+    lines += [f"{'recipe: seed_recipe.py (frozen 10 epochs + fine-tune 7)':56s} {peer['seconds']:8.1f} "
+              f"{peer['accuracy']:9.4f}",
+              f"speed ratio recipe / project: {ratio:.1f}x" + (
+                  " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")]
+    profile = slow_imports(args, work / "cache" / "features.h5", work) if args.profile else None
+    if profile:
+        lines.append("fit-head's top-level imports over 40 ms (python -X importtime): "
+                     + ", ".join(f"{name} {ms:.0f} ms" for name, ms in profile))
+    report("\n".join(lines), {"dataset": data.name, "conversion_s": conversion, "project": project, "recipe": peer,
+                              "ratio": round(ratio, 2), "runs": [r["total_s"] for r in runs],
+                              "slow_imports_ms": profile})
+
+
+if __name__ == "__main__":
+    main()

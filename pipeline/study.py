@@ -1,0 +1,399 @@
+"""Study: which backbone, layer and head suit a dataset, measured in one command.
+
+Every (backbone, layer) goes into the normal feature cache, the layers of one backbone out of one
+forward pass. Every head is fitted as fit-head fits it: grouped CV on the training part of fit-head's
+split. The winner is the single-layer configuration with the best CV score, chosen before any test
+score is looked at; the test part only reports, each accuracy with its 95% Wilson interval.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from .artifacts import PREDICTIONS_CSV, read_predictions, staged_folder
+from .cache import FeatureCache, load
+from .checkout import LIKENESS_PER_CLASS, checkout
+from .errors import UserError
+from .extract import extract_layers
+from .heads import CLASSIFIERS, fit_arrays, save_head
+from .images import Dataset, scan_dataset
+from .params import Interval, Options, check_params
+from .runtime import RUNTIMES
+from .splits import Split, split_rows
+from .stats import mcnemar_exact, paired_verdict, wilson_interval
+from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
+from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
+
+DEFAULT_LAYERS = "auto,auto+top"
+DEFAULT_HEADS = "logreg,svm"
+# Budget estimates before the first fit of a kind: seconds per (n_train ** power * feature width), from
+# bench/heads.py on the 2-core machine (flowers, 767 x 1280: logreg 3.9 s, svm 8.6 s); every fit recalibrates.
+FIT_COST = {"logreg": (4e-6, 1), "svm": (1.1e-8, 2), "rbf-svm": (8e-9, 2), "knn": (1e-6, 1)}
+CONVERSION_SECONDS = 15.0  # one TFLite conversion of a backbone, when its caches are still to be made
+FINETUNE_PASSES = 30  # budget estimate of fine-tuning: about 10 epochs at 3x the cost of inference
+STUDY_CONSTRAINTS = {
+    "budget_minutes": [Interval(0.001, 100_000), None],
+    "seed": [Interval(0, 2**31 - 1, integer=True)],
+    "test_size": [Interval(0.01, 0.9)],
+    "cv": [Interval(2, 50, integer=True)],
+    "n_jobs": [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)],
+    "runtime": [Options(RUNTIMES)],
+}
+
+
+# -- fitting one configuration ---------------------------------------------------------------------
+def hypercolumn(a: FeatureCache, b: FeatureCache) -> FeatureCache:
+    """a's rows with b's features of the same content appended (rows of a that b lacks are dropped)."""
+    row_of = {h: i for i, h in enumerate(b.content_hash)}
+    rows = [i for i, h in enumerate(a.content_hash) if h in row_of]
+    other = [row_of[a.content_hash[i]] for i in rows]
+    return replace(a, path=Path(f"{a.path}+{Path(b.path).name}"),
+                   features=np.hstack([a.features[rows], b.features[other]]), labels=a.labels[rows],
+                   paths=[a.paths[i] for i in rows], content_hash=[a.content_hash[i] for i in rows],
+                   split=[a.split[i] for i in rows], runtime=[a.runtime[i] for i in rows])
+
+
+@dataclass
+class Outcome:
+    """One fitted configuration: its table row and what saving it as a head folder needs."""
+
+    row: dict[str, Any]
+    fitted: Any  # heads.FittedHead
+    cache: FeatureCache
+    split: Split
+    test_proba: np.ndarray
+    head_ms: float
+
+
+def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int, test_size: float,
+               log: Callable[[str], None]) -> Outcome:
+    """fit-head on one feature set: C chosen by grouped CV on the training part, then the test score."""
+    split = split_rows(cache, test_size, seed)
+    if len(split.test) == 0:
+        raise UserError("no test images: every class has a single image (or group of identical images).")
+    X, y = cache.features, cache.labels
+    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf,
+                        cv=cv, n_jobs=n_jobs, seed=seed, log=log)
+    fitted.options.update(test_size=test_size)
+    start = time.perf_counter()
+    proba = fitted.model.predict_proba(X[split.test])
+    head_ms = 1000 * (time.perf_counter() - start) / len(split.test)
+    correct = int((proba.argmax(1) == y[split.test]).sum())
+    row = {"head": clf, "cv_accuracy": fitted.cv_score, "cv_folds": fitted.cv_folds,
+           "best_params": fitted.best_params, "test_accuracy": correct / len(split.test),
+           "test_ci": list(wilson_interval(correct, len(split.test))), "n_train": int(len(split.train)),
+           "n_test": int(len(split.test)), "fit_seconds": fitted.fit_seconds, "feature_dim": int(X.shape[1]),
+           "cache": str(cache.path)}
+    return Outcome(row, fitted, cache, split, proba, head_ms)
+
+
+def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
+    """The single-layer row with the best CV accuracy; ties go to the faster, then the smaller one.
+
+    Test scores play no part. Hypercolumn rows are not eligible: a head folder reads one cache.
+    """
+    eligible = [k for k, r in enumerate(rows) if r["kind"] == "layer"]
+    if not eligible:
+        return None
+    return min(eligible, key=lambda k: (-round(rows[k]["cv_accuracy"], 12), rows[k]["infer_ms_per_image"],
+                                        rows[k]["model_mb"], k))
+
+
+def save_outcome(folder: Path, outcome: Outcome) -> None:
+    """A configuration as a normal head folder (predict, export and compare take it as it is)."""
+    save_head(folder, outcome.fitted, outcome.cache, outcome.split, outcome.test_proba,
+              {"selected_by": "cnncodes study: CV accuracy on the training part"})
+
+
+def paired_test(winner: Outcome, folder: Path) -> tuple[dict[str, Any], str]:
+    """A fine-tuning run vs the winner head on the test images both scored (matched by content hash)."""
+    run = read_predictions(folder / PREDICTIONS_CSV)
+    cache = winner.cache
+    mine = {cache.content_hash[r]: bool(p == cache.labels[r])
+            for r, p in zip(winner.split.test, winner.test_proba.argmax(1))}
+    theirs = dict(zip(run.content_hash, run.correct.tolist()))
+    common = sorted(set(mine) & set(theirs))
+    a, b = np.array([theirs[h] for h in common], bool), np.array([mine[h] for h in common], bool)
+    return mcnemar_exact(a, b), paired_verdict("fine-tune", "winner head", a, b)
+
+
+# -- the study -------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """One step of a study: fit a head on some layers of a backbone, or the backbone's ImageNet checkout."""
+
+    plan: Plan
+    layers: tuple[str, ...] = ()  # empty: the checkout
+    clf: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{self.plan.label} " + (f"{'+'.join(self.layers)} {self.clf}" if self.layers else "checkout")
+
+
+@dataclass
+class StudyResult:
+    """What study() measured (the study.json object) and where it wrote it."""
+
+    folder: Path
+    data: dict[str, Any]
+    markdown: str
+
+    @property
+    def interrupted(self) -> bool:
+        return bool(self.data["interrupted"])
+
+    def lines(self) -> list[str]:
+        """What the command prints: the table, the winner, the advice, what was skipped, where it all is."""
+        data = self.data
+        lines = [table_markdown(data["rows"]), ""]
+        lines += [f"- {line}" for line in data["advice"]["text"]]
+        lines += [f"skipped {s['config']}: {s['reason']}" for s in data["skipped"]]
+        if data["winner"] is not None:
+            lines.append(f"winner (by CV accuracy, before the test part was looked at): {self.folder / 'winner'}/")
+        lines.append(f"study written to {self.folder}/ (study.md, study.json, study.png) in {data['seconds']:.0f} s")
+        if self.interrupted:
+            lines.append("interrupted: the table holds what was finished.")
+        return lines
+
+
+class Study:
+    """The state of one study run: plans, rows so far, the budget; run() does the work in cost order."""
+
+    def __init__(self, dataset: Dataset, plans: list[Plan], tokens: list[str], clfs: list[str], *,
+                 budget_minutes: float | None, seed: int, test_size: float, cv: int, n_jobs: int, runtime: str,
+                 cache_dir: str | Path, log: Callable[[str], None]) -> None:
+        self.dataset, self.plans, self.tokens, self.clfs = dataset, plans, tokens, clfs
+        self.seed, self.test_size, self.cv, self.n_jobs, self.runtime = seed, test_size, cv, n_jobs, runtime
+        self.cache_dir, self.log = cache_dir, log
+        self.started = time.perf_counter()
+        self.budget = None if budget_minutes is None else 60.0 * budget_minutes
+        self.scale = {clf: 1.0 for clf in FIT_COST}  # measured / estimated fit seconds, per classifier
+        self.n_train = int(round(len(dataset.files) * (1 - test_size)))
+        self.rows: list[dict[str, Any]] = []
+        self.outcomes: list[Outcome] = []
+        self.checkouts: dict[str, Any] = {}
+        self.skipped: list[dict[str, str]] = []
+        self._loaded: dict[Path, FeatureCache] = {}
+
+    # budget ----------------------------------------------------------------------------------------
+    def left(self) -> float:
+        """Seconds of budget left (infinite without a budget)."""
+        return np.inf if self.budget is None else self.budget - (time.perf_counter() - self.started)
+
+    def _extraction_cost(self, plan: Plan) -> float:
+        if plan.caches:
+            return 0.0
+        conversion = 0.0 if self.runtime == "keras" else CONVERSION_SECONDS
+        return len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 + conversion
+
+    def _fit_cost(self, clf: str, dim: int) -> float:
+        factor, power = FIT_COST[clf]
+        return self.scale[clf] * factor * self.n_train ** power * dim
+
+    def cost(self, task: Task) -> float:
+        """Estimated seconds: extraction if the backbone still needs it, plus the fit (or the checkout)."""
+        top_ms = max(task.plan.ms.values())
+        if not task.layers:
+            return 3.0 + len(self.dataset.class_names) * LIKENESS_PER_CLASS * top_ms / 1000
+        return self._extraction_cost(task.plan) + self._fit_cost(task.clf, sum(task.plan.dims[k] for k in task.layers))
+
+    def tier(self, task: Task) -> int:
+        """Each backbone's top layer with the first head first, then the checkouts, then the rest."""
+        return 1 if not task.layers else 0 if task.layers == ("top",) and task.clf == self.clfs[0] else 2
+
+    # steps -----------------------------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Resolve each backbone's layers and probe their inference time; a backbone that fails is skipped."""
+        decoded: dict[int, np.ndarray] = {}
+        for plan in self.plans:
+            self.log(f"probing {plan.label}")
+            try:
+                plan_layers(plan, self.tokens, self.skipped)
+                if plan.config.image_size not in decoded:
+                    decoded[plan.config.image_size] = timing_images(self.dataset, plan.config.image_size)
+                probe(plan, decoded)
+            except UserError as exc:
+                plan.failed = str(exc)
+                self.skipped.append({"config": plan.label, "reason": plan.failed})
+            for note in plan.notes:
+                self.log(f"  {note}")
+
+    def extract(self, plan: Plan) -> None:
+        """Every layer of one backbone into its normal cache, out of one forward pass."""
+        labels = list(plan.layers)
+        self.log(f"extracting {plan.label}: {', '.join(labels)} (one forward pass)")
+        summaries = extract_layers(self.dataset.root, plan.config, [plan.layers[k] for k in labels],
+                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log)
+        if any(s.interrupted for s in summaries):
+            raise KeyboardInterrupt
+        plan.caches = {k: s.cache_path for k, s in zip(labels, summaries)}
+        fresh = max(summaries, key=lambda s: s.n_new)
+        # a cache that was already complete measured nothing: the probe's rate stands in
+        plan.images_per_s = fresh.images_per_s if fresh.n_new else 1000 / plan.ms[labels[0]]
+
+    def features(self, path: Path) -> FeatureCache:
+        """A cache, loaded once."""
+        if path not in self._loaded:
+            self._loaded[path] = load(path)
+        return self._loaded[path]
+
+    def fit(self, task: Task) -> None:
+        """One configuration: fit-head on its features, and its row."""
+        plan = task.plan
+        parts = [self.features(plan.caches[k]) for k in task.layers]
+        cache = parts[0] if len(parts) == 1 else hypercolumn(*parts)
+        self.log(f"fitting {task.name}")
+        outcome = fit_config(cache, task.clf, cv=self.cv, n_jobs=self.n_jobs, seed=self.seed,
+                             test_size=self.test_size, log=self.log)
+        row = outcome.row
+        self.scale[task.clf] = 1.0
+        self.scale[task.clf] = row["fit_seconds"] / max(self._fit_cost(task.clf, row["feature_dim"]), 1e-9)
+        outcome.row = {"backbone": plan.label, "layer": "+".join(task.layers),
+                       "kind": "layer" if len(task.layers) == 1 else "hypercolumn", **row,
+                       "extract_images_per_s": plan.images_per_s,
+                       "infer_ms_per_image": max(plan.ms[k] for k in task.layers) + outcome.head_ms,
+                       "model_mb": (max(plan.params[k] for k in task.layers) * 4
+                                    + len(pickle.dumps(outcome.fitted.model))) / 1e6}
+        self.rows.append(outcome.row)
+        self.outcomes.append(outcome)
+        self.log(f"  CV accuracy {row['cv_accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
+
+    def checkout(self, plan: Plan) -> None:
+        """The backbone's ImageNet classifier on sample images; skipped with the reason when there is none."""
+        self.log(f"checkout {plan.label}")
+        try:
+            self.checkouts[plan.label] = checkout(self.dataset.files, self.dataset.class_names, plan.config,
+                                                  seed=self.seed)
+        except UserError as exc:
+            self.skipped.append({"config": f"{plan.label} checkout", "reason": str(exc)})
+
+    def run(self) -> None:
+        """Every task, cheapest useful first, within the budget; what does not fit is listed as skipped."""
+        self.prepare()
+        live = [p for p in self.plans if not p.failed]
+        tasks = [Task(p, (k,), c) for p in live for k in p.layers for c in self.clfs]
+        tasks += [Task(p, pair, c) for p in live for pair in p.hypercolumns for c in self.clfs]
+        tasks += [Task(p) for p in live]
+        while tasks:
+            task = min(tasks, key=lambda t: (self.tier(t), self.cost(t)))
+            tasks.remove(task)
+            if task.plan.failed:
+                continue
+            if self.cost(task) > self.left():
+                self.skipped.append({"config": task.name, "reason": f"over budget: estimated {self.cost(task):.0f} s, "
+                                                                    f"{max(self.left(), 0):.0f} s left"})
+            elif not task.layers:
+                self.checkout(task.plan)
+            else:
+                try:
+                    if not task.plan.caches:
+                        self.extract(task.plan)
+                except UserError as exc:
+                    task.plan.failed = str(exc)
+                    self.skipped.append({"config": task.plan.label, "reason": task.plan.failed})
+                    continue
+                self.fit(task)
+
+    def finetune(self, winner: int, stage: Path) -> dict[str, Any] | None:
+        """Fine-tune the winner's backbone from a logistic-regression head; a paired test against the winner."""
+        from .finetune import finetune
+
+        row, outcome = self.rows[winner], self.outcomes[winner]
+        plan = next(p for p in self.plans if p.label == row["backbone"])
+        estimate = (FINETUNE_PASSES * self.n_train + len(self.dataset.files)) * plan.ms[row["layer"]] / 1000
+        if estimate > self.left():
+            self.skipped.append({"config": f"{plan.label} {row['layer']} finetune",
+                                 "reason": f"over budget: estimated {estimate:.0f} s, {max(self.left(), 0):.0f} s left"})
+            return None
+        init = stage / "winner" if row["head"] == "logreg" else None
+        same = [k for k, r in enumerate(self.rows) if (r["backbone"], r["layer"], r["head"]) ==
+                (row["backbone"], row["layer"], "logreg")]
+        if init is None and same:  # fine-tuning starts from a logistic regression: the winner's layer's one
+            init = stage / "heads" / slug(f"{row['backbone']}-{row['layer']}-logreg")
+            save_outcome(init, self.outcomes[same[0]])
+            self.rows[same[0]]["head_dir"] = str(init.relative_to(stage))
+        self.log(f"fine-tuning {plan.label} {row['layer']}" + (f" from {init.relative_to(stage)}" if init else ""))
+        result = finetune(self.dataset.root, replace(plan.config, layer=plan.layers[row["layer"]]), init_head=init,
+                          test_size=self.test_size, seed=self.seed, cache=outcome.cache.path,
+                          out=stage / "finetune", log=self.log)
+        test, verdict = paired_test(outcome, stage / "finetune")
+        m = result.metrics
+        n_classes = len(self.dataset.class_names)
+        tuned_row = {
+            "backbone": plan.label, "layer": row["layer"], "kind": "finetune", "head": "finetune",
+            "cv_accuracy": None, "test_accuracy": m["accuracy"], "n_test": m["n_test"],
+            "test_ci": m.get("accuracy_ci") or list(wilson_interval(round(m["accuracy"] * m["n_test"]), m["n_test"])),
+            "fit_seconds": m["train_seconds"], "extract_images_per_s": None,
+            "infer_ms_per_image": plan.ms[row["layer"]],
+            "model_mb": (plan.params[row["layer"]] + (plan.dims[row["layer"]] + 1) * n_classes) * 4 / 1e6,
+            "head_dir": "finetune"}
+        worth = test["p_value"] < 0.05 and test["a_only"] > test["b_only"]
+        return {"row": tuned_row, "paired_test": test, "verdict": verdict, "worth_it": worth,
+                "init_head": str(init.relative_to(stage)) if init else None, "epochs_run": m.get("epochs_run"),
+                "interrupted": result.interrupted}
+
+
+def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DEFAULT_LAYERS,
+          heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
+          seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
+          cache_dir: str | Path = "cache", out: str | Path | None = None,
+          log: Callable[[str], None] = print) -> StudyResult:
+    """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head."""
+    check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
+                      runtime=runtime), STUDY_CONSTRAINTS)
+    clfs = split_list(heads, "heads")
+    if set(clfs) - set(CLASSIFIERS):
+        raise UserError(f"--heads: {', '.join(sorted(set(clfs) - set(CLASSIFIERS)))} unknown; "
+                        f"choose from {', '.join(CLASSIFIERS)}.")
+    tokens = split_list(layers, "layers")
+    bad = [t for t in tokens if "+" in t and (t.count("+") != 1 or "" in t.split("+"))]
+    if bad:
+        raise UserError(f"--layers: {bad[0]!r} is not a hypercolumn A+B of two layers (e.g. auto+top).")
+    plans = [Plan(label, config) for label, config in map(parse_backbone, split_list(backbones, "backbones"))]
+    if len({p.label for p in plans}) != len(plans):
+        raise UserError(f"--backbones {backbones!r} names one backbone twice.")
+    dataset = scan_dataset(data_dir)
+    out = Path(out) if out else Path("studies") / dataset.root.name
+    run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,
+                n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log)
+    interrupted, tuned = False, None
+    with staged_folder(out) as stage:
+        try:
+            run.run()
+        except KeyboardInterrupt:
+            interrupted = True
+            log("interrupted: writing the table of what is finished")
+        winner = choose_winner(run.rows)
+        if winner is not None:
+            save_outcome(stage / "winner", run.outcomes[winner])
+            run.rows[winner]["head_dir"] = "winner"
+            if finetune and not interrupted:
+                tuned = run.finetune(winner, stage)
+                if tuned is not None:
+                    run.rows.append(tuned["row"])
+                    interrupted = tuned.pop("interrupted")
+        data = {
+            "dataset_root": str(dataset.root), "n_images": len(dataset.files),
+            "images_per_class": {name: sum(f.label == c for f in dataset.files)
+                                 for c, name in enumerate(dataset.class_names)},
+            "seed": seed, "test_size": test_size, "cv": cv, "heads": clfs, "layers": tokens,
+            "backbones": {p.label: {"config": p.config.__dict__, "layers": p.layers, "notes": p.notes,
+                                    "backbone_ms": p.ms, "failed": p.failed} for p in plans},
+            "rows": run.rows, "winner": run.rows[winner] if winner is not None else None,
+            "checkout": {label: {"likeness": c.likeness, "summary": c.summary(), "samples": c.samples,
+                                 "per_class": c.per_class, "grid_png": checkout_png(label)}
+                         for label, c in run.checkouts.items()},
+            "finetune": tuned, "skipped": run.skipped, "interrupted": interrupted,
+            "seconds": time.perf_counter() - run.started,
+        }
+        data["advice"] = advice(data)
+        markdown = write_outputs(stage, data, {label: c.figure for label, c in run.checkouts.items()})
+    return StudyResult(out, data, markdown)
+
