@@ -1,7 +1,7 @@
 """The project vs the seed recipe (../shared/peers/seed_recipe.py) on one split, as whole processes.
 
     python bench/vs_recipe.py DATASET [--work DIR] [--runs 1] [--clf logreg]
-                              [--recipe-seconds S --recipe-accuracy A] [--profile]
+                              [--recipe-seconds S --recipe-accuracy A [--recipe-cpu-seconds C]] [--profile]
 
 DATASET is a folder, or a name under ../shared/datasets. A seeded 80/20 split is materialised as
 WORK/split/{train,val} (../shared/peers/split_folders.py), then:
@@ -11,7 +11,8 @@ WORK/split/{train,val} (../shared/peers/split_folders.py), then:
 (b) the recipe: frozen backbone + softmax, then fine-tuning, trained on train/ and scored on val/.
 --recipe-seconds/--recipe-accuracy reuse a measured recipe figure instead of running it (minutes).
 --profile also runs fit-head once under `python -X importtime` and lists its slowest imports.
-Prints the command lines, a table with phases, and as its last line one JSON object.
+Prints the command lines, a table with phases (wall seconds, and CPU seconds of each process: on a
+shared machine wall time depends on the load, CPU time much less), and as its last line one JSON object.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -36,15 +38,24 @@ LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
 EXTRACT_TIMES = re.compile(r"\(([\d.]+) s extracting, ([\d.]+) s in all\)")
 
 
-def run(command: list[str], what: str) -> tuple[float, str]:
-    """Run one process from the project root; its wall seconds and stdout (stderr shown if it fails)."""
+def children_cpu() -> float:
+    """CPU seconds (user + system) of the finished child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(command: list[str], what: str) -> tuple[float, float, str]:
+    """Run one process from the project root; its wall and CPU seconds and its output (shown if it fails).
+
+    CPU seconds are what a busy shared machine changes least: wall >= CPU / cores.
+    """
     print("$ " + " ".join(command), flush=True)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), children_cpu()
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{what} failed ({done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-3000:]}")
-    return seconds, done.stdout + done.stderr
+    return seconds, children_cpu() - cpu, done.stdout + done.stderr
 
 
 def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, Any]:
@@ -53,18 +64,19 @@ def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str,
     for stale in (cache.with_name(cache.name + ".partial"), head):
         shutil.rmtree(stale, ignore_errors=True)
     cache.unlink(missing_ok=True)
-    extract_s, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
+    extract_s, extract_cpu, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
                           "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
     times = EXTRACT_TIMES.search(out)
     if "with tflite" not in out:
         raise SystemExit("extract did not use the TFLite runtime:\n" + out[-2000:])
-    fit_s, _ = run([sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)],
+    fit_s, fit_cpu, _ = run([sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)],
                    "fit-head")
     metrics = json.loads((head / "metrics.json").read_text())
     if "val is the test part" not in str(metrics.get("split")):
         raise SystemExit(f"fit-head did not test on the val folder: split is {metrics.get('split')!r}")
     extracting, in_all = (float(times.group(1)), float(times.group(2))) if times else (float("nan"),) * 2
     return {"extract_s": extract_s, "fit_head_s": fit_s, "total_s": extract_s + fit_s,
+            "extract_cpu_s": extract_cpu, "fit_head_cpu_s": fit_cpu, "total_cpu_s": extract_cpu + fit_cpu,
             "accuracy": metrics["accuracy"], "n_test": metrics["n_test"], "n_train": metrics.get("n_train"),
             "split": metrics["split"], "best_params": metrics.get("best_params"),
             "phases": {"extract: start-up and imports": extract_s - in_all,
@@ -92,11 +104,11 @@ def slow_imports(args: argparse.Namespace, cache: Path, work: Path, least_ms: fl
 
 def recipe(split: Path, backbone: str) -> dict[str, Any]:
     """The seed recipe as one process, trained on split/train and validated on split/val."""
-    seconds, out = run([sys.executable, str(PEERS / "seed_recipe.py"), str(split / "train"), "--val-dir",
+    seconds, cpu, out = run([sys.executable, str(PEERS / "seed_recipe.py"), str(split / "train"), "--val-dir",
                         str(split / "val"), "--backbone", backbone], "the recipe")
     line = next(l for l in reversed(out.splitlines()) if l.startswith("{"))
     result = json.loads(line)
-    return {"seconds": seconds, "accuracy": result["val_acc_finetuned"], "reported": result}
+    return {"seconds": seconds, "cpu_s": cpu, "accuracy": result["val_acc_finetuned"], "reported": result}
 
 
 def main() -> None:
@@ -109,6 +121,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=1, help="project runs (the median is reported)")
     parser.add_argument("--recipe-seconds", type=float, default=None)
     parser.add_argument("--recipe-accuracy", type=float, default=None)
+    parser.add_argument("--recipe-cpu-seconds", type=float, default=None, help="optional, with --recipe-seconds")
     parser.add_argument("--profile", action="store_true")
     args = parser.parse_args()
     if (args.recipe_seconds is None) != (args.recipe_accuracy is None):
@@ -125,19 +138,24 @@ def main() -> None:
     if args.recipe_seconds is None:
         peer = recipe(split, args.backbone)
     else:
-        peer = {"seconds": args.recipe_seconds, "accuracy": args.recipe_accuracy, "reported": "given on the command line"}
+        peer = {"seconds": args.recipe_seconds, "cpu_s": args.recipe_cpu_seconds, "accuracy": args.recipe_accuracy,
+                "reported": "given on the command line"}
     ratio = peer["seconds"] / project["total_s"]
     lines = [f"dataset {data.name}: {project['n_train']} train / {project['n_test']} test (val) images; "
              f"split {project['split']}",
              "one-time TFLite conversion: " + (f"{conversion:.1f} s" if conversion else "already cached in "
                                                 + str(work / "cache")),
-             f"{'':56s} {'seconds':>8s} {'accuracy':>9s}",
-             f"{'project: extract + fit-head ' + args.clf:56s} {project['total_s']:8.1f} {project['accuracy']:9.4f}"]
+             f"{'':56s} {'seconds':>8s} {'accuracy':>9s} {'CPU s':>8s}",
+             f"{'project: extract + fit-head ' + args.clf:56s} {project['total_s']:8.1f} {project['accuracy']:9.4f} "
+             f"{project['total_cpu_s']:8.1f}"]
     lines += [f"  {name:54s} {seconds:8.2f}" for name, seconds in project["phases"].items()]
     lines += [f"{'recipe: seed_recipe.py (frozen 10 epochs + fine-tune 7)':56s} {peer['seconds']:8.1f} "
-              f"{peer['accuracy']:9.4f}",
+              f"{peer['accuracy']:9.4f} " + (f"{peer['cpu_s']:8.1f}" if peer["cpu_s"] else f"{'':8s}"),
               f"speed ratio recipe / project: {ratio:.1f}x" + (
                   " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")]
+    if peer["cpu_s"]:
+        lines.append(f"CPU-seconds ratio recipe / project: {peer['cpu_s'] / project['total_cpu_s']:.1f}x "
+                     "(the figure a busy machine changes least)")
     profile = slow_imports(args, work / "cache" / "features.h5", work) if args.profile else None
     if profile:
         lines.append("fit-head's top-level imports over 40 ms (python -X importtime): "
