@@ -182,11 +182,12 @@ def recover_folder(folder: str | os.PathLike) -> None:
             shutil.rmtree(aside, ignore_errors=True)
     for stage in parent.glob(f".{folder.name}{TMP_MARK}*"):
         pid = stage.name[len(f".{folder.name}{TMP_MARK}"):].split("-")[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stage, ignore_errors=True) if stage.is_dir() else stage.unlink(missing_ok=True)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """True while a process with this id exists (a temporary file of a live writer is not stale)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

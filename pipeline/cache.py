@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import h5py
 import numpy as np
 
-from .artifacts import TMP_MARK, atomic_path, atomic_write
+from .artifacts import TMP_MARK, atomic_path, atomic_write, process_alive
 from .errors import UserError
 
 FORMAT_VERSION = 2
@@ -229,23 +229,13 @@ def _is_disk_full(exc: BaseException) -> bool:
     return getattr(exc, "errno", None) == errno.ENOSPC or "No space left" in str(exc)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _remove_dead_temporaries(folder: Path, prefix: str) -> None:
     """Temporary files (`.<name>.tmp-<pid>-...`) of runs that were killed while writing them."""
     if not folder.is_dir():
         return
     for tmp in folder.glob(f".{prefix}*{TMP_MARK}*"):
         pid = tmp.name.split(TMP_MARK, 1)[1].split("-", 1)[0]
-        if pid.isdigit() and not _process_alive(int(pid)):
+        if pid.isdigit() and not process_alive(int(pid)):
             tmp.unlink(missing_ok=True)
 
 
