@@ -78,8 +78,8 @@ def ensure_conversion(args, folder: Path) -> float | None:
 
 def one_run(args, cache: Path) -> dict[str, float]:
     """One extract process with a cold feature cache: seconds from its start to each mark."""
-    for stale in (cache, cache.with_name(cache.name + ".partial")):
-        shutil.rmtree(stale, ignore_errors=True) if stale.is_dir() else stale.unlink(missing_ok=True)
+    for stale in cache.parent.glob(cache.name + "*"):  # the cache, its shards and journal
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     code = DRIVER.replace("__ROOT__", repr(str(ROOT))).replace("__ARGS__", repr(extract_args(args, cache)))
     start = time.time()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)

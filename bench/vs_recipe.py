@@ -61,16 +61,15 @@ def run(command: list[str], what: str) -> tuple[float, float, str]:
 def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, Any]:
     """extract (cold feature cache, warm conversion) + fit-head, each timed as a whole process."""
     cache, head = work / "cache" / "features.h5", work / "head"
-    for stale in (cache.with_name(cache.name + ".partial"), head):
-        shutil.rmtree(stale, ignore_errors=True)
-    cache.unlink(missing_ok=True)
+    for stale in [head, *cache.parent.glob(cache.name + "*")]:  # the cache, its shards and journal
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     extract_s, extract_cpu, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
-                          "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
+                                       "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
     times = EXTRACT_TIMES.search(out)
-    if "with tflite" not in out:
-        raise SystemExit("extract did not use the TFLite runtime:\n" + out[-2000:])
+    if "with tflite" not in out or "already cached 0," not in out:
+        raise SystemExit("extract did not run cold on the TFLite runtime:\n" + out[-2000:])
     fit_s, fit_cpu, _ = run([sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)],
-                   "fit-head")
+                            "fit-head")
     metrics = json.loads((head / "metrics.json").read_text())
     if "val is the test part" not in str(metrics.get("split")):
         raise SystemExit(f"fit-head did not test on the val folder: split is {metrics.get('split')!r}")

@@ -22,7 +22,7 @@ import pytest
 from model_fixtures import CLASSES3, make_pattern_dataset, quiet, save_small_cnn
 from pipeline.backbones import BackboneConfig
 import pipeline.runtime as runtime_module
-from pipeline.runtime import gpu_possible, tflite_path, write_sidecar
+from pipeline.runtime import TFLiteRuntime, gpu_possible, tflite_path, write_sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ("tensorflow", "keras")
@@ -59,11 +59,9 @@ class Ran:
         self.err = done.stderr
 
 
-def run_fresh(code: str, blocked: tuple[str, ...] = (), cpu_only: bool = True) -> Ran:
-    """Run python code in a fresh interpreter from the project root (CUDA_VISIBLE_DEVICES=-1: a CPU machine)."""
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    if cpu_only:
-        env["CUDA_VISIBLE_DEVICES"] = "-1"
+def run_fresh(code: str, blocked: tuple[str, ...] = ()) -> Ran:
+    """Run python code in a fresh interpreter from the project root, as on a CPU machine (every GPU hidden)."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
     body = "\n".join("    " + line for line in code.strip().splitlines())
     done = subprocess.run([sys.executable, "-c", DRIVER.format(root=str(ROOT), blocked=list(blocked), code=body)],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -95,11 +93,9 @@ def lean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     # what is tested is which interpreter runs it, not what it computes).
     model = root / "model.tflite"
     shutil.copy(converted, model)
-    from pipeline.runtime import TFLiteRuntime
-
     width = TFLiteRuntime(model).dim
     write_sidecar(model, [f"class{k:02d}" for k in range(width)], dict(config.__dict__), {})
-    return {"root": root, "data": data, "new": make_pattern_dataset(root / "new", seed=1), "head": head,
+    return {"data": data, "new": make_pattern_dataset(root / "new", seed=1), "head": head,
             "model": model, "backbone": Path(config.backbone), "caches": root / "caches"}
 
 
