@@ -33,8 +33,8 @@ from .study_report import advice, checkout_png, slug, table_markdown, write_outp
 DEFAULT_LAYERS = "auto,auto+top"
 DEFAULT_HEADS = "logreg,svm"
 # Budget estimates before the first fit of a kind: seconds per (n_train ** power * feature width), from
-# bench/heads.py on the 2-core machine (flowers, 767 x 1280: logreg 3.9 s, svm 8.6 s); every fit recalibrates.
-FIT_COST = {"logreg": (4e-6, 1), "svm": (1.1e-8, 2), "rbf-svm": (8e-9, 2), "knn": (1e-6, 1)}
+# bench/study.py on the 2-core machine (flowers, 767 x 1280: logreg 1.6 s, svm 3.4 s); every fit recalibrates.
+FIT_COST = {"logreg": (1.6e-6, 1), "svm": (4.5e-9, 2), "rbf-svm": (4.5e-9, 2), "knn": (1e-6, 1)}
 CONVERSION_SECONDS = 15.0  # one TFLite conversion of a backbone, when its caches are still to be made
 FINETUNE_PASSES = 30  # budget estimate of fine-tuning: about 10 epochs at 3x the cost of inference
 STUDY_CONSTRAINTS = {

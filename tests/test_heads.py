@@ -103,6 +103,19 @@ def test_heads_are_confident_on_separable_blobs(fitted: dict, clf: str) -> None:
     assert top.mean() > 0.8, (clf, top.mean(), fitted[clf].metrics["best_params"])
 
 
+@pytest.mark.parametrize("clf", ["svm", "rbf-svm"])
+def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(clf: str) -> None:
+    """The sweep's kernel matrix stands in for libsvm's own kernel: same predictions at every C."""
+    X, y = noise(n_classes=3, per_class=20, dim=12, seed=1)  # overlapping classes: C matters
+    train, val = np.arange(0, 60, 2), np.arange(1, 60, 2)
+    grid = heads.GRIDS[clf][1]
+    swept = heads._fold_sweep(clf, X, y, train, val, grid, 3, True, None, 0)
+    for value, predicted in zip(grid, swept):
+        model = heads.make_pipeline(clf).set_params(**{heads.GRIDS[clf][0]: value}).fit(X[train], y[train])
+        np.testing.assert_array_equal(predicted, model.predict(X[val]), err_msg=f"{clf} at C={value}")
+    assert len({tuple(p) for p in swept}) > 1  # the grid changes the predictions: a real check
+
+
 @pytest.mark.parametrize("clf", CLASSIFIERS)
 def test_noise_labels_score_near_chance(tmp_path: Path, clf: str, small_grids) -> None:
     X, y = noise()
