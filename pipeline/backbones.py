@@ -135,6 +135,10 @@ class BackboneConfig:
     image_size: int | None = None
     resize: str = "bilinear"
     alpha: float | None = None
+    # The Keras release whose ImageNet weights these are (Keras Applications names only). resolved()
+    # takes the installed one; without Keras (a lean install running a cached conversion) the recorded
+    # one stands, so a head's configuration still names its conversion and matches its features.
+    keras_version: str | None = None
 
     def resolved(self) -> "BackboneConfig":
         """Check every option (no TensorFlow needed) and fill in defaults; raise UserError if invalid."""
@@ -142,6 +146,7 @@ class BackboneConfig:
             "backbone": [str], "weights": [str], "layer": [str, None],
             "pooling": [Options(POOLINGS)], "image_size": [Interval(32, 1024, integer=True), None],
             "resize": [Options(tuple(RESIZE_METHODS))], "alpha": [Interval(0.1, 2.0), None],
+            "keras_version": [str, None],
         })
         backbone, weights, size = self.backbone, self.weights, self.image_size
         if is_model_file(backbone):
@@ -169,14 +174,16 @@ class BackboneConfig:
         else:
             raise UserError(f"weights file {weights} does not exist; use --weights imagenet, none, "
                             "or the path of a Keras weights file (.h5 / .weights.h5).")
-        return replace(self, weights=weights, image_size=size or APPLICATIONS[backbone].size)
+        keras_version = (library_version("keras") or self.keras_version or "") if weights == "imagenet" else None
+        return replace(self, weights=weights, image_size=size or APPLICATIONS[backbone].size,
+                       keras_version=keras_version)
 
     def identity(self) -> dict[str, Any]:
         """What the features depend on, for a resolved config: the cache key's contents."""
         if self.weights == "file":
             backbone, weights = file_identity(self.backbone), "file"
         elif self.weights == "imagenet":
-            backbone, weights = self.backbone, f"imagenet (keras {library_version('keras')})"
+            backbone, weights = self.backbone, f"imagenet (keras {self.keras_version})"
         elif self.weights == "none":
             backbone, weights = self.backbone, f"none (random, seed {RANDOM_WEIGHTS_SEED})"
         else:

@@ -83,6 +83,22 @@ def test_fingerprint_stable_and_sensitive(tmp_path: Path) -> None:
     assert len(prints) == len(changes) + 1  # every change gives a new fingerprint
 
 
+def test_imagenet_weights_keep_their_keras_release_where_keras_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A lean install (no Keras) resolves a head's recorded configuration to the same identity, so the
+    head's cached conversion and features are still its own; with Keras installed, the installed release counts."""
+    import pipeline.backbones as backbones
+
+    recorded = BackboneConfig("MobileNetV2").resolved()
+    assert recorded.keras_version == backbones.library_version("keras") != ""
+    monkeypatch.setattr(backbones, "library_version", lambda name: "")
+    lean = BackboneConfig(**recorded.__dict__).resolved()
+    assert lean.identity() == recorded.identity() and lean.fingerprint() == recorded.fingerprint()
+    monkeypatch.setattr(backbones, "library_version", lambda name: "9.9.9")
+    newer = BackboneConfig(**recorded.__dict__).resolved()
+    assert newer.identity()["weights"] == "imagenet (keras 9.9.9)" and newer.fingerprint() != recorded.fingerprint()
+    assert BackboneConfig("MobileNetV2", weights="none").resolved().keras_version is None
+
+
 def test_fingerprint_follows_weights_file_content(tmp_path: Path) -> None:
     w1, w2, w3 = tmp_path / "a.weights.h5", tmp_path / "b.weights.h5", tmp_path / "c.weights.h5"
     w1.write_bytes(b"weights one")
