@@ -11,7 +11,6 @@ one (the driver writes only batches that came out, and counts them).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -22,8 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import UserError
-from .stream import (ERROR, HASH, IMAGE, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, Task,
-                     decode_file, progress_bar, task_columns)
+from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, Task, decode_columns,
+                     progress_bar, task_columns)
 
 RAY_INSTALL = "pip install -e '.[ray]'"
 BLOCKS_PER_BATCH = 4  # batches per Ray Data block: fewer, larger tasks keep the per-task overhead small
@@ -63,30 +62,6 @@ def connect(ray_address: str | None) -> bool:
         raise UserError(f"--ray-address {ray_address}: no Ray cluster answered ({exc}). Start one with "
                         "`ray start --head`, or omit --ray-address for a local one.") from None
     return True
-
-
-def read_and_decode(path: str, content_hash: str, size: int, resize: str) -> np.ndarray | str:
-    """Decode the bytes of path if they still hash to content_hash; else, or if unreadable, the reason."""
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return f"unreadable: {exc}"
-    if hashlib.sha256(data).hexdigest() != content_hash:
-        return "changed while extracting (its bytes no longer match the scan); run extract again"
-    return decode_file(data, size, resize)
-
-
-def decode_batch(columns: dict[str, np.ndarray], size: int, resize: str) -> dict[str, np.ndarray]:
-    """The CPU-task stage: {HASH, PATH} in; {HASH, ERROR ('' when fine), IMAGE (zeros where ERROR)} out."""
-    hashes = np.asarray(columns[HASH]).astype(str)
-    images = np.zeros((len(hashes), size, size, 3), np.uint8)
-    errors = []
-    for k, (digest, path) in enumerate(zip(hashes, np.asarray(columns[PATH]).astype(str))):
-        image = read_and_decode(path, digest, size, resize)
-        errors.append(image if isinstance(image, str) else "")
-        if not isinstance(image, str):
-            images[k] = image
-    return {HASH: hashes, ERROR: np.array(errors, dtype=str), IMAGE: images}
 
 
 def describe(make_runtime: RuntimeFactory) -> tuple[str, int]:
@@ -140,7 +115,7 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
     # the stage out of the actors (Ray fuses a task stage into the next actor stage when resources are equal).
     memory = DECODE_WORKER_MEMORY + 2 * block * size * size * 3
     return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / block))
-            .map_batches(decode_batch, batch_size=None, fn_kwargs=dict(size=size, resize=resize),
+            .map_batches(decode_columns, batch_size=None, fn_kwargs=dict(size=size, resize=resize, verify_hash=True),
                          compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1, memory=memory)
             .map_batches(FeatureMapper, batch_size=batch_size, fn_constructor_args=(make_runtime, resize),
                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,

@@ -11,6 +11,7 @@ actors with the same mapper and writes through the same sink in the driver.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import deque
@@ -160,18 +161,40 @@ def task_columns(tasks: Sequence[Task]) -> dict[str, np.ndarray]:
 
 
 # -- MAPPER ----------------------------------------------------------------------------------------
-def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str,
-                   workers: int | None = 1) -> dict[str, np.ndarray]:
-    """The mapper's decode half: {HASH, PATH} in; {HASH, ERROR ('' when fine), IMAGE (zeros where ERROR)} out."""
-    paths = [str(p) for p in columns[PATH]]
+def read_and_decode(path: str, content_hash: str, size: int, resize: str) -> np.ndarray | str:
+    """Decode the bytes of path if they still hash to content_hash; else, or if unreadable, the reason.
+
+    For a worker that reads a file later than the scan hashed it (a Ray task, maybe on another node):
+    the bytes are read once, checked, and those very bytes decoded.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return f"unreadable: {exc}"
+    if hashlib.sha256(data).hexdigest() != content_hash:
+        return "changed while extracting (its bytes no longer match the scan); run extract again"
+    return decode_file(data, size, resize)
+
+
+def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, workers: int | None = 1,
+                   verify_hash: bool = False) -> dict[str, np.ndarray]:
+    """The mapper's decode half: {HASH, PATH} in; {HASH, ERROR ('' when fine), IMAGE (zeros where ERROR)} out.
+
+    verify_hash: decode a file only if its bytes still hash to HASH (see read_and_decode).
+    """
+    paths, hashes = [str(p) for p in columns[PATH]], np.asarray(columns[HASH]).astype(str)
+
+    def one(k: int) -> np.ndarray | str:
+        return read_and_decode(paths[k], hashes[k], size, resize) if verify_hash else decode_file(paths[k], size, resize)
+
     with ThreadPoolExecutor(workers or default_workers()) as pool:
-        decoded = list(pool.map(lambda path: decode_file(path, size, resize), paths))
+        decoded = list(pool.map(one, range(len(paths))))
     images = np.zeros((len(paths), size, size, 3), np.uint8)
     for k, image in enumerate(decoded):
         if not isinstance(image, str):
             images[k] = image
-    return {HASH: np.asarray(columns[HASH]).astype(str),
-            ERROR: np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str), IMAGE: images}
+    return {HASH: hashes, ERROR: np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str),
+            IMAGE: images}
 
 
 class FeatureMapper:

@@ -154,7 +154,7 @@ def test_ray_client_address_is_refused_before_any_work(tmp_path: Path) -> None:
 
 
 def test_changed_file_is_not_decoded(tmp_path: Path) -> None:
-    from pipeline.engine_ray import read_and_decode
+    from pipeline.stream import read_and_decode
     from pipeline.images import file_sha256
 
     image = shutil.copy(next(make_pattern_dataset(tmp_path / "d", per_class=1).rglob("*.png")), tmp_path / "a.png")
