@@ -162,9 +162,10 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
     """
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed), HEAD_CONSTRAINTS)
     from joblib import Parallel, delayed
+    from sklearn import linear_model, model_selection, multiclass, neighbors, svm  # noqa: F401
     from threadpoolctl import threadpool_limits
 
-    started = time.perf_counter()
+    started = time.perf_counter()  # after the imports: fit_seconds is the fit, not scikit-learn's one-off import
     folds = cv_splits(y, groups, cv, seed, class_names, log)
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
