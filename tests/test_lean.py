@@ -152,6 +152,32 @@ print("gpu", has_gpu())
     assert "converting" not in ran.out
 
 
+@pytest.mark.integration
+def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """MobileNet 0.25 with ImageNet weights (KERAS_HOME): its features are keyed by the Keras release that
+    made them. A lean install has no Keras to ask, yet finds the head's cached conversion and runs it."""
+    from conftest import requires_shared
+
+    models = requires_shared("keras-models", "models", "mobilenet_2_5_224_tf_no_top.h5").parent
+    (tmp_path / "keras_home").mkdir()
+    (tmp_path / "keras_home" / "models").symlink_to(models)
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
+    cache, head = tmp_path / "caches" / "mobilenet.h5", tmp_path / "head"
+    backbone = ["--backbone", "MobileNet", "--alpha", "0.25", "--weights", "imagenet"]
+    made = run_cli(["extract", make_pattern_dataset(tmp_path / "data"), *backbone, "--cache", cache,
+                    "--runtime", "tflite", "--no-progress"])
+    assert made.code == 0 and "with tflite" in made.out, made.out + made.err[-3000:]
+    assert len(list(cache.parent.glob("MobileNet-*.tflite"))) == 1  # the conversion, cached beside the cache
+    assert run_cli(["fit-head", cache, "--out", head]).code == 0
+    no_keras_metadata = "import pipeline.backbones\npipeline.backbones.library_version = lambda name: ''\n"
+    new = make_pattern_dataset(tmp_path / "new", seed=1)
+    ran = run_fresh(no_keras_metadata + f"from cli import app\napp({['predict', str(new), '--head', str(head)]!r}, "
+                    "prog_name='cnncodes')", NO_TF)
+    assert_no_tensorflow(ran)
+    assert "24 images classified, 0 skipped" in ran.out and "converting" not in ran.out, ran.out
+
+
 # -- a lean install says what to install ---------------------------------------------------------
 
 def test_lean_install_without_a_cached_conversion_asks_for_tensorflow(lean, tmp_path: Path) -> None:
