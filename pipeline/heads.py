@@ -105,6 +105,9 @@ def _score(y_true: np.ndarray, y_pred: np.ndarray, balanced: bool) -> float:
 
 # Where each SVM pipeline's kernel is set.
 KERNEL_PARAM = {"svm": "estimator__kernel", "rbf-svm": "kernel"}
+# A fold's training kernel matrix is computed whole up to this size (float64: about 8,000 training
+# images); above it libsvm evaluates the kernel itself, within its own bounded cache, as it always could.
+KERNEL_MATRIX_BYTES = 512 << 20
 
 
 def svm_kernel_matrices(clf: str, train_x: np.ndarray, val_x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -137,7 +140,7 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
     outputs = []
     if clf == "logreg":
         estimator.set_params(warm_start=True)
-    if clf in KERNEL_PARAM:
+    if clf in KERNEL_PARAM and 8 * len(train) ** 2 <= KERNEL_MATRIX_BYTES:
         train_x, val_x = svm_kernel_matrices(clf, train_x, val_x)
         estimator.set_params(**{KERNEL_PARAM[clf]: "precomputed"})
     for value in grid:

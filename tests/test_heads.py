@@ -104,8 +104,12 @@ def test_heads_are_confident_on_separable_blobs(fitted: dict, clf: str) -> None:
 
 
 @pytest.mark.parametrize("clf", ["svm", "rbf-svm"])
-def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(clf: str) -> None:
-    """The sweep's kernel matrix stands in for libsvm's own kernel: same predictions at every C."""
+@pytest.mark.parametrize("matrix_bytes", [heads.KERNEL_MATRIX_BYTES, 0], ids=["kernel-matrix", "libsvm-kernel"])
+def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(clf: str, matrix_bytes: int,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sweep's kernel matrix stands in for libsvm's own kernel: same predictions at every C (and
+    a training part too large for the matrix falls back to libsvm's kernel)."""
+    monkeypatch.setattr(heads, "KERNEL_MATRIX_BYTES", matrix_bytes)
     X, y = noise(n_classes=3, per_class=20, dim=12, seed=1)  # overlapping classes: C matters
     train, val = np.arange(0, 60, 2), np.arange(1, 60, 2)
     grid = heads.GRIDS[clf][1]
