@@ -187,8 +187,11 @@ def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, worke
     def one(k: int) -> np.ndarray | str:
         return read_and_decode(paths[k], hashes[k], size, resize) if verify_hash else decode_file(paths[k], size, resize)
 
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        decoded = list(pool.map(one, range(len(paths))))
+    if workers == 1:  # a Ray task's one CPU: decode here, without a pool thread to hand each file to
+        decoded = [one(k) for k in range(len(paths))]
+    else:
+        with ThreadPoolExecutor(workers or default_workers()) as pool:
+            decoded = list(pool.map(one, range(len(paths))))
     images = np.zeros((len(paths), size, size, 3), np.uint8)
     for k, image in enumerate(decoded):
         if not isinstance(image, str):
