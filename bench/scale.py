@@ -13,6 +13,7 @@ peak RSS from wait4):
     python bench/scale.py                                          # Lite0, avg_pool, TFLite runtime
     python bench/scale.py --sizes 1000 5000 --backbone MobileNet --alpha 0.25 --weights imagenet  # quick
     python bench/scale.py --engines local ray                      # the ray engine too (pip install -e '.[ray]')
+    python bench/scale.py --sizes 5000 --engines local ray --tree-memory   # memory of every process, Ray's too
 """
 
 from __future__ import annotations
@@ -103,11 +104,13 @@ def tree_memory_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
     """Sample the summed PSS of a process and its descendants (Ray's raylet and workers) until stop is set.
 
     PSS splits each shared page (Ray's object store, shared libraries) between the processes that map it,
-    so the sum counts it once, where a sum of RSS would count it in every process.
+    so the sum counts it once, where a sum of RSS would count it in every process. One sample reads the
+    memory maps of every process (about 25 ms for a local Ray cluster's ten): once a second, so that the
+    measuring takes under 3% of a core from the run it measures (every 0.25 s cost Ray about 10%).
     """
     import psutil
 
-    while not stop.wait(0.25):
+    while not stop.wait(1.0):
         try:
             procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
         except psutil.Error:
@@ -133,10 +136,12 @@ def extract_process(data: Path, cache: Path, args: argparse.Namespace, engine: s
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         stop, tree_peak = threading.Event(), [0]
         sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak))
-        sampler.start()
+        if args.tree_memory:
+            sampler.start()
         stdout = proc.stdout.read()
         stop.set()
-        sampler.join()
+        if args.tree_memory:
+            sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
@@ -147,7 +152,8 @@ def extract_process(data: Path, cache: Path, args: argparse.Namespace, engine: s
     counts = re.search(r"new (\d+), already cached (\d+)", stdout)
     ray_start = re.search(r"started a local Ray cluster in ([\d.]+) s", cache.with_suffix(".log").read_text())
     return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "tree_pss_mb": round(tree_peak[0] / 2**20), "ray_start_s": float(ray_start.group(1)) if ray_start else None,
+            "tree_pss_mb": round(tree_peak[0] / 2**20) if args.tree_memory else None,
+            "ray_start_s": float(ray_start.group(1)) if ray_start else None,
             "images_per_s": float(rate.group(1)) if rate else None,
             "first_batch_s": float(first.group(1)) if first else None,
             "new": int(counts.group(1)), "cached": int(counts.group(2)),
@@ -188,7 +194,7 @@ def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
         local, ray = fresh["local", n], fresh["ray", n]
         lines.append(f"{n:7d} {local['images_per_s']:11.1f} {ray['images_per_s']:9.1f} "
                      f"{ray['images_per_s'] / local['images_per_s']:9.2f} {local['seconds']:8.1f} {ray['seconds']:7.1f} "
-                     f"{ray['ray_start_s'] or 0:11.1f} {local['tree_pss_mb']:8d} {ray['tree_pss_mb']:7d}")
+                     f"{ray['ray_start_s'] or 0:11.1f} {local['tree_pss_mb'] or '-':>8} {ray['tree_pss_mb'] or '-':>7}")
     return lines
 
 
@@ -203,6 +209,9 @@ def main() -> None:
     parser.add_argument("--runtime", default="tflite")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cnncodes-scale"))
     parser.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
+    parser.add_argument("--tree-memory", action="store_true",
+                        help="Also sample the summed PSS of each command's processes (Ray's included) once a "
+                             "second; it slows the measured run a little, Ray's most, so take speeds without it.")
     args = parser.parse_args()
     if args.backbone != LITE0 and args.layer == "avg_pool":
         args.layer = None  # avg_pool is Lite0's; a Keras Applications name pools its top by default

@@ -185,7 +185,9 @@ def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, worke
     paths, hashes = [str(p) for p in columns[PATH]], np.asarray(columns[HASH]).astype(str)
 
     def one(k: int) -> np.ndarray | str:
-        return read_and_decode(paths[k], hashes[k], size, resize) if verify_hash else decode_file(paths[k], size, resize)
+        if verify_hash:
+            return read_and_decode(paths[k], hashes[k], size, resize)
+        return decode_file(paths[k], size, resize)
 
     if workers == 1:  # a Ray task's one CPU: decode here, without a pool thread to hand each file to
         decoded = [one(k) for k in range(len(paths))]
