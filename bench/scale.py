@@ -135,12 +135,13 @@ def extract_process(data: Path, cache: Path, args: argparse.Namespace, engine: s
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
                                 env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         stop, tree_peak = threading.Event(), [0]
-        sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak))
-        if args.tree_memory:
+        sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak)) \
+            if args.tree_memory else None
+        if sampler:
             sampler.start()
         stdout = proc.stdout.read()
         stop.set()
-        if args.tree_memory:
+        if sampler:
             sampler.join()
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - started

@@ -143,8 +143,8 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
     if clf in KERNEL_PARAM and 8 * len(train) ** 2 <= KERNEL_MATRIX_BYTES:
         train_x, val_x = svm_kernel_matrices(clf, train_x, val_x)
         estimator.set_params(**{KERNEL_PARAM[clf]: "precomputed"})
+    param = GRIDS[clf][0].split("__", 1)[1]
     for value in grid:
-        param = GRIDS[clf][0].split("__", 1)[1]
         estimator.set_params(**{param: value})
         estimator.fit(train_x, y[train])
         if clf in ("logreg", "knn"):
