@@ -228,6 +228,37 @@ class Predictions:
         return len(self.paths)
 
 
+def paired_outcomes(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
+    """Whether each method was right on every test image both scored: the one pairing rule of compare, study
+    and report.
+
+    An image is matched by (content hash, path) first; what is left is matched by content hash, occurrence by
+    occurrence in path order, so byte-identical copies stay separate images and the same images under other
+    paths (another cache of the same files) still pair.
+    """
+    def occurrences(p: Predictions) -> dict[tuple[str, str], list[int]]:
+        keyed: dict[tuple[str, str], list[int]] = {}
+        for k, key in enumerate(zip(p.content_hash, p.paths)):
+            keyed.setdefault(key, []).append(k)
+        return keyed
+
+    in_a, in_b = occurrences(a), occurrences(b)
+    pairs: list[tuple[int, int]] = []
+    left_a: dict[str, list[int]] = {}
+    left_b: dict[str, list[int]] = {}
+    for key in sorted(set(in_a) | set(in_b)):
+        rows_a, rows_b = in_a.get(key, []), in_b.get(key, [])
+        pairs += zip(rows_a, rows_b)
+        left_a.setdefault(key[0], []).extend(rows_a[len(rows_b):])
+        left_b.setdefault(key[0], []).extend(rows_b[len(rows_a):])
+    for content_hash, rows_a in left_a.items():
+        pairs += zip(rows_a, left_b.get(content_hash, []))
+    pairs.sort()
+    rows_a = np.array([i for i, _ in pairs], dtype=np.int64)
+    rows_b = np.array([j for _, j in pairs], dtype=np.int64)
+    return a.correct[rows_a], b.correct[rows_b]
+
+
 def predictions_csv(predictions: Predictions) -> str:
     """The CSV text: path, content_hash, split, true, predicted, proba_<class>..."""
     buffer = io.StringIO()

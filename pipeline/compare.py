@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, read_predictions,
-                        sample_images, staged_folder, write_json, write_text)
+from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, paired_outcomes,
+                        read_predictions, sample_images, staged_folder, write_json, write_text)
 from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
 from .heads import load_head
@@ -74,13 +74,10 @@ def paired_tests(rows: list[dict[str, Any]], predictions: list[Predictions]) -> 
         if k == best:
             row["paired_verdict"] = "(the best)"
             continue
-        common = sorted(set(pred.content_hash) & set(predictions[best].content_hash))
-        if not common:
+        a, b = paired_outcomes(pred, predictions[best])
+        if not len(a):
             row["paired_verdict"] = "no common test images: not comparable"
             continue
-        mine = dict(zip(pred.content_hash, pred.correct))
-        theirs = dict(zip(predictions[best].content_hash, predictions[best].correct))
-        a, b = np.array([mine[h] for h in common]), np.array([theirs[h] for h in common])
         row["paired_test"] = {"against": rows[best]["method"], **mcnemar_exact(a, b)}
         row["paired_verdict"] = paired_verdict(row["method"], rows[best]["method"], a, b)
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import PREDICTIONS_CSV, read_predictions, staged_folder
+from .artifacts import PREDICTIONS_CSV, paired_outcomes, predictions_from_rows, read_predictions, staged_folder
 from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
@@ -112,14 +112,12 @@ def save_outcome(folder: Path, outcome: Outcome) -> None:
 
 
 def paired_test(winner: Outcome, folder: Path) -> tuple[dict[str, Any], str]:
-    """A fine-tuning run vs the winner head on the test images both scored (matched by content hash)."""
+    """A fine-tuning run vs the winner head on the test images both scored."""
     run = read_predictions(folder / PREDICTIONS_CSV)
     cache = winner.cache
-    mine = {cache.content_hash[r]: bool(p == cache.labels[r])
-            for r, p in zip(winner.split.test, winner.test_proba.argmax(1))}
-    theirs = dict(zip(run.content_hash, run.correct.tolist()))
-    common = sorted(set(mine) & set(theirs))
-    a, b = np.array([theirs[h] for h in common], bool), np.array([mine[h] for h in common], bool)
+    head = predictions_from_rows(winner.split.test, winner.test_proba, cache.paths, cache.content_hash,
+                                 cache.split, cache.labels, cache.class_names)
+    a, b = paired_outcomes(run, head)
     return mcnemar_exact(a, b), paired_verdict("fine-tune", "winner head", a, b)
 
 

@@ -17,8 +17,8 @@ import pytest
 
 from heads_fixtures import CLASS_NAMES3, blobs, write_cache
 from pipeline.artifacts import (HEAD_JSON, HEAD_MODEL, LEGACY_HEAD_MODEL, METRICS_JSON, PREDICTIONS_CSV,
-                                Predictions, atomic_write, chain_fingerprint, read_json, read_predictions,
-                                staged_folder, write_predictions)
+                                Predictions, atomic_write, chain_fingerprint, paired_outcomes, read_json,
+                                read_predictions, staged_folder, write_predictions)
 from pipeline.errors import UserError
 from pipeline.heads import fit_head, load_head
 
@@ -201,3 +201,26 @@ def test_kill_during_save_leaves_old_head_whole(tmp_path: Path, fallback: bool) 
     fit_head(cache, "svm", cv=3, n_jobs=1, seed=2, out=head, log=lambda m: None)
     assert json.loads((head / HEAD_JSON).read_text())["options"]["clf"] == "svm"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "head", "marker"]
+
+
+def _predictions(rows: list[tuple[str, str, bool]]) -> Predictions:
+    """Two-class predictions: (path, content hash, right?) for each image, the true class always 0."""
+    proba = np.array([[0.9, 0.1] if right else [0.1, 0.9] for _, _, right in rows])
+    return Predictions([p for p, _, _ in rows], [h for _, h, _ in rows], ["test"] * len(rows),
+                       np.zeros(len(rows), np.int64), proba, ["a", "b"])
+
+
+def test_paired_outcomes_keep_byte_identical_test_images_apart():
+    # two copies of one image (same hash, other paths): a is right on one and wrong on the other
+    a = _predictions([("x/1.jpg", "h1", True), ("x/1-copy.jpg", "h1", False), ("x/2.jpg", "h2", True)])
+    b = _predictions([("x/2.jpg", "h2", False), ("x/1-copy.jpg", "h1", True), ("x/1.jpg", "h1", True)])
+    ca, cb = paired_outcomes(a, b)
+    assert len(ca) == 3  # keyed by hash alone the two copies would collapse into one
+    assert sorted(zip(ca.tolist(), cb.tolist())) == [(False, True), (True, False), (True, True)]
+
+
+def test_paired_outcomes_pair_the_same_images_under_other_paths():
+    a = _predictions([("a/1.jpg", "h1", True), ("a/1b.jpg", "h1", True), ("a/2.jpg", "h2", False)])
+    b = _predictions([("b/1.jpg", "h1", False), ("b/9.jpg", "h9", True)])
+    ca, cb = paired_outcomes(a, b)
+    assert ca.tolist() == [True] and cb.tolist() == [False]

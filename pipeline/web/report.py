@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
-                         RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, read_json,
-                         read_predictions, write_text)
+                         RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, paired_outcomes,
+                         read_json, read_predictions, write_text)
 from ..audit import AUDIT_JSON
 from ..errors import UserError
 from ..params import Interval, Options, check_params
@@ -133,17 +133,6 @@ def summary_rows(methods: Sequence[Method]) -> list[dict[str, str]]:
     return rows
 
 
-def _common(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndarray]:
-    """Paired outcomes on the test images both methods scored: matched by (content hash, path), or by
-    content hash alone when no pair matches (the same images under other paths, e.g. another cache)."""
-    for key in (lambda p: list(zip(p.content_hash, p.paths)), lambda p: p.content_hash):
-        correct_b = dict(zip(key(b), b.correct))
-        pairs = [(ok, correct_b[k]) for k, ok in zip(key(a), a.correct) if k in correct_b]
-        if pairs:
-            return np.array([x for x, _ in pairs]), np.array([y for _, y in pairs])
-    return np.zeros(0, bool), np.zeros(0, bool)
-
-
 def paired_rows(methods: Sequence[Method]) -> list[dict[str, Any]]:
     """Exact McNemar tests on the test images two methods share: all pairs, or each against the best."""
     from ..stats import format_p, mcnemar_exact, paired_verdict
@@ -158,7 +147,7 @@ def paired_rows(methods: Sequence[Method]) -> list[dict[str, Any]]:
         pairs = [(m, best) for m in scored if m is not best]
     rows = []
     for a, b in pairs:
-        ca, cb = _common(a.predictions, b.predictions)
+        ca, cb = paired_outcomes(a.predictions, b.predictions)
         if not len(ca):
             rows.append({"a": a.name, "b": b.name, "n": 0, "verdict": "no common test images: not comparable"})
             continue
