@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, install_hint
 from .neighbours import BLOCK_ROWS, DEFAULT_THRESHOLD, comparable_rows, pairs_above
 from .params import Interval, check_params
 
@@ -320,7 +320,7 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
     try:
         import cleanlab
     except ImportError:
-        raise UserError("the audit needs cleanlab: pip install -e '.[audit]'") from None
+        raise UserError(f"the audit needs cleanlab: {install_hint('audit')}") from None
     from .artifacts import staged_folder, write_json
     from .cache import load
     from .heads import fit_arrays

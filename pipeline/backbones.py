@@ -153,7 +153,7 @@ class BackboneConfig:
             path = Path(backbone).expanduser()
             if not path.is_file():
                 raise UserError(f"backbone file {path} does not exist; give a saved Keras model "
-                                "(.keras) or a Keras Applications name (see `python cli.py backbones`).")
+                                "(.keras) or a Keras Applications name (see `cnncodes backbones`).")
             if self.alpha is not None:
                 raise UserError("--alpha applies to MobileNet models only, not to a model file.")
             fixed = saved_input_size(path)
@@ -163,7 +163,7 @@ class BackboneConfig:
         if backbone not in APPLICATIONS:
             near = difflib.get_close_matches(backbone, APPLICATIONS, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise UserError(f"unknown backbone {backbone!r}.{hint} `python cli.py backbones` lists them; "
+            raise UserError(f"unknown backbone {backbone!r}.{hint} `cnncodes backbones` lists them; "
                             "a path to a .keras file also works.")
         if self.alpha is not None and backbone not in ALPHA_MODELS:
             raise UserError(f"--alpha applies to {', '.join(ALPHA_MODELS)}, not to {backbone}.")
@@ -267,7 +267,7 @@ def _layer_error(model: Any, layer: str, source: str) -> UserError:
     near = difflib.get_close_matches(layer, names, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
     return UserError(f"{source} has no layer {layer!r}.{hint} Its last layers are: "
-                     f"{', '.join(names[-8:])} (`python cli.py backbones --layers {source}` lists all).")
+                     f"{', '.join(names[-8:])} (`cnncodes backbones --layers {source}` lists all).")
 
 
 def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:

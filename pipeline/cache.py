@@ -102,7 +102,7 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
         with h5py.File(path, "r") as f:
             attrs = {k: _plain(v) for k, v in f.attrs.items()}
     except FileNotFoundError:
-        raise UserError(f"{path} does not exist; run `python cli.py extract DATA_DIR` first.") from None
+        raise UserError(f"{path} does not exist; run `cnncodes extract DATA_DIR` first.") from None
     except OSError as exc:
         raise UserError(f"{path} is not a readable HDF5 cache ({exc}).") from None
     if attrs.get("format_version") not in READABLE_VERSIONS:

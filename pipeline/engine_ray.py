@@ -20,11 +20,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, install_hint
 from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, Task, decode_columns,
                      progress_bar, task_columns)
 
-RAY_INSTALL = "pip install -e '.[ray]'"
+RAY_INSTALL = install_hint("ray")
 BLOCKS_PER_BATCH = 4  # batches per Ray Data block: fewer, larger tasks keep the per-task overhead small
 DECODE_WORKER_MEMORY = 256 << 20  # bytes; a decode worker measured 130 MiB with 128 images of 224 px
 
@@ -40,7 +40,7 @@ def require_ray(ray_address: str | None = None) -> Any:
         # Ray Data's executor needs a real driver (ray-project/ray#48682); Ray Client has no core worker
         raise UserError(f"--ray-address {ray_address}: Ray Data does not run through Ray Client (ray://). Run "
                         "extract on a node of the cluster with --ray-address auto (or HEAD_IP:6379), for "
-                        "instance with `ray job submit -- python cli.py extract ... --engine ray --ray-address auto`.")
+                        "instance with `ray job submit -- cnncodes extract ... --engine ray --ray-address auto`.")
     return ray
 
 

@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 import numpy as np
 
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
-from .errors import UserError
+from .errors import UserError, install_hint
 
 RUNTIMES = ("auto", "keras", "tflite")
 QUANTIZATIONS = ("none", "float16", "dynamic")
@@ -59,8 +59,8 @@ class KerasRuntime:
         return [r.numpy() for r in result] if isinstance(result, (list, tuple)) else result.numpy()
 
 
-LITE_INSTALL = "pip install -e '.[lite]'"
-TF_INSTALL = "pip install -e '.[cpu]'"
+LITE_INSTALL = install_hint("lite")
+TF_INSTALL = install_hint("cpu")
 
 
 def _require_tensorflow(what: str) -> None:

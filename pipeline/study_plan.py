@@ -103,7 +103,7 @@ def plan_layers(plan: Plan, tokens: Sequence[str], skipped: list[dict[str, str]]
         if None in parts:
             missing = [p for p, r in zip(token.split("+"), parts) if r is None]
             reason = ("no earlier stage found for auto" if missing == ["auto"] else
-                      f"{plan.label} has no layer {missing[0]!r} (`python cli.py backbones --layers` lists them)")
+                      f"{plan.label} has no layer {missing[0]!r} (`cnncodes backbones --layers` lists them)")
             skipped.append({"config": f"{plan.label} {token}", "reason": reason})
             continue
         plan.layers.update(dict(parts))

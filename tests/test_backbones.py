@@ -23,7 +23,7 @@ from pipeline.images import DECODER
 def test_unknown_backbone_suggests_close_names(name: str, suggestion: str) -> None:
     with pytest.raises(UserError, match=f"unknown backbone '{name}'. Did you mean .*{suggestion}") as info:
         BackboneConfig(name).resolved()
-    assert "python cli.py backbones" in str(info.value)
+    assert "cnncodes backbones" in str(info.value)
 
 
 def test_unknown_backbone_without_close_match() -> None:

@@ -77,7 +77,7 @@ def run_cli(args: list[str], blocked: tuple[str, ...] = ()) -> Ran:
 def lean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small CNN model file converted to TFLite once (cached beside its feature cache), a logreg
     head on that cache, new images, and a .tflite model file with its sidecar."""
-    pytest.importorskip("ai_edge_litert", reason="the LiteRT interpreter is the lite extra: pip install -e '.[lite]'")
+    pytest.importorskip("ai_edge_litert", reason="the LiteRT interpreter is the lite extra: pip install 'cnncodes[lite]'")
     from pipeline.extract import extract
     from pipeline.heads import fit_head
 
@@ -184,7 +184,7 @@ def test_lean_install_without_a_cached_conversion_asks_for_tensorflow(lean, tmp_
     ran = run_cli(["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5",
                    "--runtime", "auto"], NO_TF)
     assert ran.code == 2, ran.out + ran.err
-    assert "error: converting" in ran.err and "needs TensorFlow" in ran.err and "pip install -e '.[cpu]'" in ran.err
+    assert "error: converting" in ran.err and "needs TensorFlow" in ran.err and "pip install 'cnncodes[cpu]'" in ran.err
     assert "Traceback" not in ran.err
     assert not (tmp_path / "c.h5").exists()
 
@@ -198,7 +198,7 @@ def test_lean_install_keras_runtime_asks_for_tensorflow(lean, tmp_path: Path) ->
 def test_without_litert_or_tensorflow_a_tflite_model_asks_for_the_lite_extra(lean) -> None:
     ran = run_cli(["predict", lean["data"], "--model", lean["model"]], NO_RUNTIME)
     assert ran.code == 2, ran.out + ran.err
-    assert "LiteRT interpreter" in ran.err and "pip install -e '.[lite]'" in ran.err and "Traceback" not in ran.err
+    assert "LiteRT interpreter" in ran.err and "pip install 'cnncodes[lite]'" in ran.err and "Traceback" not in ran.err
 
 
 # -- GPU detection without TensorFlow ----------------------------------------------------------

@@ -24,7 +24,7 @@ from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
 
-NO_RAY = "Ray is not installed (pip install -e '.[ray]'): the Ray engine cannot be tested"
+NO_RAY = "Ray is not installed (pip install 'cnncodes[ray]'): the Ray engine cannot be tested"
 # TFLite, the CPU actors' runtime: converted once (beside the caches), then no actor imports TensorFlow
 RUNTIME = "tflite"
 CHUNK = BATCH = 4
@@ -142,7 +142,7 @@ class Registry:
 # -- tests ---------------------------------------------------------------------------------------------
 def test_missing_ray_is_a_user_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
-    with pytest.raises(UserError, match=r"pip install -e '\.\[ray\]'"):
+    with pytest.raises(UserError, match=r"pip install 'cnncodes\[ray\]'"):
         extract(tmp_path / "not even scanned", TINY_CONFIG, engine="ray")
 
 

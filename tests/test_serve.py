@@ -20,7 +20,7 @@ from conftest import noise_jpeg, pixels
 from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS, ImageError, decode_image
 
-pytest.importorskip("fastapi", reason="the web extra is not installed: pip install -e '.[web]'")
+pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'cnncodes[web]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from pipeline.web.serve import MAX_FILES, MicroBatcher, create_app, serve  # noqa: E402

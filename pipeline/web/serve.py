@@ -20,7 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from ..errors import UserError
+from ..errors import UserError, install_hint
 from ..images import ImageError, decode_image
 from ..params import Interval, check_params
 from ..predict import load_classifier
@@ -36,7 +36,7 @@ SERVE_CONSTRAINTS = {
     "batch_wait_ms": [Interval(0, 1000)],
     "top_k": [Interval(1, 1000, integer=True)],
 }
-WEB_INSTALL = "pip install -e '.[web]'"
+WEB_INSTALL = install_hint("web")
 
 
 class PixelClassifier(Protocol):
