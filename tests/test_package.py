@@ -1,0 +1,99 @@
+"""The package as a user sees it: the public API, the import graph, one version."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pipeline
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "pipeline"
+# Presentation: text tables, figures, web pages. The model layer computes; it never formats or draws.
+PRESENTATION = {"pipeline.report", "pipeline.tables", "pipeline.plots", "pipeline.web.report", "pipeline.web.render",
+                "pipeline.web.serve", "pipeline.study_report"}
+
+
+def test_every_public_name_resolves() -> None:
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+
+
+def test_importing_the_package_imports_no_library() -> None:
+    ran = subprocess.run([sys.executable, "-c", "import sys, pipeline; print(sorted(m for m in sys.modules if m in "
+                          "('numpy', 'h5py', 'sklearn', 'tensorflow', 'keras', 'PIL')))"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert ran.stdout.strip() == "[]"
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> set[str]:
+    """The pipeline modules a module imports anywhere (top level or inside functions)."""
+    module = _module_name(path)
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[:len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [a.name for a in node.names]
+        else:
+            continue
+        found |= {c for c in candidates if c.startswith("pipeline.") and _exists(c)}
+    return found - {module}
+
+
+def _exists(module: str) -> bool:
+    path = ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def import_graph() -> dict[str, set[str]]:
+    """Each module of pipeline/ -> the pipeline modules it imports (package __init__ files left out)."""
+    return {_module_name(p): _imports(p) for p in PACKAGE.rglob("*.py") if p.name != "__init__.py"}
+
+
+def test_no_import_cycle_among_pipeline_modules() -> None:
+    graph = import_graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, trail: list[str]) -> None:
+        state[node] = 1
+        for child in sorted(graph.get(node, ())):
+            if state.get(child) == 1:
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(child):] + [child]))
+            if child not in state:
+                visit(child, trail + [child])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+
+
+def test_heads_import_no_presentation_module() -> None:
+    graph = import_graph()
+    reached, todo = set(), ["pipeline.heads"]
+    while todo:
+        for child in graph.get(todo.pop(), ()):
+            if child not in reached:
+                reached.add(child)
+                todo.append(child)
+    assert not reached & PRESENTATION, sorted(reached & PRESENTATION)
+
+
+def test_one_version() -> None:
+    text = (ROOT / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in text and 'attr = "pipeline.__version__"' in text
