@@ -138,9 +138,7 @@ def _fold_accuracy(X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndar
     from .heads import make_pipeline
 
     model = make_pipeline("logreg", seed=seed).set_params(clf__C=C)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tiny subsamples may not converge fully; the curve tolerates it
-        model.fit(X[train], y[train])
+    model.fit(X[train], y[train])
     return float(np.mean(model.predict(X[val]) == y[val]))
 
 
@@ -160,8 +158,12 @@ def learning_curve(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarra
     rng = np.random.default_rng(seed)
     jobs = [(size, f, _subsample(train, y, size, rng), val)
             for size in sizes for f, (train, val) in enumerate(folds)]
+    from sklearn.exceptions import ConvergenceWarning
+
+    # Tiny subsamples may not converge fully and the curve tolerates it. The filter is set here, on the main
+    # thread, around the worker threads (catch_warnings is process-wide state, not safe to enter in a thread).
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+        warnings.simplefilter("ignore", category=ConvergenceWarning)
         scores = Parallel(n_jobs=n_jobs, prefer="threads")(
             delayed(_fold_accuracy)(X, y, train, val, C, seed) for _, _, train, val in jobs)
     per_size = np.array(scores, dtype=np.float64).reshape(len(sizes), len(folds))
