@@ -12,6 +12,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 import typer
 
 from pipeline.errors import UserError
+from pipeline.params import ParamError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image classification on small data: CNN codes in an HDF5 cache, "
@@ -26,7 +27,7 @@ def command(name: str) -> Callable:
             try:
                 return function(*args, **kwargs)
             except UserError as exc:
-                typer.echo(f"error: {exc}", err=True)
+                typer.echo(f"error: {exc.as_flags() if isinstance(exc, ParamError) else exc}", err=True)
                 raise typer.Exit(2)
             except KeyboardInterrupt:
                 typer.echo("interrupted", err=True)

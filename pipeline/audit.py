@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UserError, install_hint
 from .neighbours import BLOCK_ROWS, DEFAULT_THRESHOLD, comparable_rows, pairs_above
-from .params import Interval, check_params
+from .params import Interval, check_params, define
 
 OUTLIER_K = 5  # an image's outlier distance: cosine distance to its k-th nearest image of the same class
 OUTLIER_CUTOFF = 3.5  # modified z-score above which it is an outlier (Iglewicz and Hoaglin's rule)
@@ -31,12 +31,7 @@ ASSUMED_EXPONENT = 0.5  # the learning curve's b when too few points fit all thr
 AUDIT_JSON, LABEL_ISSUES_CSV, NEAR_DUPLICATES_CSV = "audit.json", "label_issues.csv", "near_duplicates.csv"
 OUTLIERS_CSV, LEARNING_CURVE_PNG, CLASS_BALANCE_PNG = "outliers.csv", "learning_curve.png", "class_balance.png"
 PAIR_KINDS = ("cross_split", "conflicting_labels", "same_side")
-AUDIT_CONSTRAINTS = {
-    "threshold": [Interval(0.5, 1.0)],
-    "seed": [Interval(0, 2**32 - 1, integer=True)],
-    "cv": [Interval(2, 50, integer=True)],
-    "n_jobs": [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)],
-}
+define(threshold=[Interval(0.5, 1.0)])
 
 
 def pair_kinds(i: np.ndarray, j: np.ndarray, labels: np.ndarray, in_test: np.ndarray) -> np.ndarray:
@@ -318,7 +313,7 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, *, threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
           cv: int = 5, n_jobs: int = -1, log: Callable[[str], None] = print) -> AuditResult:
     """Audit a cache: label issues, near-duplicates (leakage), outliers, learning curve, balance; write a folder."""
-    check_params(dict(threshold=threshold, seed=seed, cv=cv, n_jobs=n_jobs), AUDIT_CONSTRAINTS)
+    check_params(dict(threshold=threshold, seed=seed, cv=cv, n_jobs=n_jobs))
     try:
         import cleanlab
     except ImportError:

@@ -22,7 +22,7 @@ import numpy as np
 
 from .errors import UserError
 from .images import DECODER, RESIZE_METHODS
-from .params import Interval, Options, check_params
+from .params import Interval, Options, ParamError, check_params, define
 
 
 class Application(NamedTuple):
@@ -78,6 +78,9 @@ APPLICATIONS: dict[str, Application] = {
 }
 ALPHA_MODELS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large")
 POOLINGS = ("avg", "max")
+define(backbone=[str], weights=[str], layer=[str, None], pooling=[Options(POOLINGS)],
+       image_size=[Interval(32, 1024, integer=True), None], resize=[Options(tuple(RESIZE_METHODS))],
+       alpha=[Interval(0.1, 2.0), None], keras_version=[str, None])
 DEFAULT_BACKBONE = "MobileNetV2"
 # weights="none" is a random initialisation: seeded, so that it is a reproducible configuration.
 RANDOM_WEIGHTS_SEED = 0
@@ -142,12 +145,7 @@ class BackboneConfig:
 
     def resolved(self) -> "BackboneConfig":
         """Check every option (no TensorFlow needed) and fill in defaults; raise UserError if invalid."""
-        check_params(asdict(self), {
-            "backbone": [str], "weights": [str], "layer": [str, None],
-            "pooling": [Options(POOLINGS)], "image_size": [Interval(32, 1024, integer=True), None],
-            "resize": [Options(tuple(RESIZE_METHODS))], "alpha": [Interval(0.1, 2.0), None],
-            "keras_version": [str, None],
-        })
+        check_params(asdict(self))
         backbone, weights, size = self.backbone, self.weights, self.image_size
         if is_model_file(backbone):
             path = Path(backbone).expanduser()
@@ -155,10 +153,10 @@ class BackboneConfig:
                 raise UserError(f"backbone file {path} does not exist; give a saved Keras model "
                                 "(.keras) or a Keras Applications name (see `cnncodes backbones`).")
             if self.alpha is not None:
-                raise UserError("--alpha applies to MobileNet models only, not to a model file.")
+                raise ParamError("{} applies to MobileNet models only, not to a model file.", "alpha")
             fixed = saved_input_size(path)
             if fixed and size not in (None, fixed):
-                raise UserError(f"{path} takes {fixed}x{fixed} images; drop --image-size {size}.")
+                raise ParamError(f"{path} takes {fixed}x{fixed} images; drop {{}} {size}.", "image_size")
             return replace(self, backbone=str(path.resolve()), weights="file", image_size=fixed or size)
         if backbone not in APPLICATIONS:
             near = difflib.get_close_matches(backbone, APPLICATIONS, n=3, cutoff=0.5)
@@ -166,14 +164,14 @@ class BackboneConfig:
             raise UserError(f"unknown backbone {backbone!r}.{hint} `cnncodes backbones` lists them; "
                             "a path to a .keras file also works.")
         if self.alpha is not None and backbone not in ALPHA_MODELS:
-            raise UserError(f"--alpha applies to {', '.join(ALPHA_MODELS)}, not to {backbone}.")
+            raise ParamError(f"{{}} applies to {', '.join(ALPHA_MODELS)}, not to {backbone}.", "alpha")
         if weights.lower() in ("imagenet", "none"):
             weights = weights.lower()
         elif Path(weights).expanduser().is_file():
             weights = str(Path(weights).expanduser().resolve())
         else:
-            raise UserError(f"weights file {weights} does not exist; use --weights imagenet, none, "
-                            "or the path of a Keras weights file (.h5 / .weights.h5).")
+            raise ParamError(f"weights file {weights} does not exist; use {{}} imagenet, none, "
+                             "or the path of a Keras weights file (.h5 / .weights.h5).", "weights")
         keras_version = (library_version("keras") or self.keras_version or "") if weights == "imagenet" else None
         return replace(self, weights=weights, image_size=size or APPLICATIONS[backbone].size,
                        keras_version=keras_version)
@@ -337,7 +335,7 @@ def build_backbone(config: BackboneConfig, layers: Sequence[str | None] | None =
     base, module = _base_model(config, layers)
     size = base.input_shape[1] or config.image_size
     if size is None:
-        raise UserError(f"{config.backbone} takes images of any size; give --image-size N.")
+        raise ParamError(f"{config.backbone} takes images of any size; give {{}} N.", "image_size")
     inputs = keras.Input((size, size, 3), name="pixels")
     x = preprocess_layer_class()(module, name="preprocess")(inputs) if module else inputs
     x = base(x)

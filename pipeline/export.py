@@ -19,10 +19,11 @@ from .artifacts import PREDICTIONS_CSV, Predictions, atomic_path, read_predictio
 from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
 from .heads import Head, load_head
-from .params import Interval, Options, check_params
+from .params import Interval, Options, ParamError, check_params, define
 from .runtime import QUANTIZATIONS, convert_to_tflite, load_model_file, write_sidecar
 
 FORMATS = ("keras", "tflite")
+define(format=[Options(FORMATS)], quantize=[Options(QUANTIZATIONS)], verify=[Interval(0, 1_000_000, integer=True)])
 LINEAR_HEADS = ("logreg", "svm")
 
 
@@ -87,14 +88,12 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
     predictions.csv and dataset root: no cache needed) and compares with the head's own test
     probabilities and accuracy. Returns (path, check); check is empty when verify is 0.
     """
-    check_params(dict(format=format, quantize=quantize, verify=verify),
-                 {"format": [Options(FORMATS)], "quantize": [Options(QUANTIZATIONS)],
-                  "verify": [Interval(0, 1_000_000, integer=True)]})
+    check_params(dict(format=format, quantize=quantize, verify=verify))
     if format == "keras" and quantize != "none":
-        raise UserError("--quantize applies to --format tflite only.")
+        raise ParamError("{} applies to {} tflite only.", "quantize", "format")
     if Path(out).suffix != f".{format}":
-        raise UserError(f"--out {out} does not end in .{format}; with --format {format} write a .{format} "
-                        f"file (predict --model tells the format by the suffix).")
+        raise ParamError(f"{{}} {out} does not end in .{format}; with {{}} {format} write a .{format} "
+                         "file (predict --model tells the format by the suffix).", "out", "format")
     head = load_head(head_dir)
     test = read_predictions(Path(head_dir) / PREDICTIONS_CSV) if verify else None
     model = build_classifier(head)

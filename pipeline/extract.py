@@ -15,9 +15,9 @@ from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
 from .errors import UserError
 from .images import scan_dataset
-from .params import check_params
+from .params import ParamError, check_params
 from .runtime import make_runtime
-from .stream import RUN_CONSTRAINTS, FeatureSink, RunResult, hash_files, read_tasks, run
+from .stream import FeatureSink, RunResult, hash_files, read_tasks, run
 
 DEFAULT_CACHE_DIR = Path("cache")
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "h5py", "numpy", "pillow", "scikit-learn")
@@ -90,13 +90,13 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
     started = time.perf_counter()
     ray_options = dict(ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
     check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers, threads=threads,
-                      runtime=runtime, engine=engine, **ray_options), RUN_CONSTRAINTS)
+                      runtime=runtime, engine=engine, **ray_options))
     if engine == "ray":
         from .engine_ray import require_ray
 
         require_ray(ray_address)  # said before the scan and the hashing, which take minutes on big data
     elif ray_address is not None or actors is not None or gpus_per_actor:
-        raise UserError("--ray-address, --actors and --gpus-per-actor apply to --engine ray only.")
+        raise ParamError("{}, {} and {} apply to {} ray only.", "ray_address", "actors", "gpus_per_actor", "engine")
     layers = list(layers)
     if not layers or len(set(layers)) != len(layers):
         raise UserError(f"layers {layers} must name at least one layer, each once.")

@@ -34,7 +34,7 @@ from .export import linear_weights
 from .heads import load_head, rows_digest
 from .splits import finetune_parts
 from .images import decode_image
-from .params import Interval, Options, check_params
+from .params import Interval, Matches, Options, ParamError, check_params, define
 from .report import classification_metrics, new_figure, save_figure, save_metrics
 from .runtime import write_sidecar
 
@@ -42,20 +42,10 @@ AUGMENTATIONS = ("none", "light", "strong")
 OPTIMIZERS = ("adam", "sgd")
 HISTORY_FIELDS = ["phase", "epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 MEMORY_CACHE_BYTES = 1 << 30  # decoded images are kept in memory across epochs below this size
-FINETUNE_CONSTRAINTS = {
-    "epochs": [Interval(0, 1000, integer=True)],
-    "head_epochs": [Interval(0, 1000, integer=True), None],
-    "batch_size": [Interval(1, 1024, integer=True)],
-    "lr": [Interval(1e-8, 1.0)],
-    "head_lr": [Interval(1e-8, 1.0)],
-    "optimizer": [Options(OPTIMIZERS)],
-    "augment": [Options(AUGMENTATIONS)],
-    "dropout": [Interval(0.0, 0.95)],
-    "patience": [Interval(1, 1000, integer=True)],
-    "test_size": [Interval(0.01, 0.9)],
-    "val_size": [Interval(0.01, 0.9)],
-    "seed": [Interval(0, 2**31 - 1, integer=True)],
-}
+define(epochs=[Interval(0, 1000, integer=True)], head_epochs=[Interval(0, 1000, integer=True), None],
+       lr=[Interval(1e-8, 1.0)], head_lr=[Interval(1e-8, 1.0)], optimizer=[Options(OPTIMIZERS)],
+       augment=[Options(AUGMENTATIONS)], dropout=[Interval(0.0, 0.95)], patience=[Interval(1, 1000, integer=True)],
+       val_size=[Interval(0.01, 0.9)], unfreeze=[Options(("all",)), Matches(r"[0-9]+", "a number of layers")])
 
 
 def augmentation(kind: str) -> list[Any]:
@@ -88,8 +78,8 @@ def build_model(config: BackboneConfig, n_classes: int, augment: str = "light", 
     if init_head is not None:
         weights, bias, activation, l2 = linear_weights(init_head)
         if activation != "softmax":
-            raise UserError(f"--init-head {init_head.folder} is not a logistic-regression head; "
-                            "fit one with `fit-head --clf logreg`.")
+            raise ParamError(f"{{}} {init_head.folder} is not a logistic-regression head; "
+                             "fit one with `cnncodes fit-head --clf logreg`.", "init_head")
         if l2:
             x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
         init = [weights, bias]
@@ -259,9 +249,7 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
-                      test_size=test_size, val_size=val_size, seed=seed), FINETUNE_CONSTRAINTS)
-    if unfreeze != "all" and not (unfreeze.isdigit() and int(unfreeze) >= 0):
-        raise UserError(f"--unfreeze is {unfreeze!r}; it must be a number of layers or 'all'.")
+                      test_size=test_size, val_size=val_size, seed=seed, unfreeze=unfreeze))
     config = config.resolved()
     head = load_head(init_head) if init_head is not None else None
     if head is not None:

@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
-from .params import Interval, Options, check_params
+from .params import Interval, Options, check_params, define
 from .report import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
 
@@ -31,15 +31,8 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "rbf-svm": ("clf__C", np.logspace(-1, 3, 9).tolist()),
     "knn": ("clf__n_neighbors", [1, 3, 5, 7, 9, 15, 21, 31]),
 }
-HEAD_CONSTRAINTS = {
-    "clf": [Options(CLASSIFIERS)],
-    "cv": [Interval(2, 50, integer=True)],
-    "n_jobs": [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)],
-    "class_weight": [Options(("balanced",)), None],
-    "seed": [Interval(0, 2**32 - 1, integer=True)],
-    "test_size": [Interval(0.01, 0.9)],
-    "group_near_duplicates": [Interval(0.5, 1.0), None],
-}
+define(clf=[Options(CLASSIFIERS)], class_weight=[Options(("balanced",)), None],
+       group_near_duplicates=[Interval(0.5, 1.0), None])
 
 
 def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None = None, seed: int = 0):
@@ -163,7 +156,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
 
     groups: rows of one group (identical files, near-duplicates) stay in one fold.
     """
-    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed), HEAD_CONSTRAINTS)
+    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed))
     from joblib import Parallel, delayed
     from sklearn import linear_model, model_selection, multiclass, neighbors, svm  # noqa: F401
     from threadpoolctl import threadpool_limits
@@ -244,7 +237,7 @@ def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
-                      group_near_duplicates=group_near_duplicates), HEAD_CONSTRAINTS)
+                      group_near_duplicates=group_near_duplicates))
     cache = load(cache_path)
     if len(cache) == 0:
         raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")

@@ -1,8 +1,15 @@
-"""One table of what each option may be, checked before any model is loaded (scikit-learn's idea)."""
+"""One table of what each option may be, checked before any model is loaded (scikit-learn's idea).
+
+Every option is declared once for the whole package (`define`), where the fact it depends on lives: the
+shared ones here, the others beside their module's choices (`define(clf=[Options(CLASSIFIERS)])` in heads).
+Errors name the parameter as the caller gave it: the argument's name to a Python caller, the flag on the
+command line (cli.py renders a `ParamError` with `as_flags`).
+"""
 
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -44,6 +51,54 @@ class Options:
         return "one of " + ", ".join(self.choices)
 
 
+@dataclass(frozen=True)
+class Matches:
+    """A string that matches a regular expression as a whole; description says what that means."""
+
+    pattern: str
+    description: str
+
+    def check(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(self.pattern, value) is not None
+
+    def __str__(self) -> str:
+        return self.description
+
+
+class ParamError(UserError):
+    """A user error about named parameters: `str()` names them as Python arguments, `as_flags()` as options.
+
+    The message is a template with one `{}` per name, e.g. ParamError("{} applies to MobileNet only", "alpha").
+    """
+
+    def __init__(self, template: str, *names: str) -> None:
+        self.template, self.names = template, names
+        super().__init__(template.format(*names))
+
+    def as_flags(self) -> str:
+        """The message as the command line's user reads it: `--top-k` for top_k."""
+        return self.template.format(*("--" + n.replace("_", "-") for n in self.names))
+
+
+SEED = Interval(0, 2**32 - 1, integer=True)  # what numpy's and scikit-learn's seeds accept
+N_JOBS = [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)]  # -1: every core
+
+# name -> the constraints of which a valid value meets at least one; filled by define()
+PARAMETERS: dict[str, list] = {}
+
+
+def define(**constraints: list) -> None:
+    """Declare what options may be; a name has one definition in the whole package."""
+    for name, allowed in constraints.items():
+        if PARAMETERS.setdefault(name, allowed) != allowed:
+            raise ValueError(f"option {name!r} is defined twice, differently")  # a bug, not a user mistake
+
+
+define(seed=[SEED], cv=[Interval(2, 50, integer=True)], n_jobs=N_JOBS, test_size=[Interval(0.01, 0.9)],
+       batch_size=[Interval(1, 4096, integer=True)], workers=[Interval(1, 256, integer=True), None],
+       threads=[Interval(1, 256, integer=True), None], top_k=[Interval(1, 1000, integer=True)])
+
+
 def _accepts(constraint: Any, value: Any) -> bool:
     if constraint is None:
         return value is None
@@ -58,13 +113,11 @@ def _describe(constraint: Any) -> str:
     return constraint.__name__ if isinstance(constraint, type) else str(constraint)
 
 
-def check_params(values: Mapping[str, Any], constraints: Mapping[str, list]) -> None:
-    """Raise UserError naming the first option whose value none of its constraints accept.
-
-    Every name in values must have a row in constraints; a table may hold more rows than one caller checks.
-    """
+def check_params(values: Mapping[str, Any]) -> None:
+    """Raise ParamError naming the first option whose value none of its defined constraints accept."""
     for name, value in values.items():
-        allowed = constraints[name]
+        allowed = PARAMETERS[name]
         if not any(_accepts(c, value) for c in allowed):
             wants = " or ".join(_describe(c) for c in allowed)
-            raise UserError(f"--{name.replace('_', '-')} is {value!r}; it must be {wants}.")
+            text = f"is {value!r}; it must be {wants}.".replace("{", "{{").replace("}", "}}")
+            raise ParamError("{} " + text, name)

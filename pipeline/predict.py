@@ -15,9 +15,9 @@ from .backbones import BackboneConfig
 from .errors import UserError
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
-from .params import Interval, check_params
+from .params import check_params
 from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
-from .stream import RUN_CONSTRAINTS, hash_files, stream_features
+from .stream import hash_files, stream_features
 
 
 @dataclass
@@ -87,9 +87,7 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
             runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
             log: Callable[[str], None] = print) -> list[Prediction]:
     """Classify image files or folders with a fitted head or a model file; write a CSV when out is given."""
-    check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime),
-                 {"top_k": [Interval(1, 1000, integer=True)],
-                  **{k: RUN_CONSTRAINTS[k] for k in ("batch_size", "workers", "threads", "runtime")}})
+    check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime))
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     loaded = load_head(head, trust_pickle) if head is not None else None
@@ -164,7 +162,7 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
     A head's backbone converted to TFLite is reused from beside its cache, as predict does; when it
     is not there yet, scratch_dir (if given) receives the conversion instead of the cache's folder.
     """
-    check_params(dict(runtime=runtime, threads=threads), {k: RUN_CONSTRAINTS[k] for k in ("runtime", "threads")})
+    check_params(dict(runtime=runtime, threads=threads))
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     if model is not None:

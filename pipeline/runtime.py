@@ -21,8 +21,10 @@ import numpy as np
 
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError, install_hint
+from .params import Options, check_params, define
 
 RUNTIMES = ("auto", "keras", "tflite")
+define(runtime=[Options(RUNTIMES)])
 QUANTIZATIONS = ("none", "float16", "dynamic")
 
 
@@ -189,8 +191,7 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
 
     With layers, one model with an output per layer (see build_backbone), converted and cached as one.
     """
-    if kind not in RUNTIMES:
-        raise UserError(f"--runtime is {kind!r}; it must be one of {', '.join(RUNTIMES)}.")
+    check_params(dict(runtime=kind))
     if kind == "keras" or kind == "auto" and has_gpu():
         _require_tensorflow("--runtime keras")
         return KerasRuntime(build_backbone(config, layers))

@@ -25,21 +25,12 @@ import numpy as np
 
 from .cache import CacheWriter
 from .images import ImageError, ImageFile, decode_image, file_sha256
-from .params import Interval, Options, check_params
-from .runtime import RUNTIMES, Runtime
+from .params import Interval, Options, check_params, define
+from .runtime import Runtime
 
 ENGINES = ("local", "ray")
-RUN_CONSTRAINTS = {
-    "batch_size": [Interval(1, 4096, integer=True)],
-    "chunk_size": [Interval(1, 1 << 20, integer=True)],
-    "workers": [Interval(1, 256, integer=True), None],
-    "threads": [Interval(1, 256, integer=True), None],
-    "runtime": [Options(RUNTIMES)],
-    "engine": [Options(ENGINES)],
-    "ray_address": [str, None],
-    "actors": [Interval(1, 4096, integer=True), None],
-    "gpus_per_actor": [Interval(0, 64)],
-}
+define(chunk_size=[Interval(1, 1 << 20, integer=True)], engine=[Options(ENGINES)],
+       ray_address=[str, None], actors=[Interval(1, 4096, integer=True), None], gpus_per_actor=[Interval(0, 64)])
 # Column names of a batch of tasks as it goes through the mapper (a dict of arrays, one row per task:
 # Ray Data's "numpy" batch format). IMAGE holds decoded uint8 pixels between the decode and infer halves.
 HASH, PATH, ERROR, RUNTIME, IMAGE = "content_hash", "path", "error", "runtime", "image"
@@ -325,7 +316,7 @@ def run(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, 
 
     engine_options go to the engine's runner (run_ray's ray_address, actors, gpus_per_actor).
     """
-    check_params(dict(engine=engine), {"engine": RUN_CONSTRAINTS["engine"]})
+    check_params(dict(engine=engine))
     if not tasks:
         return RunResult()
     options = dict(resize=resize, batch_size=batch_size, workers=workers, progress=progress, log=log)

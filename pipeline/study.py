@@ -23,8 +23,7 @@ from .errors import UserError
 from .extract import extract_layers
 from .heads import CLASSIFIERS, fit_arrays, save_head
 from .images import Dataset, scan_dataset
-from .params import Interval, Options, check_params
-from .runtime import RUNTIMES
+from .params import Interval, Options, ParamError, check_params, define
 from .splits import Split, split_rows
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
@@ -37,14 +36,7 @@ DEFAULT_HEADS = "logreg,svm"
 FIT_COST = {"logreg": (1.6e-6, 1), "svm": (4.5e-9, 2), "rbf-svm": (4.5e-9, 2), "knn": (1e-6, 1)}
 CONVERSION_SECONDS = 15.0  # one TFLite conversion of a backbone, when its caches are still to be made
 FINETUNE_PASSES = 30  # budget estimate of fine-tuning: about 10 epochs at 3x the cost of inference
-STUDY_CONSTRAINTS = {
-    "budget_minutes": [Interval(0.001, 100_000), None],
-    "seed": [Interval(0, 2**31 - 1, integer=True)],
-    "test_size": [Interval(0.01, 0.9)],
-    "cv": [Interval(2, 50, integer=True)],
-    "n_jobs": [Interval(-1, -1, integer=True), Interval(1, 256, integer=True)],
-    "runtime": [Options(RUNTIMES)],
-}
+define(budget_minutes=[Interval(0.001, 100_000), None], heads=[Options(CLASSIFIERS)])
 
 
 # -- fitting one configuration ---------------------------------------------------------------------
@@ -345,18 +337,17 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
           log: Callable[[str], None] = print) -> StudyResult:
     """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head."""
     check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
-                      runtime=runtime), STUDY_CONSTRAINTS)
+                      runtime=runtime))
     clfs = split_list(heads, "heads")
-    if set(clfs) - set(CLASSIFIERS):
-        raise UserError(f"--heads: {', '.join(sorted(set(clfs) - set(CLASSIFIERS)))} unknown; "
-                        f"choose from {', '.join(CLASSIFIERS)}.")
+    for clf in clfs:
+        check_params(dict(heads=clf))
     tokens = split_list(layers, "layers")
     bad = [t for t in tokens if "+" in t and (t.count("+") != 1 or "" in t.split("+"))]
     if bad:
-        raise UserError(f"--layers: {bad[0]!r} is not a hypercolumn A+B of two layers (e.g. auto+top).")
+        raise ParamError(f"{{}}: {bad[0]!r} is not a hypercolumn A+B of two layers (e.g. auto+top).", "layers")
     plans = [Plan(label, config) for label, config in map(parse_backbone, split_list(backbones, "backbones"))]
     if len({p.label for p in plans}) != len(plans):
-        raise UserError(f"--backbones {backbones!r} names one backbone twice.")
+        raise ParamError(f"{{}} {backbones!r} names one backbone twice.", "backbones")
     dataset = scan_dataset(data_dir)
     out = Path(out) if out else Path("studies") / dataset.root.name
     run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,

@@ -103,3 +103,23 @@ def test_user_error_in_a_real_process_is_fast_and_clean(one_class: Path, tmp_pat
     assert "Traceback" not in out.stderr and out.stdout == ""
     imported = {l.split("|")[-1].strip() for l in out.stderr.splitlines() if l.startswith("import time:")}
     assert "pipeline.extract" in imported and not {"tensorflow", "keras"} & imported
+
+
+def test_param_errors_name_flags_on_the_command_line_and_arguments_in_python() -> None:
+    from pipeline.params import ParamError, check_params
+
+    with pytest.raises(ParamError) as info:
+        check_params(dict(top_k=0))
+    assert str(info.value).startswith("top_k is 0; it must be an integer in [1, 1000]")
+    assert info.value.as_flags().startswith("--top-k is 0; it must be")
+    with pytest.raises(ParamError) as info:
+        check_params(dict(runtime="{odd}"))  # braces in the value are kept as they are
+    assert str(info.value).startswith("runtime is '{odd}'")
+
+
+def test_an_option_is_defined_once() -> None:
+    from pipeline.params import Interval, define
+
+    define(seed=[Interval(0, 2**32 - 1, integer=True)])  # the same definition again is harmless
+    with pytest.raises(ValueError, match="defined twice"):
+        define(seed=[Interval(0, 2**31 - 1, integer=True)])

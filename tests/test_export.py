@@ -140,7 +140,7 @@ def test_non_linear_heads_do_not_export(world: World, clf: str, tmp_path: Path) 
 
 
 def test_quantize_needs_tflite(world: World, tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="--quantize applies to --format tflite only"):
+    with pytest.raises(UserError, match="^quantize applies to format tflite only"):
         export_head(world.heads["logreg"], tmp_path / "m.keras", format="keras", quantize="float16")
     with pytest.raises(UserError, match="onnx"):
         export_head(world.heads["logreg"], tmp_path / "m.onnx", format="onnx")

@@ -265,12 +265,12 @@ def test_predict_with_finetuned_model(world: World, finetune_run) -> None:
 
 @pytest.mark.parametrize("options, fragment", [
     (dict(augment="heavy"), "augment"),
-    (dict(unfreeze="abc"), "--unfreeze is 'abc'"),
-    (dict(unfreeze="-3"), "--unfreeze is '-3'"),
+    (dict(unfreeze="abc"), "^unfreeze is 'abc'"),
+    (dict(unfreeze="-3"), "^unfreeze is '-3'"),
     (dict(optimizer="rmsprop"), "optimizer"),
     (dict(epochs=-1), "epochs"),
-    (dict(batch_size=0), "--batch-size is 0"),
-    (dict(test_size=5), "--test-size is 5"),
+    (dict(batch_size=0), "^batch_size is 0"),
+    (dict(test_size=5), "^test_size is 5"),
 ])
 def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):

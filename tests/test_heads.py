@@ -344,17 +344,16 @@ def test_missing_and_foreign_cache_files(tmp_path: Path) -> None:
         fit(tmp_path / "junk.h5", tmp_path / "h")
 
 
-@pytest.mark.parametrize("option, value, name", [
-    ("clf", "tree", "--clf"), ("cv", 1, "--cv"), ("cv", 2.5, "--cv"), ("test_size", 1.5, "--test-size"),
-    ("test_size", 0.0, "--test-size"), ("class_weight", "foo", "--class-weight"), ("seed", -1, "--seed"),
-    ("n_jobs", -2, "--n-jobs"), ("n_jobs", 0, "--n-jobs"),
+@pytest.mark.parametrize("option, value", [
+    ("clf", "tree"), ("cv", 1), ("cv", 2.5), ("test_size", 1.5), ("test_size", 0.0), ("class_weight", "foo"),
+    ("seed", -1), ("n_jobs", -2), ("n_jobs", 0),
 ])
-def test_invalid_options_name_the_option(blob_cache: Path, tmp_path: Path, option: str, value, name: str) -> None:
+def test_invalid_options_name_the_argument(blob_cache: Path, tmp_path: Path, option: str, value) -> None:
     clf = value if option == "clf" else "logreg"
     kwargs = {} if option == "clf" else {option: value}
     with pytest.raises(UserError) as info:
         fit_head(blob_cache, clf, out=tmp_path / "h", log=quiet, **{"n_jobs": 1, **kwargs})
-    assert str(info.value).startswith(f"{name} is {value!r}"), str(info.value)
+    assert str(info.value).startswith(f"{option} is {value!r}"), str(info.value)
     assert not (tmp_path / "h").exists()
 
 

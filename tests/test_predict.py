@@ -147,8 +147,8 @@ def test_top_k_is_capped_at_the_number_of_classes(real, no_backbone, tmp_path: P
     assert read_csv(tmp_path / "p.csv")[0] == HEADER3
 
 
-@pytest.mark.parametrize("kwargs, fragment", [({"top_k": 0}, "--top-k is 0"),
-                                              ({"batch_size": 0}, "--batch-size is 0")])
+@pytest.mark.parametrize("kwargs, fragment", [({"top_k": 0}, "^top_k is 0"),
+                                              ({"batch_size": 0}, "^batch_size is 0")])
 def test_bad_predict_options(real, kwargs: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
         predict([real.data], real.head, log=quiet, **kwargs)

@@ -144,7 +144,7 @@ def test_local_runner_counts_and_stops_on_ctrl_c(dataset: Path, tmp_path: Path) 
                   log=quiet)
     assert stopped.interrupted and stopped.n_done == 0
     assert run([], FakeRuntime, FeatureSink([]), progress=False).runtime == ""  # nothing to do: nothing built
-    with pytest.raises(UserError, match="--engine"):
+    with pytest.raises(UserError, match="^engine is 'spark'"):
         run(tasks, FakeRuntime, FeatureSink(writers), engine="spark")
 
 
@@ -208,9 +208,9 @@ def test_layer_list_mistakes(dataset: Path, tiny_config, tmp_path: Path, countin
         extract_layers(dataset, tiny_config, LAYERS, caches=[tmp_path / "a.h5"], runtime="keras")
     with pytest.raises(UserError, match="same cache file"):
         extract_layers(dataset, tiny_config, LAYERS, caches=[tmp_path / "a.h5"] * 2, runtime="keras")
-    with pytest.raises(UserError, match="--engine"):
+    with pytest.raises(UserError, match="^engine is 'spark'"):
         extract_layers(dataset, tiny_config, LAYERS, engine="spark")
-    with pytest.raises(UserError, match="apply to --engine ray only"):
+    with pytest.raises(UserError, match="apply to engine ray only"):
         extract_layers(dataset, tiny_config, LAYERS, actors=2)
     assert not counting["built"]
 

@@ -309,7 +309,7 @@ def test_user_errors(report_world: ReportWorld, tmp_path: Path) -> None:
     (tmp_path / "plain").mkdir()
     with pytest.raises(UserError, match="not a head, run or study folder"):
         build_report([tmp_path / "plain"], out=tmp_path / "r.html", log=quiet)
-    with pytest.raises(UserError, match="--projection"):
+    with pytest.raises(UserError, match="^projection is 'umap'"):
         build_report([report_world.heads["logreg"]], out=tmp_path / "r.html", projection="umap", log=quiet)
     with pytest.raises(UserError, match=f"has no {AUDIT_JSON}"):
         build_report([report_world.heads["logreg"]], tmp_path / "plain", tmp_path / "r.html", log=quiet)

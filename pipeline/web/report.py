@@ -24,16 +24,12 @@ from ..artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, MET
                          read_json, read_predictions, write_text)
 from ..audit import AUDIT_JSON
 from ..errors import UserError
-from ..params import Interval, Options, check_params
+from ..params import Interval, Options, check_params, define
 from ..report import ci_text, new_figure
 from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
 
 PROJECTIONS = ("tsne", "pca")
-REPORT_CONSTRAINTS = {
-    "projection": [Options(PROJECTIONS)],
-    "thumb_px": [Interval(32, 256, integer=True)],
-    "seed": [Interval(0, 2**32 - 1, integer=True)],
-}
+define(projection=[Options(PROJECTIONS)], thumb_px=[Interval(32, 256, integer=True)])
 GALLERY_SIZE = 24  # images per gallery (confidently wrong, hesitant, each audit finding)
 PER_CLASS = 4  # images per class in the per-class gallery
 MAP_THUMBNAILS = 2000  # map points beyond this many (a random sample keeps them) show no thumbnail on hover
@@ -382,7 +378,7 @@ def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike 
                  out: str | os.PathLike = "report.html", *, projection: str = "tsne",
                  thumb_px: int = THUMBNAIL_PX, seed: int = 0, log: Callable[[str], None] = print) -> Path:
     """Write one self-contained HTML report of head, run and study folders (and an audit folder)."""
-    check_params(dict(projection=projection, thumb_px=thumb_px, seed=seed), REPORT_CONSTRAINTS)
+    check_params(dict(projection=projection, thumb_px=thumb_px, seed=seed))
     if not folders:
         raise UserError("give at least one head, run or study folder.")
     if audit is not None and not (Path(audit) / AUDIT_JSON).is_file():

@@ -22,20 +22,14 @@ import numpy as np
 
 from ..errors import UserError, install_hint
 from ..images import ImageError, decode_image
-from ..params import Interval, check_params
+from ..params import Interval, check_params, define
 from ..predict import load_classifier
 from .render import THUMBNAIL_PX, placeholder_uri, render
 
 MAX_FILES = 32  # images in one request
 DEFAULT_TOP_K = 5
-SERVE_CONSTRAINTS = {
-    "host": [str],
-    "port": [Interval(1, 65535, integer=True)],
-    "max_upload_mb": [Interval(0.001, 4096)],
-    "max_batch": [Interval(1, 1024, integer=True)],
-    "batch_wait_ms": [Interval(0, 1000)],
-    "top_k": [Interval(1, 1000, integer=True)],
-}
+define(host=[str], port=[Interval(1, 65535, integer=True)], max_upload_mb=[Interval(0.001, 4096)],
+       max_batch=[Interval(1, 1024, integer=True)], batch_wait_ms=[Interval(0, 1000)])
 WEB_INSTALL = install_hint("web")
 
 
@@ -303,7 +297,7 @@ def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None
           log: Callable[[str], None] = print) -> None:
     """Load a head or model file once and serve the page and the API with uvicorn until Ctrl-C."""
     check_params(dict(host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
-                      batch_wait_ms=batch_wait_ms, top_k=top_k), SERVE_CONSTRAINTS)
+                      batch_wait_ms=batch_wait_ms, top_k=top_k))
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     _require_web()
