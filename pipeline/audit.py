@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import os
 import time
 import warnings
@@ -23,6 +24,8 @@ import numpy as np
 from .errors import UserError, install_hint
 from .neighbours import BLOCK_ROWS, DEFAULT_THRESHOLD, comparable_rows, pairs_above
 from .params import Interval, check_params, define
+
+logger = logging.getLogger(__name__)
 
 OUTLIER_K = 5  # an image's outlier distance: cosine distance to its k-th nearest image of the same class
 OUTLIER_CUTOFF = 3.5  # modified z-score above which it is an outlier (Iglewicz and Hoaglin's rule)
@@ -311,7 +314,7 @@ def _head_test_rows(cache: Any, head: str | os.PathLike, log: Callable[[str], No
 
 def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
           out: str | os.PathLike | None = None, *, threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
-          cv: int = 5, n_jobs: int = -1, log: Callable[[str], None] = print) -> AuditResult:
+          cv: int = 5, n_jobs: int = -1, log: Callable[[str], None] = logger.info) -> AuditResult:
     """Audit a cache: label issues, near-duplicates (leakage), outliers, learning curve, balance; write a folder."""
     check_params(dict(threshold=threshold, seed=seed, cv=cv, n_jobs=n_jobs))
     try:

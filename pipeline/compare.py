@@ -6,6 +6,7 @@ paired test compares the methods on the very same test images, and no cache is n
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from .images import ImageFile
 from .report import compare_markdown, load_metrics, plot_compare
 from .runtime import KerasRuntime, load_model_file
 from .stream import stream_features
+
+logger = logging.getLogger(__name__)
 
 TIMING_IMAGES = 64
 
@@ -83,7 +86,7 @@ def paired_tests(rows: list[dict[str, Any]], predictions: list[Predictions]) -> 
 
 
 def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike = "compare",
-            log: Callable[[str], None] = print) -> tuple[list[dict[str, Any]], Path]:
+            log: Callable[[str], None] = logger.info) -> tuple[list[dict[str, Any]], Path]:
     """Rows for every head or run, with paired tests; writes compare.md, compare.json and compare.png in out."""
     rows, predictions = [], []
     for path in paths:

@@ -24,6 +24,8 @@ from .errors import UserError, install_hint
 from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, Task, decode_columns,
                      progress_bar, task_columns)
 
+logger = logging.getLogger(__name__)
+
 RAY_INSTALL = install_hint("ray")
 BLOCKS_PER_BATCH = 4  # batches per Ray Data block: fewer, larger tasks keep the per-task overhead small
 DECODE_WORKER_MEMORY = 256 << 20  # bytes; a decode worker measured 130 MiB with 128 images of 224 px
@@ -126,7 +128,7 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
 
 def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
             batch_size: int = 32, workers: int | None = None, progress: bool = True,
-            log: Callable[[str], None] = print, ray_address: str | None = None, actors: int | None = None,
+            log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
             gpus_per_actor: float = 0.0) -> RunResult:
     """Extract every task on a Ray cluster (a local one unless ray_address), writing through sink in this process.
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, replace
@@ -18,6 +19,8 @@ from .images import scan_dataset
 from .params import ParamError, check_params
 from .runtime import make_runtime
 from .stream import FeatureSink, RunResult, hash_files, read_tasks, run
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path("cache")
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "h5py", "numpy", "pillow", "scikit-learn")
@@ -79,7 +82,7 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
                    cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, batch_size: int = 32, chunk_size: int = 256,
                    workers: int | None = None, runtime: str = "auto", threads: int | None = None,
                    engine: str = "local", compact: bool = False, progress: bool = True,
-                   log: Callable[[str], None] = print, ray_address: str | None = None, actors: int | None = None,
+                   log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
                    gpus_per_actor: float = 0.0) -> list[ExtractSummary]:
     """Bring one cache per layer up to date with one forward pass per batch; one summary per layer.
 
@@ -154,7 +157,7 @@ def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig
             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
             batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, engine: str = "local", compact: bool = False,
-            progress: bool = True, log: Callable[[str], None] = print, ray_address: str | None = None,
+            progress: bool = True, log: Callable[[str], None] = logger.info, ray_address: str | None = None,
             actors: int | None = None, gpus_per_actor: float = 0.0) -> ExtractSummary:
     """Bring the cache of data_dir for this backbone configuration up to date; return what was done."""
     return extract_layers(data_dir, config, [config.layer], caches=[cache], cache_dir=cache_dir,

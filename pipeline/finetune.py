@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import signal
 import time
@@ -37,6 +38,8 @@ from .images import decode_image
 from .params import Interval, Matches, Options, ParamError, check_params, define
 from .report import classification_metrics, new_figure, save_figure, save_metrics
 from .runtime import write_sidecar
+
+logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("none", "light", "strong")
 OPTIMIZERS = ("adam", "sgd")
@@ -245,7 +248,7 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
              head_lr: float = 1e-3, optimizer: str = "adam", augment: str = "light", dropout: float = 0.2,
              patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
              cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = "cache",
-             out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> FinetuneResult:
+             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> FinetuneResult:
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,

@@ -6,6 +6,7 @@ No TensorFlow here: fitting a head on a cache takes seconds, not a TensorFlow st
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import warnings
@@ -21,6 +22,8 @@ from .errors import UserError
 from .params import Interval, Options, check_params, define
 from .report import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
+
+logger = logging.getLogger(__name__)
 
 CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
 HEAD_FORMAT_VERSION = 2  # 2: head.skops; 1: head.joblib (a pickle)
@@ -151,7 +154,7 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
                *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-               l2_normalize: bool = True, log: Callable[[str], None] = print) -> FittedHead:
+               l2_normalize: bool = True, log: Callable[[str], None] = logger.info) -> FittedHead:
     """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
 
     groups: rows of one group (identical files, near-duplicates) stay in one fold.
@@ -234,7 +237,7 @@ def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[in
 def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
              class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
              l2_normalize: bool = True, group_near_duplicates: float | None = None,
-             out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
+             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
                       group_near_duplicates=group_near_duplicates))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from .images import ImageFile, scan_paths
 from .params import check_params
 from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
 from .stream import hash_files, stream_features
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,7 +88,7 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
             model: str | os.PathLike | None = None, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
-            log: Callable[[str], None] = print) -> list[Prediction]:
+            log: Callable[[str], None] = logger.info) -> list[Prediction]:
     """Classify image files or folders with a fitted head or a model file; write a CSV when out is given."""
     check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime))
     if (head is None) == (model is None):
@@ -156,7 +159,7 @@ class Classifier:
 def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
                     runtime: str = "auto", threads: int | None = None, *,
                     scratch_dir: str | os.PathLike | None = None,
-                    log: Callable[[str], None] = print) -> Classifier:
+                    log: Callable[[str], None] = logger.info) -> Classifier:
     """Load a head (and the backbone recorded in it) or a .keras/.tflite model file, once.
 
     A head's backbone converted to TFLite is reused from beside its cache, as predict does; when it

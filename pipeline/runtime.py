@@ -9,6 +9,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import warnings
@@ -22,6 +23,8 @@ import numpy as np
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError, install_hint
 from .params import Options, check_params, define
+
+logger = logging.getLogger(__name__)
 
 RUNTIMES = ("auto", "keras", "tflite")
 define(runtime=[Options(RUNTIMES)])
@@ -185,7 +188,7 @@ def tflite_path(config: BackboneConfig, folder: str | os.PathLike,
 
 
 def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str | os.PathLike = "cache",
-                 threads: int | None = None, log: Callable[[str], None] = print,
+                 threads: int | None = None, log: Callable[[str], None] = logger.info,
                  layers: Sequence[str | None] | None = None) -> Runtime:
     """The runtime for a resolved config: `auto` is TFLite on a machine without a GPU, Keras otherwise.
 

@@ -6,6 +6,7 @@ or a fold, so a test score is never flattered by a copy of a training image.
 
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
@@ -14,6 +15,8 @@ import numpy as np
 
 from .cache import FeatureCache
 from .errors import UserError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -119,7 +122,7 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
 
 
 def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str],
-              log: Callable[[str], None] = print) -> list[tuple[np.ndarray, np.ndarray]]:
+              log: Callable[[str], None] = logger.info) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, duplicate-grouped K-fold over the training part; fewer folds if a class is small."""
     from sklearn.model_selection import StratifiedGroupKFold
 

@@ -12,6 +12,7 @@ actors with the same mapper and writes through the same sink in the driver.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
 from collections import deque
@@ -27,6 +28,8 @@ from .cache import CacheWriter
 from .images import ImageError, ImageFile, decode_image, file_sha256
 from .params import Interval, Options, check_params, define
 from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
 
 ENGINES = ("local", "ray")
 define(chunk_size=[Interval(1, 1 << 20, integer=True)], engine=[Options(ENGINES)],
@@ -283,7 +286,7 @@ def progress_bar(total: int, enabled: bool) -> Any:
 
 def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
               batch_size: int = 32, workers: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> RunResult:
+              log: Callable[[str], None] = logger.info) -> RunResult:
     """One runtime in this process, decoding on a thread pool a few batches ahead of it."""
     runtime = make_runtime()
     log(f"extracting {len(tasks)} new images with {runtime.name}")
@@ -311,7 +314,7 @@ def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: Feature
 
 def run(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, engine: str = "local",
         resize: str = "bilinear", batch_size: int = 32, workers: int | None = None, progress: bool = True,
-        log: Callable[[str], None] = print, engine_options: Mapping[str, Any] | None = None) -> RunResult:
+        log: Callable[[str], None] = logger.info, engine_options: Mapping[str, Any] | None = None) -> RunResult:
     """Extract every task into the sink with the chosen engine ('local', or 'ray' from pipeline.engine_ray).
 
     engine_options go to the engine's runner (run_ray's ray_address, actors, gpus_per_actor).

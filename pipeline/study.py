@@ -8,6 +8,7 @@ score is looked at; the test part only reports, each accuracy with its 95% Wilso
 
 from __future__ import annotations
 
+import logging
 import pickle
 import time
 from dataclasses import dataclass, replace
@@ -28,6 +29,8 @@ from .splits import Split, split_rows
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
 from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_LAYERS = "auto,auto+top"
 DEFAULT_HEADS = "logreg,svm"
@@ -334,7 +337,7 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
           heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
           seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
           cache_dir: str | Path = "cache", out: str | Path | None = None,
-          log: Callable[[str], None] = print) -> StudyResult:
+          log: Callable[[str], None] = logger.info) -> StudyResult:
     """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head."""
     check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
                       runtime=runtime))

@@ -9,6 +9,7 @@ with no network. TensorFlow is never imported.
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +28,8 @@ from ..errors import UserError
 from ..params import Interval, Options, check_params, define
 from ..report import ci_text, new_figure
 from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
+
+logger = logging.getLogger(__name__)
 
 PROJECTIONS = ("tsne", "pca")
 define(projection=[Options(PROJECTIONS)], thumb_px=[Interval(32, 256, integer=True)])
@@ -376,7 +379,7 @@ def map_section(method: Method, images: ImageTable, projection: str, seed: int,
 # -- the whole report ------------------------------------------------------------------------------
 def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike | None = None,
                  out: str | os.PathLike = "report.html", *, projection: str = "tsne",
-                 thumb_px: int = THUMBNAIL_PX, seed: int = 0, log: Callable[[str], None] = print) -> Path:
+                 thumb_px: int = THUMBNAIL_PX, seed: int = 0, log: Callable[[str], None] = logger.info) -> Path:
     """Write one self-contained HTML report of head, run and study folders (and an audit folder)."""
     check_params(dict(projection=projection, thumb_px=thumb_px, seed=seed))
     if not folders:

@@ -9,6 +9,7 @@ path a request names is ever opened, and bad input gets a 4xx JSON `{"error": ..
 # no `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at runtime, and
 # they name UploadFile, which is imported inside create_app (FastAPI is an optional extra)
 import asyncio
+import logging
 import os
 import socket
 import tempfile
@@ -25,6 +26,8 @@ from ..images import ImageError, decode_image
 from ..params import Interval, check_params, define
 from ..predict import load_classifier
 from .render import THUMBNAIL_PX, placeholder_uri, render
+
+logger = logging.getLogger(__name__)
 
 MAX_FILES = 32  # images in one request
 DEFAULT_TOP_K = 5
@@ -294,7 +297,7 @@ def _check_port_free(host: str, port: int) -> None:
 def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None, *,
           host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20, max_batch: int = 32,
           batch_wait_ms: float = 5, top_k: int = DEFAULT_TOP_K, runtime: str = "auto", threads: int | None = None,
-          log: Callable[[str], None] = print) -> None:
+          log: Callable[[str], None] = logger.info) -> None:
     """Load a head or model file once and serve the page and the API with uvicorn until Ctrl-C."""
     check_params(dict(host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
                       batch_wait_ms=batch_wait_ms, top_k=top_k))
