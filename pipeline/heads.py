@@ -152,6 +152,20 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
     return outputs
 
 
+def _report_convergence(caught: Sequence[warnings.WarningMessage], n_sweep: int, clf: str,
+                        log: Callable[[str], None]) -> None:
+    """Say when the solver stopped before converging: in how many CV fits, and whether in the final fit."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    flags = [issubclass(w.category, ConvergenceWarning) for w in caught]
+    in_sweep, in_refit = sum(flags[:n_sweep]), any(flags[n_sweep:])
+    if in_sweep or in_refit:
+        where = " and ".join(part for part, hit in ((f"{in_sweep} CV fit(s)", in_sweep),
+                                                    ("the final fit", in_refit)) if hit)
+        log(f"warning: the {clf} solver stopped before converging in {where}; its scores may be slightly off "
+            "(unscaled or nearly separable features usually cause it).")
+
+
 def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
                *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
                l2_normalize: bool = True, log: Callable[[str], None] = logger.info) -> FittedHead:
@@ -177,9 +191,10 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
     # spare the process start-up and the copy of X that worker processes would cost. BLAS runs on one
     # thread throughout, refit included: the folds are the parallelism, and on a head's small matrices
     # BLAS threads of its own only spin (OpenBLAS on 2 threads made a 200-image logreg sweep 6x slower)
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
-        warnings.simplefilter("ignore", category=UserWarning)
-        warnings.simplefilter("ignore", category=RuntimeWarning)
+    # Warnings are recorded here, on the main thread, around the worker threads (catch_warnings is process-wide
+    # state): scikit-learn's small-fold notices stay quiet, a solver that did not converge is reported below.
+    with warnings.catch_warnings(record=True) as caught, threadpool_limits(limits=1, user_api="blas"):
+        warnings.simplefilter("always")
         per_fold = Parallel(n_jobs=workers, prefer="threads")(
             delayed(_fold_sweep)(clf, X, y, tr, va, grid, n_classes, l2_normalize, class_weight, seed)
             for tr, va in folds)
@@ -199,7 +214,9 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
             # probabilities: one SVM on the whole training part, sigmoid-calibrated on cross-validated scores
             calibrated = CalibratedClassifierCV(model.steps[-1][1], method="sigmoid", cv=folds, ensemble=False)
             model.steps[-1] = ("clf", calibrated)
+        n_sweep_warnings = len(caught)
         model.fit(X, y)
+    _report_convergence(caught, n_sweep_warnings, clf, log)
     cv_proba = None
     if has_proba:
         cv_proba = np.zeros((len(y), n_classes))

@@ -607,3 +607,26 @@ def test_cli_fit_head_user_errors(blob_cache: Path, tmp_path: Path, runner, args
     assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
     assert "Traceback" not in result.output
     assert not (tmp_path / "h").exists()
+
+
+def test_a_solver_that_did_not_converge_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sklearn.linear_model import LogisticRegression
+
+    make = heads.make_pipeline
+
+    def one_iteration(*args, **kwargs):
+        pipeline = make(*args, **kwargs)
+        if isinstance(pipeline.steps[-1][1], LogisticRegression):
+            pipeline.steps[-1][1].set_params(max_iter=1)
+        return pipeline
+
+    X, y = blobs(per_class=20, sep=0.5)
+    messages: list[str] = []
+    monkeypatch.setattr(heads, "make_pipeline", one_iteration)
+    heads.fit_arrays(X, y, np.arange(len(y)), CLASS_NAMES3, "logreg", cv=3, n_jobs=1, log=messages.append)
+    warned = [m for m in messages if "stopped before converging" in m]
+    assert len(warned) == 1 and "CV fit(s)" in warned[0] and "the final fit" in warned[0], messages
+    messages.clear()
+    monkeypatch.setattr(heads, "make_pipeline", make)
+    heads.fit_arrays(X, y, np.arange(len(y)), CLASS_NAMES3, "logreg", cv=3, n_jobs=1, log=messages.append)
+    assert not [m for m in messages if "converging" in m]
