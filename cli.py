@@ -11,12 +11,22 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's start-up
 
 import typer
 
+from pipeline.artifacts import HOME_ENV
 from pipeline.errors import UserError
 from pipeline.params import ParamError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Image classification on small data: CNN codes in an HDF5 cache, "
                        "scikit-learn heads, optional fine-tuning.")
+
+
+@app.callback()
+def main(home: Optional[Path] = typer.Option(
+        None, envvar=HOME_ENV, help=f"Output home: default caches, heads, runs, audits, studies, compare and "
+                                    f"report go under it (also ${HOME_ENV}; default: the working directory).")) -> None:
+    """Image classification on small data."""
+    if home is not None:
+        os.environ[HOME_ENV] = str(home)  # the library reads the home from the environment (one documented place)
 
 
 def command(name: str) -> Callable:
@@ -62,7 +72,7 @@ def extract_command(
     pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
     alpha: Optional[float] = ALPHA,
     cache: Optional[Path] = typer.Option(None, help="Cache file; default: cache/<dataset>-<config>.h5"),
-    cache_dir: Path = typer.Option(Path("cache"), help="Folder for default cache names."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder for default cache names (default: HOME/cache)."),
     batch_size: int = typer.Option(32, help="Images per inference batch."),
     chunk_size: int = typer.Option(256, help="Images per crash-safe chunk written to disk."),
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core); with --engine "
@@ -226,7 +236,8 @@ def finetune_command(
 @command("compare")
 def compare_command(
     paths: List[Path] = typer.Argument(..., help="Head folders and fine-tuning run folders."),
-    out: Path = typer.Option(Path("compare"), help="Folder for compare.md, compare.json, compare.png."),
+    out: Optional[Path] = typer.Option(None, help="Folder for compare.md, compare.json, compare.png "
+                                                  "(default: HOME/compare)."),
 ) -> None:
     """One row per method: test metrics, training seconds, inference ms/image, model size."""
     from pipeline.compare import compare
@@ -262,7 +273,8 @@ def study_command(
     test_size: float = typer.Option(0.2, help="Test fraction (as fit-head) when there is no test folder."),
     cv: int = typer.Option(5, help="Cross-validation folds."),
     runtime: str = RUNTIME,
-    cache_dir: Path = typer.Option(Path("cache"), help="Folder of the feature caches (shared with extract)."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Folder of the feature caches, shared with extract "
+                                                        "(default: HOME/cache)."),
     out: Optional[Path] = typer.Option(None, help="Study folder (default: studies/<dataset>/)."),
 ) -> None:
     """Which backbone, layer and head suit this dataset: a CV-chosen winner head, the table, CS231n's advice."""
@@ -280,7 +292,7 @@ def study_command(
 def report_command(
     folders: List[Path] = typer.Argument(..., help="Head, fine-tuning run and study folders."),
     audit: Optional[Path] = typer.Option(None, help="An audit folder (written by `audit`) to include."),
-    out: Path = typer.Option(Path("report.html"), help="The HTML file to write."),
+    out: Optional[Path] = typer.Option(None, help="The HTML file to write (default: HOME/report.html)."),
     projection: str = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster)."),
     thumb_px: int = typer.Option(96, help="Thumbnail size in pixels (JPEG, embedded once per image)."),
     seed: int = typer.Option(0, help="Seed of the projection and of the per-class samples."),

@@ -46,6 +46,22 @@ PREDICTION_COLUMNS = ("path", "content_hash", "split", "true", "predicted")
 PROBA_PREFIX = "proba_"  # then one column per class: proba_<class name>
 TMP_MARK = ".tmp-"
 
+# -- where outputs go by default -----------------------------------------------------------------
+HOME_ENV = "CNNCODES_HOME"  # the output home (`cnncodes --home DIR` sets it); default: the working directory
+OUTPUT_DIRS = {"cache": "cache", "heads": "heads", "runs": "runs", "compare": "compare", "audits": "audits",
+               "studies": "studies"}
+REPORT_HTML = "report.html"
+
+
+def output_home() -> Path:
+    """The folder under which every default output goes: $CNNCODES_HOME, else the working directory."""
+    return Path(os.environ.get(HOME_ENV) or ".")
+
+
+def output_dir(kind: str) -> Path:
+    """The default folder of one kind of output (cache, heads, runs, compare, audits, studies)."""
+    return output_home() / OUTPUT_DIRS[kind]
+
 
 # -- atomic writes -------------------------------------------------------------------------------
 def fsync_dir(folder: str | os.PathLike) -> None:

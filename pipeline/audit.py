@@ -261,8 +261,10 @@ class AuditResult:
 
 
 def default_audit_dir(cache_path: str | os.PathLike) -> Path:
-    """audits/<cache name>/"""
-    return Path("audits") / Path(cache_path).stem
+    """audits/<cache name>/ in the output home."""
+    from .artifacts import output_dir
+
+    return output_dir("audits") / Path(cache_path).stem
 
 
 def _csv(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

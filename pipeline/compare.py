@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, paired_outcomes,
+from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, output_dir, paired_outcomes,
                         read_predictions, sample_images, staged_folder, write_json, write_text)
 from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
@@ -85,7 +85,7 @@ def paired_tests(rows: list[dict[str, Any]], predictions: list[Predictions]) -> 
         row["paired_verdict"] = paired_verdict(row["method"], rows[best]["method"], a, b)
 
 
-def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike = "compare",
+def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
             log: Callable[[str], None] = logger.info) -> tuple[list[dict[str, Any]], Path]:
     """Rows for every head or run, with paired tests; writes compare.md, compare.json and compare.png in out."""
     rows, predictions = [], []
@@ -95,7 +95,7 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike = "compar
         rows.append(row)
         predictions.append(pred)
     paired_tests(rows, predictions)
-    out = Path(out)
+    out = Path(out) if out is not None else output_dir("compare")
     with staged_folder(out) as stage:
         write_text(stage / "compare.md", compare_markdown(rows) + "\n")
         write_json(stage / "compare.json", rows)

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from . import __version__
+from .artifacts import output_dir
 from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
 from .errors import UserError
@@ -22,7 +23,6 @@ from .stream import FeatureSink, RunResult, hash_files, read_tasks, run
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path("cache")
 LIBRARIES = ("tensorflow", "tensorflow-cpu", "keras", "h5py", "numpy", "pillow", "scikit-learn")
 
 
@@ -63,9 +63,13 @@ def process_start_time() -> float | None:
     return time.time() - seconds_since_boot + started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def default_cache_path(dataset_root: Path, config: BackboneConfig, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
-    """cache/<dataset>-<backbone>[-<layer>]-<size>-<fingerprint>.h5: one file per configuration."""
-    return Path(cache_dir) / f"{dataset_root.name}-{config.short_name}-{config.fingerprint()[:8]}.h5"
+def default_cache_path(dataset_root: Path, config: BackboneConfig, cache_dir: str | os.PathLike | None = None) -> Path:
+    """CACHE_DIR/<dataset>-<backbone>[-<layer>]-<size>-<fingerprint>.h5: one file per configuration.
+
+    CACHE_DIR defaults to the output home's cache/ folder.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else output_dir("cache")
+    return folder / f"{dataset_root.name}-{config.short_name}-{config.fingerprint()[:8]}.h5"
 
 
 def _cache_attrs(config: BackboneConfig, dataset_root: Path, n_ignored: int) -> dict[str, Any]:
@@ -79,7 +83,7 @@ def _cache_attrs(config: BackboneConfig, dataset_root: Path, n_ignored: int) -> 
 
 def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: Sequence[str | None], *,
                    caches: Sequence[str | os.PathLike | None] | None = None,
-                   cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR, batch_size: int = 32, chunk_size: int = 256,
+                   cache_dir: str | os.PathLike | None = None, batch_size: int = 32, chunk_size: int = 256,
                    workers: int | None = None, runtime: str = "auto", threads: int | None = None,
                    engine: str = "local", compact: bool = False, progress: bool = True,
                    log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
@@ -107,7 +111,7 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
         raise UserError(f"{len(caches)} cache paths for {len(layers)} layers: give one per layer, or none.")
     configs = [replace(config, layer=layer).resolved() for layer in layers]
     dataset = scan_dataset(data_dir)
-    paths = [Path(c) if c else default_cache_path(dataset.root, cfg, Path(cache_dir))
+    paths = [Path(c) if c else default_cache_path(dataset.root, cfg, cache_dir)
              for c, cfg in zip(caches or [None] * len(layers), configs)]
     if len({p.resolve() for p in paths}) != len(paths):
         raise UserError(f"two layers would write the same cache file ({', '.join(map(str, paths))}); "
@@ -154,7 +158,7 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
 
 
 def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
-            cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = DEFAULT_CACHE_DIR,
+            cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
             batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, engine: str = "local", compact: bool = False,
             progress: bool = True, log: Callable[[str], None] = logger.info, ray_address: str | None = None,

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, atomic_path,
+from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, atomic_path, output_dir,
                         atomic_write, chain_fingerprint, predictions_from_rows, staged_folder, write_json,
                         write_predictions)
 from .backbones import BackboneConfig, build_backbone, temp_seed
@@ -238,8 +238,8 @@ class FinetuneResult:
 
 
 def default_run_dir(cache_path: Path) -> Path:
-    """runs/<cache name>-finetune/"""
-    return Path("runs") / f"{Path(cache_path).stem}-finetune"
+    """runs/<cache name>-finetune/ in the output home."""
+    return output_dir("runs") / f"{Path(cache_path).stem}-finetune"
 
 
 def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
@@ -247,7 +247,7 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
              epochs: int = 10, head_epochs: int | None = None, batch_size: int = 32, lr: float = 1e-4,
              head_lr: float = 1e-3, optimizer: str = "adam", augment: str = "light", dropout: float = 0.2,
              patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
-             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike = "cache",
+             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> FinetuneResult:
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,

@@ -239,8 +239,10 @@ class HeadResult:
 
 
 def default_head_dir(cache_path: Path, clf: str) -> Path:
-    """heads/<cache name>-<clf>/"""
-    return Path("heads") / f"{Path(cache_path).stem}-{clf}"
+    """heads/<cache name>-<clf>/ in the output home."""
+    from .artifacts import output_dir
+
+    return output_dir("heads") / f"{Path(cache_path).stem}-{clf}"
 
 
 def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[int, int]]:

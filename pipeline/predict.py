@@ -12,6 +12,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 
 from . import cache as feature_cache
+from .artifacts import output_dir
 from .backbones import BackboneConfig
 from .errors import UserError
 from .heads import Head, load_head
@@ -65,7 +66,7 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
     log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {config.backbone}")
     # the conversion is cached beside the features; a head whose cache folder is gone converts into cache/
-    tflite_dir = cache_path.parent if cache_path.parent.is_dir() else Path("cache")
+    tflite_dir = cache_path.parent if cache_path.parent.is_dir() else output_dir("cache")
     engine = make_runtime(config, runtime, tflite_dir=tflite_dir, threads=threads, log=log)
     for batch in stream_features(rest, engine, config.resize, batch_size, workers):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)

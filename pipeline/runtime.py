@@ -22,6 +22,7 @@ import numpy as np
 
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError, install_hint
+from .artifacts import output_dir
 from .params import Options, check_params, define
 
 logger = logging.getLogger(__name__)
@@ -187,7 +188,7 @@ def tflite_path(config: BackboneConfig, folder: str | os.PathLike,
                            f"{hashlib.sha256(blob).hexdigest()[:16]}.tflite")
 
 
-def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str | os.PathLike = "cache",
+def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str | os.PathLike | None = None,
                  threads: int | None = None, log: Callable[[str], None] = logger.info,
                  layers: Sequence[str | None] | None = None) -> Runtime:
     """The runtime for a resolved config: `auto` is TFLite on a machine without a GPU, Keras otherwise.
@@ -198,7 +199,7 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
     if kind == "keras" or kind == "auto" and has_gpu():
         _require_tensorflow("--runtime keras")
         return KerasRuntime(build_backbone(config, layers))
-    path = tflite_path(config, tflite_dir, layers)
+    path = tflite_path(config, tflite_dir if tflite_dir is not None else output_dir("cache"), layers)
     if path.is_file():  # the cached conversion: no TensorFlow import from here on
         try:
             return TFLiteRuntime(path, threads)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import PREDICTIONS_CSV, paired_outcomes, predictions_from_rows, read_predictions, staged_folder
+from .artifacts import PREDICTIONS_CSV, output_dir, paired_outcomes, predictions_from_rows, read_predictions, staged_folder
 from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
@@ -161,7 +161,7 @@ class Study:
 
     def __init__(self, dataset: Dataset, plans: list[Plan], tokens: list[str], clfs: list[str], *,
                  budget_minutes: float | None, seed: int, test_size: float, cv: int, n_jobs: int, runtime: str,
-                 cache_dir: str | Path, log: Callable[[str], None]) -> None:
+                 cache_dir: str | Path | None, log: Callable[[str], None]) -> None:
         self.dataset, self.plans, self.tokens, self.clfs = dataset, plans, tokens, clfs
         self.seed, self.test_size, self.cv, self.n_jobs, self.runtime = seed, test_size, cv, n_jobs, runtime
         self.cache_dir, self.log = cache_dir, log
@@ -336,7 +336,7 @@ class Study:
 def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DEFAULT_LAYERS,
           heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
           seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
-          cache_dir: str | Path = "cache", out: str | Path | None = None,
+          cache_dir: str | Path | None = None, out: str | Path | None = None,
           log: Callable[[str], None] = logger.info) -> StudyResult:
     """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head."""
     check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
@@ -352,7 +352,7 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
     if len({p.label for p in plans}) != len(plans):
         raise ParamError(f"{{}} {backbones!r} names one backbone twice.", "backbones")
     dataset = scan_dataset(data_dir)
-    out = Path(out) if out else Path("studies") / dataset.root.name
+    out = Path(out) if out else output_dir("studies") / dataset.root.name
     run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,
                 n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log)
     interrupted, tuned = False, None

@@ -123,3 +123,18 @@ def test_an_option_is_defined_once() -> None:
     define(seed=[Interval(0, 2**32 - 1, integer=True)])  # the same definition again is harmless
     with pytest.raises(ValueError, match="defined twice"):
         define(seed=[Interval(0, 2**31 - 1, integer=True)])
+
+
+def test_default_outputs_go_under_the_output_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from heads_fixtures import blobs, write_cache
+    from pipeline.artifacts import HOME_ENV
+
+    monkeypatch.delenv(HOME_ENV, raising=False)  # restored after the test: the callback sets it
+    monkeypatch.chdir(tmp_path)
+    X, y = blobs(per_class=10)
+    cache = write_cache(tmp_path / "blobs.h5", X, y)
+    home = tmp_path / "home"
+    result = invoke("--home", str(home), "fit-head", str(cache), "--cv", "2", "--n-jobs", "1")
+    assert result.exit_code == 0, result.output
+    assert (home / "heads" / "blobs-logreg" / "head.json").is_file()
+    assert not (tmp_path / "heads").exists()

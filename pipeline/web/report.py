@@ -21,8 +21,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ..artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
-                         RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, paired_outcomes,
-                         read_json, read_predictions, write_text)
+                         REPORT_HTML, RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, output_home,
+                         paired_outcomes, read_json, read_predictions, write_text)
 from ..audit import AUDIT_JSON
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
@@ -378,9 +378,12 @@ def map_section(method: Method, images: ImageTable, projection: str, seed: int,
 
 # -- the whole report ------------------------------------------------------------------------------
 def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike | None = None,
-                 out: str | os.PathLike = "report.html", *, projection: str = "tsne",
+                 out: str | os.PathLike | None = None, *, projection: str = "tsne",
                  thumb_px: int = THUMBNAIL_PX, seed: int = 0, log: Callable[[str], None] = logger.info) -> Path:
-    """Write one self-contained HTML report of head, run and study folders (and an audit folder)."""
+    """Write one self-contained HTML report of head, run and study folders (and an audit folder).
+
+    out defaults to report.html in the output home.
+    """
     check_params(dict(projection=projection, thumb_px=thumb_px, seed=seed))
     if not folders:
         raise UserError("give at least one head, run or study folder.")
@@ -420,7 +423,7 @@ def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike 
                   summary=summary_rows(methods), figure=summary_figure(methods), paired=paired_rows(methods),
                   studies=studies, sections=sections, audit=audit_part, embedding=embedding,
                   data={"images": uris, "placeholder": placeholder_uri()}, thumb_px=thumb_px)
-    path = write_text(out, html)
+    path = write_text(out if out is not None else output_home() / REPORT_HTML, html)
     log(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB, {len(uris)} thumbnails) "
         f"in {time.perf_counter() - started:.1f} s")
     return path
