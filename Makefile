@@ -8,18 +8,34 @@ BACKBONE ?= $(if $(wildcard $(SHARED)/keras-models/efficientnet_lite0_imagenet.k
 LAYER ?= $(if $(findstring .keras,$(BACKBONE)),--layer avg_pool,)
 DEMO_DIR ?= demo
 
-.PHONY: venv test demo clean
+.PHONY: venv browser test lint docs demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,lite,audit,web,ray,test]'
+	$(PY) -m pip install -q -e '.[cpu,lite,audit,web,ray,test,dev]'
 	touch $@
 
 venv: $(VENV)/.installed
 
-test: venv
+# The browser tests need a Chromium: Debian's package where we are root with apt (as here, offline),
+# else Playwright's own build (online); if neither works they skip, and this says why in one line.
+browser: venv
+	@if command -v chromium >/dev/null 2>&1 || ls $$HOME/.cache/ms-playwright/chromium*/ >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1; then :; \
+	elif $(PY) -m playwright install chromium >/dev/null 2>&1; then :; \
+	else echo "no Chromium (apt-get install chromium, or python -m playwright install chromium): the browser tests will skip"; fi
+
+test: venv browser
 	$(PY) -m pytest -q
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+docs: venv
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 # Without ../shared the demo fetches TensorFlow's flower_photos archive (online only).
 demo: venv
@@ -35,4 +51,4 @@ demo: venv
 	@echo "Try your own photos: $(PY) cli.py serve --head $(DEMO_DIR)/head-logreg   then open http://127.0.0.1:8000/"
 
 clean:
-	rm -rf $(VENV) $(DEMO_DIR) cache/*.h5 cache/*.shards cache/*.tflite heads runs compare audits studies
+	rm -rf $(VENV) $(DEMO_DIR) site cache/*.h5 cache/*.shards cache/*.tflite heads runs compare audits studies
