@@ -23,7 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 from pipeline.runtime import make_runtime as _REAL_MAKE_RUNTIME  # noqa: E402 (imports no TensorFlow)
 
-_RUNTIMES: dict = {}  # (resolved config, kind) -> runtime built once per session (see shared_runtime)
 
 # Class name -> base colour; each image adds its own noise so that no two files share bytes.
 CLASS_COLOURS = {"apple": (200, 40, 40), "grass": (40, 180, 60), "sky": (50, 80, 210)}
@@ -34,6 +33,9 @@ TINY_ARGS = ["--backbone", "MobileNetV2", "--weights", "none", "--image-size", "
 # Tests run the Keras runtime unless they test TFLite: `auto` means TFLite on a CPU, and converting
 # even the tiny backbone takes about 20 s (tests that want it convert once, see test_extract.py).
 RUNTIME = "keras"
+# Session fixtures registered once for every module: world, cnn_world, finetune_run (TensorFlow-backed) and
+# report_world (a synthetic cache, heads, an audit and a study folder).
+pytest_plugins = ["model_fixtures", "report_fixtures"]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -188,29 +190,47 @@ def tiny_model(tiny_config: BackboneConfig):
     return build_backbone(tiny_config.resolved())
 
 
+@pytest.fixture(scope="session")
+def runtime_pool() -> dict:
+    """Real runtimes built once per (config, kind, layers) for the whole session."""
+    return {}
+
+
 @pytest.fixture
-def shared_runtime(monkeypatch: pytest.MonkeyPatch) -> Callable:
+def counting(monkeypatch: pytest.MonkeyPatch, runtime_pool: dict) -> dict:
+    """extract's make_runtime builds each real runtime once per session and counts model calls and images.
+
+    Returns the counts: {"calls": model calls, "images": images inferred, "built": the keys asked for}.
+    """
+    import pipeline.extract as extract_module
+
+    seen = {"calls": 0, "images": 0, "built": []}
+
+    class Counting:
+        def __init__(self, inner) -> None:
+            self.inner, self.name, self.image_size = inner, inner.name, inner.image_size
+            self.dim, self.dims = inner.dim, inner.dims
+
+        def __call__(self, batch):
+            seen["calls"] += 1
+            seen["images"] += len(batch)
+            return self.inner(batch)
+
+    def make(config, kind="auto", **kwargs):
+        key = (config, kind, tuple(kwargs.get("layers") or ()))
+        if key not in runtime_pool:
+            runtime_pool[key] = _REAL_MAKE_RUNTIME(config, kind, **kwargs)
+        seen["built"].append(key)
+        return Counting(runtime_pool[key])
+
+    monkeypatch.setattr(extract_module, "make_runtime", make)
+    return seen
+
+
+@pytest.fixture
+def shared_runtime(counting: dict) -> Callable[[], int]:
     """Make extract() reuse one built runtime per configuration and kind (saves a model build per run).
 
     Returns a function giving how many images went through the runtime so far.
     """
-    import pipeline.extract as extract_module
-
-    counter = {"images": 0}
-
-    class Counting:
-        def __init__(self, inner):
-            self.inner, self.name, self.image_size, self.dim = inner, inner.name, inner.image_size, inner.dim
-
-        def __call__(self, batch):
-            counter["images"] += len(batch)
-            return self.inner(batch)
-
-    def make(config, kind="auto", **kwargs):
-        if (config, kind) not in _RUNTIMES:
-            _RUNTIMES[config, kind] = _REAL_MAKE_RUNTIME(config, kind, **kwargs)
-        return Counting(_RUNTIMES[config, kind])
-
-    monkeypatch.setattr(extract_module, "make_runtime", make)
-    return lambda: counter["images"]
-
+    return lambda: counting["images"]

@@ -2,10 +2,9 @@
 
 One tiny dataset (3 classes x 8 images with distinct patterns), one Keras-runtime cache of the
 random-weights MobileNetV2 (alpha 0.35, 32x32), and heads fitted on it, built once per session so
-that the TensorFlow work is shared between test files (memoised in _BUILT: a fixture imported into
-several modules is one definition per module). Import the fixtures into a test module:
-
-    from model_fixtures import world, finetune_run  # noqa: F401 (pytest fixtures)
+that the TensorFlow work is shared between test files. conftest.py registers this module as a plugin
+(`pytest_plugins`), so every test module can ask for `world`, `cnn_world` or `finetune_run` without
+importing them.
 
 Random-init features are tiny (norms ~1e-10): heads meant to be compared exactly with a Keras or
 TFLite model are fitted with l2_normalize=False (see the notes in the tests).
@@ -14,7 +13,6 @@ TFLite model are fitted with l2_normalize=False (see the notes in the tests).
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,9 +28,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from pipeline.backbones import BackboneConfig  # noqa: E402
 
-# Built once per session: each test module that imports a fixture below gets its own copy of the
-# fixture definition, so the session-scoped fixtures memoise what they build here.
-_BUILT: dict[str, object] = {}
 TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
 CLASSES3 = ("bars", "checks", "speckle")
 CLASSES2 = ("bars", "checks")
@@ -103,8 +98,6 @@ def _fit(cache: Path, clf: str, out: Path, l2: bool) -> Path:
 @pytest.fixture(scope="session")
 def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     """The tiny datasets, their Keras-runtime caches and the heads (about 10 s, once per session)."""
-    if "world" in _BUILT:
-        return _BUILT["world"]
     from pipeline.extract import extract
 
     root = tmp_path_factory.mktemp("model_world")
@@ -118,15 +111,12 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     extract(w.data2, config, cache=w.cache2, runtime="keras", progress=False, log=quiet())
     for clf in ("logreg", "svm"):
         w.heads2[clf] = _fit(w.cache2, clf, root / "heads2" / clf, False)
-    _BUILT["world"] = w
     return w
 
 
 @pytest.fixture(scope="session")
 def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
     """One end-to-end fine-tuning run (1 head epoch + 1 fine-tuning epoch) on the tiny dataset."""
-    if "finetune_run" in _BUILT:
-        return _BUILT["finetune_run"]
     from pipeline.cache import copy_cache
     from pipeline.finetune import finetune
 
@@ -136,7 +126,6 @@ def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
     messages: list[str] = []
     result = finetune(world.data, TINY_CONFIG, epochs=1, head_epochs=1, batch_size=8, cache=cache,
                       out=root / "run", log=quiet(messages))
-    _BUILT["finetune_run"] = result, messages
     return result, messages
 
 
@@ -157,8 +146,6 @@ def save_small_cnn(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def cnn_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
     """The 3-class dataset through a small CNN model file (ordinary feature norms); L2-normalised heads."""
-    if "cnn_world" in _BUILT:
-        return _BUILT["cnn_world"]
     from pipeline.extract import extract
 
     root = tmp_path_factory.mktemp("cnn_world")
@@ -167,5 +154,4 @@ def cnn_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
     extract(w.data, config, cache=w.cache, runtime="keras", progress=False, log=quiet())
     for clf in ("logreg", "svm"):
         w.heads[clf] = _fit(w.cache, clf, root / "heads" / clf, True)
-    _BUILT["cnn_world"] = w
     return w

@@ -128,7 +128,7 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     flipped = [11, 52, 93]  # training images given the next class's label
     for r in flipped:
         y[r] = (y[r] + 1) % 3
-    rows, kinds = [], {}
+    kinds = {}
     for source, kind, label in [(0, "cross_split", 0), (40, "cross_split", 1), (3, "same_side", 0),
                                 (84, "conflicting_labels", 0)]:  # 84: a class-2 image, its copy labelled 0
         X = np.vstack([X, X[source] + rng.normal(0, 0.05, X.shape[1]).astype(np.float32)])

@@ -20,8 +20,7 @@ from typing import Iterator
 import pytest
 
 from conftest import ROOT, SHARED
-from model_fixtures import pattern, world  # noqa: F401 (world: a pytest fixture)
-from test_web_report import report_world  # noqa: F401 (a pytest fixture)
+from model_fixtures import pattern
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",

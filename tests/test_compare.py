@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_fixtures import World, finetune_run, quiet, world  # noqa: F401 (pytest fixtures)
+from model_fixtures import World, quiet
 from pipeline.artifacts import HEAD_MODEL
 from pipeline.compare import compare
 from pipeline.errors import UserError

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from model_fixtures import CLASSES2, CLASSES3, World, cnn_world, world  # noqa: F401 (pytest fixtures)
+from model_fixtures import CLASSES2, CLASSES3, World
 from pipeline.artifacts import PREDICTIONS_CSV, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_fixtures import CLASSES3, TINY_CONFIG, World, finetune_run, quiet, world  # noqa: F401 (fixtures)
+from model_fixtures import CLASSES3, TINY_CONFIG, World, quiet
 from pipeline.artifacts import PREDICTIONS_CSV, RUN_JSON, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError

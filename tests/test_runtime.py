@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model_fixtures import TINY_CONFIG, World, quiet, world  # noqa: F401 (pytest fixture)
+from model_fixtures import TINY_CONFIG, World, quiet
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract

@@ -271,4 +271,3 @@ def test_classifier_matches_the_head_on_cached_features(world) -> None:
     np.testing.assert_allclose(classifier.predict_proba(images), expected, atol=1e-4)
 
 
-from model_fixtures import world  # noqa: E402,F401 (a pytest fixture)

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import pipeline.extract as extract_module
 from conftest import add_broken, add_images
 from pipeline.backbones import BackboneConfig, build_backbone
 from pipeline.cache import CacheWriter, Row, layout, load
@@ -20,7 +19,6 @@ from pipeline.stream import (ERROR, HASH, RUNTIME, FeatureMapper, FeatureSink, f
                              read_tasks, run, stream_features, task_columns)
 
 LAYERS = ["block_3_expand_relu", None]  # an early layer and the default (top) one of the tiny MobileNetV2
-_BUILT: dict = {}  # real runtimes, built once per (config, kind, layers) for the whole session
 
 
 def quiet(_: str) -> None:
@@ -40,32 +38,6 @@ class FakeRuntime:
         self.calls.append(len(batch))
         x = batch.astype(np.float32)
         return [x.mean(axis=(1, 2)), np.stack([x.mean(axis=(1, 2, 3)), x.max(axis=(1, 2, 3))], 1)]
-
-
-@pytest.fixture
-def counting(monkeypatch: pytest.MonkeyPatch) -> dict:
-    """extract's make_runtime builds each real runtime once and counts model calls and images."""
-    seen = {"calls": 0, "images": 0, "built": []}
-
-    class Counting:
-        def __init__(self, inner) -> None:
-            self.inner, self.name, self.image_size = inner, inner.name, inner.image_size
-            self.dim, self.dims = inner.dim, inner.dims
-
-        def __call__(self, batch):
-            seen["calls"] += 1
-            seen["images"] += len(batch)
-            return self.inner(batch)
-
-    def make(config, kind="auto", **kwargs):
-        key = (config, kind, tuple(kwargs.get("layers") or ()))
-        if key not in _BUILT:
-            _BUILT[key] = make_runtime(config, kind, **kwargs)
-        seen["built"].append(key)
-        return Counting(_BUILT[key])
-
-    monkeypatch.setattr(extract_module, "make_runtime", make)
-    return seen
 
 
 def by_hash(cache) -> dict[str, np.ndarray]:

@@ -210,12 +210,12 @@ def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: p
 
 
 @pytest.mark.parametrize("options, fragment", [
-    (dict(heads="logreg,forest"), "--heads: forest unknown"),
+    (dict(heads="logreg,forest"), "heads is 'forest'; it must be one of logreg"),
     (dict(layers="a+b+c"), "is not a hypercolumn"),
     (dict(backbones="MobileNetV2:depth=3"), "is not one of alpha=..."),
     (dict(backbones="MobileNetV2,MobileNetV2"), "without repeats"),
     (dict(backbones="NoSuchNet"), "unknown backbone"),
-    (dict(budget_minutes=0), "--budget-minutes"),
+    (dict(budget_minutes=0), "budget_minutes is 0"),
 ])
 def test_user_errors_come_before_any_model(tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment.replace("+", r"\+").replace(".", r"\.")):
