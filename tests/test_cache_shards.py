@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-import pipeline.cache as cache_module
+import pipeline.cache.shards as cache_shards
 from heads_fixtures import SYNTH_CONFIG, fake_hash, write_cache
 from pipeline.cache import (CacheWriter, Row, compact, copy_cache, layout, load, lookup, read_attrs,
                             shards_dir)
@@ -113,7 +113,7 @@ def test_fragmented_layout_is_compacted_automatically(tmp_path: Path) -> None:
 
 
 def test_many_shards_are_compacted(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(cache_module, "MAX_SHARDS", 3)
+    monkeypatch.setattr(cache_shards, "MAX_SHARDS", 3)
     path = tmp_path / "c.h5"
     ids: list[int] = []
     for k in range(4):
@@ -204,7 +204,7 @@ def test_failed_index_write_keeps_the_old_cache_and_the_journal(tmp_path: Path, 
         return real_file(name, mode, *args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(cache_module.h5py, "File", index_fails)
+        mp.setattr(h5py, "File", index_fails)
         with pytest.raises(UserError, match="disk is full"):
             write(path, list(range(13)), chunk_size=2)
     assert path.read_bytes() == before and len(shard_files(path)) == 1  # the orphan shard is removed

@@ -400,7 +400,7 @@ def test_disk_full_keeps_the_old_cache_and_the_journal(dataset: Path, tiny_confi
     add_images(dataset, "sky", 3, start=0)
     real_usage = shutil.disk_usage
     with monkeypatch.context() as mp:
-        mp.setattr(cache_module.shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+        mp.setattr(shutil, "disk_usage", lambda p: real_usage(p)._replace(free=0))
         with pytest.raises(UserError, match="the disk is full") as info:
             run(dataset, tiny_config, cache_path, chunk_size=2)
     message = str(info.value)
@@ -432,7 +432,7 @@ def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, 
         return real_file(name, mode, *args, **kwargs)
 
     with monkeypatch.context() as mp:
-        mp.setattr(cache_module.h5py, "File", full_disk)
+        mp.setattr(h5py, "File", full_disk)
         with pytest.raises(UserError, match="disk is full"):
             run(dataset, tiny_config, cache_path)
     assert cache_path.read_bytes() == before
