@@ -138,7 +138,8 @@ def fit_head_command(
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
     from pipeline.heads import fit_head
-    from pipeline.report import metrics_table
+    from pipeline.plots import write_confusion_png
+    from pipeline.tables import metrics_table
 
     result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
@@ -149,6 +150,7 @@ def fit_head_command(
         typer.echo(f"  {note}")
     typer.echo(f"{m['cv_folds']}-fold CV ({m['cv_scoring']}) chose {m['best_params']}: CV score {m['cv_score']:.4f}")
     typer.echo(metrics_table(m))
+    write_confusion_png(m, result.folder)
     typer.echo(f"fitted in {m['fit_seconds']:.1f} s; head saved to {result.folder}/")
 
 
@@ -219,7 +221,7 @@ def finetune_command(
 ) -> None:
     """Fine-tune the backbone's upper layers with a new head; same split and report as fit-head."""
     from pipeline.finetune import finetune
-    from pipeline.report import metrics_table
+    from pipeline.tables import metrics_table
 
     result = finetune(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       init_head=init_head, unfreeze=unfreeze, from_layer=from_layer, epochs=epochs,
@@ -243,7 +245,7 @@ def compare_command(
     from pipeline.compare import compare
 
     rows, folder = compare(paths, out, log=lambda m: typer.echo(m, err=True))
-    from pipeline.report import compare_markdown
+    from pipeline.tables import compare_markdown
 
     typer.echo(compare_markdown(rows))
     typer.echo(f"saved {folder}/compare.md, compare.json, compare.png")

@@ -20,7 +20,7 @@ from pipeline.compare import compare
 from pipeline.extract import extract
 from pipeline.finetune import finetune
 from pipeline.heads import fit_head
-from pipeline.report import compare_markdown
+from pipeline.tables import compare_markdown
 
 LITE0 = BackboneConfig(str(SHARED / "keras-models/efficientnet_lite0_imagenet.keras"), layer="avg_pool")
 

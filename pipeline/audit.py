@@ -297,7 +297,7 @@ def _check_cache(cache: Any) -> None:
 def _head_test_rows(cache: Any, head: str | os.PathLike, log: Callable[[str], None]) -> tuple[np.ndarray, dict]:
     """The rows the head was tested on (its predictions.csv), after checking it was fitted on this cache."""
     from .artifacts import HEAD_JSON, PREDICTIONS_CSV, read_json, read_predictions
-    from .report import load_metrics
+    from .metrics import load_metrics
 
     meta = read_json(Path(head) / HEAD_JSON, "--head must be a folder written by `fit-head`")
     if meta.get("cache_fingerprint", cache.attrs["fingerprint"]) != cache.attrs["fingerprint"]:
@@ -425,7 +425,7 @@ def _summary(report: dict[str, Any], cache: Any, ranked: np.ndarray, suggested: 
              f"{max(balance.values())} per class); {_count(duplicates['byte_identical_groups'], 'group')} of "
              f"byte-identical files ({duplicates['files_in_groups']} files)"]
     if head_metrics is not None:
-        from .report import ci_text
+        from .tables import ci_text
 
         lines.append(f"head {head}: test accuracy {ci_text(head_metrics, 'accuracy')} on "
                      f"{head_metrics.get('n_test', '?')} images (95% interval)")

@@ -130,7 +130,7 @@ def checkout(files: Sequence[ImageFile], class_names: Sequence[str], config: Bac
 
 def grid_figure(images: list[np.ndarray], samples: list[dict[str, Any]], columns: int = 4) -> Any:
     """Each sample image beside a bar chart of its ImageNet top-5 (a matplotlib Figure)."""
-    from .report import new_figure
+    from .plots import new_figure
 
     n_rows = max(1, math.ceil(len(samples) / columns))
     fig = new_figure(4.6 * columns, 1.7 * n_rows)

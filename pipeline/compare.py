@@ -20,7 +20,9 @@ from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
 from .heads import load_head
 from .images import ImageFile
-from .report import compare_markdown, load_metrics, plot_compare
+from .metrics import load_metrics
+from .plots import plot_compare
+from .tables import compare_markdown
 from .runtime import KerasRuntime, load_model_file
 from .stream import stream_features
 

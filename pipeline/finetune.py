@@ -36,7 +36,8 @@ from .heads import load_head, rows_digest
 from .splits import finetune_parts
 from .images import decode_image
 from .params import Interval, Matches, Options, ParamError, check_params, define
-from .report import classification_metrics, new_figure, save_figure, save_metrics
+from .metrics import classification_metrics, save_metrics
+from .plots import new_figure, save_figure, write_confusion_png
 from .runtime import write_sidecar
 
 logger = logging.getLogger(__name__)
@@ -336,4 +337,5 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(
             parts.test, proba, rows.paths, rows.content_hash, rows.split, rows.labels, rows.class_names))
         save_metrics(metrics, stage)
+        write_confusion_png(metrics, stage)
     return FinetuneResult(folder, metrics, history, interrupt.requested)

@@ -20,7 +20,7 @@ from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
 from .params import Interval, Options, check_params, define
-from .report import classification_metrics, save_metrics
+from .metrics import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
 
 logger = logging.getLogger(__name__)

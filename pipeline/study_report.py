@@ -12,7 +12,7 @@ import numpy as np
 
 from .artifacts import write_json, write_text
 from .checkout import MAX_ENTROPY
-from .report import new_figure, save_figure
+from .plots import new_figure, save_figure
 
 LARGE_PER_CLASS = 1000  # images per class (median) from which CS231n's "large dataset" advice applies
 # Mean top-1 probability of the backbone's own ImageNet classifier from which images count as ImageNet-like.

@@ -137,4 +137,5 @@ def test_default_outputs_go_under_the_output_home(tmp_path: Path, monkeypatch: p
     result = invoke("--home", str(home), "fit-head", str(cache), "--cv", "2", "--n-jobs", "1")
     assert result.exit_code == 0, result.output
     assert (home / "heads" / "blobs-logreg" / "head.json").is_file()
+    assert (home / "heads" / "blobs-logreg" / "confusion_matrix.png").is_file()  # the command draws it
     assert not (tmp_path / "heads").exists()

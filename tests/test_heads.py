@@ -19,9 +19,9 @@ from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS, fit_head, load_head
 from pipeline.splits import cv_splits, split_rows
-from pipeline.report import CONFUSION_PNG, METRICS_FILE, load_metrics
+from pipeline.artifacts import METRICS_JSON
+from pipeline.metrics import load_metrics
 
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMING_KEYS = ("fit_seconds", "train_seconds")
 
 
@@ -127,7 +127,7 @@ def test_noise_labels_score_near_chance(tmp_path: Path, clf: str, small_grids) -
     result = fit(cache, tmp_path / "h", clf)
     assert result.metrics["accuracy"] < 0.7
     assert result.metrics["cv_score"] < 0.7
-    assert (tmp_path / "h" / METRICS_FILE).is_file() and (tmp_path / "h" / HEAD_MODEL).is_file()
+    assert (tmp_path / "h" / METRICS_JSON).is_file() and (tmp_path / "h" / HEAD_MODEL).is_file()
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -409,10 +409,9 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     folder = result.folder
     assert folder.name == clf
     with_oof = {CV_PREDICTIONS_CSV} if clf in ("logreg", "knn") else set()  # SVM sweeps make no probabilities
-    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_FILE, CONFUSION_PNG,
-                                                  PREDICTIONS_CSV} | with_oof
+    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_JSON, PREDICTIONS_CSV} | with_oof
 
-    metrics = json.loads((folder / METRICS_FILE).read_text())
+    metrics = json.loads((folder / METRICS_JSON).read_text())
     assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
     matrix = np.asarray(metrics["confusion_matrix"])
     assert matrix.shape == (3, 3) and matrix.sum() == metrics["n_test"] == len(result.split.test) == 18
@@ -441,7 +440,6 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     assert meta["backbone_config"] == SYNTH_CONFIG.resolved().__dict__
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
 
-    assert (folder / CONFUSION_PNG).read_bytes()[:8] == PNG_MAGIC
 
     # predictions.csv holds every test image once; metrics.json is recomputed from it exactly
     predictions = read_predictions(folder / PREDICTIONS_CSV)

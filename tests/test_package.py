@@ -12,7 +12,7 @@ import pipeline
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipeline"
 # Presentation: text tables, figures, web pages. The model layer computes; it never formats or draws.
-PRESENTATION = {"pipeline.report", "pipeline.tables", "pipeline.plots", "pipeline.web.report", "pipeline.web.render",
+PRESENTATION = {"pipeline.tables", "pipeline.plots", "pipeline.web.report", "pipeline.web.render",
                 "pipeline.web.serve", "pipeline.study_report"}
 
 

@@ -1,4 +1,4 @@
-"""pipeline.report: metrics checked by hand, the printed table, the comparison table and the plots."""
+"""metrics, tables and plots: metrics checked by hand, the printed table, the comparison table and the figures."""
 
 from __future__ import annotations
 
@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 import heads_fixtures  # noqa: F401  (puts the project root on sys.path)
-from pipeline.report import (CONFUSION_PNG, METRICS_FILE, classification_metrics, compare_markdown, load_metrics,
-                             metrics_table, plot_compare, plot_confusion_matrix, save_metrics)
+from pipeline.artifacts import CONFUSION_PNG, METRICS_JSON
+from pipeline.metrics import classification_metrics, load_metrics, save_metrics
+from pipeline.plots import (compare_figure, confusion_figure, plot_compare, plot_confusion_matrix,
+                            write_confusion_png)
+from pipeline.tables import compare_markdown, metrics_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 NAMES = ["apple", "banana", "cherry", "durian"]
@@ -76,14 +79,21 @@ def test_metrics_table_long_class_names() -> None:
 
 def test_save_and_load_metrics(metrics: dict, tmp_path: Path) -> None:
     path = save_metrics({**metrics, "method": "x"}, tmp_path / "run")
-    assert path == tmp_path / "run" / METRICS_FILE
+    assert path == tmp_path / "run" / METRICS_JSON
     assert load_metrics(tmp_path / "run") == {**metrics, "method": "x"}
-    assert (tmp_path / "run" / CONFUSION_PNG).read_bytes()[:8] == PNG_MAGIC
+    assert not (tmp_path / "run" / CONFUSION_PNG).exists()  # figures are drawn only when asked for
+    assert write_confusion_png(metrics, tmp_path / "run").read_bytes()[:8] == PNG_MAGIC
 
 
-def test_plot_confusion_matrix(tmp_path: Path) -> None:
-    plot_confusion_matrix(np.array([[3, 0], [1, 0]]), ["a", "b"], tmp_path / "cm.png")
-    data = (tmp_path / "cm.png").read_bytes()
+def test_confusion_figure_draws_every_count_and_names_the_classes(tmp_path: Path) -> None:
+    fig = confusion_figure(np.array([[3, 0], [1, 7]]), ["apple", "banana"])
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.texts] == ["3", "0", "1", "7"]  # row by row: true class, then predicted
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["apple", "banana"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["apple", "banana"]
+    colours = ax.images[0].get_array()
+    assert colours[1, 1] == pytest.approx(7 / 8) and colours[0, 0] == 1.0  # recall per true class
+    data = plot_confusion_matrix(np.array([[3, 0], [1, 7]]), ["a", "b"], tmp_path / "cm.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000
 
 
@@ -114,7 +124,11 @@ def test_compare_markdown() -> None:
     assert cells[1] == "0.9123 [0.850, 0.950]" and cells[-1] == "a vs b: +1 image"
 
 
-def test_plot_compare(tmp_path: Path) -> None:
-    plot_compare(ROWS, tmp_path / "compare.png")
-    data = (tmp_path / "compare.png").read_bytes()
+def test_compare_figure_draws_each_metric_of_each_method(tmp_path: Path) -> None:
+    ax = compare_figure(ROWS).axes[0]
+    heights = [bar.get_height() for bar in ax.patches]
+    # three metrics (a bar series each), one bar per method
+    assert heights == pytest.approx([r[k] for k in ("accuracy", "balanced_accuracy", "macro_f1") for r in ROWS])
+    assert [t.get_text() for t in ax.get_xticklabels()] == [r["method"] for r in ROWS]
+    data = plot_compare(ROWS, tmp_path / "compare.png").read_bytes()
     assert data[:8] == PNG_MAGIC and len(data) > 1000

@@ -26,7 +26,8 @@ from ..artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, MET
 from ..audit import AUDIT_JSON
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
-from ..report import ci_text, new_figure
+from ..plots import new_figure
+from ..tables import ci_text
 from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
 
 logger = logging.getLogger(__name__)
