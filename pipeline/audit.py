@@ -22,6 +22,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import UserError, install_hint
+from .artifacts import (AUDIT_JSON, CLASS_BALANCE_PNG, LABEL_ISSUES_CSV, LEARNING_CURVE_PNG, NEAR_DUPLICATES_CSV,
+                        OUTLIERS_CSV)
 from .neighbours import BLOCK_ROWS, DEFAULT_THRESHOLD, comparable_rows, pairs_above
 from .params import Interval, check_params, define
 
@@ -31,8 +33,6 @@ OUTLIER_K = 5  # an image's outlier distance: cosine distance to its k-th neares
 OUTLIER_CUTOFF = 3.5  # modified z-score above which it is an outlier (Iglewicz and Hoaglin's rule)
 FIRST_SIZE = 5  # images per class of the learning curve's first point; then doubling
 ASSUMED_EXPONENT = 0.5  # the learning curve's b when too few points fit all three parameters
-AUDIT_JSON, LABEL_ISSUES_CSV, NEAR_DUPLICATES_CSV = "audit.json", "label_issues.csv", "near_duplicates.csv"
-OUTLIERS_CSV, LEARNING_CURVE_PNG, CLASS_BALANCE_PNG = "outliers.csv", "learning_curve.png", "class_balance.png"
 PAIR_KINDS = ("cross_split", "conflicting_labels", "same_side")
 define(threshold=[Interval(0.5, 1.0)])
 

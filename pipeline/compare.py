@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, output_dir, paired_outcomes,
+from .artifacts import (COMPARE_JSON, COMPARE_MD, COMPARE_PNG, HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, output_dir, paired_outcomes,
                         read_predictions, sample_images, staged_folder, write_json, write_text)
 from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
@@ -99,7 +99,7 @@ def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = 
     paired_tests(rows, predictions)
     out = Path(out) if out is not None else output_dir("compare")
     with staged_folder(out) as stage:
-        write_text(stage / "compare.md", compare_markdown(rows) + "\n")
-        write_json(stage / "compare.json", rows)
-        plot_compare(rows, stage / "compare.png")
+        write_text(stage / COMPARE_MD, compare_markdown(rows) + "\n")
+        write_json(stage / COMPARE_JSON, rows)
+        plot_compare(rows, stage / COMPARE_PNG)
     return rows, out

@@ -10,7 +10,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .artifacts import write_json, write_text
+from .artifacts import STUDY_JSON, STUDY_MD, STUDY_PNG, write_json, write_text
 from .checkout import MAX_ENTROPY
 from .plots import new_figure, save_figure
 
@@ -244,7 +244,7 @@ def write_outputs(folder: Path, data: dict[str, Any], figures: dict[str, Any]) -
     for label, figure in figures.items():
         save_figure(figure, folder / checkout_png(label), dpi=80)
     markdown = study_markdown(data)
-    write_json(folder / "study.json", data)
-    write_text(folder / "study.md", markdown)
-    save_figure(study_figure(data["rows"]), folder / "study.png")
+    write_json(folder / STUDY_JSON, data)
+    write_text(folder / STUDY_MD, markdown)
+    save_figure(study_figure(data["rows"]), folder / STUDY_PNG)
     return markdown

@@ -12,8 +12,7 @@ import pytest
 
 from conftest import pixels, save_image
 from heads_fixtures import blobs, write_cache
-from pipeline.artifacts import write_json
-from pipeline.web.report import AUDIT_JSON, STUDY_JSON
+from pipeline.artifacts import AUDIT_JSON, STUDY_JSON, write_json
 
 CLASSES = ["ant", "bee", "cat"]
 COLOURS = [(200, 60, 40), (220, 200, 40), (60, 60, 200)]

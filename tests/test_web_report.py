@@ -25,7 +25,8 @@ from report_fixtures import CLASSES, PER_CLASS, ReportWorld
 from pipeline.artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
                                 RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, read_json, read_predictions, write_json)
 from pipeline.errors import UserError
-from pipeline.web.report import AUDIT_JSON, build_report
+from pipeline.artifacts import AUDIT_JSON
+from pipeline.web.report import build_report
 
 def quiet(message: str) -> None:
     """Drop log lines."""

@@ -20,10 +20,9 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
+from ..artifacts import (AUDIT_JSON, CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
                          REPORT_HTML, RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, output_home,
                          paired_outcomes, read_json, read_predictions, write_text)
-from ..audit import AUDIT_JSON
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
 from ..plots import new_figure
