@@ -41,11 +41,18 @@ def local_path(path: Location) -> Path:
 
 
 def storage_options(given: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """fsspec options: given (a dict or JSON text), else the JSON in $CNNCODES_STORAGE_OPTIONS, else none."""
+    """fsspec options: given (a dict, JSON text, or @FILE holding JSON), else the JSON (or @FILE) in
+    $CNNCODES_STORAGE_OPTIONS, else none. A file keeps secrets off the command line and out of `ps`."""
     if isinstance(given, Mapping):
         return dict(given)
     where = "--storage-options" if given is not None else f"${STORAGE_OPTIONS_ENV}"
     text = given if given is not None else os.environ.get(STORAGE_OPTIONS_ENV, "")
+    if text.startswith("@"):
+        where = f"{where} file {text[1:]}"
+        try:
+            text = Path(text[1:]).expanduser().read_text()
+        except OSError as exc:
+            raise UserError(f"{where} cannot be read ({exc.strerror}); give a readable JSON file.") from None
     if not text.strip():
         return {}
     try:
