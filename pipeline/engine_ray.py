@@ -117,14 +117,15 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
     block = batch_size * BLOCKS_PER_BATCH
     rows = task_columns(tasks)
     items = [{HASH: h, PATH: p} for h, p in zip(rows[HASH], rows[PATH])]
-    dataset = ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / block))
+    n_blocks = math.ceil(len(items) / block)
+    dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
     if read_on_driver_node:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         # no CPU asked: reading waits on the disk, and the driver's node may have no CPU to give (num_cpus=0)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs=dict(storage_options=storage_options),
-                                      compute=ray.data.TaskPoolStrategy(size=READ_TASKS), num_cpus=0,
+                                      compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)), num_cpus=0,
                                       scheduling_strategy=here)
     # A decode worker's footprint (Python, Pillow, its block's bytes and images); asking for it also keeps
     # the stage out of the actors (Ray fuses a task stage into the next actor stage when resources are equal).
