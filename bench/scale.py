@@ -18,7 +18,7 @@ peak RSS from wait4):
 Scale-out columns (fresh runs only, beside the table above; pip install -e '.[ray,s3,test]'):
   --object-store  the same images read from a local S3-compatible server (moto, started here on 127.0.0.1):
                   the cost of the object-store path (listing, fetching, hashing bytes), not a real bucket's latency;
-  --two-node      extract --engine auto --ray-address on a Ray cluster of two nodes (1 CPU each) started here:
+  --two-node      extract --engine ray --ray-address on a Ray cluster of two nodes (1 CPU each) started here:
                   both nodes share this machine's cores, so this is the multi-node path's overhead, not scale-out.
   --driver-ceiling  no model: Ray tasks make synthetic feature blocks and the driver writes them through the
                   cache writer exactly as an extract does; its rows/s, divided by one node's images/s, is the
@@ -256,7 +256,7 @@ def scale_out_rows(workdir: Path, n: int, args: argparse.Namespace) -> list[dict
         for name, source, env in sources:
             runs = [("local", "local", [])]
             if cluster is not None:
-                runs.append(("ray, 2 nodes", "auto", ["--ray-address", cluster.address]))
+                runs.append(("ray, 2 nodes", "ray", ["--ray-address", cluster.address]))
             for label, engine, extra in runs:
                 cache = workdir / "caches" / f"out-{n}-{len(rows)}.h5"
                 for stale in cache.parent.glob(cache.name + "*"):

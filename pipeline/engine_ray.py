@@ -13,6 +13,7 @@ one (the driver writes only batches that came out, and counts them).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -23,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import UserError
+from .runtime import TFLiteRuntime, tflite_from_bytes
 from .storage import is_url
 from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, StorageOptions, Task,
                      decode_columns, progress_bar, read_columns, task_columns)
@@ -69,22 +71,28 @@ def connect(ray_address: str | None) -> bool:
 
 
 def describe(make_runtime: RuntimeFactory) -> tuple[str, int]:
-    """Build the runtime once (a TFLite conversion happens here, once) and return its name and image size."""
+    """Build the runtime once and return its name and image size."""
     runtime = make_runtime()
     return runtime.name, runtime.image_size
 
 
-def probe(make_runtime: RuntimeFactory, gpus_per_actor: float) -> tuple[str, int]:
-    """(runtime name, image size) as the actors will see them.
+def probe(make_runtime: RuntimeFactory, gpus_per_actor: float) -> tuple[str, int, RuntimeFactory]:
+    """(runtime name, image size) as the actors will see them, and the factory the actors build theirs with.
 
-    With GPUs the probe runs in a one-shot task on a GPU worker, which exits after it: the driver
-    never holds GPU memory and builds the runtime the actors build (Keras there, maybe TFLite here).
+    CPU actors get the model the driver built (converted to TFLite once, beside the cache) as bytes: a
+    node need not see the driver's files. With GPUs the probe runs in a one-shot task on a GPU worker,
+    which exits after it: the driver never holds GPU memory and builds the runtime the actors build
+    (Keras there, from the backbone's name or file as that node sees it).
     """
-    if not gpus_per_actor:
-        return describe(make_runtime)
-    ray = require_ray()
-    remote = ray.remote(num_gpus=gpus_per_actor, max_calls=1)(describe)
-    return ray.get(remote.remote(make_runtime))
+    if gpus_per_actor:
+        ray = require_ray()
+        remote = ray.remote(num_gpus=gpus_per_actor, max_calls=1)(describe)
+        return (*ray.get(remote.remote(make_runtime)), make_runtime)
+    runtime = make_runtime()
+    if isinstance(runtime, TFLiteRuntime):
+        return runtime.name, runtime.image_size, functools.partial(tflite_from_bytes, runtime.path.read_bytes(),
+                                                                    runtime.threads)
+    return runtime.name, runtime.image_size, make_runtime
 
 
 def inference_actors(actors: int | None, gpus_per_actor: float) -> int:
@@ -164,7 +172,7 @@ def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSi
         context.enable_progress_bars = False  # ours counts images, not blocks
         ray_log.setLevel(logging.ERROR)  # its notices and tuning advice
         n_actors = inference_actors(actors, gpus_per_actor)
-        name, size = probe(make_runtime, gpus_per_actor)
+        name, size, actor_runtime = probe(make_runtime, gpus_per_actor)
         per_actor = f" with {gpus_per_actor:g} GPU each" if gpus_per_actor else ""
         where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
         log(f"extracting {len(tasks)} new images with {name} on {where}: {n_actors} inference "
@@ -173,7 +181,7 @@ def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSi
         # a cluster this run started on this machine shares its disk; any other may have nodes that do not
         ship = not started_ray or bool(ray_address)
         local_input = not any(is_url(t.file.path) for t in tasks)
-        dataset = pipeline(tasks, make_runtime, size, resize, batch_size, n_actors, gpus_per_actor, workers,
+        dataset = pipeline(tasks, actor_runtime, size, resize, batch_size, n_actors, gpus_per_actor, workers,
                            storage_options, read_on_driver_node=ship and local_input)
         result, done = _write_all(dataset, sink, len(tasks), progress)
     finally:

@@ -72,10 +72,10 @@ def protocol(url: str) -> str:
 
 def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any, str]:
     """(fsspec filesystem, path inside it) for an object-store URL; UserError when it cannot be used."""
-    import fsspec.core
-
     scheme = protocol(url)
     try:
+        import fsspec.core
+
         return fsspec.core.url_to_fs(url, **storage_options(options))
     except ImportError:
         package, install = PROTOCOL_INSTALL.get(scheme, (f"the fsspec package for {scheme}://", scheme))
