@@ -321,7 +321,7 @@ def driver_ceiling(workdir: Path, rows: int, dim: int, per_node: float) -> dict[
         del kept
         cache_writer = writer("both")
         started = time.perf_counter()
-        result, done = _write_all(blocks(), FeatureSink([cache_writer]), rows, progress=False)
+        _, done = _write_all(blocks(), FeatureSink([cache_writer]), rows, progress=False)
         both = time.perf_counter() - started
         assert len(done) == rows, (len(done), rows)
         started = time.perf_counter()
@@ -380,9 +380,9 @@ def main() -> None:
     if args.driver_ceiling:
         c = driver_ceiling(args.workdir, args.ceiling_rows, args.dim, args.per_node)
         lines += ["", f"driver ceiling ({c['rows']} synthetic rows of {c['dim']} float32, {c['feature_mb']} MB):",
-                  f"  Ray delivery alone {c['ray_delivery_rows_per_s']} rows/s; cache writer alone "
-                  f"{c['sink_only_rows_per_s']} rows/s; both (as extract) {c['rows_per_s']} rows/s = "
-                  f"{c['mb_per_s']} MB/s; commit {c['commit_s']} s",
+                  (f"  Ray delivery alone {c['ray_delivery_rows_per_s']} rows/s; cache writer alone "
+                   f"{c['sink_only_rows_per_s']} rows/s; both (as extract) {c['rows_per_s']} rows/s = "
+                   f"{c['mb_per_s']} MB/s; commit {c['commit_s']} s"),
                   f"  = {c['nodes']} worker nodes at {c['per_node_images_per_s']:g} images/s each"]
         result["driver_ceiling"] = c
     if lines:

@@ -132,7 +132,7 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
 
         # no CPU asked: reading waits on the disk, and the driver's node may have no CPU to give (num_cpus=0)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs=dict(storage_options=storage_options),
+        dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs={"storage_options": storage_options},
                                       compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)), num_cpus=0,
                                       scheduling_strategy=here)
     # A decode worker's footprint (Python, Pillow, its block's bytes and images); asking for it also keeps
@@ -140,7 +140,8 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
     memory = DECODE_WORKER_MEMORY + 2 * block * size * size * 3
     return (dataset
             .map_batches(decode_columns, batch_size=None, compute=ray.data.TaskPoolStrategy(size=workers),
-                         fn_kwargs=dict(size=size, resize=resize, verify_hash=True, storage_options=storage_options),
+                         fn_kwargs={"size": size, "resize": resize, "verify_hash": True,
+                                    "storage_options": storage_options},
                          num_cpus=1, memory=memory)
             .map_batches(FeatureMapper, batch_size=batch_size, fn_constructor_args=(make_runtime, resize),
                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,

@@ -51,7 +51,7 @@ def choose(engine: str, n_new: int, ray_address: str | None) -> tuple[str, str]:
 
 def runner(engine: str) -> Callable[..., Any]:
     """The run function of an engine (its module imported now)."""
-    check_params(dict(engine=engine), {"engine": [Options(tuple(RUNNERS))]})
+    check_params({"engine": engine}, {"engine": [Options(tuple(RUNNERS))]})
     module, function = RUNNERS[engine].split(":")
     return getattr(importlib.import_module(module), function)
 

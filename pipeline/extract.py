@@ -13,8 +13,8 @@ from typing import Any, Callable, Sequence
 from . import __version__
 from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
-from .errors import UserError
 from .engines import ENGINE_CONSTRAINTS, choose, cluster_address, run
+from .errors import UserError
 from .images import scan_dataset
 from .params import check_params
 from .runtime import make_runtime

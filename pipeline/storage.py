@@ -37,7 +37,7 @@ def is_url(path: Location) -> bool:
 def local_path(path: Location) -> Path:
     """A local path (a file:// URL loses its protocol), user-expanded."""
     text = os.fspath(path)
-    return Path(text[len("file://"):] if text.startswith("file://") else text).expanduser()
+    return Path(text.removeprefix("file://")).expanduser()
 
 
 def storage_options(given: str | Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -174,7 +174,7 @@ def list_tree(url: str, options: Mapping[str, Any] | None = None) -> tuple[str, 
         if not found and fs.isfile(root):
             raise UserError(f"{url} is an object, not a folder; expected DATA_DIR/CLASS/*.jpg "
                             "(one sub-folder per class).")
-    except Exception as exc:  # listing is the first request: any failure of the store is the user's to fix
+    except Exception as exc:  # noqa: BLE001 (the first request: any failure of the store is the user's to fix)
         raise access_error(url, exc) from None
     files, dirs = [], set()
     prefix = root + "/"

@@ -1,8 +1,8 @@
 """A local S3-compatible server (moto's server mode, on 127.0.0.1) for the object-storage tests.
 
-The session fixture `s3` starts it once, sets test credentials and AWS_ENDPOINT_URL in the environment
-(the usual way to point S3 clients elsewhere, which Ray workers started later inherit), and gives
-helpers to upload a folder and to make the server check credentials.
+conftest's session fixture `s3` starts it once (start_s3), sets test credentials and AWS_ENDPOINT_URL in
+the environment (the usual way to point S3 clients elsewhere, which Ray workers started later inherit),
+and gives helpers to upload a folder and to make the server check credentials.
 """
 
 from __future__ import annotations
@@ -50,9 +50,8 @@ class S3:
             reset_auth("inf")
 
 
-@pytest.fixture(scope="session")
-def s3() -> Iterator[S3]:
-    """The moto server for the whole session, with the test bucket created."""
+def start_s3() -> Iterator[S3]:
+    """The moto server, with the test bucket created, until the generator is closed (skips without moto)."""
     pytest.importorskip("s3fs", reason=NO_S3)
     server_module = pytest.importorskip("moto.server", reason=NO_S3)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import functools
 import logging
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
-
 from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
-from object_store import S3, s3  # noqa: F401 (pytest fixture)
+from object_store import S3
+
 from pipeline.cache import load
 from pipeline.extract import extract
 
@@ -36,8 +35,8 @@ def cluster():
     pytest.importorskip("ray.data", reason=NO_RAY)
     from ray.cluster_utils import Cluster
 
-    small = dict(object_store_memory=100 << 20, include_dashboard=False)
-    nodes = Cluster(initialize_head=True, head_node_args=dict(num_cpus=2, **small))
+    nodes = Cluster(initialize_head=True,
+                    head_node_args={"num_cpus": 2, "object_store_memory": 100 << 20, "include_dashboard": False})
     worker = nodes.add_node(num_cpus=1, object_store_memory=100 << 20)
     ray.init(address=nodes.address, logging_level="ERROR", log_to_driver=False)
     nodes.wait_for_nodes()
@@ -100,7 +99,7 @@ def test_two_nodes_from_local_files_equal_the_local_engine(cluster, s3: S3, data
 
 def test_auto_engine_takes_the_named_cluster(cluster, s3: S3, data: Path, reference: Path, caches: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.engines as engines
+    from pipeline import engines
 
     _, nodes, _ = cluster
     messages: list[str] = []
@@ -119,9 +118,10 @@ def test_auto_engine_takes_the_named_cluster(cluster, s3: S3, data: Path, refere
 def test_killed_worker_node_leaves_a_clean_cache_that_a_rerun_completes(cluster, s3: S3, url: str,
                                                                         reference: Path, caches: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.engine_ray as engine_ray
-    import pipeline.extract as extract_module
     import test_ray
+
+    from pipeline import engine_ray
+    from pipeline import extract as extract_module
 
     _, nodes, worker = cluster
     monkeypatch.setattr(extract_module, "make_runtime", functools.partial(test_ray.slow_make_runtime, register=False))

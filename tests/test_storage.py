@@ -18,7 +18,7 @@ import pytest
 
 from conftest import RUNTIME, TINY_ARGS, add_broken
 from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
-from object_store import BUCKET, S3, s3  # noqa: F401 (pytest fixture)
+from object_store import BUCKET, S3
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
@@ -66,7 +66,7 @@ def test_scan_of_a_bucket_is_the_scan_of_the_folder(s3: S3, data: Path, url: str
 
 
 def test_extract_from_the_bucket_equals_extract_from_disk(data: Path, url: str, caches: Path) -> None:
-    options = dict(runtime=RUNTIME, progress=False, log=quiet())
+    options = {"runtime": RUNTIME, "progress": False, "log": quiet()}
     reference = extract(data, TINY_CONFIG, cache=caches / "disk.h5", **options)
     summary = extract(url, TINY_CONFIG, cache_dir=caches, **options)
     assert summary.cache_path.name.startswith("data-")  # named after the prefix's last part, as a folder is
@@ -118,6 +118,6 @@ def test_mistakes_are_one_line_and_write_nothing(s3: S3, url: str, tmp_path: Pat
     with s3.checking_credentials():
         assert_user_error(extract_cli(url), "access denied", "check the credentials")
     monkeypatch.setitem(sys.modules, "s3fs", None)  # `import s3fs` fails, as when the extra is missing
-    monkeypatch.delitem(registry._registry, "s3", raising=False)  # noqa: SLF001 (forget the loaded class)
+    monkeypatch.delitem(registry._registry, "s3", raising=False)  # forget the class loaded before
     assert_user_error(extract_cli(url), "needs s3fs", "pip install 'cnncodes[s3]'")
     assert not out.exists()
