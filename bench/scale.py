@@ -137,7 +137,7 @@ def tree_memory_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
 
 
 def extract_process(data: Path | str, cache: Path, args: argparse.Namespace, engine: str,
-                    extra: list[str] | None = None, env: dict[str, str] | None = None) -> dict[str, Any]:
+                    extra: list[str] | None = None) -> dict[str, Any]:
     """One `python cli.py extract` process: wall seconds (start-up included), peak RSS, the summary's figures."""
     command = [sys.executable, "cli.py", "extract", str(data), "--backbone", args.backbone, "--weights", args.weights,
                "--cache", str(cache), "--runtime", args.runtime, "--engine", engine, "--no-progress", *(extra or [])]
@@ -146,7 +146,7 @@ def extract_process(data: Path | str, cache: Path, args: argparse.Namespace, eng
     started = time.perf_counter()
     with open(cache.with_suffix(".log"), "w") as log:
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
+                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
         stop, tree_peak = threading.Event(), [0]
         sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak)) \
             if args.tree_memory else None
@@ -212,23 +212,23 @@ def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def object_store(workdir: Path, n: int) -> tuple[str, dict[str, str], Any]:
-    """The size-n dataset uploaded to a moto S3 server started here: (its URL, the environment that reaches it,
-    the server to stop)."""
+def object_store(workdir: Path, n: int) -> tuple[str, list[str], Any]:
+    """The size-n dataset uploaded to a moto S3 server started here: (its URL, the extract options that reach it,
+    the server to stop). The options go in a file, as credentials should: every Ray node gets them."""
     import fsspec
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    fs = fsspec.filesystem("s3", key="bench", secret="bench", endpoint_url=env["AWS_ENDPOINT_URL"],
-                           skip_instance_cache=True)
+    options = {"key": "bench", "secret": "bench", "endpoint_url": f"http://{host}:{port}"}
+    (workdir / "s3-options.json").write_text(json.dumps(options))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
     fs.mkdir("bench")
     base, _, _ = dataset(workdir, n)
     fs.pipe({f"bench/data-{n}/{p.relative_to(base).as_posix()}": p.read_bytes() for p in base.rglob("*.jpg")})
-    return f"s3://bench/data-{n}", env, server
+    return f"s3://bench/data-{n}", ["--storage-options", f"@{workdir / 's3-options.json'}"], server
 
 
 def two_node_cluster() -> Any:
@@ -244,24 +244,24 @@ def two_node_cluster() -> Any:
 def scale_out_rows(workdir: Path, n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Fresh runs of n images: local and (with --two-node) two-node Ray, from disk and (with --object-store) S3."""
     base, _, _ = dataset(workdir, n)
-    sources: list[tuple[str, Path | str, dict[str, str]]] = [("disk", base, {})]
+    sources: list[tuple[str, Path | str, list[str]]] = [("disk", base, [])]
     server = cluster = None
     try:
         if args.object_store:
-            url, env, server = object_store(workdir, n)
-            sources.append(("s3 (moto)", url, env))
+            url, options, server = object_store(workdir, n)
+            sources.append(("s3 (moto)", url, options))
         if args.two_node:
             cluster = two_node_cluster()
         rows = []
-        for name, source, env in sources:
-            runs = [("local", "local", [])]
+        for name, source, options in sources:
+            runs = [("local", "local", options)]
             if cluster is not None:
-                runs.append(("ray, 2 nodes", "ray", ["--ray-address", cluster.address]))
+                runs.append(("ray, 2 nodes", "ray", [*options, "--ray-address", cluster.address]))
             for label, engine, extra in runs:
                 cache = workdir / "caches" / f"out-{n}-{len(rows)}.h5"
                 for stale in cache.parent.glob(cache.name + "*"):
                     shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-                run = extract_process(source, cache, args, engine, extra, env)
+                run = extract_process(source, cache, args, engine, extra)
                 rows.append({"images": n, "input": name, "engine": label, **run})
         return rows
     finally:

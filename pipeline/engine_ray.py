@@ -14,6 +14,7 @@ one (the driver writes only batches that came out, and counts them).
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import math
 import os
@@ -116,6 +117,17 @@ def inference_actors(actors: int | None, gpus_per_actor: float) -> int:
     return actors
 
 
+def on_this_node(ray: Any, map_batches: Callable[..., Any]) -> dict[str, Any]:
+    """map_batches' arguments that keep a stage's tasks on the driver's node: the node-id label selector where
+    Ray has it (as Ray Data's own reads of local files do), else the older node-affinity strategy."""
+    node = ray.get_runtime_context().get_node_id()
+    if "label_selector" in inspect.signature(map_batches).parameters:
+        return {"label_selector": {"ray.io/node-id": node}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, resize: str, batch_size: int,
              actors: int, gpus_per_actor: float, workers: int | None, storage_options: StorageOptions = None,
              read_on_driver_node: bool = False) -> Any:
@@ -128,13 +140,10 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
     n_blocks = math.ceil(len(items) / block)
     dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
     if read_on_driver_node:
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         # no CPU asked: reading waits on the disk, and the driver's node may have no CPU to give (num_cpus=0)
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
         dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs={"storage_options": storage_options},
                                       compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)), num_cpus=0,
-                                      scheduling_strategy=here)
+                                      **on_this_node(ray, dataset.map_batches))
     # A decode worker's footprint (Python, Pillow, its block's bytes and images); asking for it also keeps
     # the stage out of the actors (Ray fuses a task stage into the next actor stage when resources are equal).
     memory = DECODE_WORKER_MEMORY + 2 * block * size * size * 3

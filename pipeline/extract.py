@@ -133,19 +133,23 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
     chosen, why = choose(engine, len(tasks), ray_address)
     if engine == "auto" and tasks:
         log(f"engine: {chosen} ({why})")
-    result = RunResult()
+    result, sink = RunResult(), FeatureSink(writers)
     if tasks:
         # one model for every layer; a single layer builds exactly the model `extract --layer` builds
         factory = functools.partial(make_runtime, configs[0], runtime, tflite_dir=paths[0].parent, threads=threads,
                                     log=log, layers=layers if len(layers) > 1 else None)
         known = sum(1 for _, h in files if all(w.has(h) for w in writers))
         log(f"{known} of {len(files)} files already in the cache{'s' * (len(writers) > 1)}")
-        result = run(tasks, factory, FeatureSink(writers), engine=chosen, resize=configs[0].resize,
+        result = run(tasks, factory, sink, engine=chosen, resize=configs[0].resize,
                      batch_size=batch_size, workers=workers, progress=progress, log=log, storage_options=options,
                      engine_options={**ray_options, "ray_address": address} if chosen == "ray" else None)
     process_start = process_start_time()
     first_batch_s = (result.first_batch_at - process_start
                      if result.first_batch_at is not None and process_start is not None else None)
+    if sink.retry:
+        log(f"warning: {len(sink.retry)} images could not be read this time ({next(iter(sink.retry.values()))}); "
+            "they are listed as skipped and tried again by the next run")
+        unreadable += [(f.relpath, sink.retry[h]) for f, h in files if h in sink.retry]
     rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
     summaries = []
     for writer, cfg, path, missing in zip(writers, configs, paths, lacked):

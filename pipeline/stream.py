@@ -269,11 +269,20 @@ class FeatureMapper:
 
 
 # -- WRITER ----------------------------------------------------------------------------------------
+# Reasons that say a file could not be read as scanned just now (a network, a credential, a file being
+# replaced): they are not recorded against the content, so that the next run tries it again.
+RETRY_REASONS = ("unreadable:", "changed while extracting")
+
+
 class FeatureSink:
-    """Fans mapped rows out to one CacheWriter per layer; each writer gets only the rows it lacks."""
+    """Fans mapped rows out to one CacheWriter per layer; each writer gets only the rows it lacks.
+
+    retry: content hash -> reason, for the contents that could not be read this time (see RETRY_REASONS).
+    """
 
     def __init__(self, writers: Sequence[CacheWriter]) -> None:
         self.writers = list(writers)
+        self.retry: dict[str, str] = {}
 
     def write(self, hashes: Sequence[str], outputs: Sequence[np.ndarray], runtime: str) -> None:
         """One features row per hash for each writer (outputs[k] goes to writers[k])."""
@@ -285,7 +294,10 @@ class FeatureSink:
                     writer.add(digest, vector, runtime)
 
     def skip(self, content_hash: str, reason: str) -> None:
-        """A content that could not be decoded, for every writer that lacks it."""
+        """A content that could not be decoded, for every writer that lacks it (kept aside if it may read later)."""
+        if reason.startswith(RETRY_REASONS):
+            self.retry[content_hash] = reason
+            return
         for writer in self.writers:
             if not writer.has(content_hash):
                 writer.add_skipped(content_hash, reason)

@@ -121,3 +121,26 @@ def test_mistakes_are_one_line_and_write_nothing(s3: S3, url: str, tmp_path: Pat
     monkeypatch.delitem(registry._registry, "s3", raising=False)  # forget the class loaded before
     assert_user_error(extract_cli(url), "needs s3fs", "pip install 'cnncodes[s3]'")
     assert not out.exists()
+
+
+def test_an_object_that_cannot_be_read_now_is_tried_again(data: Path, url: str, caches: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import pipeline.stream as stream
+
+    real_read, flaky = stream.read_bytes, f"{url}/checks/img_03.png"
+
+    def read_bytes(path, options=None):
+        if path == flaky:  # a network error, or a worker without the credentials
+            raise OSError("connection reset by peer")
+        return real_read(path, options)
+
+    options = {"runtime": RUNTIME, "progress": False, "log": quiet(), "cache": caches / "flaky.h5"}
+    monkeypatch.setattr(stream, "read_bytes", read_bytes)
+    first = extract(url, TINY_CONFIG, **options)
+    assert ("checks/img_03.png", "unreadable: connection reset by peer") in first.skipped
+    assert "checks/img_03.png" not in load(first.cache_path).paths
+    monkeypatch.undo()
+    second = extract(url, TINY_CONFIG, **options)  # not remembered as a bad image: read again, and kept
+    assert second.n_new == 1 and "checks/img_03.png" in load(second.cache_path).paths
+    assert_same_cache(second.cache_path, extract(data, TINY_CONFIG, cache=caches / "disk2.h5", runtime=RUNTIME,
+                                                 progress=False, log=quiet()).cache_path)
