@@ -96,7 +96,8 @@ def access_error(url: str, exc: BaseException) -> UserError:
     if isinstance(exc, UserError):
         return exc
     if isinstance(exc, FileNotFoundError):
-        return UserError(f"{url} does not exist (no such bucket, or nothing under that prefix); check the URL.")
+        return UserError(f"{url} does not exist (no such bucket, or nothing under that prefix); check the URL and, "
+                         "for another S3 endpoint, AWS_ENDPOINT_URL or the storage option endpoint_url.")
     if isinstance(exc, PermissionError):
         return UserError(f"{url}: access denied ({exc.__class__.__name__}); check the credentials (for s3://: "
                          f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or --storage-options, "
