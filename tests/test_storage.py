@@ -125,7 +125,7 @@ def test_mistakes_are_one_line_and_write_nothing(s3: S3, url: str, tmp_path: Pat
 
 def test_an_object_that_cannot_be_read_now_is_tried_again(data: Path, url: str, caches: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    import pipeline.stream as stream
+    from pipeline import stream
 
     real_read, flaky = stream.read_bytes, f"{url}/checks/img_03.png"
 
