@@ -88,7 +88,8 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
             model: str | os.PathLike | None = None, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
-            log: Callable[[str], None] = print, storage_options: str | dict[str, Any] | None = None) -> list[Prediction]:
+            log: Callable[[str], None] = print,
+            storage_options: str | dict[str, Any] | None = None) -> list[Prediction]:
     """Classify image files or folders (local, or object-store URLs: see pipeline.storage) with a fitted head or
     a model file; write a CSV when out is given."""
     check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime),
