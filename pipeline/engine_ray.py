@@ -6,9 +6,10 @@ objects (s3://...) they fetch from the store themselves; local files are read by
 driver's node, which hand the bytes on, unless the run started its own one-machine cluster. Then a
 pool of actors runs the runtime (each actor builds it once: TFLite on CPUs, from the model bytes the
 driver sends; Keras on a GPU); the driver writes every batch through the same sink as the local
-engine as it arrives, so the journal grows chunk by chunk and a killed run resumes from it. Ray Data retries a failed task and restarts a killed actor by default; a retried batch never
-duplicates a row (rows are keyed by content hash and the cache is committed from the scan) nor loses
-one (the driver writes only batches that came out, and counts them).
+engine as it arrives, so the journal grows chunk by chunk and a killed run resumes from it. Ray Data
+retries a failed task and restarts a killed actor by default; a retried batch never duplicates a row
+(rows are keyed by content hash and the cache is committed from the scan) nor loses one (the driver
+writes only batches that came out, and counts them).
 """
 
 from __future__ import annotations
