@@ -77,12 +77,13 @@ def decode_file(source: str | os.PathLike | bytes, size: int, resize: str,
                 storage_options: StorageOptions = None) -> np.ndarray | str:
     """One file (a path, an object's URL or the bytes) through the project's decoder: uint8 (size, size, 3), or
     the reason it failed (never raises)."""
-    try:
-        if isinstance(source, (str, os.PathLike)) and is_url(source):
+    if isinstance(source, (str, os.PathLike)) and is_url(source):
+        try:
             source = read_bytes(source, storage_options)
+        except Exception as exc:  # any failure of the store (a network, a credential): read again next run
+            return f"unreadable: {type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else f"unreadable: {exc}"
+    try:
         return decode_image(source, size, resize)
-    except OSError as exc:
-        return f"unreadable: {exc}"
     except ImageError as exc:
         return str(exc)
     except Exception as exc:  # one bad file never aborts a run, whatever the decoder raises
