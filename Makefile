@@ -13,7 +13,7 @@ DEMO_DIR ?= demo
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[cpu,lite,audit,web,ray,test,dev]'
+	$(PY) -m pip install -q -e '.[cpu,lite,audit,web,ray,s3,test,dev]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -56,6 +56,9 @@ RESIZE = typer.Option("bilinear", help="Resize filter: bilinear, bicubic, lanczo
 ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25).")
 RUNTIME = typer.Option("auto", help="auto (TFLite on a CPU-only machine), keras or tflite.")
 THREADS = typer.Option(None, help="TFLite (XNNPACK) threads (default: every core).")
+STORAGE_OPTIONS = typer.Option(None, help="fsspec options of s3:// gs:// az:// URLs as a JSON object, or @FILE "
+                               "holding one (default: $CNNCODES_STORAGE_OPTIONS; credentials are best left to "
+                               "the environment, e.g. AWS_*). See docs/scale-out.md.")
 
 
 def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: str,
@@ -67,7 +70,8 @@ def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: 
 
 @command("extract")
 def extract_command(
-    data_dir: Path = typer.Argument(..., help="DATA_DIR/CLASS/*.jpg or DATA_DIR/{train,val,test}/CLASS/*.jpg"),
+    data_dir: str = typer.Argument(..., help="DATA_DIR/CLASS/*.jpg or DATA_DIR/{train,val,test}/CLASS/*.jpg; a "
+                                             "folder or an object-store URL (s3://bucket/prefix, gs://, az://)."),
     backbone: str = BACKBONE, weights: str = WEIGHTS, layer: Optional[str] = LAYER,
     pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
     alpha: Optional[float] = ALPHA,
@@ -78,16 +82,19 @@ def extract_command(
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core); with --engine "
                                                      "ray, decoding tasks at once."),
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
-    engine: str = typer.Option("local", help="local (one process), or ray (Ray Data workers: "
-                                             "pip install -e '.[ray]')."),
-    ray_address: Optional[str] = typer.Option(None, help="With --engine ray: auto, or ray://HOST:PORT of a running "
-                                                          "cluster; default: start a local one."),
+    engine: str = typer.Option("auto", help="auto (ray when --ray-address or RAY_ADDRESS names a cluster and "
+                                            "there are 2,000 new images or more, else local), local (one process), "
+                                            "or ray (Ray Data workers: pip install -e '.[ray]')."),
+    ray_address: Optional[str] = typer.Option(None, help="The Ray cluster: auto, or HEAD_IP:6379 (default: "
+                                                          "$RAY_ADDRESS; --engine ray without one starts a local "
+                                                          "cluster)."),
     actors: Optional[int] = typer.Option(None, help="With --engine ray: inference actors (default: one per node; "
                                                     "with --gpus-per-actor, as many as the cluster's GPUs hold)."),
     gpus_per_actor: float = typer.Option(0.0, help="With --engine ray: GPUs each inference actor reserves "
                                                    "(Keras runs there)."),
     compact: bool = typer.Option(False, help="Rewrite the cache into one shard file afterwards (see `compact`)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    storage_options: Optional[str] = STORAGE_OPTIONS,
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
     from pipeline.extract import extract, summary_lines
@@ -96,7 +103,7 @@ def extract_command(
                       cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
                       workers=workers, runtime=runtime, threads=threads, engine=engine, compact=compact,
                       progress=progress, log=lambda m: typer.echo(m, err=True), ray_address=ray_address,
-                      actors=actors, gpus_per_actor=gpus_per_actor)
+                      actors=actors, gpus_per_actor=gpus_per_actor, storage_options=storage_options)
     typer.echo("\n".join(summary_lines(summary)))
     if summary.interrupted:
         raise typer.Exit(130)
@@ -156,7 +163,7 @@ def fit_head_command(
 
 @command("predict")
 def predict_command(
-    paths: List[Path] = typer.Argument(..., help="Image files or folders."),
+    paths: List[str] = typer.Argument(..., help="Image files or folders, local or object-store URLs (s3://...)."),
     head: Optional[Path] = typer.Option(None, help="A head folder written by `fit-head`."),
     model: Optional[Path] = typer.Option(None, help="A .keras or .tflite file from `export` or `finetune`."),
     top_k: int = typer.Option(3, help="Classes per image."),
@@ -166,13 +173,14 @@ def predict_command(
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
     trust_pickle: bool = typer.Option(False, help="Load an old head saved as a pickle (head.joblib), which "
                                                   "can run code: only for heads you made yourself."),
+    storage_options: Optional[str] = STORAGE_OPTIONS,
 ) -> None:
     """Classify new images with a head; images already in the head's cache need no backbone."""
     from pipeline.predict import prediction_lines, predict
 
     predictions = predict(paths, head, model=model, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
                           runtime=runtime, threads=threads, trust_pickle=trust_pickle,
-                          log=lambda m: typer.echo(m, err=True))
+                          log=lambda m: typer.echo(m, err=True), storage_options=storage_options)
     typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
     if out:
         typer.echo(f"predictions written to {out}")

@@ -14,12 +14,24 @@ peak RSS from wait4):
     python bench/scale.py --sizes 1000 5000 --backbone MobileNet --alpha 0.25 --weights imagenet  # quick
     python bench/scale.py --engines local ray                      # the ray engine too (pip install -e '.[ray]')
     python bench/scale.py --sizes 5000 --engines local ray --tree-memory   # memory of every process, Ray's too
+
+Scale-out columns (fresh runs only, beside the table above; pip install -e '.[ray,s3,test]'):
+  --object-store  the same images read from a local S3-compatible server (moto, started here on 127.0.0.1):
+                  the cost of the object-store path (listing, fetching, hashing bytes), not a real bucket's latency;
+  --two-node      extract --engine ray --ray-address on a Ray cluster of two nodes (1 CPU each) started here:
+                  both nodes share this machine's cores, so this is the multi-node path's overhead, not scale-out.
+  --driver-ceiling  no model: Ray tasks make synthetic feature blocks and the driver writes them through the
+                  cache writer exactly as an extract does; its rows/s, divided by one node's images/s, is the
+                  number of worker nodes one driver can serve.
+
+    python bench/scale.py --sizes 1000 --object-store --two-node --driver-ceiling
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import shutil
@@ -124,10 +136,11 @@ def tree_memory_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], total)
 
 
-def extract_process(data: Path, cache: Path, args: argparse.Namespace, engine: str) -> dict[str, Any]:
+def extract_process(data: Path | str, cache: Path, args: argparse.Namespace, engine: str,
+                    extra: list[str] | None = None) -> dict[str, Any]:
     """One `python cli.py extract` process: wall seconds (start-up included), peak RSS, the summary's figures."""
     command = [sys.executable, "cli.py", "extract", str(data), "--backbone", args.backbone, "--weights", args.weights,
-               "--cache", str(cache), "--runtime", args.runtime, "--engine", engine, "--no-progress"]
+               "--cache", str(cache), "--runtime", args.runtime, "--engine", engine, "--no-progress", *(extra or [])]
     command += ["--layer", args.layer] if args.layer else []
     command += ["--alpha", str(args.alpha)] if args.alpha else []
     started = time.perf_counter()
@@ -199,6 +212,132 @@ def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def object_store(workdir: Path, n: int) -> tuple[str, list[str], Any]:
+    """The size-n dataset uploaded to a moto S3 server started here: (its URL, the extract options that reach it,
+    the server to stop). The options go in a file, as credentials should: every Ray node gets them."""
+    import fsspec
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    options = {"key": "bench", "secret": "bench", "endpoint_url": f"http://{host}:{port}"}
+    (workdir / "s3-options.json").write_text(json.dumps(options))
+    fs = fsspec.filesystem("s3", skip_instance_cache=True, **options)
+    fs.mkdir("bench")
+    base, _, _ = dataset(workdir, n)
+    fs.pipe({f"bench/data-{n}/{p.relative_to(base).as_posix()}": p.read_bytes() for p in base.rglob("*.jpg")})
+    return f"s3://bench/data-{n}", ["--storage-options", f"@{workdir / 's3-options.json'}"], server
+
+
+def two_node_cluster() -> Any:
+    """A Ray cluster of two nodes on this machine (1 CPU each: the local engine's 2 CPUs, split)."""
+    from ray.cluster_utils import Cluster
+
+    nodes = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    nodes.add_node(num_cpus=1)
+    nodes.wait_for_nodes()
+    return nodes
+
+
+def scale_out_rows(workdir: Path, n: int, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Fresh runs of n images: local and (with --two-node) two-node Ray, from disk and (with --object-store) S3."""
+    base, _, _ = dataset(workdir, n)
+    sources: list[tuple[str, Path | str, list[str]]] = [("disk", base, [])]
+    server = cluster = None
+    try:
+        if args.object_store:
+            url, options, server = object_store(workdir, n)
+            sources.append(("s3 (moto)", url, options))
+        if args.two_node:
+            cluster = two_node_cluster()
+        rows = []
+        for name, source, options in sources:
+            runs = [("local", "local", options)]
+            if cluster is not None:
+                runs.append(("ray, 2 nodes", "ray", [*options, "--ray-address", cluster.address]))
+            for label, engine, extra in runs:
+                cache = workdir / "caches" / f"out-{n}-{len(rows)}.h5"
+                for stale in cache.parent.glob(cache.name + "*"):
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+                run = extract_process(source, cache, args, engine, extra)
+                rows.append({"images": n, "input": name, "engine": label, **run})
+        return rows
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        if server is not None:
+            server.stop()
+
+
+def driver_ceiling(workdir: Path, rows: int, dim: int, per_node: float) -> dict[str, Any]:
+    """Rows/s and MB/s at which the driver writes synthetic feature blocks from Ray through the cache writer.
+
+    Three figures: Ray delivering the blocks to the driver alone, the cache writer alone (blocks already in
+    memory), and both as an extract runs them (pipeline.engine_ray's write loop); then the commit.
+    """
+    import hashlib
+
+    import ray
+
+    from pipeline.cache import CacheWriter, Row
+    from pipeline.engine_ray import _write_all
+    from pipeline.stream import ERROR, HASH, RUNTIME, FeatureSink, features_column
+
+    block = 512
+
+    def make_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = batch["id"]
+        rng = np.random.default_rng(int(ids[0]))
+        return {HASH: np.array([hashlib.sha256(str(int(i)).encode()).hexdigest() for i in ids]),
+                ERROR: np.full(len(ids), ""), RUNTIME: np.full(len(ids), "tflite"),
+                features_column(0): rng.standard_normal((len(ids), dim), dtype=np.float32)}
+
+    def blocks() -> Any:
+        return ray.data.range(rows, override_num_blocks=max(1, rows // block)).map_batches(make_block, batch_size=None)
+
+    def writer(name: str) -> CacheWriter:
+        path = workdir / "caches" / f"ceiling-{name}.h5"
+        for stale in path.parent.glob(path.name + "*"):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        return CacheWriter(path, {"backbone": "synthetic"}, f"synthetic-{name}", 256)
+
+    mb = rows * dim * 4 / 1e6
+    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
+             log_to_driver=False)
+    try:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        blocks().limit(4 * block).materialize()  # the workers start once, outside the measurements
+        started = time.perf_counter()
+        kept = [dict(b) for b in blocks().iter_batches(batch_size=None, batch_format="numpy")]
+        delivery = time.perf_counter() - started
+        sink = FeatureSink([writer("sink-only")])
+        started = time.perf_counter()
+        for columns in kept:
+            sink.write_columns(columns)
+        sink_only = time.perf_counter() - started
+        del kept
+        cache_writer = writer("both")
+        started = time.perf_counter()
+        _, done = _write_all(blocks(), FeatureSink([cache_writer]), rows, progress=False)
+        both = time.perf_counter() - started
+        assert len(done) == rows, (len(done), rows)
+        started = time.perf_counter()
+        # rows in scan order (the ids), as an extract commits them; blocks arrived roughly in that order
+        order = [hashlib.sha256(str(k).encode()).hexdigest() for k in range(rows)]
+        cache_writer.commit([Row(f"img/{k}.jpg", 0, "", h) for k, h in enumerate(order)], ["img"], {}, [])
+        commit = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    rate = rows / both
+    return {"rows": rows, "dim": dim, "feature_mb": round(mb, 1),
+            "ray_delivery_rows_per_s": round(rows / delivery), "sink_only_rows_per_s": round(rows / sink_only),
+            "rows_per_s": round(rate), "mb_per_s": round(mb / both, 1), "commit_s": round(commit, 2),
+            "per_node_images_per_s": per_node, "nodes": int(rate // per_node)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 5000, 20000])
@@ -210,6 +349,14 @@ def main() -> None:
     parser.add_argument("--runtime", default="tflite")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/cnncodes-scale"))
     parser.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
+    parser.add_argument("--object-store", action="store_true", help="Fresh runs reading a local S3 server too.")
+    parser.add_argument("--two-node", action="store_true", help="Fresh runs on a two-node Ray cluster too.")
+    parser.add_argument("--driver-ceiling", action="store_true",
+                        help="Measure the driver's ingest rate (synthetic features, no model) and the nodes it serves.")
+    parser.add_argument("--ceiling-rows", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=1280, help="Feature width of the synthetic rows (Lite0: 1280).")
+    parser.add_argument("--per-node", type=float, default=90.0,
+                        help="Images/s of one 2-core node with the local engine (Lite0, TFLite; see README).")
     parser.add_argument("--tree-memory", action="store_true",
                         help="Also sample the summed PSS of each command's processes (Ray's included) once a "
                              "second; it slows the measured run a little, Ray's most, so take speeds without it.")
@@ -223,6 +370,28 @@ def main() -> None:
     if not warm.exists():
         make_images(warm, [f"img_{k}.jpg" for k in range(4)], seed=7)
     extract_process(warm, caches / "warm.h5", args, "local")
+    result: dict[str, Any] = {"backbone": args.backbone, "layer": args.layer, "runtime": args.runtime}
+    lines: list[str] = []
+    if args.object_store or args.two_node:
+        out_rows = [r for n in args.sizes for r in scale_out_rows(args.workdir, n, args)]
+        lines += ["fresh runs by input and engine (the two nodes share this machine's 2 cores)",
+                  f"{'images':>7s} {'input':10s} {'engine':13s} {'img/s':>7s} {'seconds':>8s}"]
+        lines += [f"{r['images']:7d} {r['input']:10s} {r['engine']:13s} {r['images_per_s'] or 0:7.1f} "
+                  f"{r['seconds']:8.1f}" for r in out_rows]
+        result["scale_out"] = out_rows
+    if args.driver_ceiling:
+        c = driver_ceiling(args.workdir, args.ceiling_rows, args.dim, args.per_node)
+        lines += ["", f"driver ceiling ({c['rows']} synthetic rows of {c['dim']} float32, {c['feature_mb']} MB):",
+                  (f"  Ray delivery alone {c['ray_delivery_rows_per_s']} rows/s; cache writer alone "
+                   f"{c['sink_only_rows_per_s']} rows/s; both (as extract) {c['rows_per_s']} rows/s = "
+                   f"{c['mb_per_s']} MB/s; commit {c['commit_s']} s"),
+                  f"  = {c['nodes']} worker nodes at {c['per_node_images_per_s']:g} images/s each"]
+        result["driver_ceiling"] = c
+    if lines:
+        if args.out:
+            args.out.write_text(json.dumps(result, indent=2))
+        report("\n".join(lines), result)
+        return
     # engines interleaved size by size: a change in the machine's load hits them alike
     rows = [measure(args.workdir, n, args, engine) for n in args.sizes for engine in args.engines]
     lines = [f"{'engine':6s} {'images':>7s} {'img/s':>7s} {'fresh s':>8s} {'RSS MB':>7s} {'cache MB':>9s} "
@@ -233,7 +402,7 @@ def main() -> None:
                      f"{f['peak_rss_mb']:7d} {f['cache_mb']:9.1f} {i['seconds']:7.1f} {o['seconds']:10.1f} "
                      f"{r['ratio']:6.2f} {i['written_mb']:10.2f} {i['layout']['shards']:5d}/{i['layout']['runs']:<5d}")
     lines += engines_compared(rows)
-    result = {"backbone": args.backbone, "layer": args.layer, "runtime": args.runtime, "rows": rows}
+    result["rows"] = rows
     if args.out:
         args.out.write_text(json.dumps(result, indent=2))
     report("\n".join(lines), result)

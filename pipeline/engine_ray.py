@@ -1,16 +1,21 @@
 """The Ray engine (`extract --engine ray`): the streaming engine's mapper and writer on a Ray Data pipeline.
 
 CPU tasks read each file's bytes, check them against the content hash the driver computed, and
-decode those very bytes with the project's decoder; a pool of actors runs the runtime (each actor
-builds it once: TFLite on CPUs, Keras on a GPU); the driver writes every batch through the same sink
-as the local engine as it arrives, so the journal grows chunk by chunk and a killed run resumes from
-it. Ray Data retries a failed task and restarts a killed actor by default; a retried batch never
-duplicates a row (rows are keyed by content hash and the cache is committed from the scan) nor loses
-one (the driver writes only batches that came out, and counts them).
+decode those very bytes with the project's decoder. Workers never assume the driver's file system:
+objects (s3://...) they fetch from the store themselves; local files are read by tasks pinned to the
+driver's node, which hand the bytes on, unless the run started its own one-machine cluster. Then a
+pool of actors runs the runtime (each actor builds it once: TFLite on CPUs, from the model bytes the
+driver sends; Keras on a GPU); the driver writes every batch through the same sink as the local
+engine as it arrives, so the journal grows chunk by chunk and a killed run resumes from it. Ray Data
+retries a failed task and restarts a killed actor by default; a retried batch never duplicates a row
+(rows are keyed by content hash and the cache is committed from the scan) nor loses one (the driver
+writes only batches that came out, and counts them).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import math
 import os
@@ -21,14 +26,17 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .errors import UserError, install_hint
-from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, Task, decode_columns,
-                     progress_bar, task_columns)
+from .runtime import TFLiteRuntime, tflite_from_bytes
+from .storage import is_url
+from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, StorageOptions, Task,
+                     decode_columns, progress_bar, read_columns, task_columns)
 
 logger = logging.getLogger(__name__)
 
 RAY_INSTALL = install_hint("ray")
 BLOCKS_PER_BATCH = 4  # batches per Ray Data block: fewer, larger tasks keep the per-task overhead small
 DECODE_WORKER_MEMORY = 256 << 20  # bytes; a decode worker measured 130 MiB with 128 images of 224 px
+READ_TASKS = 2  # tasks at once reading local files on the driver's node for the other nodes
 
 
 def require_ray(ray_address: str | None = None) -> Any:
@@ -67,22 +75,28 @@ def connect(ray_address: str | None) -> bool:
 
 
 def describe(make_runtime: RuntimeFactory) -> tuple[str, int]:
-    """Build the runtime once (a TFLite conversion happens here, once) and return its name and image size."""
+    """Build the runtime once and return its name and image size."""
     runtime = make_runtime()
     return runtime.name, runtime.image_size
 
 
-def probe(make_runtime: RuntimeFactory, gpus_per_actor: float) -> tuple[str, int]:
-    """(runtime name, image size) as the actors will see them.
+def probe(make_runtime: RuntimeFactory, gpus_per_actor: float) -> tuple[str, int, RuntimeFactory]:
+    """(runtime name, image size) as the actors will see them, and the factory the actors build theirs with.
 
-    With GPUs the probe runs in a one-shot task on a GPU worker, which exits after it: the driver
-    never holds GPU memory and builds the runtime the actors build (Keras there, maybe TFLite here).
+    CPU actors get the model the driver built (converted to TFLite once, beside the cache) as bytes: a
+    node need not see the driver's files. With GPUs the probe runs in a one-shot task on a GPU worker,
+    which exits after it: the driver never holds GPU memory and builds the runtime the actors build
+    (Keras there, from the backbone's name or file as that node sees it).
     """
-    if not gpus_per_actor:
-        return describe(make_runtime)
-    ray = require_ray()
-    remote = ray.remote(num_gpus=gpus_per_actor, max_calls=1)(describe)
-    return ray.get(remote.remote(make_runtime))
+    if gpus_per_actor:
+        ray = require_ray()
+        remote = ray.remote(num_gpus=gpus_per_actor, max_calls=1)(describe)
+        return (*ray.get(remote.remote(make_runtime)), make_runtime)
+    runtime = make_runtime()
+    if isinstance(runtime, TFLiteRuntime):
+        return runtime.name, runtime.image_size, functools.partial(tflite_from_bytes, runtime.path.read_bytes(),
+                                                                    runtime.threads)
+    return runtime.name, runtime.image_size, make_runtime
 
 
 def inference_actors(actors: int | None, gpus_per_actor: float) -> int:
@@ -106,19 +120,41 @@ def inference_actors(actors: int | None, gpus_per_actor: float) -> int:
     return actors
 
 
+def on_this_node(ray: Any, map_batches: Callable[..., Any]) -> dict[str, Any]:
+    """map_batches' arguments that keep a stage's tasks on the driver's node: the node-id label selector where
+    Ray has it (as Ray Data's own reads of local files do), else the older node-affinity strategy."""
+    node = ray.get_runtime_context().get_node_id()
+    if "label_selector" in inspect.signature(map_batches).parameters:
+        return {"label_selector": {"ray.io/node-id": node}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, resize: str, batch_size: int,
-             actors: int, gpus_per_actor: float, workers: int | None) -> Any:
-    """The Ray Data dataset: task rows -> decode tasks -> inference actors (lazy until iterated)."""
+             actors: int, gpus_per_actor: float, workers: int | None, storage_options: StorageOptions = None,
+             read_on_driver_node: bool = False) -> Any:
+    """The Ray Data dataset: task rows [-> read tasks on the driver's node] -> decode tasks -> inference actors
+    (lazy until iterated)."""
     ray = require_ray()
     block = batch_size * BLOCKS_PER_BATCH
     rows = task_columns(tasks)
     items = [{HASH: h, PATH: p} for h, p in zip(rows[HASH], rows[PATH])]
+    n_blocks = math.ceil(len(items) / block)
+    dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
+    if read_on_driver_node:
+        # no CPU asked: reading waits on the disk, and the driver's node may have no CPU to give (num_cpus=0)
+        dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs={"storage_options": storage_options},
+                                      compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)), num_cpus=0,
+                                      **on_this_node(ray, dataset.map_batches))
     # A decode worker's footprint (Python, Pillow, its block's bytes and images); asking for it also keeps
     # the stage out of the actors (Ray fuses a task stage into the next actor stage when resources are equal).
     memory = DECODE_WORKER_MEMORY + 2 * block * size * size * 3
-    return (ray.data.from_items(items, override_num_blocks=math.ceil(len(items) / block))
-            .map_batches(decode_columns, batch_size=None, fn_kwargs=dict(size=size, resize=resize, verify_hash=True),
-                         compute=ray.data.TaskPoolStrategy(size=workers), num_cpus=1, memory=memory)
+    return (dataset
+            .map_batches(decode_columns, batch_size=None, compute=ray.data.TaskPoolStrategy(size=workers),
+                         fn_kwargs={"size": size, "resize": resize, "verify_hash": True,
+                                    "storage_options": storage_options},
+                         num_cpus=1, memory=memory)
             .map_batches(FeatureMapper, batch_size=batch_size, fn_constructor_args=(make_runtime, resize),
                          compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
                          num_gpus=gpus_per_actor or None,
@@ -129,11 +165,13 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
 def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
             batch_size: int = 32, workers: int | None = None, progress: bool = True,
             log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
-            gpus_per_actor: float = 0.0) -> RunResult:
+            gpus_per_actor: float = 0.0, storage_options: StorageOptions = None) -> RunResult:
     """Extract every task on a Ray cluster (a local one unless ray_address), writing through sink in this process.
 
     workers caps the decoding tasks running at once (default: as many as the cluster's CPUs allow);
     actors is the size of the inference pool (default: one per node, or as many as the GPUs hold).
+    storage_options (resolved, see pipeline.storage.storage_options) go to the workers that read objects.
+    A cluster the caller connected to is left as it was found (Ray Data's context, its log level).
     """
     ray = require_ray(ray_address)
     started = time.perf_counter()
@@ -141,19 +179,27 @@ def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSi
     if started_ray:
         what = f"joined the Ray cluster at {ray_address}" if ray_address else "started a local Ray cluster"
         log(f"{what} in {time.perf_counter() - started:.1f} s")
+    context, ray_log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
+    saved = context.enable_progress_bars, ray_log.level
     try:
-        ray.data.DataContext.get_current().enable_progress_bars = False  # ours counts images, not blocks
-        logging.getLogger("ray.data").setLevel(logging.ERROR)  # its notices and tuning advice
+        context.enable_progress_bars = False  # ours counts images, not blocks
+        ray_log.setLevel(logging.ERROR)  # its notices and tuning advice
         n_actors = inference_actors(actors, gpus_per_actor)
-        name, size = probe(make_runtime, gpus_per_actor)
+        name, size, actor_runtime = probe(make_runtime, gpus_per_actor)
         per_actor = f" with {gpus_per_actor:g} GPU each" if gpus_per_actor else ""
         where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
         log(f"extracting {len(tasks)} new images with {name} on {where}: {n_actors} inference "
             f"actor{'s' if n_actors > 1 else ''}{per_actor} and decoding tasks on "
             f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
-        dataset = pipeline(tasks, make_runtime, size, resize, batch_size, n_actors, gpus_per_actor, workers)
+        # a cluster this run started on this machine shares its disk; any other may have nodes that do not
+        ship = not started_ray or bool(ray_address)
+        local_input = not any(is_url(t.file.path) for t in tasks)
+        dataset = pipeline(tasks, actor_runtime, size, resize, batch_size, n_actors, gpus_per_actor, workers,
+                           storage_options, read_on_driver_node=ship and local_input)
         result, done = _write_all(dataset, sink, len(tasks), progress)
     finally:
+        context.enable_progress_bars = saved[0]
+        ray_log.setLevel(saved[1])
         if started_ray:
             ray.shutdown()
     lost = len({t.content_hash for t in tasks} - done)

@@ -15,11 +15,13 @@ from . import __version__
 from .artifacts import output_dir
 from .backbones import BackboneConfig, library_version
 from .cache import CacheWriter, Row
+from .engines import choose, cluster_address, run
 from .errors import UserError
 from .images import scan_dataset
 from .params import ParamError, check_params
 from .runtime import make_runtime
-from .stream import FeatureSink, RunResult, hash_files, read_tasks, run
+from .storage import storage_options as resolve_storage_options
+from .stream import FeatureSink, RunResult, hash_files, read_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -63,16 +65,16 @@ def process_start_time() -> float | None:
     return time.time() - seconds_since_boot + started_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def default_cache_path(dataset_root: Path, config: BackboneConfig, cache_dir: str | os.PathLike | None = None) -> Path:
-    """CACHE_DIR/<dataset>-<backbone>[-<layer>]-<size>-<fingerprint>.h5: one file per configuration.
-
-    CACHE_DIR defaults to the output home's cache/ folder.
-    """
+def default_cache_path(dataset_root: Path | str, config: BackboneConfig, cache_dir: str | os.PathLike | None = None,
+                       ) -> Path:
+    """CACHE_DIR/<dataset>-<backbone>[-<layer>]-<size>-<fingerprint>.h5: one file per configuration (<dataset>: the
+    last name of the folder or of the object-store URL; CACHE_DIR: the output home's cache/ folder by default)."""
+    name = str(dataset_root).rstrip("/").rsplit("/", 1)[-1]
     folder = Path(cache_dir) if cache_dir is not None else output_dir("cache")
-    return folder / f"{dataset_root.name}-{config.short_name}-{config.fingerprint()[:8]}.h5"
+    return folder / f"{name}-{config.short_name}-{config.fingerprint()[:8]}.h5"
 
 
-def _cache_attrs(config: BackboneConfig, dataset_root: Path, n_ignored: int) -> dict[str, Any]:
+def _cache_attrs(config: BackboneConfig, dataset_root: Path | str, n_ignored: int) -> dict[str, Any]:
     versions = {"cnncodes": __version__, **{name: library_version(name) for name in LIBRARIES}}
     return {"dataset_root": str(dataset_root), "n_ignored": n_ignored,
             "backbone_path": config.backbone if config.weights == "file" else "",
@@ -85,38 +87,45 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
                    caches: Sequence[str | os.PathLike | None] | None = None,
                    cache_dir: str | os.PathLike | None = None, batch_size: int = 32, chunk_size: int = 256,
                    workers: int | None = None, runtime: str = "auto", threads: int | None = None,
-                   engine: str = "local", compact: bool = False, progress: bool = True,
+                   engine: str = "auto", compact: bool = False, progress: bool = True,
                    log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
-                   gpus_per_actor: float = 0.0) -> list[ExtractSummary]:
+                   gpus_per_actor: float = 0.0,
+                   storage_options: str | dict[str, Any] | None = None) -> list[ExtractSummary]:
     """Bring one cache per layer up to date with one forward pass per batch; one summary per layer.
 
     Each layer's cache is the file `extract --layer L` uses (same name and fingerprint); an image
-    goes through the backbone when at least one of the caches lacks it. ray_address, actors and
-    gpus_per_actor configure engine="ray" (see pipeline.engine_ray.run_ray).
+    goes through the backbone when at least one of the caches lacks it. data_dir is a folder or an
+    object-store URL (s3://bucket/prefix; storage_options: fsspec's, as JSON text or a dict, else
+    $CNNCODES_STORAGE_OPTIONS). engine "auto" picks local or ray (pipeline.engines.choose); ray_address,
+    actors and gpus_per_actor configure the ray engine (see pipeline.engine_ray.run_ray).
     """
     started = time.perf_counter()
     ray_options = dict(ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
     check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers, threads=threads,
                       runtime=runtime, engine=engine, **ray_options))
-    if engine == "ray":
+    address, _ = cluster_address(ray_address)
+    if engine == "ray" or (engine == "auto" and address):
         from .engine_ray import require_ray
 
-        require_ray(ray_address)  # said before the scan and the hashing, which take minutes on big data
+        require_ray(address)  # said before the scan and the hashing, which take minutes on big data
     elif ray_address is not None or actors is not None or gpus_per_actor:
-        raise ParamError("{}, {} and {} apply to {} ray only.", "ray_address", "actors", "gpus_per_actor", "engine")
+        raise ParamError("{}, {} and {} apply to the ray engine only: use {} ray, or {} auto with a cluster named "
+                         "({} or RAY_ADDRESS).", "ray_address", "actors", "gpus_per_actor", "engine", "engine",
+                         "ray_address")
+    options = resolve_storage_options(storage_options)
     layers = list(layers)
     if not layers or len(set(layers)) != len(layers):
         raise UserError(f"layers {layers} must name at least one layer, each once.")
     if caches is not None and len(caches) != len(layers):
         raise UserError(f"{len(caches)} cache paths for {len(layers)} layers: give one per layer, or none.")
     configs = [replace(config, layer=layer).resolved() for layer in layers]
-    dataset = scan_dataset(data_dir)
+    dataset = scan_dataset(data_dir, options)
     paths = [Path(c) if c else default_cache_path(dataset.root, cfg, cache_dir)
              for c, cfg in zip(caches or [None] * len(layers), configs)]
     if len({p.resolve() for p in paths}) != len(paths):
         raise UserError(f"two layers would write the same cache file ({', '.join(map(str, paths))}); "
                         "give each layer its own cache path.")
-    hashes = hash_files([f.path for f in dataset.files], workers)
+    hashes = hash_files([f.path for f in dataset.files], workers, options)
     unreadable = [(f.relpath, f"unreadable: {h}") for f, h in zip(dataset.files, hashes) if isinstance(h, Exception)]
     files = [(f, h) for f, h in zip(dataset.files, hashes) if isinstance(h, str)]
     for path in paths:
@@ -127,19 +136,26 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
         if writer.lost_hashes:
             log(f"note: {writer.path} lost shard files of {len(writer.lost_hashes)} rows; extracting them again")
     tasks = read_tasks(files, writers)
-    result = RunResult()
+    chosen, why = choose(engine, len(tasks), ray_address)
+    if engine == "auto" and tasks:
+        log(f"engine: {chosen} ({why})")
+    result, sink = RunResult(), FeatureSink(writers)
     if tasks:
         # one model for every layer; a single layer builds exactly the model `extract --layer` builds
         factory = functools.partial(make_runtime, configs[0], runtime, tflite_dir=paths[0].parent, threads=threads,
                                     log=log, layers=layers if len(layers) > 1 else None)
         known = sum(1 for _, h in files if all(w.has(h) for w in writers))
         log(f"{known} of {len(files)} files already in the cache{'s' * (len(writers) > 1)}")
-        result = run(tasks, factory, FeatureSink(writers), engine=engine, resize=configs[0].resize,
-                     batch_size=batch_size, workers=workers, progress=progress, log=log,
-                     engine_options=ray_options if engine == "ray" else None)
+        result = run(tasks, factory, sink, engine=chosen, resize=configs[0].resize,
+                     batch_size=batch_size, workers=workers, progress=progress, log=log, storage_options=options,
+                     engine_options={**ray_options, "ray_address": address} if chosen == "ray" else None)
     process_start = process_start_time()
     first_batch_s = (result.first_batch_at - process_start
                      if result.first_batch_at is not None and process_start is not None else None)
+    if sink.retry:
+        log(f"warning: {len(sink.retry)} images could not be read this time ({next(iter(sink.retry.values()))}); "
+            "they are listed as skipped and tried again by the next run")
+        unreadable += [(f.relpath, sink.retry[h]) for f, h in files if h in sink.retry]
     rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
     summaries = []
     for writer, cfg, path, missing in zip(writers, configs, paths, lacked):
@@ -153,21 +169,24 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
         summaries.append(ExtractSummary(path, len(dataset.files), n_rows, n_new, n_known - n_resumed, n_resumed,
                                         skipped, len(dataset.ignored), time.perf_counter() - started,
                                         result.seconds, result.runtime, result.interrupted, first_batch_s,
-                                        engine, cfg.layer or ""))
+                                        chosen, cfg.layer or ""))
     return summaries
 
 
 def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
             batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
-            runtime: str = "auto", threads: int | None = None, engine: str = "local", compact: bool = False,
+            runtime: str = "auto", threads: int | None = None, engine: str = "auto", compact: bool = False,
             progress: bool = True, log: Callable[[str], None] = logger.info, ray_address: str | None = None,
-            actors: int | None = None, gpus_per_actor: float = 0.0) -> ExtractSummary:
-    """Bring the cache of data_dir for this backbone configuration up to date; return what was done."""
+            actors: int | None = None, gpus_per_actor: float = 0.0,
+            storage_options: str | dict[str, Any] | None = None) -> ExtractSummary:
+    """Bring the cache of data_dir (a folder or an object-store URL) for this backbone configuration up to date;
+    return what was done."""
     return extract_layers(data_dir, config, [config.layer], caches=[cache], cache_dir=cache_dir,
                           batch_size=batch_size, chunk_size=chunk_size, workers=workers, runtime=runtime,
                           threads=threads, engine=engine, compact=compact, progress=progress, log=log,
-                          ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)[0]
+                          ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
+                          storage_options=storage_options)[0]
 
 
 def summary_lines(summary: ExtractSummary, max_listed: int = 20) -> list[str]:

@@ -8,12 +8,13 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any, Mapping
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UserError
+from .storage import is_url, list_tree, local_path, open_binary
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 # Folder names that mark a DATA_DIR/{train,val,test}/CLASS layout, and the split each records.
@@ -42,9 +43,10 @@ class ImageError(Exception):
 
 @dataclass(frozen=True)
 class ImageFile:
-    """One image file: where it is, its class index (-1 when unknown) and its split ('' when none)."""
+    """One image file: where it is (a local Path, or an object's URL), its class index (-1 when unknown) and its
+    split ('' when none)."""
 
-    path: Path
+    path: Path | str
     relpath: str
     label: int = -1
     split: str = ""
@@ -52,9 +54,9 @@ class ImageFile:
 
 @dataclass
 class Dataset:
-    """The result of scanning a dataset folder."""
+    """The result of scanning a dataset folder (root: a local Path, or the URL of an object-store prefix)."""
 
-    root: Path
+    root: Path | str
     class_names: list[str]
     files: list[ImageFile]
     ignored: list[str] = field(default_factory=list)
@@ -69,61 +71,126 @@ def is_image_name(name: str) -> bool:
     return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _walk_images(folder: Path) -> tuple[list[Path], list[Path]]:
-    """All image files under folder (sorted, recursive) and the other files that were ignored."""
-    images, ignored = [], []
-    for dirpath, dirnames, filenames in os.walk(folder):
+def _walk_order(relpath: str) -> tuple:
+    """Sort key of os.walk's top-down order: a folder's files (by name) before its sub-folders (by name)."""
+    *folders, name = relpath.split("/")
+    return (*((1, f) for f in folders), (0, name))
+
+
+@dataclass
+class _Tree:
+    """A listing of a folder: relative posix paths of its files and folders, in walk order, hidden folders left out."""
+
+    files: list[str]
+    dirs: set[str]
+
+    def children(self, folder: str) -> list[str]:
+        """The sub-folders of folder ('' for the root), sorted."""
+        depth = folder.count("/") + 1 if folder else 0
+        return sorted(d for d in self.dirs if d.count("/") == depth and (not folder or d.startswith(folder + "/")))
+
+
+def _is_visible(relpath: str) -> bool:
+    return not any(part.startswith(".") for part in relpath.split("/")[:-1])
+
+
+def _list_local(root: Path) -> _Tree:
+    files, dirs = [], set()
+    for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
-            (images if is_image_name(name) else ignored).append(Path(dirpath) / name)
-    return images, ignored
+        base = Path(dirpath).relative_to(root).as_posix()
+        prefix = "" if base == "." else base + "/"
+        dirs.update(prefix + d for d in dirnames)
+        files += [prefix + name for name in sorted(filenames)]
+    return _Tree(files, dirs)
 
 
-def _subfolders(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _list(root: str | os.PathLike, storage_options: Mapping[str, Any] | None) -> tuple[Path | str, _Tree]:
+    """(root as the scan records it, its listing): one recursive listing, local or in an object store."""
+    if is_url(root):
+        url, files, dirs = list_tree(os.fspath(root), storage_options)
+        visible = sorted((f for f in files if _is_visible(f)), key=_walk_order)
+        return url, _Tree(visible, {d for d in dirs if _is_visible(d + "/x")})
+    path = local_path(root).resolve()
+    if not path.is_dir():
+        raise UserError(f"{path} is not a folder; expected DATA_DIR/CLASS/*.jpg (one sub-folder per class).")
+    return path, _list_local(path)
 
 
-def scan_dataset(root: str | os.PathLike) -> Dataset:
-    """Scan DATA_DIR/CLASS/... or DATA_DIR/{train,val,test}/CLASS/...; raise UserError if unusable."""
-    root = Path(root).expanduser().resolve()
-    if not root.is_dir():
-        raise UserError(f"{root} is not a folder; expected DATA_DIR/CLASS/*.jpg (one sub-folder per class).")
-    top = _subfolders(root)
-    split_layout = bool(top) and all(p.name.lower() in SPLIT_FOLDERS for p in top)
+def _join(root: Path | str, relpath: str) -> Path | str:
+    return root / relpath if isinstance(root, Path) else f"{root}/{relpath}"
+
+
+def scan_dataset(root: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> Dataset:
+    """Scan DATA_DIR/CLASS/... or DATA_DIR/{train,val,test}/CLASS/... (a folder or an object-store URL);
+    raise UserError if unusable."""
+    root, tree = _list(root, storage_options)
+    if not tree.files and not tree.dirs:
+        raise UserError(f"{root} is empty or is not a folder; expected DATA_DIR/CLASS/*.jpg "
+                        "(one sub-folder per class).")
+    top = tree.children("")
+    split_layout = bool(top) and all(name.lower() in SPLIT_FOLDERS for name in top)
     # (split, class folder) pairs
-    groups = [(SPLIT_FOLDERS[s.name.lower()], c) for s in top for c in _subfolders(s)] if split_layout \
+    groups = [(SPLIT_FOLDERS[s.lower()], c) for s in top for c in tree.children(s)] if split_layout \
         else [("", c) for c in top]
-    class_names = sorted({c.name for _, c in groups})
+    class_names = sorted({c.rsplit("/", 1)[-1] for _, c in groups})
     if not class_names:
         raise UserError(f"{root} has no class folders; expected DATA_DIR/CLASS/*.jpg "
                         "or DATA_DIR/train/CLASS/*.jpg.")
     index = {name: i for i, name in enumerate(class_names)}
-    files: list[ImageFile] = []
+    under: dict[str, list[str]] = {}  # class folder -> the files under it, in walk order
+    depth = 2 if split_layout else 1
     # files outside class folders (beside them, or beside the split folders) are not images of a class
-    ignored = [p for folder in ([root] + (top if split_layout else [])) for p in folder.iterdir() if p.is_file()]
+    ignored = []
+    for rel in tree.files:
+        parts = rel.split("/")
+        if len(parts) > depth:
+            under.setdefault("/".join(parts[:depth]), []).append(rel)
+        else:
+            ignored.append(rel)
+    files: list[ImageFile] = []
     for split, folder in groups:
-        images, other = _walk_images(folder)
-        ignored += other
+        inside = under.get(folder, [])
+        images = [rel for rel in inside if is_image_name(rel.rsplit("/", 1)[-1])]
+        ignored += [rel for rel in inside if not is_image_name(rel.rsplit("/", 1)[-1])]
         if not images:
-            raise UserError(f"class folder {folder} has no images ({len(other)} other files); "
-                            "add images (.jpg .jpeg .png .bmp .gif .webp) or remove the folder.")
-        files += [ImageFile(p, p.relative_to(root).as_posix(), index[folder.name], split) for p in images]
+            raise UserError(f"class folder {_join(root, folder)} has no images ({len(inside) - len(images)} other "
+                            "files); add images (.jpg .jpeg .png .bmp .gif .webp) or remove the folder.")
+        label = index[folder.rsplit("/", 1)[-1]]
+        files += [ImageFile(_join(root, rel), rel, label, split) for rel in images]
     if len(class_names) < 2:
         raise UserError(f"{root} has one class ({class_names[0]}); a classifier needs at least two "
                         "class folders.")
-    return Dataset(root, class_names, files, [p.relative_to(root).as_posix() for p in ignored])
+    return Dataset(root, class_names, files, ignored)
 
 
-def scan_paths(paths: list[str | os.PathLike]) -> tuple[list[ImageFile], list[str]]:
-    """Image files named directly or found under folders (for predict), and the paths ignored."""
+def scan_paths(paths: list[str | os.PathLike],
+               storage_options: Mapping[str, Any] | None = None) -> tuple[list[ImageFile], list[str]]:
+    """Image files named directly or found under folders, local or object-store URLs (for predict), and the
+    paths ignored."""
     files: list[ImageFile] = []
     ignored: list[str] = []
     for given in paths:
-        path = Path(given).expanduser()
+        if is_url(given):
+            url, listed, _ = list_tree(os.fspath(given), storage_options)
+            if not listed:  # an object, not a prefix (list_tree refused a missing one)
+                files.append(ImageFile(url, url))
+                continue
+            for rel in sorted((f for f in listed if _is_visible(f)), key=_walk_order):
+                if is_image_name(rel.rsplit("/", 1)[-1]):
+                    files.append(ImageFile(f"{url}/{rel}", f"{os.fspath(given).rstrip('/')}/{rel}"))
+                else:
+                    ignored.append(f"{os.fspath(given).rstrip('/')}/{rel}")
+            continue
+        path = local_path(given)
         if path.is_dir():
-            images, other = _walk_images(path)
-            files += [ImageFile(p.resolve(), str(p)) for p in images]
-            ignored += [str(p) for p in other]
+            tree = _list_local(path)
+            for rel in tree.files:
+                shown = str(path / rel)
+                if is_image_name(rel.rsplit("/", 1)[-1]):
+                    files.append(ImageFile((path / rel).resolve(), shown))
+                else:
+                    ignored.append(shown)
         elif path.is_file():
             files.append(ImageFile(path.resolve(), str(path)))
         else:
@@ -131,10 +198,10 @@ def scan_paths(paths: list[str | os.PathLike]) -> tuple[list[ImageFile], list[st
     return files, ignored
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of the file's bytes: the key of its row in the cache."""
+def file_sha256(path: str | os.PathLike, storage_options: Mapping[str, Any] | None = None) -> str:
+    """Hex sha256 of the file's (or the object's) bytes: the key of its row in the cache."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
+    with open_binary(path, storage_options) as handle:
         while block := handle.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()

@@ -7,7 +7,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -19,6 +19,7 @@ from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import check_params
 from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
+from .storage import storage_options as resolve_storage_options
 from .stream import hash_files, stream_features
 
 logger = logging.getLogger(__name__)
@@ -40,9 +41,10 @@ def _top_k(path: str, proba: np.ndarray, classes: Sequence[str], k: int) -> Pred
 
 
 def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size: int, workers: int | None,
-                      runtime: str, threads: int | None, log: Callable[[str], None]) -> Iterator[Prediction]:
+                      runtime: str, threads: int | None, log: Callable[[str], None],
+                      storage_options: dict[str, Any]) -> Iterator[Prediction]:
     """Features from the head's cache where it holds the image, from the backbone otherwise."""
-    hashes = hash_files([f.path for f in files], workers)
+    hashes = hash_files([f.path for f in files], workers, storage_options)
     known: dict[str, np.ndarray] = {}
     cache_path = Path(head.meta["cache_path"])
     try:  # the cache only saves work: a head whose cache moved, broke or changed uses its backbone
@@ -68,7 +70,7 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
     # the conversion is cached beside the features; a head whose cache folder is gone converts into cache/
     tflite_dir = cache_path.parent if cache_path.parent.is_dir() else output_dir("cache")
     engine = make_runtime(config, runtime, tflite_dir=tflite_dir, threads=threads, log=log)
-    for batch in stream_features(rest, engine, config.resize, batch_size, workers):
+    for batch in stream_features(rest, engine, config.resize, batch_size, workers, storage_options):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         if batch.files:
             proba = head.predict_proba(batch.features)
@@ -76,11 +78,12 @@ def _head_predictions(head: Head, files: list[ImageFile], top_k: int, batch_size
 
 
 def _model_predictions(model: str | os.PathLike, files: list[ImageFile], top_k: int, batch_size: int,
-                       workers: int | None) -> Iterator[Prediction]:
+                       workers: int | None, storage_options: dict[str, Any]) -> Iterator[Prediction]:
     """An exported or fine-tuned model file: pixels in, probabilities out."""
     runtime, meta = load_model_file(model)
     classes = meta["classes"]
-    for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers):
+    for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers,
+                                 storage_options):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         yield from (_top_k(f.relpath, p, classes, top_k) for f, p in zip(batch.files, batch.features))
 
@@ -89,23 +92,26 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
             model: str | os.PathLike | None = None, top_k: int = 3,
             out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
-            log: Callable[[str], None] = logger.info) -> list[Prediction]:
-    """Classify image files or folders with a fitted head or a model file; write a CSV when out is given."""
+            log: Callable[[str], None] = logger.info,
+            storage_options: str | dict[str, Any] | None = None) -> list[Prediction]:
+    """Classify image files or folders (local, or object-store URLs: see pipeline.storage) with a fitted head or
+    a model file; write a CSV when out is given."""
     check_params(dict(top_k=top_k, batch_size=batch_size, workers=workers, threads=threads, runtime=runtime))
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     loaded = load_head(head, trust_pickle) if head is not None else None
-    files, ignored = scan_paths(list(paths))
+    options = resolve_storage_options(storage_options)
+    files, ignored = scan_paths(list(paths), options)
     if ignored:
         log(f"{len(ignored)} non-image files ignored")
     if not files:
         raise UserError("no image files found in " + ", ".join(map(str, paths)) + ".")
     if loaded is not None:
         top_k = min(top_k, len(loaded.classes))
-        stream = _head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log)
+        stream = _head_predictions(loaded, files, top_k, batch_size, workers, runtime, threads, log, options)
     else:
         top_k = min(top_k, len(read_sidecar(model)["classes"]))
-        stream = _model_predictions(model, files, top_k, batch_size, workers)
+        stream = _model_predictions(model, files, top_k, batch_size, workers, options)
     order = {f.relpath: k for k, f in reversed(list(enumerate(files)))}
     predictions = sorted(stream, key=lambda p: order[p.path])  # as given, whatever the source of features
     if out:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from .artifacts import atomic_write
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError, install_hint
 from .artifacts import output_dir
@@ -94,6 +95,7 @@ class TFLiteRuntime:
     name = "tflite"
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+        self.path, self.threads = Path(path), threads
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tf.lite.Interpreter's deprecation notice
             self._interpreter = _interpreter_class()(model_path=str(path), num_threads=threads or os.cpu_count())
@@ -175,6 +177,16 @@ def has_gpu() -> bool:
     import tensorflow as tf
 
     return bool(tf.config.list_physical_devices("GPU"))
+
+
+def tflite_from_bytes(model: bytes, threads: int | None = None) -> TFLiteRuntime:
+    """A TFLite runtime from the model's bytes, kept in this machine's temporary folder under their hash (for a
+    worker that cannot read the driver's files)."""
+    path = Path(tempfile.gettempdir()) / f"cnncodes-{hashlib.sha256(model).hexdigest()[:16]}.tflite"
+    if not path.is_file() or path.stat().st_size != len(model):
+        with atomic_write(path) as handle:  # several actors of one node may write it at once
+            handle.write(model)
+    return TFLiteRuntime(path, threads)
 
 
 def tflite_path(config: BackboneConfig, folder: str | os.PathLike,

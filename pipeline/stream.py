@@ -4,9 +4,10 @@ Built like clip-retrieval's inference: a READER turns the scanned files into tas
 some cache lacks, `read_tasks`), a MAPPER decodes a batch with the project's decoder and runs the
 runtime on it (`stream_features`, and `FeatureMapper` for engines that ship batches to workers), a
 WRITER fans each image's outputs out to one CacheWriter per layer (`FeatureSink`), and a RUNNER
-composes them (`run`). The distribution strategy is separate: `local` decodes on a thread pool a
-few batches ahead of one in-process runtime; `ray` (pipeline.engine_ray) maps batches on Ray Data
-actors with the same mapper and writes through the same sink in the driver.
+composes them (pipeline.engines.run). The distribution strategy is separate: `run_local` decodes on
+a thread pool a few batches ahead of one in-process runtime; other engines (pipeline.engines names
+them) map batches elsewhere with the same mapper and write through the same sink in the driver.
+Files are local paths or object-store URLs (pipeline.storage); storage_options reach the latter.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -26,17 +27,18 @@ import numpy as np
 
 from .cache import CacheWriter
 from .images import ImageError, ImageFile, decode_image, file_sha256
-from .params import Interval, Options, check_params, define
+from .params import Interval, define
 from .runtime import Runtime
+from .storage import IO_THREADS, is_url, read_bytes, read_many
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("local", "ray")
-define(chunk_size=[Interval(1, 1 << 20, integer=True)], engine=[Options(ENGINES)],
-       ray_address=[str, None], actors=[Interval(1, 4096, integer=True), None], gpus_per_actor=[Interval(0, 64)])
+define(chunk_size=[Interval(1, 1 << 20, integer=True)])
 # Column names of a batch of tasks as it goes through the mapper (a dict of arrays, one row per task:
-# Ray Data's "numpy" batch format). IMAGE holds decoded uint8 pixels between the decode and infer halves.
-HASH, PATH, ERROR, RUNTIME, IMAGE = "content_hash", "path", "error", "runtime", "image"
+# Ray Data's "numpy" batch format). IMAGE holds decoded uint8 pixels between the decode and infer halves;
+# BYTES a file's bytes, read where the file is (ERROR says why not) for a decoder on another machine.
+HASH, PATH, ERROR, RUNTIME, IMAGE, BYTES = "content_hash", "path", "error", "runtime", "image", "bytes"
+StorageOptions = Mapping[str, Any] | None
 RuntimeFactory = Callable[[], Runtime]
 
 
@@ -45,14 +47,20 @@ def features_column(k: int) -> str:
     return f"features_{k}"
 
 
-def default_workers() -> int:
-    """Decoding threads: one per core (Pillow releases the GIL while decoding)."""
-    return os.cpu_count() or 2
+def default_workers(remote: bool = False) -> int:
+    """Decoding threads: one per core (Pillow releases the GIL while decoding), more for objects (a thread
+    mostly waits for its object to arrive)."""
+    return max(os.cpu_count() or 2, IO_THREADS if remote else 1)
 
 
-def hash_files(paths: Sequence[Path], workers: int | None = None) -> list[str | Exception]:
-    """sha256 of each file, in parallel; an unreadable file gives its exception instead."""
-    def one(path: Path) -> str | Exception:
+def hash_files(paths: Sequence[Path | str], workers: int | None = None,
+               storage_options: StorageOptions = None) -> list[str | Exception]:
+    """sha256 of each file or object, in parallel; an unreadable one gives its exception instead."""
+    if any(is_url(p) for p in paths):  # objects come whole, many at once: hash the bytes that came
+        return [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else data
+                for data in read_many(paths, storage_options)]
+
+    def one(path: Path | str) -> str | Exception:
         try:
             return file_sha256(path)
         except OSError as exc:
@@ -62,9 +70,15 @@ def hash_files(paths: Sequence[Path], workers: int | None = None) -> list[str | 
         return list(pool.map(one, paths))
 
 
-def decode_file(source: str | os.PathLike | bytes, size: int, resize: str) -> np.ndarray | str:
-    """One file (a path or its bytes) through the project's decoder: uint8 (size, size, 3), or the reason it
-    failed (never raises)."""
+def decode_file(source: str | os.PathLike | bytes, size: int, resize: str,
+                storage_options: StorageOptions = None) -> np.ndarray | str:
+    """One file (a path, an object's URL or the bytes) through the project's decoder: uint8 (size, size, 3), or
+    the reason it failed (never raises)."""
+    if isinstance(source, (str, os.PathLike)) and is_url(source):
+        try:
+            source = read_bytes(source, storage_options)
+        except Exception as exc:  # any failure of the store (a network, a credential): read again next run
+            return f"unreadable: {type(exc).__name__}: {exc}" if not isinstance(exc, OSError) else f"unreadable: {exc}"
     try:
         return decode_image(source, size, resize)
     except ImageError as exc:
@@ -98,16 +112,19 @@ class Batch:
 
 
 def stream_features(files: Iterable[ImageFile], runtime: Runtime, resize: str = "bilinear",
-                    batch_size: int = 32, workers: int | None = None) -> Iterator[Batch]:
+                    batch_size: int = 32, workers: int | None = None,
+                    storage_options: StorageOptions = None) -> Iterator[Batch]:
     """Decode files on a thread pool (a few batches ahead) while the runtime infers the current batch."""
     size = runtime.image_size
     empty = [np.empty((0, d), np.float32) for d in output_dims(runtime)]
     pending: deque[tuple[ImageFile, Future]] = deque()
     source = iter(files)
+    first = next(source, None)
+    source = chain([first] if first is not None else [], source)
     buffer = np.empty((batch_size, size, size, 3), np.uint8)
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
+    with ThreadPoolExecutor(workers or default_workers(first is not None and is_url(first.path))) as pool:
         def submit(items: Iterable[ImageFile]) -> None:
-            pending.extend((f, pool.submit(decode_file, f.path, size, resize)) for f in items)
+            pending.extend((f, pool.submit(decode_file, f.path, size, resize, storage_options)) for f in items)
 
         submit(islice(source, 3 * batch_size))
         try:
@@ -155,33 +172,53 @@ def task_columns(tasks: Sequence[Task]) -> dict[str, np.ndarray]:
 
 
 # -- MAPPER ----------------------------------------------------------------------------------------
-def read_and_decode(path: str, content_hash: str, size: int, resize: str) -> np.ndarray | str:
-    """Decode the bytes of path if they still hash to content_hash; else, or if unreadable, the reason.
-
-    For a worker that reads a file later than the scan hashed it (a Ray task, maybe on another node):
-    the bytes are read once, checked, and those very bytes decoded.
-    """
-    try:
-        data = Path(path).read_bytes()
-    except OSError as exc:
-        return f"unreadable: {exc}"
+def checked_decode(data: bytes | OSError, content_hash: str, size: int, resize: str) -> np.ndarray | str:
+    """Decode data if it still hashes to content_hash; else, or if it could not be read, the reason."""
+    if isinstance(data, OSError):
+        return f"unreadable: {data}"
     if hashlib.sha256(data).hexdigest() != content_hash:
         return "changed while extracting (its bytes no longer match the scan); run extract again"
     return decode_file(data, size, resize)
 
 
-def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, workers: int | None = 1,
-                   verify_hash: bool = False) -> dict[str, np.ndarray]:
-    """The mapper's decode half: {HASH, PATH} in; {HASH, ERROR ('' when fine), IMAGE (zeros where ERROR)} out.
+def read_and_decode(path: str, content_hash: str, size: int, resize: str,
+                    storage_options: StorageOptions = None) -> np.ndarray | str:
+    """Decode the bytes of path (a file or an object) if they still hash to content_hash; else the reason.
 
-    verify_hash: decode a file only if its bytes still hash to HASH (see read_and_decode).
+    For a worker that reads a file later than the scan hashed it (a Ray task, maybe on another node):
+    the bytes are read once, checked, and those very bytes decoded.
+    """
+    return checked_decode(next(read_many([path], storage_options)), content_hash, size, resize)
+
+
+def read_columns(columns: dict[str, np.ndarray], storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
+    """{HASH, PATH} in; {HASH, PATH, BYTES, ERROR (why BYTES is empty)} out: the files read where they are, for
+    decoders on machines that cannot read them."""
+    data = list(read_many([str(p) for p in columns[PATH]], storage_options))
+    return {HASH: np.asarray(columns[HASH]).astype(str), PATH: np.asarray(columns[PATH]).astype(str),
+            BYTES: np.array([d if isinstance(d, bytes) else b"" for d in data], dtype=object),
+            ERROR: np.array([str(d) if isinstance(d, OSError) else "" for d in data], dtype=str)}
+
+
+def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, workers: int | None = 1,
+                   verify_hash: bool = False, storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
+    """The mapper's decode half: {HASH, PATH[, BYTES, ERROR]} in; {HASH, ERROR ('' when fine), IMAGE (zeros
+    where ERROR)} out.
+
+    verify_hash: decode a file only if its bytes still hash to HASH (see read_and_decode); the bytes are
+    those of BYTES when the batch has them (see read_columns), else read here (objects many at once).
     """
     paths, hashes = [str(p) for p in columns[PATH]], np.asarray(columns[HASH]).astype(str)
+    data: list[bytes | OSError] | None = None
+    if BYTES in columns:
+        data = [OSError(e) if e else bytes(b) for b, e in zip(columns[BYTES], np.asarray(columns[ERROR]).astype(str))]
+    elif verify_hash:
+        data = list(read_many(paths, storage_options, threads=workers or default_workers()))
 
     def one(k: int) -> np.ndarray | str:
-        if verify_hash:
-            return read_and_decode(paths[k], hashes[k], size, resize)
-        return decode_file(paths[k], size, resize)
+        if data is not None:
+            return checked_decode(data[k], hashes[k], size, resize)
+        return decode_file(paths[k], size, resize, storage_options)
 
     if workers == 1:  # a Ray task's one CPU: decode here, without a pool thread to hand each file to
         decoded = [one(k) for k in range(len(paths))]
@@ -230,11 +267,20 @@ class FeatureMapper:
 
 
 # -- WRITER ----------------------------------------------------------------------------------------
+# Reasons that say a file could not be read as scanned just now (a network, a credential, a file being
+# replaced): they are not recorded against the content, so that the next run tries it again.
+RETRY_REASONS = ("unreadable:", "changed while extracting")
+
+
 class FeatureSink:
-    """Fans mapped rows out to one CacheWriter per layer; each writer gets only the rows it lacks."""
+    """Fans mapped rows out to one CacheWriter per layer; each writer gets only the rows it lacks.
+
+    retry: content hash -> reason, for the contents that could not be read this time (see RETRY_REASONS).
+    """
 
     def __init__(self, writers: Sequence[CacheWriter]) -> None:
         self.writers = list(writers)
+        self.retry: dict[str, str] = {}
 
     def write(self, hashes: Sequence[str], outputs: Sequence[np.ndarray], runtime: str) -> None:
         """One features row per hash for each writer (outputs[k] goes to writers[k])."""
@@ -246,7 +292,10 @@ class FeatureSink:
                     writer.add(digest, vector, runtime)
 
     def skip(self, content_hash: str, reason: str) -> None:
-        """A content that could not be decoded, for every writer that lacks it."""
+        """A content that could not be decoded, for every writer that lacks it (kept aside if it may read later)."""
+        if reason.startswith(RETRY_REASONS):
+            self.retry[content_hash] = reason
+            return
         for writer in self.writers:
             if not writer.has(content_hash):
                 writer.add_skipped(content_hash, reason)
@@ -286,7 +335,7 @@ def progress_bar(total: int, enabled: bool) -> Any:
 
 def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
               batch_size: int = 32, workers: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = logger.info) -> RunResult:
+              log: Callable[[str], None] = logger.info, storage_options: StorageOptions = None) -> RunResult:
     """One runtime in this process, decoding on a thread pool a few batches ahead of it."""
     runtime = make_runtime()
     log(f"extracting {len(tasks)} new images with {runtime.name}")
@@ -295,7 +344,7 @@ def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: Feature
     bar = progress_bar(len(tasks), progress)
     started = time.perf_counter()
     try:
-        for batch in stream_features((t.file for t in tasks), runtime, resize, batch_size, workers):
+        for batch in stream_features((t.file for t in tasks), runtime, resize, batch_size, workers, storage_options):
             if batch.files and result.first_batch_at is None:
                 result.first_batch_at = time.time()
             for file, reason in batch.failed:
@@ -311,20 +360,3 @@ def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: Feature
         result.seconds = time.perf_counter() - started
     return result
 
-
-def run(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, engine: str = "local",
-        resize: str = "bilinear", batch_size: int = 32, workers: int | None = None, progress: bool = True,
-        log: Callable[[str], None] = logger.info, engine_options: Mapping[str, Any] | None = None) -> RunResult:
-    """Extract every task into the sink with the chosen engine ('local', or 'ray' from pipeline.engine_ray).
-
-    engine_options go to the engine's runner (run_ray's ray_address, actors, gpus_per_actor).
-    """
-    check_params(dict(engine=engine))
-    if not tasks:
-        return RunResult()
-    options = dict(resize=resize, batch_size=batch_size, workers=workers, progress=progress, log=log)
-    if engine == "ray":
-        from .engine_ray import run_ray
-
-        return run_ray(tasks, make_runtime, sink, **options, **(engine_options or {}))
-    return run_local(tasks, make_runtime, sink, **options)

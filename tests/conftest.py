@@ -177,6 +177,14 @@ def dataset(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def s3():
+    """A local S3 server (moto) with a test bucket, for the whole session: see tests/object_store.py."""
+    from object_store import start_s3
+
+    yield from start_s3()
+
+
+@pytest.fixture(scope="session")
 def tiny_config() -> BackboneConfig:
     """A backbone that builds in about a second: MobileNetV2 alpha 0.35, random weights, 32x32."""
     return BackboneConfig(**TINY)

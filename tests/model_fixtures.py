@@ -66,6 +66,21 @@ def quiet(messages: list[str] | None = None):
     return (lambda m: messages.append(str(m))) if messages is not None else (lambda m: None)
 
 
+def assert_same_cache(got_path: Path, reference_path: Path) -> None:
+    """Same rows (paths, labels, splits, content hashes), same skipped files, features with cosine >= 0.9999."""
+    from pipeline.cache import load
+
+    got, ref = load(got_path), load(reference_path)
+    assert got.paths == ref.paths
+    assert got.content_hash == ref.content_hash
+    assert got.split == ref.split
+    np.testing.assert_array_equal(got.labels, ref.labels)
+    assert sorted(got.skipped) == sorted(ref.skipped)
+    a, b = got.features.astype(np.float64), ref.features.astype(np.float64)
+    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    assert cosine.min() >= 0.9999, cosine.min()
+
+
 @dataclass
 class World:
     """Everything built once: datasets, caches (Keras runtime) and fitted heads."""

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, add_broken
-from model_fixtures import TINY_CONFIG, make_pattern_dataset, quiet
+from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
@@ -69,19 +69,6 @@ def reference(data: Path, caches: Path) -> Path:
     cache = caches / "local.h5"
     extract(data, TINY_CONFIG, cache=cache, runtime=RUNTIME, progress=False, log=quiet())
     return cache
-
-
-def assert_same_cache(got_path: Path, reference_path: Path) -> None:
-    """Same rows (paths, labels, splits, content hashes), same skipped files, features with cosine >= 0.9999."""
-    got, ref = load(got_path), load(reference_path)
-    assert got.paths == ref.paths
-    assert got.content_hash == ref.content_hash
-    assert got.split == ref.split
-    np.testing.assert_array_equal(got.labels, ref.labels)
-    assert sorted(got.skipped) == sorted(ref.skipped)
-    a, b = got.features.astype(np.float64), ref.features.astype(np.float64)
-    cosine = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
-    assert cosine.min() >= 0.9999, cosine.min()
 
 
 def ray_extract(data: Path, cache: Path, **options):

@@ -11,12 +11,13 @@ import pytest
 from conftest import add_broken, add_images
 from pipeline.backbones import BackboneConfig, build_backbone
 from pipeline.cache import CacheWriter, Row, layout, load
+from pipeline.engines import run
 from pipeline.errors import UserError
 from pipeline.extract import default_cache_path, extract, extract_layers, summary_lines
 from pipeline.images import scan_dataset
 from pipeline.runtime import KerasRuntime, make_runtime, tflite_path
 from pipeline.stream import (ERROR, HASH, RUNTIME, FeatureMapper, FeatureSink, features_column, hash_files,
-                             read_tasks, run, stream_features, task_columns)
+                             read_tasks, stream_features, task_columns)
 
 LAYERS = ["block_3_expand_relu", None]  # an early layer and the default (top) one of the tiny MobileNetV2
 
@@ -182,8 +183,10 @@ def test_layer_list_mistakes(dataset: Path, tiny_config, tmp_path: Path, countin
         extract_layers(dataset, tiny_config, LAYERS, caches=[tmp_path / "a.h5"] * 2, runtime="keras")
     with pytest.raises(UserError, match="^engine is 'spark'"):
         extract_layers(dataset, tiny_config, LAYERS, engine="spark")
-    with pytest.raises(UserError, match="apply to engine ray only"):
-        extract_layers(dataset, tiny_config, LAYERS, actors=2)
+    with pytest.raises(UserError, match="apply to the ray engine only"):
+        extract_layers(dataset, tiny_config, LAYERS, actors=2)  # auto, and no cluster named
+    with pytest.raises(UserError, match="apply to the ray engine only"):
+        extract_layers(dataset, tiny_config, LAYERS, engine="local", ray_address="auto")
     assert not counting["built"]
 
 
