@@ -126,11 +126,15 @@ def test_pickled_heads_load_only_when_trusted(head: Path, tmp_path: Path) -> Non
     (head / HEAD_MODEL).unlink()
     (head / LEGACY_HEAD_MODEL).write_bytes(pickle.dumps(_RunsACommand(marker)))
     with pytest.raises(UserError, match="--trust-pickle"):
-        load_head(head)
+        load_head(head, trust_pickle=False)
     assert not marker.exists()
-    # a malicious file disguised as a skops head is refused too, and nothing runs
+    # a malicious file disguised as a skops head is refused too, and nothing runs: by its hash, and when
+    # head.json records none (a head saved before hashes), by skops
     (head / HEAD_JSON).write_text(json.dumps(meta))
     (head / HEAD_MODEL).write_bytes(pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(UserError, match="is not the model"):
+        load_head(head)
+    (head / HEAD_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
     with pytest.raises(UserError, match="not a readable skops head"):
         load_head(head)
     assert not marker.exists()
