@@ -171,7 +171,7 @@ def test_request_without_files(client: TestClient, request_kwargs: dict) -> None
 
 def test_too_many_files(client: TestClient) -> None:
     small = image_bytes((220, 30, 30))
-    assert_error(post(client, *[(f"f{k}.png", small) for k in range(MAX_FILES + 1)]), 413, f"at most {MAX_FILES}")
+    assert_error(post(client, *[(f"f{k}.png", small) for k in range(MAX_FILES + 1)]), 422, f"at most {MAX_FILES}")
 
 
 def test_body_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
@@ -407,7 +407,7 @@ def test_decoder_crashers_are_a_422_not_a_500(client: TestClient, name: str) -> 
     from conftest import requires_shared
 
     data = requires_shared("testdata", "decoder-crashers", name).read_bytes()
-    response = post(client, ("upload.tif", data[:40_000]), ("ok.png", image_bytes((220, 30, 30))))
+    response = post(client, ("upload.tif", data), ("ok.png", image_bytes((220, 30, 30))))
     assert_error(response, 422, "1 of 2 files", "upload.tif")
 
 

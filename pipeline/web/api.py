@@ -16,7 +16,7 @@ import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any, Callable, Optional, Protocol, Sequence
+from typing import Annotated, Any, Callable, Protocol, Sequence
 
 import numpy as np
 from fastapi import APIRouter, Depends, FastAPI, File, Query, Request, UploadFile
@@ -284,8 +284,9 @@ def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
     reasons = {400: "the Host header is not a name this server answers to (--allowed-hosts)",
                403: "the request comes from a web page of another origin",
                408: "the request body did not arrive in time",
-               413: "a file, the body or the file count is over its limit",
-               422: "a file is not a readable image, or a parameter is invalid"}
+               413: "a file or the whole body is over its size limit",
+               422: "a file is not a readable image, or the request breaks this schema (no files, more than "
+                    f"{MAX_FILES}, top_k out of range)"}
     return {status: {"model": ErrorBody, "description": reasons[status]} for status in statuses}
 
 
@@ -346,8 +347,10 @@ async def predict(
     files: Annotated[list[UploadFile], File(min_length=1, max_length=MAX_FILES,
                                             description=f"one to {MAX_FILES} images (JPEG, PNG, GIF, BMP, "
                                                         "WebP or TIFF)")],
-    top_k: Annotated[Optional[int], Query(ge=1, le=MAX_TOP_K, description="classes per image, most probable "
-                                                                          "first (at most the class count)")] = None,
+    # absent (None): the server's --top-k; annotated int so that the schema says integer (null is not a value
+    # a client may send: Optional[int] would publish it as one)
+    top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="classes per image, most probable first (at "
+                                                                "most the class count; default: the server's)")] = None,
 ) -> dict[str, Any]:
     """The top-k classes of each uploaded image, with probabilities."""
     decoded = await asyncio.gather(*(_decode(f, svc) for f in files))
@@ -373,18 +376,17 @@ async def http_error(_: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's validation errors as one message; too many files is a 413 like the other size limits."""
-    problems, status = [], 422
+    """FastAPI's validation errors as one message (a 422: the request breaks the published schema)."""
+    problems = []
     for problem in exc.errors():
         where = ".".join(str(part) for part in problem.get("loc", ())[1:]) or "request"
         if where == "files" and problem.get("type") == "missing":
             problems.append("no files: send one or more images in the multipart form field 'files'")
         elif where == "files" and problem.get("type") == "too_long":
             problems.append(f"{len(problem.get('input') or ())} files in one request; send at most {MAX_FILES}")
-            status = 413
         else:
             problems.append(f"{where}: {problem.get('msg', 'invalid')}")
-    return error_response(status, "; ".join(problems))
+    return error_response(422, "; ".join(problems))
 
 
 async def unexpected(_: Request, exc: Exception) -> JSONResponse:
