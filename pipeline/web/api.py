@@ -240,8 +240,11 @@ class HostOriginGuard:
 
 class BodyGuard:
     """Refuses a request body over max_bytes (413) before reading it when Content-Length says so, else as soon as
-    the streamed count passes the limit; and one not received within timeout_s (408). Both close the
-    connection, so the rest of the body is never read."""
+    the streamed count passes the limit; and one not received within timeout_s (408).
+
+    Any answer sent before the whole body arrived (these, or an error of the app) closes the connection: the
+    server would otherwise read and discard the rest of the body to reuse the connection.
+    """
 
     def __init__(self, app: Any, max_bytes: int, timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
@@ -251,26 +254,33 @@ class BodyGuard:
             return await self.app(scope, receive, send)
         too_big = (f"the request body is over {_mb(self.max_bytes)} (--max-request-mb; at most {MAX_FILES} files "
                    "per request)")
-        declared = Headers(scope=scope).get("content-length", "")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await error_response(413, too_big, {"Connection": "close"})(scope, receive, send)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_s
         received = 0
+        body_left = declared not in ("", "0") or "transfer-encoding" in headers
 
         async def counted() -> dict:
-            nonlocal received
+            nonlocal received, body_left
             try:
                 message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s",
-                                    headers={"Connection": "close"}) from None
+                raise HTTPException(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
             received += len(message.get("body", b""))
             if received > self.max_bytes:
-                raise HTTPException(413, too_big, headers={"Connection": "close"})
+                raise HTTPException(413, too_big)
+            body_left = body_left and message.get("more_body", False)
             return message
 
-        await self.app(scope, counted, send)
+        async def closing_early(message: dict) -> None:
+            if message["type"] == "http.response.start" and body_left:
+                MutableHeaders(scope=message)["connection"] = "close"
+            await send(message)
+
+        await self.app(scope, counted, closing_early)
 
 
 # -- the routes -------------------------------------------------------------------------------------------
@@ -281,7 +291,8 @@ class ErrorBody(BaseModel):
 
 
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    reasons = {400: "the Host header is not a name this server answers to (--allowed-hosts)",
+    reasons = {400: "the Host header is not a name this server answers to (--allowed-hosts), or the body is "
+                    "not multipart form data",
                403: "the request comes from a web page of another origin",
                408: "the request body did not arrive in time",
                413: "a file or the whole body is over its size limit",

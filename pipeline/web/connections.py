@@ -45,10 +45,12 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
-        if len(self.connections) > self.max_connections:
-            idle = [c for c in self.connections if c is not self and isinstance(c, GuardedH11Protocol) and c.idle]
-            if idle:
-                min(idle, key=lambda c: c.opened).close_idle()
+        open_now = [c for c in self.connections if not c.transport.is_closing()]
+        if len(open_now) > self.max_connections:
+            idle = sorted((c for c in open_now if c is not self and isinstance(c, GuardedH11Protocol) and c.idle),
+                          key=lambda c: c.opened)
+            for connection in idle[:len(open_now) - self.max_connections]:
+                connection.close_idle()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -101,5 +103,6 @@ def run_server(app: Any, host: str, port: int, max_connections: int, *, header_t
         log(f"note: serving at most {cap} connections at once (--max-connections {max_connections} is more than "
             "the file-descriptor limit allows)")
     uvicorn.run(app, host=host, port=port, log_level="warning", http=functools.partial(  # type: ignore[arg-type]
-        GuardedH11Protocol, max_connections=cap, header_timeout_s=header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=cap + 1,
+        GuardedH11Protocol, max_connections=cap, header_timeout_s=header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=cap + batch,  # a backstop (503) for when every connection is busy: closing ones count
         backlog=batch)
