@@ -81,7 +81,7 @@ def closed_by_server(sock: socket.socket, within_s: float) -> bool:
         return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -127,16 +127,15 @@ def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
 
 
 def test_stalled_body_is_answered_408(tmp_path: Path) -> None:
-    with live_server(tmp_path, body_s=1) as (port, _):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                         b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
-            start = time.monotonic()
-            sock.settimeout(5)
-            answer = sock.recv(65536)
-            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-            assert b"did not arrive within 1 s" in answer and time.monotonic() - start < 3
-            assert closed_by_server(sock, 2)
+    with live_server(tmp_path, body_s=1) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        start = time.monotonic()
+        sock.settimeout(5)
+        answer = sock.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+        assert b"did not arrive within 1 s" in answer and time.monotonic() - start < 3
+        assert closed_by_server(sock, 2)
 
 
 PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
@@ -154,11 +153,11 @@ def send_until_refused(port: int, head: bytes, total: int, part: int = 1 << 20) 
             while sent < total:
                 sock.sendall(chunk)
                 sent += part
-        except (BrokenPipeError, ConnectionResetError, socket.timeout):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
         try:
             answer = sock.recv(65536)
-        except (ConnectionResetError, socket.timeout):
+        except (ConnectionResetError, TimeoutError):
             answer = b""
     return sent, answer
 

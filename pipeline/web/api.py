@@ -227,7 +227,7 @@ class HostOriginGuard:
         host = headers.get("host", "")
         if "*" not in self.allowed and host_name(host) not in self.allowed:
             refusal = error_response(400, f"Host {host!r} is not a name this server answers to; open it as "
-                                          f"http://{sorted(self.allowed)[0]}:PORT/ or start it with "
+                                          f"http://{min(self.allowed)}:PORT/ or start it with "
                                           "--allowed-hosts NAME")
             return await refusal(scope, receive, send)
         origin = headers.get("origin")
@@ -352,6 +352,9 @@ def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, An
     return [{"class": classes[i], "probability": float(proba[i])} for i in order]
 
 
+TOP_K_HELP = "classes per image, most probable first (at most the class count; default: the server's --top-k)"
+
+
 @router.post("/predict", responses=_documented(408, 413, 422))
 async def predict(
     svc: Annotated[Service, Depends(service)],
@@ -360,8 +363,7 @@ async def predict(
                                                         "WebP or TIFF)")],
     # absent (None): the server's --top-k; annotated int so that the schema says integer (null is not a value
     # a client may send: Optional[int] would publish it as one)
-    top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description="classes per image, most probable first (at "
-                                                                "most the class count; default: the server's)")] = None,
+    top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description=TOP_K_HELP)] = None,  # noqa: RUF013
 ) -> dict[str, Any]:
     """The top-k classes of each uploaded image, with probabilities."""
     decoded = await asyncio.gather(*(_decode(f, svc) for f in files))
