@@ -314,6 +314,7 @@ def test_cross_origin_requests_are_refused(client: TestClient, fake: FakeClassif
     for origin in ("http://evil.example", "null", "http://127.0.0.1:9999", "https://127.0.0.1:8000"):
         response = client.post("/predict", files=[("files", red)], headers={"origin": origin})
         assert_error(response, 403, "other origins")
+        assert response.headers["connection"] == "close"  # the body it did not read is not read later either
     assert fake.batches == []
     assert client.post("/predict", files=[("files", red)], headers={"origin": ORIGIN}).status_code == 200
     assert post(client, red).status_code == 200  # API clients send no Origin

@@ -231,7 +231,7 @@ class HostOriginGuard:
                                           "--allowed-hosts NAME")
             return await refusal(scope, receive, send)
         origin = headers.get("origin")
-        if origin is not None and origin != f"{scope.get('scheme', 'http')}://{host}":
+        if origin is not None and origin.lower() != f"{scope.get('scheme', 'http')}://{host}".lower():
             refusal = error_response(403, f"requests from pages of other origins ({origin}) are refused; use "
                                           "this server's own page, or a client that sends no Origin header")
             return await refusal(scope, receive, send)
@@ -432,8 +432,9 @@ def create_app(classifier: PixelClassifier, limits: ServeLimits = ServeLimits(),
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(RequestValidationError, invalid_request)
     app.add_exception_handler(Exception, unexpected)
-    # the last added runs first: headers on every answer, then who may ask, then how much they may send
-    app.add_middleware(BodyGuard, max_bytes=limits.request_bytes, timeout_s=limits.body_timeout_s)
+    # the last added runs first: headers on every answer, then the body's limits (so that any early refusal,
+    # the Host and Origin ones too, closes the connection rather than reading the rest), then who may ask
     app.add_middleware(HostOriginGuard, allowed_hosts=limits.allowed_hosts)
+    app.add_middleware(BodyGuard, max_bytes=limits.request_bytes, timeout_s=limits.body_timeout_s)
     app.add_middleware(SecurityHeaders)
     return app

@@ -84,7 +84,11 @@ def connection_cap(max_connections: int) -> tuple[int, int]:
     leaves two such batches of descriptors free, and the batch shrinks with the limit.
     """
     soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    free = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - len(os.listdir("/proc/self/fd")) - FD_RESERVE
+    try:
+        in_use = len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+    except OSError:  # neither listing exists: the reserve has to cover them
+        in_use = 0
+    free = (soft if soft != resource.RLIM_INFINITY else 1 << 20) - in_use - FD_RESERVE
     batch = max(8, min(2048, free // 8))
     cap = min(max_connections, free - 2 * batch)
     if cap < 8:
