@@ -45,7 +45,7 @@ class GuardedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm_header_timer()
-        open_now = [c for c in self.connections if not c.transport.is_closing()]
+        open_now = [c for c in self.connections if getattr(c, "transport", None) and not c.transport.is_closing()]
         if len(open_now) > self.max_connections:
             idle = sorted((c for c in open_now if c is not self and isinstance(c, GuardedH11Protocol) and c.idle),
                           key=lambda c: c.opened)
