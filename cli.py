@@ -320,7 +320,15 @@ def serve_command(
     model: Optional[Path] = typer.Option(None, help="A .keras or .tflite file from `export` or `finetune`."),
     host: str = typer.Option("127.0.0.1", help="Interface to listen on (0.0.0.0: every interface)."),
     port: int = typer.Option(8000, help="TCP port."),
+    allowed_hosts: str = typer.Option("", help="More Host names to answer to, comma-separated (the bound host "
+                                               "and, on loopback, localhost are always allowed; * for any)."),
     max_upload_mb: float = typer.Option(20, help="Largest accepted image file, in MB."),
+    max_request_mb: float = typer.Option(100, help="Largest request body, in MB (refused as soon as it passes)."),
+    max_megapixels: float = typer.Option(24, help="Largest image, in megapixels at the scale it decodes "
+                                                  "(JPEGs after draft scaling)."),
+    max_decodes: int = typer.Option(2, help="Images decoded at once (bounds the memory decoding takes)."),
+    max_connections: int = typer.Option(256, help="Open connections; above it the longest-idle one is closed."),
+    docs: bool = typer.Option(False, help="Serve FastAPI's /docs page (it loads Swagger UI from a CDN)."),
     max_batch: int = typer.Option(32, help="Most images in one model call (requests arriving together share it)."),
     batch_wait_ms: float = typer.Option(5, help="How long the first waiting request waits for others to join."),
     top_k: int = typer.Option(5, help="Classes per image by default (POST /predict?top_k=N overrides)."),
@@ -329,7 +337,9 @@ def serve_command(
     """Classify uploaded images: a page at /, POST /predict (JSON), GET /health; the model is loaded once."""
     from pipeline.web.serve import serve
 
-    serve(head, model, host=host, port=port, max_upload_mb=max_upload_mb, max_batch=max_batch,
+    serve(head, model, host=host, port=port, allowed_hosts=[h.strip() for h in allowed_hosts.split(",") if h.strip()],
+          max_upload_mb=max_upload_mb, max_request_mb=max_request_mb, max_megapixels=max_megapixels,
+          max_decodes=max_decodes, max_connections=max_connections, docs=docs, max_batch=max_batch,
           batch_wait_ms=batch_wait_ms, top_k=top_k, runtime=runtime, threads=threads,
           log=lambda m: typer.echo(m, err=True))
 

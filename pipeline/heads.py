@@ -27,6 +27,16 @@ logger = logging.getLogger(__name__)
 
 CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
 HEAD_FORMAT_VERSION = 2  # 2: head.skops; 1: head.joblib (a pickle)
+# What head.json must hold, key -> (the JSON type, required); load_head checks it before anything else.
+# Keys not named here are allowed (later versions add their own: calibration, an unknown detector).
+HEAD_SCHEMA: dict[str, tuple[type, bool]] = {
+    "format_version": (int, True), "classes": (list, True), "backbone_config": (dict, True),
+    "identity": (dict, True), "feature_dim": (int, True), "options": (dict, True), "cache_path": (str, True),
+    "dataset_root": (str, True), "fingerprint": (str, True), "cache_fingerprint": (str, False),
+    "kind": (str, False), "metrics": (dict, False), "versions": (dict, False), "written_at": (str, False),
+    # sha256 of head.skops and of the class names, one per line (heads saved before them have neither)
+    "model_sha256": (str, False), "classes_sha256": (str, False),
+}
 # The hyper-parameter each classifier sweeps, and its grid (log-spaced; for knn, the neighbour count k).
 GRIDS: dict[str, tuple[str, list[float]]] = {
     "logreg": ("clf__C", np.logspace(-4, 2, 9).tolist()),
@@ -302,6 +312,7 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
 
     from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, chain_fingerprint,
                             predictions_from_rows, staged_folder, write_json, write_predictions)
+    from .images import file_sha256
 
     y_test = cache.labels[split.test]
     metrics = classification_metrics(y_test, test_proba.argmax(1), cache.class_names, seed=fitted.options["seed"])
@@ -331,6 +342,7 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
                 class_names=cache.class_names)
     with staged_folder(folder) as stage:
         skops.io.dump(fitted.model, stage / HEAD_MODEL)
+        meta.update(model_sha256=file_sha256(stage / HEAD_MODEL), classes_sha256=classes_digest(cache.class_names))
         write_json(stage / HEAD_JSON, meta)
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
         if fitted.cv_proba is not None:
@@ -394,13 +406,79 @@ def _load_skops(path: Path) -> Any:
     if refused:
         raise UserError(f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
                         "Fit the head again with `fit-head`.")
-    return skops.io.load(path, trusted=sorted(untrusted))
+    try:
+        return skops.io.load(path, trusted=sorted(untrusted))
+    except Exception as exc:  # noqa: BLE001 (e.g. an object array in a .npy member: numpy refuses, as it should)
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {reason}); fit the head "
+                        "again.") from None
 
 
-def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
-    """Load a head folder: head.json and head.skops (types checked against TRUSTED_TYPES).
+def _json_type(value: Any) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer",
+            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
 
-    A format-1 head (head.joblib, a pickle that can run code when loaded) loads only with trust_pickle.
+
+def check_head_meta(meta: Any, path: Path) -> None:
+    """UserError naming path and the first way meta is not a head.json that HEAD_SCHEMA allows."""
+    from .backbones import BackboneConfig
+
+    def refuse(problem: str) -> UserError:
+        return UserError(f"{path} is not a head description ({problem}); fit the head again with `cnncodes "
+                         "fit-head`.")
+
+    if not isinstance(meta, dict):
+        raise refuse(f"it holds {_json_type(meta)}, not an object")
+    for key, (kind, required) in HEAD_SCHEMA.items():
+        if key not in meta:
+            if required:
+                raise refuse(f"no {key!r}")
+        elif not isinstance(meta[key], kind) or isinstance(meta[key], bool):
+            raise refuse(f"{key!r} is {_json_type(meta[key])}, expected {_json_type(kind())}")
+    classes = meta["classes"]
+    if len(classes) < 2 or not all(isinstance(c, str) and c for c in classes):
+        raise refuse("'classes' must list two or more class names")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise refuse(f"class names listed twice: {', '.join(repeated)}")
+    if meta["feature_dim"] < 1:
+        raise refuse(f"'feature_dim' is {meta['feature_dim']}")
+    if meta["options"].get("clf") not in CLASSIFIERS:
+        raise refuse(f"options.clf is {meta['options'].get('clf')!r}, expected one of {', '.join(CLASSIFIERS)}")
+    try:
+        BackboneConfig(**meta["backbone_config"])
+    except TypeError as exc:
+        raise refuse(f"'backbone_config' does not describe a backbone: {exc}") from None
+
+
+def classes_digest(classes: Sequence[str]) -> str:
+    """The sha256 of class names, one per line: binds head.json's names, in order, to the fitted model."""
+    import hashlib
+
+    return hashlib.sha256("\n".join(classes).encode()).hexdigest()
+
+
+def _check_binding(meta: dict[str, Any], model_path: Path, meta_path: Path) -> None:
+    """Refuse a head whose head.skops or class names are not the ones fit-head saved together."""
+    from .images import file_sha256
+
+    recorded = meta.get("model_sha256")
+    if recorded is not None and file_sha256(model_path) != recorded:
+        raise UserError(f"{model_path} is not the model {meta_path} was saved with (its sha256 differs from "
+                        "model_sha256); restore the head folder or fit the head again.")
+    recorded = meta.get("classes_sha256")
+    if recorded is not None and classes_digest(meta["classes"]) != recorded:
+        raise UserError(f"the class names in {meta_path} were changed after the head was fitted (they no longer "
+                        "match classes_sha256), so predictions would be mislabelled; restore head.json or fit "
+                        "the head again.")
+
+
+def load_head(folder: str | os.PathLike, trust_pickle: bool | None = None) -> Head:
+    """Load a head folder: head.json (checked against HEAD_SCHEMA, bound to head.skops) and head.skops
+    (types checked against TRUSTED_TYPES).
+
+    A format-1 head (head.joblib, a pickle that can run code when loaded) loads only with trust_pickle;
+    None means the calling command has no --trust-pickle option (the refusal then offers none).
     """
     from .artifacts import HEAD_JSON, HEAD_MODEL, LEGACY_HEAD_MODEL, read_json, recover_folder
 
@@ -408,18 +486,21 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:
     recover_folder(folder)
     meta_path = folder / HEAD_JSON
     meta = read_json(meta_path, "--head must be a folder written by `fit-head`")
-    version = meta.get("format_version")
+    version = meta.get("format_version") if isinstance(meta, dict) else None
     if version == 1:
         model_path = folder / LEGACY_HEAD_MODEL
         if not trust_pickle:
+            offer = ", or pass --trust-pickle if you made it yourself" if trust_pickle is False else ""
             raise UserError(f"{folder} is an old head saved as a pickle ({LEGACY_HEAD_MODEL}), which can run "
-                            "code when loaded. Fit it again, or pass --trust-pickle if you made it yourself.")
+                            f"code when loaded. Fit it again with `cnncodes fit-head`{offer}.")
     elif version == HEAD_FORMAT_VERSION:
         model_path = folder / HEAD_MODEL
-    else:
+    elif isinstance(meta, dict) and "format_version" in meta:
         raise UserError(f"{folder} has head format {version!r}; expected {HEAD_FORMAT_VERSION}. Fit the head again.")
+    check_head_meta(meta, meta_path)
     if not model_path.is_file():
         raise UserError(f"{model_path} is missing; --head must be a folder written by `fit-head`.")
+    _check_binding(meta, model_path, meta_path)
     trained_with = meta.get("versions", {}).get("scikit-learn")
     if trained_with and trained_with != _versions()["scikit-learn"]:
         warnings.warn(f"head {folder} was saved with scikit-learn {trained_with}, this is "

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import IO, Any, Mapping
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .errors import UserError
 from .storage import is_url, list_tree, local_path, open_binary
@@ -207,13 +207,56 @@ def file_sha256(path: str | os.PathLike, storage_options: Mapping[str, Any] | No
     return digest.hexdigest()
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
-    """Any Pillow mode to 8-bit RGB; 16/32-bit integer images are scaled, not clipped."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if img.mode.startswith("I;16") or values.max(initial=0) > 255 else 1.0
-        img = Image.fromarray(np.clip(values / scale, 0, 255).astype(np.uint8), "L")
-    return img if img.mode == "RGB" else img.convert("RGB")
+# Formats decoded at all: every other Pillow plugin stays off (EPS/PS would hand the bytes to Ghostscript).
+ALLOWED_FORMATS = ("JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF")
+# Modes with more than 8 bits per sample: scaled to 8 bits band by band (never a full-size float copy).
+DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+# The float32 working set of one band of rows while a deep image is scaled and box-reduced.
+BAND_BYTES = 8 << 20
+# EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's table).
+ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                8: Image.Transpose.ROTATE_90}
+
+
+def _reduce_factors(width: int, height: int, size: int, resize: str) -> tuple[int, int]:
+    """The integer box reduction Pillow's resize would apply first (reducing_gap) when shrinking to size."""
+    if width <= size or height <= size or resize == "nearest":
+        return 1, 1
+    return max(1, int(width / size / REDUCING_GAP)), max(1, int(height / size / REDUCING_GAP))
+
+
+def _deep_to_grey(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """A 16/32-bit or float grey image as 8-bit 'L', box-reduced on the way as Pillow's resize would.
+
+    16-bit images are scaled by 1/257, 32-bit and float ones too when their maximum is above 255 (scaled,
+    not clipped). The work goes band by band in float32, so it costs BAND_BYTES plus the reduced result.
+    Reduced before the 8-bit rounding, such an image can differ from a full-size conversion by a level or two.
+    """
+    scale = 257.0 if img.mode.startswith("I;16") or img.getextrema()[1] > 255 else 1.0
+    fx, fy = _reduce_factors(img.width, img.height, size, resize)
+    out_w, out_h = img.width // fx, img.height // fy  # the last fx-1 columns, fy-1 rows are left out
+    rows = max(1, BAND_BYTES // (4 * img.width) // fy) * fy
+    out = np.empty((out_h, out_w), np.uint8)
+    for top in range(0, out_h * fy, rows):
+        bottom = min(top + rows, out_h * fy)
+        band = np.asarray(img.crop((0, top, out_w * fx, bottom))).astype(np.float32)
+        if fx > 1 or fy > 1:
+            band = band.reshape((bottom - top) // fy, fy, out_w, fx).mean(axis=(1, 3), dtype=np.float32)
+        band /= scale
+        np.clip(band, 0, 255, out=band)
+        out[top // fy:bottom // fy] = band.astype(np.uint8)
+    return Image.fromarray(out, "L")
+
+
+def _to_rgb_or_grey(img: Image.Image, size: int, resize: str) -> Image.Image:
+    """Any Pillow mode as 8-bit 'RGB', or 'L' for grey ones (resized as L, converted last: the same pixels,
+    a third of the memory)."""
+    if img.mode in DEEP_MODES:
+        return _deep_to_grey(img, size, resize)
+    if img.mode == "1":
+        return img.convert("L")
+    return img if img.mode in ("RGB", "L") else img.convert("RGB")
 
 
 def _byte_count(source: str | os.PathLike | IO[bytes]) -> int:
@@ -227,10 +270,15 @@ def _byte_count(source: str | os.PathLike | IO[bytes]) -> int:
 
 
 def decode_image(path: str | os.PathLike | bytes | IO[bytes], size: int, resize: str = "bilinear",
-                 draft: bool = True) -> np.ndarray:
+                 draft: bool = True, max_pixels: int | None = None) -> np.ndarray:
     """Decode one file (a path, or its bytes or a binary stream, e.g. an upload) to a (size, size, 3)
-    uint8 RGB array, or raise ImageError with the reason.
+    uint8 RGB array, or raise ImageError with the reason (whatever went wrong inside the decoder).
 
+    Only ALLOWED_FORMATS are read. Memory beyond the file's bytes: the decoded image at its draft scale
+    (Pillow holds 8-bit RGB as 4 bytes a pixel, grey and 1-bit as 1, 16-bit as 2, 32-bit and float as 4)
+    plus at most BAND_BYTES and the reduced copy for deep modes, plus one RGB copy for colour modes that
+    are not RGB already (palette, CMYK, alpha); grey and 1-bit images are resized as 8-bit grey.
+    max_pixels: refuse images with more pixels than this at the scale they decode (JPEGs after draft).
     draft=False decodes JPEGs at full scale (slower, for measuring what draft mode saves).
     """
     if isinstance(path, (bytes, bytearray, memoryview)):
@@ -238,24 +286,36 @@ def decode_image(path: str | os.PathLike | bytes | IO[bytes], size: int, resize:
     if _byte_count(path) == 0:
         raise ImageError("empty file (0 bytes)")
     try:
-        with Image.open(path) as img:
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the "
-                                 f"{MAX_PIXELS}-pixel decompression-bomb limit")
+        with Image.open(path, formats=ALLOWED_FORMATS) as img:
+            _check_pixels(img, MAX_PIXELS, "decompression-bomb limit")
             if draft and img.format == "JPEG":
                 # libjpeg decodes at 1/2, 1/4 or 1/8 scale when that still covers the target size
                 img.draft("RGB", (size, size))
-            img = _to_rgb(ImageOps.exif_transpose(img))
+            if max_pixels is not None:
+                _check_pixels(img, max_pixels, "limit of this server (--max-megapixels)")
+            transpose = ORIENTATIONS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+            img = _to_rgb_or_grey(img, size, resize)
+            if transpose is not None:  # after the conversion: a permutation of 8-bit pixels, on the smaller copy
+                img = img.transpose(transpose)
             if img.size != (size, size):
                 downscale = img.width > size and img.height > size
                 img = img.resize((size, size), RESIZE_METHODS[resize],
                                  reducing_gap=REDUCING_GAP if downscale else None)
-            return np.asarray(img, dtype=np.uint8)
+            return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"refused: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image Pillow can read (unknown or corrupt format)") from None
+        raise ImageError("not an image in a format read here (" + ", ".join(ALLOWED_FORMATS)
+                         + "), or a corrupt one") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
+    except Exception as exc:  # noqa: BLE001 (a plugin's bug on hostile bytes is this file's problem, not a crash)
+        raise ImageError(f"could not decode ({type(exc).__name__}: {exc})") from None
+
+
+def _check_pixels(img: Image.Image, limit: int, what: str) -> None:
+    """ImageError when the image (at the scale it will be decoded) has more than limit pixels."""
+    if img.width * img.height > limit:
+        raise ImageError(f"refused: {img.width}x{img.height} pixels exceeds the {limit}-pixel {what}")

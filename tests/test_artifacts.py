@@ -105,7 +105,11 @@ def test_skops_head_refuses_foreign_types(head: Path) -> None:
     from sklearn.ensemble import RandomForestClassifier
 
     skops.io.dump(RandomForestClassifier(n_estimators=2).fit([[0], [1]], [0, 1]), head / HEAD_MODEL)
-    with pytest.raises(UserError, match="refused"):
+    with pytest.raises(UserError, match="is not the model"):  # head.json's hash refuses it first
+        load_head(head)
+    meta = json.loads((head / HEAD_JSON).read_text())
+    (head / HEAD_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
+    with pytest.raises(UserError, match="refused"):  # a head saved before hashes: refused by its types
         load_head(head)
 
 
@@ -126,11 +130,15 @@ def test_pickled_heads_load_only_when_trusted(head: Path, tmp_path: Path) -> Non
     (head / HEAD_MODEL).unlink()
     (head / LEGACY_HEAD_MODEL).write_bytes(pickle.dumps(_RunsACommand(marker)))
     with pytest.raises(UserError, match="--trust-pickle"):
-        load_head(head)
+        load_head(head, trust_pickle=False)
     assert not marker.exists()
-    # a malicious file disguised as a skops head is refused too, and nothing runs
+    # a malicious file disguised as a skops head is refused too, and nothing runs: by its hash, and when
+    # head.json records none (a head saved before hashes), by skops
     (head / HEAD_JSON).write_text(json.dumps(meta))
     (head / HEAD_MODEL).write_bytes(pickle.dumps(_RunsACommand(marker)))
+    with pytest.raises(UserError, match="is not the model"):
+        load_head(head)
+    (head / HEAD_JSON).write_text(json.dumps({k: v for k, v in meta.items() if k != "model_sha256"}))
     with pytest.raises(UserError, match="not a readable skops head"):
         load_head(head)
     assert not marker.exists()
@@ -146,6 +154,7 @@ def test_trusted_pickle_head_still_loads(head: Path) -> None:
     joblib.dump(model, head / LEGACY_HEAD_MODEL)
     (head / HEAD_MODEL).unlink()
     meta = json.loads((head / HEAD_JSON).read_text())
+    del meta["model_sha256"]  # format-1 heads were saved before hashes
     (head / HEAD_JSON).write_text(json.dumps({**meta, "format_version": 1}))
     assert load_head(head, trust_pickle=True).predict_proba(blobs()[0][:2]).shape == (2, 3)
 

@@ -122,7 +122,31 @@ def served_head(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path
     return tiny.heads["logreg"], image, None
 
 
-def test_serve_page_classifies_an_uploaded_image(page, served_head, tmp_path: Path) -> None:
+@contextmanager
+def other_site(html: str) -> Iterator[str]:
+    """A page of another origin (http://localhost:PORT/, served from a thread): what a hostile site would be."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Page(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server name)
+            body = html.encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    with ThreadingHTTPServer(("127.0.0.1", 0), Page) as site:
+        threading.Thread(target=site.serve_forever, daemon=True).start()
+        yield f"http://localhost:{site.server_address[1]}/"
+        site.shutdown()
+
+
+def test_serve_page_classifies_an_uploaded_image(page, browser, served_head, tmp_path: Path) -> None:
     import httpx
 
     head, image, true_class = served_head
@@ -156,6 +180,20 @@ def test_serve_page_classifies_an_uploaded_image(page, served_head, tmp_path: Pa
         error.wait_for(timeout=60_000)
         assert "notes.jpg" in error.inner_text() and "not an image" in error.inner_text()
         assert httpx.get(url + "health").status_code == 200
+        calls = httpx.get(url + "health").json()["model_calls"]
+        # another site's page posts a form with an image to the server (a CORS 'simple request'): refused, unrun
+        form = (f'<form id="f" method="post" enctype="multipart/form-data" action="{url}predict">'
+                '<input type="file" name="files" id="files"></form>')
+        with other_site(form) as site:
+            context = browser.new_context()
+            hostile = context.new_page()
+            hostile.goto(site)
+            hostile.set_input_files("#files", str(image))
+            with hostile.expect_response(url + "predict") as answer:
+                hostile.evaluate("document.getElementById('f').submit()")
+            assert answer.value.status == 403 and "other origins" in answer.value.json()["error"]
+            context.close()
+        assert httpx.get(url + "health").json()["model_calls"] == calls
     assert all(u.startswith((url, "blob:", "data:")) for u in page.requests), page.requests
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -628,3 +629,124 @@ def test_a_solver_that_did_not_converge_is_reported(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(heads, "make_pipeline", make)
     heads.fit_arrays(X, y, np.arange(len(y)), CLASS_NAMES3, "logreg", cv=3, n_jobs=1, log=messages.append)
     assert not [m for m in messages if "converging" in m]
+
+
+# -- head files that cannot lie: a schema, hashes binding head.json to head.skops ---------------------
+
+def rewrite_meta(head_dir: Path, change) -> None:
+    """Apply change(meta) -> new head.json value, and write it back."""
+    meta = json.loads((head_dir / "head.json").read_text())
+    (head_dir / "head.json").write_text(json.dumps(change(meta)))
+
+
+def drop(meta: dict, *keys: str) -> dict:
+    return {k: v for k, v in meta.items() if k not in keys}
+
+
+def object_array_member(head_dir: Path) -> None:
+    """Replace the first .npy member of head.skops with an object array (pickled inside the .npy)."""
+    import io
+    import zipfile
+
+    path = head_dir / HEAD_MODEL
+    with zipfile.ZipFile(path) as src:
+        members = {name: src.read(name) for name in src.namelist()}
+    target = next(name for name in members if name.endswith(".npy"))
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}, None], dtype=object), allow_pickle=True)
+    members[target] = buffer.getvalue()
+    with zipfile.ZipFile(path, "w") as out:
+        for name, data in members.items():
+            out.writestr(name, data)
+
+
+# case -> (how to break the head folder, a fragment of the one-line error)
+MALFORMED_HEADS = {
+    "json_list": (lambda d: (d / "head.json").write_text("[1, 2]"), "holds a list, not an object"),
+    "no_backbone_config": (lambda d: rewrite_meta(d, lambda m: drop(m, "backbone_config")), "no 'backbone_config'"),
+    "classes_not_a_list": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": "ant,bee"}),
+                           "'classes' is a string, expected a list"),
+    "duplicate_classes": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["ant", "bee", "ant"]}),
+                          "class names listed twice: ant"),
+    "feature_dim_text": (lambda d: rewrite_meta(d, lambda m: {**m, "feature_dim": "16"}),
+                         "'feature_dim' is a string, expected an integer"),
+    "foreign_backbone_key": (lambda d: rewrite_meta(d, lambda m: {**m, "backbone_config": {"depth": 3}}),
+                             "'backbone_config' does not describe a backbone"),
+    "swapped_classes": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["bee", "ant", "cat"]}),
+                        "were changed after the head was fitted"),
+    "other_model": (lambda d: (d / HEAD_MODEL).write_bytes((d.parent / "svm" / HEAD_MODEL).read_bytes()),
+                    "is not the model"),
+    "object_array": (lambda d: (rewrite_meta(d, lambda m: drop(m, "model_sha256")), object_array_member(d)),
+                     "is not a readable skops head"),
+}
+
+
+@pytest.fixture
+def head_pair(fitted: dict, tmp_path: Path) -> Path:
+    """Private copies of the logreg and svm heads side by side (tests may break them)."""
+    import shutil
+
+    for clf in ("logreg", "svm"):
+        shutil.copytree(fitted[clf].folder, tmp_path / clf)
+    return tmp_path / "logreg"
+
+
+def test_saved_head_records_the_hash_of_its_model_and_class_names(fitted: dict) -> None:
+    import hashlib
+
+    folder = fitted["logreg"].folder
+    meta = json.loads((folder / "head.json").read_text())
+    assert meta["model_sha256"] == hashlib.sha256((folder / HEAD_MODEL).read_bytes()).hexdigest()
+    assert meta["classes_sha256"] == hashlib.sha256(b"ant\nbee\ncat").hexdigest()
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED_HEADS))
+def test_malformed_head_is_one_user_error(head_pair: Path, case: str) -> None:
+    breaks, fragment = MALFORMED_HEADS[case]
+    breaks(head_pair)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        load_head(head_pair)
+
+
+def test_heads_without_hashes_and_with_keys_of_later_versions_still_load(head_dir: Path) -> None:
+    rewrite_meta(head_dir, lambda m: {**drop(m, "model_sha256", "classes_sha256"),
+                                      "calibration": {"temperature": 1.5}, "unknown": None})
+    assert load_head(head_dir).classes == CLASS_NAMES3
+
+
+def test_pickle_head_refusal_offers_only_flags_the_command_has(head_dir: Path) -> None:
+    rewrite_meta(head_dir, lambda m: {**m, "format_version": 1})
+    with pytest.raises(UserError, match="pickle") as without_flag:
+        load_head(head_dir)  # serve, export, compare, finetune: no --trust-pickle
+    assert "--trust-pickle" not in str(without_flag.value)
+    with pytest.raises(UserError, match="pass --trust-pickle"):
+        load_head(head_dir, trust_pickle=False)  # predict has the flag
+
+
+@pytest.mark.parametrize("command", ["predict", "serve", "export"])
+@pytest.mark.parametrize("case", ["json_list", "no_backbone_config", "swapped_classes", "other_model",
+                                  "object_array"])
+def test_cli_malformed_head_exits_2_with_one_line(head_pair: Path, tmp_path: Path, runner, command: str,
+                                                  case: str) -> None:
+    import socket
+
+    from PIL import Image
+
+    import cli
+
+    if command == "serve":
+        pytest.importorskip("fastapi", reason="the web extra is not installed")
+    MALFORMED_HEADS[case][0](head_pair)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (8, 8)).save(image)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = {"predict": ["predict", str(image), "--head", str(head_pair)],
+            "serve": ["serve", "--head", str(head_pair), "--port", str(port)],
+            "export": ["export", str(head_pair), "--out", str(tmp_path / "m.keras")]}[command]
+    result = runner.invoke(cli.app, args)
+    assert result.exit_code == 2, (result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert MALFORMED_HEADS[case][1] in lines[0] and "Traceback" not in result.output

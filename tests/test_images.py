@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-import pipeline.images as images
-from conftest import (CLASS_COLOURS, add_broken, add_ignored, add_modes, exif_rotated_jpeg, make_dataset,
-                      noise_jpeg, pixels, save_image)
+from conftest import (CLASS_COLOURS, ROOT, add_broken, add_ignored, add_modes, exif_rotated_jpeg, make_dataset,
+                      noise_jpeg, pixels, requires_shared, save_image)
+from pipeline import images
 from pipeline.errors import UserError
 from pipeline.images import ImageError, decode_image, file_sha256, scan_dataset
 
@@ -262,3 +267,181 @@ def test_decode_refuses_pillow_bomb_checks(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", limit)
     with pytest.raises(ImageError, match="refused"):
         decode_image(path, SIZE)
+
+
+# -- hostile input: bounded memory, no external programs, only ImageError ------------------------------
+
+HUGE = 9400  # 88 megapixels: under MAX_PIXELS, so the decoder must cope rather than refuse
+MEASURE = """
+import resource, sys
+sys.path.insert(0, sys.argv[1])
+from pipeline.images import decode_image
+def rss_kb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+data = open(sys.argv[2], "rb").read()
+before = rss_kb()
+out = decode_image(data, 224)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, out.shape, int(out.mean()))
+"""
+
+
+@pytest.fixture(scope="module")
+def huge_pngs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 9400x9400 16-bit and a 1-bit PNG: kilobytes on disk, 88 megapixels decoded."""
+    folder = tmp_path_factory.mktemp("huge")
+    grey = Image.new("I;16", (HUGE, HUGE), 20_000)
+    grey.paste(60_000, (0, 0, HUGE // 2, HUGE))  # the left half bright
+    grey.save(folder / "deep.png")
+    del grey
+    bits = Image.new("1", (HUGE, HUGE), 0)
+    bits.paste(1, (0, 0, HUGE // 2, HUGE))
+    bits.save(folder / "bits.png")
+    return {"16-bit": folder / "deep.png", "1-bit": folder / "bits.png"}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["16-bit", "1-bit"])
+def test_huge_deep_and_bilevel_pngs_decode_in_bounded_memory(huge_pngs: dict[str, Path], kind: str) -> None:
+    """Peak RSS growth of decoding one 88-megapixel file, measured in a fresh process (the finding: 2.5 GB)."""
+    path = huge_pngs[kind]
+    assert path.stat().st_size < 1_000_000
+    with Image.open(path) as img:
+        assert img.size == (HUGE, HUGE) and img.mode == {"16-bit": "I;16", "1-bit": "1"}[kind]
+    done = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT), str(path)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert done.returncode == 0, done.stderr
+    growth_mb, shape = done.stdout.split(maxsplit=1)
+    assert shape.startswith("(224, 224, 3)")
+    assert float(growth_mb) < 300, f"{kind}: peak RSS grew by {growth_mb} MB"
+
+
+def test_deep_image_reduced_in_bands_matches_a_full_size_conversion(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Box-reducing a 16-bit image before the 8-bit rounding (in bands) changes a pixel by a level or two."""
+    ramp = np.random.default_rng(4).integers(0, 65536, (700, 900)).astype(np.uint16)
+    path = save_image(tmp_path / "deep.png", ramp)
+    monkeypatch.setattr(images, "BAND_BYTES", 4 * 900 * 7)  # bands of a few rows: their seams must not show
+    out = decode_image(path, SIZE).astype(int)
+    grey = Image.fromarray((ramp // 257).astype(np.uint8)).convert("RGB")
+    expected = np.asarray(grey.resize((SIZE, SIZE), Image.Resampling.BILINEAR, reducing_gap=images.REDUCING_GAP))
+    assert np.abs(out - expected).max() <= 2
+
+
+GHOSTSCRIPT = "#!/bin/sh\ntouch \"$(dirname \"$0\")/gs-was-run\"\nexit 1\n"
+EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
+       b"newpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n")
+
+
+def test_postscript_named_jpg_is_refused_without_running_ghostscript(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stand-in `gs` first on PATH leaves a marker when run: Pillow's EPS plugin would run it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "gs").write_text(GHOSTSCRIPT)
+    (bin_dir / "gs").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    path = tmp_path / "holiday.jpg"
+    path.write_bytes(EPS)
+    for source in (path, path.read_bytes()):
+        with pytest.raises(ImageError, match="not an image in a format read here"):
+            decode_image(source, SIZE)
+    assert not (bin_dir / "gs-was-run").exists()
+    with pytest.raises(Exception), Image.open(path) as img:  # noqa: B017 (every plugin open: the stand-in gs runs)
+        img.load()
+    assert (bin_dir / "gs-was-run").exists()  # so the stand-in would have told
+
+
+@pytest.mark.parametrize("name", ["DDS_NotImplementedError.bin", "SPIDER_AttributeError.bin", "TIFF_TypeError.bin"])
+def test_decoder_crashers_are_image_errors(name: str) -> None:
+    path = requires_shared("testdata", "decoder-crashers", name)
+    with pytest.raises(ImageError):
+        decode_image(path, SIZE)
+    with pytest.raises(ImageError):
+        decode_image(path.read_bytes(), SIZE)
+
+
+def fuzz_seeds() -> list[bytes]:
+    """One small valid image in each allowed format (and a few modes): what the mutator starts from."""
+    rgb = pixels((180, 60, 40), 9, (12, 10))
+    seeds = []
+    for fmt, mode, kwargs in [("JPEG", "RGB", {"quality": 80}), ("PNG", "RGB", {}), ("PNG", "I;16", {}),
+                              ("PNG", "P", {}), ("GIF", "P", {}), ("BMP", "RGB", {}), ("BMP", "1", {}),
+                              ("WEBP", "RGB", {}), ("TIFF", "RGB", {}), ("TIFF", "I;16", {}),
+                              ("TIFF", "RGB", {"compression": "tiff_lzw"}), ("TIFF", "F", {})]:
+        img = Image.fromarray(rgb)
+        if mode == "I;16":
+            img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 250)
+        elif mode == "F":
+            img = Image.fromarray(rgb[..., 0].astype(np.float32) * 3.5)
+        elif mode != "RGB":
+            img = img.convert(mode)
+        buffer = io.BytesIO()
+        img.save(buffer, format=fmt, **kwargs)
+        seeds.append(buffer.getvalue())
+    return seeds
+
+
+def mutate(data: bytes, rng: np.random.Generator) -> bytes:
+    """A seeded byte mutation: flip, overwrite with extreme values, cut, duplicate or drop a run of bytes."""
+    data = bytearray(data)
+    for _ in range(int(rng.integers(1, 5))):
+        at = int(rng.integers(0, len(data)))
+        kind = int(rng.integers(0, 5))
+        if kind == 0:
+            data[at] ^= 1 << int(rng.integers(0, 8))
+        elif kind == 1:
+            data[at:at + 4] = bytes(rng.choice([0, 0xFF, 0x7F, 0x80], 4).astype(np.uint8))
+        elif kind == 2:
+            del data[at:]
+        elif kind == 3:
+            run = data[at:at + int(rng.integers(1, 32))]
+            data[at:at] = run
+        else:
+            del data[at:at + int(rng.integers(1, 16))]
+        if not data:
+            break
+    return bytes(data)
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")  # Pillow warns about many of these inputs (bad TIFF tags, bombs)
+def test_mutation_fuzz_raises_only_image_error() -> None:
+    """20,000 mutated images of every allowed format (seeded): each decodes or raises ImageError, in < 60 s."""
+    rng = np.random.default_rng(2024)
+    seeds = fuzz_seeds()
+    start, outcomes = time.perf_counter(), {"decoded": 0, "refused": 0}
+    for k in range(20_000):
+        data = mutate(seeds[k % len(seeds)], rng)
+        try:
+            decode_image(data, 8)
+            outcomes["decoded"] += 1
+        except ImageError:
+            outcomes["refused"] += 1
+        except Exception as exc:  # noqa: BLE001 (the failure this test exists for)
+            pytest.fail(f"input {k} (seed format {k % len(seeds)}) raised {type(exc).__name__}: {exc}; "
+                        f"bytes {data[:64]!r}")
+    seconds = time.perf_counter() - start
+    assert seconds < 60, f"20,000 inputs took {seconds:.0f} s"
+    assert min(outcomes.values()) > 1000, outcomes  # the mutations reach the decoders and past them
+
+
+# The decoding recipe (DECODER, part of every cache fingerprint) pinned on a real image: if this changes,
+# DECODER must change too, or caches would silently mix pixels of two recipes.
+# (JPEG at its size; a big JPEG, drafted and reduced; a 28 px RGBA PNG, upscaled; a grey JPEG.)
+GOLDEN = {
+    "oxford_flowers12": ("bluebell/image_0241.jpg", "20449eeb17a7b80570a208263c5142d318aae88bf2096803fe9d593049f7a9ab"),
+    "usd_bills_kaggle": ("10_dollar/-10-dolares-2013-estados-unidos-hamilton-sc-10-dollars.jpg",
+                         "4ca34715492aaec643e0757d81a17057bc5bc1a322617a9c9ddf27cffc558340"),
+    "rps_moroney_28px": ("paper/paper01-000.png", "c428b2daff0dec9b09c334fdadd4c53f18fff961e477df9aeeb3ad4cef1fbfb9"),
+    "brain_mri_tumor": ("no/1 no.jpeg", "96ca110c72c6938054ae4c26da1d2abaf71e3afbc71f0077eb2895d8b7f49aa3"),
+}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("dataset", sorted(GOLDEN))
+def test_decoded_pixels_of_a_real_image_are_pinned(dataset: str) -> None:
+    relpath, expected = GOLDEN[dataset]
+    path = requires_shared("datasets", dataset, relpath)
+    digest = hashlib.sha256(decode_image(path, 224, "bilinear").tobytes()).hexdigest()
+    assert digest == expected, f"decoded pixels changed: change images.DECODER ({images.DECODER}) and this pin"

@@ -23,7 +23,8 @@ from pipeline.images import MAX_PIXELS, ImageError, decode_image
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'cnncodes[web]'")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from pipeline.web.serve import MAX_FILES, MicroBatcher, create_app, serve  # noqa: E402
+from pipeline.web.api import MAX_FILES, MicroBatcher, ServeLimits, create_app  # noqa: E402
+from pipeline.web.serve import serve  # noqa: E402
 
 CLASSES = ["red", "green", "blue"]
 
@@ -72,9 +73,17 @@ def fake() -> FakeClassifier:
     return FakeClassifier()
 
 
+ORIGIN = "http://127.0.0.1:8000"  # where the test client says the server is (the default Host check passes)
+
+
+def open_client(app) -> TestClient:
+    return TestClient(app, base_url=ORIGIN)
+
+
 @pytest.fixture
 def client(fake: FakeClassifier):
-    with TestClient(create_app(fake, max_upload_mb=0.05, top_k=5, source="fake")) as c:
+    with open_client(create_app(fake, ServeLimits(max_upload_mb=0.05, max_request_mb=0.5), top_k=5,
+                                source="fake")) as c:
         yield c
 
 
@@ -116,7 +125,9 @@ def test_predict_several_files_in_one_request(client: TestClient, fake: FakeClas
 def test_top_k_query(client: TestClient) -> None:
     response = post(client, ("r.png", image_bytes((220, 30, 30))), top_k=1)
     assert [t["class"] for t in response.json()["predictions"][0]["top"]] == ["red"]
-    assert_error(post(client, ("r.png", image_bytes((220, 30, 30))), top_k=4), 422, "top_k", "3")
+    every = post(client, ("r.png", image_bytes((220, 30, 30))), top_k=4)  # more than the classes: all of them
+    assert len(every.json()["predictions"][0]["top"]) == 3
+    assert_error(post(client, ("r.png", image_bytes((220, 30, 30))), top_k=0), 422, "top_k")
 
 
 # -- bad input: 4xx JSON naming the file and the reason, and the server stays up ------------------------
@@ -160,23 +171,34 @@ def test_request_without_files(client: TestClient, request_kwargs: dict) -> None
 
 def test_too_many_files(client: TestClient) -> None:
     small = image_bytes((220, 30, 30))
-    assert_error(post(client, *[(f"f{k}.png", small) for k in range(MAX_FILES + 1)]), 413, f"at most {MAX_FILES}")
+    assert_error(post(client, *[(f"f{k}.png", small) for k in range(MAX_FILES + 1)]), 422, f"at most {MAX_FILES}")
 
 
 def test_body_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
     response = client.post("/predict", content=b"x" * 10, headers={"content-length": str(10**9),
                                                                  "content-type": "multipart/form-data; boundary=b"})
-    assert_error(response, 413, "request body", "--max-upload-mb")
+    assert_error(response, 413, "request body", "--max-request-mb")
+
+
+def test_streamed_body_is_refused_when_it_passes_the_limit(client: TestClient) -> None:
+    """No Content-Length (chunked): counted while it streams (what a real socket then sends: test_serve_live)."""
+    chunks = (b"x" * 65536 for _ in range(16))  # 1 MB; the limit is 0.5 MB
+    response = client.post("/predict", content=chunks, headers={"content-type": "multipart/form-data; boundary=b"})
+    assert_error(response, 413, "request body")
+    assert response.headers["connection"] == "close"
 
 
 def test_unknown_route_and_method_are_json(client: TestClient) -> None:
     assert_error(client.get("/nothing-here"), 404, "Not Found")
-    assert_error(client.get("/predict"), 405, "Method Not Allowed")
+    response = client.get("/predict")
+    assert_error(response, 405, "Method Not Allowed")
+    assert response.headers["allow"] == "POST"
+    assert "GET" in client.delete("/health").headers["allow"]
 
 
 def test_unexpected_error_is_json_and_the_server_stays_up() -> None:
     broken = FakeClassifier(fail=True)
-    with TestClient(create_app(broken), raise_server_exceptions=False) as c:
+    with TestClient(create_app(broken), base_url=ORIGIN, raise_server_exceptions=False) as c:
         for _ in range(2):
             assert_error(post(c, ("r.png", image_bytes((220, 30, 30)))), 500, "internal error", "RuntimeError")
         assert c.get("/health").status_code == 200
@@ -187,14 +209,21 @@ def test_page_is_self_contained(client: TestClient) -> None:
     assert all(name in html for name in CLASSES) and "fake-backbone-16" in html
     assert "<script src" not in html and "stylesheet" not in html and "https://" not in html
     assert 'type="file"' in html and "multiple" in html
-    assert client.get("/docs").status_code == 200  # FastAPI's OpenAPI page
+
+
+def test_docs_page_is_off_unless_asked_for(client: TestClient, fake: FakeClassifier) -> None:
+    """FastAPI's /docs loads Swagger UI from a CDN: off by default; the schema itself is always there."""
+    assert_error(client.get("/docs"), 404, "Not Found")
+    assert client.get("/openapi.json").json()["paths"]["/predict"]
+    with open_client(create_app(fake, ServeLimits(docs=True))) as c:
+        assert "swagger" in c.get("/docs").text.lower()
 
 
 # -- the micro-batcher -------------------------------------------------------------------------------
 def test_concurrent_requests_share_one_model_call(fake: FakeClassifier) -> None:
     colours = [(220, 30, 30), (30, 220, 30), (30, 30, 220), (200, 40, 40)]
     # the first request waits up to 3 s for others; four images fill the batch and it runs at once
-    with TestClient(create_app(fake, max_batch=4, batch_wait_ms=3000)) as c:
+    with open_client(create_app(fake, max_batch=4, batch_wait_ms=3000)) as c:
         with ThreadPoolExecutor(4) as pool:
             responses = list(pool.map(lambda k: post(c, (f"{k}.png", image_bytes(colours[k], seed=k))), range(4)))
         assert fake.batches == [4]
@@ -242,6 +271,10 @@ def test_serve_refuses_bad_options_before_loading() -> None:
         serve("some/head", max_upload_mb=0)
     with pytest.raises(UserError, match="^port is 70000"):
         serve("some/head", port=70000)
+    with pytest.raises(UserError, match="--max-request-mb"):
+        serve("some/head", max_request_mb=-1)
+    with pytest.raises(UserError, match="--allowed-hosts"):
+        serve("some/head", allowed_hosts=["http://evil.example/"])
 
 
 def test_serve_refuses_a_port_in_use() -> None:
@@ -271,3 +304,123 @@ def test_classifier_matches_the_head_on_cached_features(world) -> None:
     np.testing.assert_allclose(classifier.predict_proba(images), expected, atol=1e-4)
 
 
+# -- who may ask: the Host and the Origin ----------------------------------------------------------------
+def test_cross_origin_requests_are_refused(client: TestClient, fake: FakeClassifier) -> None:
+    """A page of another origin can POST a multipart form here (a CORS 'simple request'): refused, unrun."""
+    red = ("r.png", image_bytes((220, 30, 30)))
+    for origin in ("http://evil.example", "null", "http://127.0.0.1:9999", "https://127.0.0.1:8000"):
+        response = client.post("/predict", files=[("files", red)], headers={"origin": origin})
+        assert_error(response, 403, "other origins")
+        assert response.headers["connection"] == "close"  # the body it did not read is not read later either
+    assert fake.batches == []
+    assert client.post("/predict", files=[("files", red)], headers={"origin": ORIGIN}).status_code == 200
+    assert post(client, red).status_code == 200  # API clients send no Origin
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:8000", "127.0.0.1.evil.example", "[::2]:8000"])
+def test_foreign_host_header_is_refused(client: TestClient, host: str) -> None:
+    """DNS rebinding: a name the attacker controls, resolving to 127.0.0.1, arrives in the Host header."""
+    assert_error(client.get("/health", headers={"host": host}), 400, "--allowed-hosts")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:8000", "localhost:8000", "LOCALHOST", "[::1]:8000"])
+def test_loopback_host_names_pass(client: TestClient, host: str) -> None:
+    assert client.get("/health", headers={"host": host}).status_code == 200
+
+
+def test_allowed_hosts_extend_the_names(fake: FakeClassifier) -> None:
+    with open_client(create_app(fake, ServeLimits(allowed_hosts=("ml.lan",)))) as c:
+        assert c.get("/health", headers={"host": "ml.lan:8000"}).status_code == 200
+        assert c.get("/health").status_code == 400  # 127.0.0.1 was not listed here
+    with open_client(create_app(fake, ServeLimits(allowed_hosts=("*",)))) as c:
+        assert c.get("/health", headers={"host": "anything.example"}).status_code == 200
+
+
+def test_allowed_host_names_of_serve() -> None:
+    from pipeline.web.serve import allowed_host_names
+
+    assert allowed_host_names("127.0.0.1", []) == ("127.0.0.1", "localhost", "::1")
+    assert allowed_host_names("0.0.0.0", ["ML.lan", "[fe80::1]"]) == ("127.0.0.1", "localhost", "::1", "ml.lan",
+                                                                        "fe80::1")
+    assert allowed_host_names("192.168.1.5", []) == ("192.168.1.5",)
+
+
+# -- what every answer carries ----------------------------------------------------------------------------
+def test_every_answer_says_nosniff(client: TestClient) -> None:
+    answers = [client.get("/"), client.get("/health"), client.get("/openapi.json"), client.get("/nothing"),
+               client.get("/predict"), post(client, ("r.png", image_bytes((1, 2, 3)))),
+               post(client, ("bad.png", b"not a png")), client.get("/health", headers={"host": "evil.example"}),
+               client.get("/health", headers={"origin": "http://evil.example"}),
+               client.post("/predict", content=b"x", headers={"content-length": str(10**9)})]
+    assert sorted({a.status_code for a in answers}) == [200, 400, 403, 404, 405, 413, 422]
+    for answer in answers:
+        assert answer.headers["x-content-type-options"] == "nosniff", answer.url
+        assert answer.headers["x-frame-options"] == "DENY"
+
+
+def test_a_500_says_nosniff_too() -> None:
+    with TestClient(create_app(FakeClassifier(fail=True)), base_url=ORIGIN, raise_server_exceptions=False) as c:
+        response = post(c, ("r.png", image_bytes((220, 30, 30))))
+        assert response.status_code == 500 and response.headers["x-content-type-options"] == "nosniff"
+
+
+# -- what decoding may cost ---------------------------------------------------------------------------
+def test_serve_has_its_own_pixel_limit(fake: FakeClassifier) -> None:
+    big = image_bytes((220, 30, 30))  # 40 x 30 = 1200 pixels
+    with open_client(create_app(fake, ServeLimits(max_megapixels=0.001))) as c:
+        assert_error(post(c, ("big.png", big)), 422, "big.png", "1000-pixel limit", "--max-megapixels")
+    with open_client(create_app(fake, ServeLimits(max_megapixels=0.0012))) as c:
+        assert post(c, ("big.png", big)).status_code == 200
+
+
+def test_decodes_at_once_are_bounded(fake: FakeClassifier, monkeypatch: pytest.MonkeyPatch) -> None:
+    import time
+
+    from pipeline.web import api
+
+    running, most = [0], [0]
+    lock = threading.Lock()
+    real = api.decode_image
+
+    def slow_decode(*args, **kwargs):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.05)
+        with lock:
+            running[0] -= 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(api, "decode_image", slow_decode)
+    with open_client(create_app(fake, ServeLimits(max_decodes=2))) as c:
+        with ThreadPoolExecutor(3) as pool:
+            files = [(f"{k}.png", image_bytes((200, 30, 30), seed=k)) for k in range(6)]
+            responses = list(pool.map(lambda _: post(c, *files), range(3)))
+    assert all(r.status_code == 200 for r in responses)
+    assert most[0] == 2  # 18 images in flight, two decoded at a time
+
+
+@pytest.mark.parametrize("name", ["DDS_NotImplementedError.bin", "SPIDER_AttributeError.bin", "TIFF_TypeError.bin"])
+def test_decoder_crashers_are_a_422_not_a_500(client: TestClient, name: str) -> None:
+    from conftest import requires_shared
+
+    data = requires_shared("testdata", "decoder-crashers", name).read_bytes()
+    response = post(client, ("upload.tif", data), ("ok.png", image_bytes((220, 30, 30))))
+    assert_error(response, 422, "1 of 2 files", "upload.tif")
+
+
+def test_postscript_upload_is_refused(client: TestClient) -> None:
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n"
+    assert_error(post(client, ("holiday.jpg", eps)), 422, "holiday.jpg", "not an image")
+
+
+# -- the published contract ---------------------------------------------------------------------------------
+def test_openapi_documents_the_refusals_and_the_file_count(client: TestClient) -> None:
+    schema = client.get("/openapi.json").json()
+    predict = schema["paths"]["/predict"]["post"]
+    assert {"200", "400", "403", "408", "413", "422"} <= set(predict["responses"])
+    assert set(schema["paths"]["/health"]["get"]["responses"]) >= {"200", "400", "403"}
+    body = predict["requestBody"]["content"]["multipart/form-data"]["schema"]
+    form = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[1]]
+    assert form["properties"]["files"]["minItems"] == 1 and form["properties"]["files"]["maxItems"] == MAX_FILES
+    assert form["required"] == ["files"]
