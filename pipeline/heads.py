@@ -18,7 +18,7 @@ import numpy as np
 from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
-from .params import Interval, Options, check_params
+from .params import Interval, Options, as_number, check_params
 from .report import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
 
@@ -285,12 +285,14 @@ def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[in
 
 def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
              class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, group_near_duplicates: float | None = None, accept: float | None = 0.95,
+             l2_normalize: bool = True, group_near_duplicates: float | None = None,
+             accept: float | str | None = 0.95,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
 
     The head is calibrated, and gets an unknown detector accepting `accept` of known images (None: none).
     """
+    accept = as_number("accept", accept)
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
                       group_near_duplicates=group_near_duplicates, accept=accept), HEAD_CONSTRAINTS)
     cache = load(cache_path)

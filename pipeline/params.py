@@ -68,3 +68,17 @@ def check_params(values: Mapping[str, Any], constraints: Mapping[str, list]) -> 
         if not any(_accepts(c, value) for c in allowed):
             wants = " or ".join(_describe(c) for c in allowed)
             raise UserError(f"--{name.replace('_', '-')} is {value!r}; it must be {wants}.")
+
+
+def as_number(name: str, value: Any) -> Any:
+    """A number given as text on the command line (e.g. --unknown-threshold 2.5) as a float; other values as
+    they are. Text that is no number is a UserError in check_params' words."""
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise UserError(f"--{name.replace('_', '-')} is {value!r}; it must be a number.") from None
+    if math.isnan(number):
+        raise UserError(f"--{name.replace('_', '-')} is {value!r}; it must be a number.")
+    return number

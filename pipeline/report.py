@@ -150,3 +150,18 @@ def plot_compare(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Non
     ax.legend(loc="lower right", fontsize=8)
     ax.set_title("test metrics per method")
     save_figure(fig, path)
+
+
+def unknown_lines(metrics: dict[str, Any]) -> list[str]:
+    """Calibration and the unknown detector in words, as fit-head prints them (empty for older metrics)."""
+    lines = []
+    if "ece" in metrics:
+        lines.append(f"calibration: temperature {metrics['temperature']:.3f}; ECE (15 bins) on the test part "
+                     f"{metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f}")
+    unknown = metrics.get("unknown")
+    if unknown:
+        lines.append(f"unknown detector ({unknown['method']}): threshold {unknown['threshold']:.3f} accepts "
+                     f"{unknown['accept']:.0%} of known training images (out of fold); on the test part "
+                     f"{unknown['n_unknown']} of {unknown['n_unknown'] + unknown['n_accepted']} called unknown "
+                     f"({unknown['test_unknown_rate']:.1%}), accuracy on the accepted {unknown['accepted_accuracy']:.4f}")
+    return lines
