@@ -17,7 +17,7 @@ from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, as_number, check_params
 from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
-from .stream import RUN_CONSTRAINTS, hash_files, stream_features
+from .stream import RUN_CONSTRAINTS, as_outputs, hash_files, stream_features
 
 
 @dataclass
@@ -229,20 +229,29 @@ def prediction_lines(predictions: Sequence[Prediction], limit: int = 50) -> list
 # -- one classifier loaded once, pixels to probabilities (the web server's path) ------------------
 @dataclass
 class Classifier:
-    """A head with its backbone, or a model file, loaded once: uint8 pixels in, class probabilities out."""
+    """A head with its backbone, or a model file, loaded once: uint8 pixels in, calibrated class probabilities
+    and unknown scores out."""
 
     classes: list[str]
     image_size: int
     resize: str
     backbone: str  # a readable name of the backbone configuration (for /health)
-    run: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    run: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | None]] = field(repr=False)
+    unknown_threshold: float | None = None  # None: no unknown detector
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
-        """(n, n_classes) probabilities of a uint8 batch (n, image_size, image_size, 3)."""
+    def predict_scored(self, images: np.ndarray) -> np.ndarray:
+        """(n, n_classes + 1): the probabilities of a uint8 batch (n, image_size, image_size, 3), then its
+        unknown score in the last column (NaN without a detector). One array, so a batch splits by rows."""
         if images.shape[1:] != (self.image_size, self.image_size, 3):
             raise ValueError(f"expected images of shape (n, {self.image_size}, {self.image_size}, 3), "
                              f"got {images.shape}")
-        return np.asarray(self.run(images), dtype=np.float64)
+        proba, scores = self.run(images)
+        scores = np.full(len(proba), np.nan) if scores is None or self.unknown_threshold is None else scores
+        return np.column_stack([np.asarray(proba, dtype=np.float64), scores])
+
+    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+        """(n, n_classes) probabilities of a uint8 batch (n, image_size, image_size, 3)."""
+        return self.predict_scored(images)[:, :-1]
 
 
 def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
@@ -261,7 +270,9 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
         engine, meta = load_model_file(model)
         name = BackboneConfig(**meta["backbone_config"]).short_name if meta.get("backbone_config") \
             else Path(model).name
-        return Classifier(list(meta["classes"]), engine.image_size, meta.get("resize", "bilinear"), name, engine)
+        threshold = meta["unknown"]["threshold"] if "unknown" in meta else None
+        return Classifier(list(meta["classes"]), engine.image_size, meta.get("resize", "bilinear"), name,
+                          lambda images: split_outputs(as_outputs(engine(images))), threshold)
     loaded = load_head(head)
     config = BackboneConfig(**loaded.meta["backbone_config"]).resolved()
     loaded.check_features(config.identity(), loaded.meta["feature_dim"], f"backbone {config.backbone}")
@@ -269,5 +280,12 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
     if scratch_dir is not None and not tflite_path(config, folder).is_file():
         folder = Path(scratch_dir)
     engine = make_runtime(config, runtime, tflite_dir=folder, threads=threads, log=log)
-    return Classifier(loaded.classes, engine.image_size, config.resize, config.short_name,
-                      lambda images: loaded.predict_proba(engine(images)))
+
+    def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        features = engine(images)
+        proba = loaded.predict_proba(features)
+        return proba, loaded.unknown_scores(features, proba)
+
+    detector = loaded.detector
+    return Classifier(loaded.classes, engine.image_size, config.resize, config.short_name, run,
+                      detector.threshold if detector is not None else None)

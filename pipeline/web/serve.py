@@ -46,8 +46,9 @@ class PixelClassifier(Protocol):
     image_size: int
     resize: str
     backbone: str
+    unknown_threshold: float | None  # None: no unknown detector
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+    def predict_scored(self, images: np.ndarray) -> np.ndarray: ...
 
 
 class MicroBatcher:
@@ -156,6 +157,15 @@ def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, An
     return [{"class": classes[i], "probability": float(proba[i])} for i in order]
 
 
+def _answer(filename: str | None, row: np.ndarray, classes: Sequence[str], k: int,
+            threshold: float | None) -> dict[str, Any]:
+    """One file's JSON: its top-k, and whether it is unknown (null for both without a detector)."""
+    score = float(row[-1])
+    known = threshold is not None and not np.isnan(score)
+    return {"filename": filename, "top": _top(row[:-1], classes, k),
+            "unknown": bool(score > threshold) if known else None, "unknown_score": score if known else None}
+
+
 def create_app(classifier: PixelClassifier, *, max_upload_mb: float = 20, max_batch: int = 32,
                batch_wait_ms: float = 5, top_k: int = DEFAULT_TOP_K, source: str = "") -> Any:
     """The FastAPI app: GET / (the page), POST /predict, GET /health, and the OpenAPI docs at /docs."""
@@ -170,7 +180,7 @@ def create_app(classifier: PixelClassifier, *, max_upload_mb: float = 20, max_ba
     body_limit = MAX_FILES * limit + 64 * 1024  # every file at the limit, plus the multipart framing
     n_classes = len(classifier.classes)
     default_k = min(top_k, n_classes)
-    batcher = MicroBatcher(classifier.predict_proba, max_batch, batch_wait_ms / 1000)
+    batcher = MicroBatcher(classifier.predict_scored, max_batch, batch_wait_ms / 1000)
 
     @asynccontextmanager
     async def lifespan(_: Any):
@@ -258,12 +268,15 @@ def create_app(classifier: PixelClassifier, *, max_upload_mb: float = 20, max_ba
         return HTMLResponse(render("serve.html", title="cnncodes classifier", classes=classifier.classes,
                                    backbone=classifier.backbone, top_k=default_k, max_upload_mb=max_upload_mb,
                                    max_files=MAX_FILES, source=source, placeholder=placeholder_uri(),
-                                   thumb_px=THUMBNAIL_PX))
+                                   thumb_px=THUMBNAIL_PX, detector=classifier.unknown_threshold is not None))
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        """The model's classes and backbone, and how many model calls and images it has run."""
+        """The model's classes and backbone, whether it has an unknown detector, and how many model calls and
+        images it has run."""
         return {"status": "ok", "classes": classifier.classes, "backbone": classifier.backbone,
+                "unknown_detector": classifier.unknown_threshold is not None,
+                "unknown_threshold": classifier.unknown_threshold,
                 "image_size": classifier.image_size, "source": source, "model_calls": batcher.calls,
                 "images": batcher.images, "max_batch": max_batch, "max_upload_mb": max_upload_mb}
 
@@ -271,7 +284,8 @@ def create_app(classifier: PixelClassifier, *, max_upload_mb: float = 20, max_ba
     async def predict(files: list[UploadFile] = File(..., description=f"one or more images (at most {MAX_FILES})"),
                       top_k: int = Query(default_k, ge=1, le=n_classes,
                                          description="classes per image, most probable first")) -> dict[str, Any]:
-        """The top-k classes of each uploaded image, with probabilities."""
+        """The top-k classes of each uploaded image, with calibrated probabilities, and whether it is unknown
+        (not one of the classes: "unknown" true; null when the model has no detector) with its score."""
         if len(files) > MAX_FILES:
             raise UploadError(413, f"{len(files)} files in one request; send at most {MAX_FILES}")
         decoded = await asyncio.gather(*(decode(f) for f in files))
@@ -279,9 +293,9 @@ def create_app(classifier: PixelClassifier, *, max_upload_mb: float = 20, max_ba
         if failed:
             prefix = f"{len(failed)} of {len(files)} files could not be used: " if len(files) > 1 else ""
             raise UploadError(max(f.status for f in failed), prefix + "; ".join(map(str, failed)))
-        proba = await batcher(np.stack(decoded))
-        return {"predictions": [{"filename": f.filename, "top": _top(p, classifier.classes, top_k)}
-                                for f, p in zip(files, proba)]}
+        rows = await batcher(np.stack(decoded))
+        return {"predictions": [_answer(f.filename, row, classifier.classes, top_k, classifier.unknown_threshold)
+                                for f, row in zip(files, rows)]}
 
     return app
 
@@ -315,7 +329,7 @@ def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None
     with tempfile.TemporaryDirectory(prefix="cnncodes-serve-") as scratch:
         classifier = load_classifier(head, model, runtime, threads, scratch_dir=scratch, log=log)
         size = classifier.image_size
-        classifier.predict_proba(np.zeros((1, size, size, 3), np.uint8))  # warm up before the first request
+        classifier.predict_scored(np.zeros((1, size, size, 3), np.uint8))  # warm up before the first request
         app = create_app(classifier, max_upload_mb=max_upload_mb, max_batch=max_batch, batch_wait_ms=batch_wait_ms,
                          top_k=top_k, source=Path(head or model).name)
         log(f"serving {len(classifier.classes)} classes ({classifier.backbone}) on http://{host}:{port}/ "
