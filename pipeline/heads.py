@@ -347,8 +347,8 @@ def calibration_metrics(fitted: FittedHead, raw_test_proba: np.ndarray, y_test: 
         out["unknown"] = {"method": fitted.detector.method, "accept": fitted.detector.accept,
                           "threshold": fitted.detector.threshold, "test_unknown_rate": float(unknown.mean()),
                           "n_unknown": int(unknown.sum()), "n_accepted": int((~unknown).sum()),
-                          "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0,
-                          "seconds": fitted.unknown_seconds}
+                          "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0}
+        out["unknown_seconds"] = fitted.unknown_seconds
     return out
 
 

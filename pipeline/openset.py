@@ -30,6 +30,7 @@ DEFAULT_METHOD = "combined"
 DEFAULT_ACCEPT = 0.95
 DEFAULT_K = 5
 CONFIDENCE_FLOOR = 1e-6  # log(1 - max p + floor): certain images all score log(floor) instead of -inf
+SPREAD_FLOOR = 1e-3  # the smallest standard deviation a signal's z-score divides by
 BLOCK_ROWS = 2048  # query rows per product with the training features (2048 x n floats at a time)
 
 
@@ -120,8 +121,9 @@ def combine(z: dict[str, np.ndarray], method: str) -> np.ndarray:
 
 
 def _norm(values: np.ndarray) -> tuple[float, float]:
-    sd = float(np.std(values))
-    return float(np.mean(values)), sd if sd > 1e-12 else 1.0
+    # the floor: training features are stored in float16 (cosines to about 1e-3), and features that barely
+    # vary (a toy backbone) would otherwise turn float rounding into huge z-scores
+    return float(np.mean(values)), max(float(np.std(values)), SPREAD_FLOOR)
 
 
 def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.ndarray, *,
