@@ -29,8 +29,13 @@ METHODS = ("combined", "msp", "knn")
 DEFAULT_METHOD = "combined"
 DEFAULT_ACCEPT = 0.95
 DEFAULT_K = 5
-CONFIDENCE_FLOOR = 1e-6  # log(1 - max p + floor): certain images all score log(floor) instead of -inf
-SPREAD_FLOOR = 1e-3  # the smallest standard deviation a signal's z-score divides by
+# log(1 - max p + floor): certain images all score log(floor) instead of -inf, and float32 rounding of
+# p near 1 (6e-8, in an exported model) moves the log by less than 0.001
+CONFIDENCE_FLOOR = 1e-4
+# the smallest standard deviation each signal's z-score divides by: training features are stored in float16
+# (cosines to about 1e-3), and a head certain of every training image (spread 0) would otherwise turn
+# rounding into huge z-scores
+SPREAD_FLOOR = {"msp": 0.1, "knn": 1e-3}
 BLOCK_ROWS = 2048  # query rows per product with the training features (2048 x n floats at a time)
 
 
@@ -109,7 +114,7 @@ class Detector:
     def describe(self) -> dict[str, Any]:
         """The head.json entry: method, threshold, accept rate and normalisation (arrays live in their file)."""
         return {"method": self.method, "k": self.k, "accept": self.accept, "threshold": self.threshold,
-                "norm": {name: list(v) for name, v in self.norm.items()}, "n_train": int(len(self.oof_scores)),
+                "norm": {name: list(v) for name, v in self.norm.items()}, "n_train": len(self.oof_scores),
                 "digest": self.digest()}
 
 
@@ -120,10 +125,8 @@ def combine(z: dict[str, np.ndarray], method: str) -> np.ndarray:
     return z[method]
 
 
-def _norm(values: np.ndarray) -> tuple[float, float]:
-    # the floor: training features are stored in float16 (cosines to about 1e-3), and features that barely
-    # vary (a toy backbone) would otherwise turn float rounding into huge z-scores
-    return float(np.mean(values)), max(float(np.std(values)), SPREAD_FLOOR)
+def _norm(values: np.ndarray, signal: str) -> tuple[float, float]:
+    return float(np.mean(values)), max(float(np.std(values)), SPREAD_FLOOR[signal])
 
 
 def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.ndarray, *,
@@ -135,7 +138,7 @@ def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.n
         groups = np.asarray(groups)
         _, codes = np.unique(groups, return_inverse=True)
         raw["knn"] = knn_distance(unit, unit, k, codes, codes)
-    norm = {name: _norm(values) for name, values in raw.items()}
+    norm = {name: _norm(values, name) for name, values in raw.items()}
     oof = combine({name: (values - norm[name][0]) / norm[name][1] for name, values in raw.items()}, method)
     stored = unit.astype(np.float16) if method != "msp" else np.zeros((0, unit.shape[1]), np.float16)
     return Detector(method, k, accept, accept_threshold(oof, accept), norm, stored.astype(np.float32),

@@ -6,7 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pipeline.calibration import apply_temperature, expected_calibration_error, fit_temperature, reliability
+from pipeline.calibration import (
+    apply_temperature,
+    expected_calibration_error,
+    fit_temperature,
+    reliability,
+)
 
 
 def softmax(z: np.ndarray) -> np.ndarray:

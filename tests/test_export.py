@@ -119,7 +119,6 @@ def test_export_returns_calibrated_probabilities_and_the_unknown_score(cnn_world
     proba, scores = as_outputs(load_model_file(path)[0](images))
     expected = head.unknown_scores(features, head.predict_proba(features))
     np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-4)
-    print("DEBUG", head.detector.norm, scores.reshape(-1)[:5], expected[:5])
     assert np.abs(scores.reshape(-1) - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
     assert check["unknown_agreement"] == 1.0 and check["max_abs_score_diff"] < 0.05
     # a threshold just below the median score: about half unknown, as the head decides it

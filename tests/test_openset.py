@@ -10,8 +10,14 @@ import numpy as np
 import pytest
 
 from pipeline.errors import UserError
-from pipeline.openset import (accept_threshold, fit_detector, knn_distance, load_detector, save_detector,
-                              unit_rows)
+from pipeline.openset import (
+    accept_threshold,
+    fit_detector,
+    knn_distance,
+    load_detector,
+    save_detector,
+    unit_rows,
+)
 
 
 def known_world(n: int = 300, dim: int = 24, seed: int = 0):
@@ -42,7 +48,7 @@ def test_accept_threshold_is_a_quantile() -> None:
 
 
 def test_far_images_score_above_the_threshold_and_confident_known_ones_below() -> None:
-    X, y, groups, proba = known_world()
+    X, _, groups, proba = known_world()
     detector = fit_detector(X, groups, proba, accept=0.95)
     rng = np.random.default_rng(1)
     far = rng.normal(0, 1, (50, X.shape[1])).astype(np.float32) - 4 * np.eye(1, X.shape[1])
