@@ -121,7 +121,7 @@ def test_dataset_images_come_from_the_cache(real, no_backbone, tmp_path: Path) -
         assert p.classes == [CLASSES[i] for i in order]
         assert p.probabilities == pytest.approx(proba[order].tolist(), abs=1e-6)
     rows = read_csv(out)
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"]
     assert len(rows) == 19 and all(r[-1] == "" for r in rows[1:])
     assert {r[0] for r in rows[1:]} == {p.path for p in predictions}
     assert not any("computing features" in line for line in lines)
@@ -202,8 +202,9 @@ def test_new_and_broken_images(real, shared_backbone: list, tmp_path: Path) -> N
     assert rows[0] == HEADER3
     assert len(rows) == 1 + 5 and all(len(r) == len(HEADER3) for r in rows)
     by_row = {Path(r[0]).name: r for r in rows[1:]}
-    assert by_row["broken.jpg"][1:7] == [""] * 6 and "not an image" in by_row["broken.jpg"][7]
-    assert by_row["red.png"][7] == "" and by_row["red.png"][1] in CLASSES
+    assert by_row["broken.jpg"][1:9] == [""] * 8 and "not an image" in by_row["broken.jpg"][9]
+    assert by_row["red.png"][9] == "" and by_row["red.png"][1] in CLASSES
+    assert by_row["red.png"][7] in ("true", "false") and float(by_row["red.png"][8]) == float(by_row["red.png"][8])
     assert float(by_row["red.png"][2]) >= float(by_row["red.png"][4]) >= float(by_row["red.png"][6])
 
 
@@ -213,7 +214,7 @@ def test_csv_columns_do_not_depend_on_the_files(real, shared_backbone: list, tmp
     predictions = predict([tmp_path / "bad"], real.head, top_k=2, out=tmp_path / "p.csv", log=quiet)
     assert len(predictions) == 1 and "not an image" in predictions[0].error
     rows = read_csv(tmp_path / "p.csv")
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"], rows[0]
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"], rows[0]
     assert len(rows[1]) == len(rows[0])
 
 
