@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from .neighbours import unit_rows
+
 METHODS = ("combined", "msp", "knn")
 DEFAULT_METHOD = "combined"
 DEFAULT_ACCEPT = 0.95
@@ -37,13 +39,6 @@ CONFIDENCE_FLOOR = 1e-4
 # rounding into huge z-scores
 SPREAD_FLOOR = {"msp": 0.1, "knn": 1e-3}
 BLOCK_ROWS = 2048  # query rows per product with the training features (2048 x n floats at a time)
-
-
-def unit_rows(features: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (float32); all-zero rows stay zero."""
-    x = np.asarray(features, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
 
 
 def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int, groups_q: np.ndarray | None = None,
