@@ -84,7 +84,7 @@ def extract_command(
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
     engine: str = typer.Option("auto", help="auto (ray when --ray-address or RAY_ADDRESS names a cluster and "
                                             "there are 2,000 new images or more, else local), local (one process), "
-                                            "or ray (Ray Data workers: pip install -e '.[ray]')."),
+                                            "or ray (Ray Data workers: pip install 'cnncodes[ray]')."),
     ray_address: Optional[str] = typer.Option(None, help="The Ray cluster: auto, or HEAD_IP:6379 (default: "
                                                           "$RAY_ADDRESS; --engine ray without one starts a local "
                                                           "cluster)."),
@@ -141,16 +141,20 @@ def fit_head_command(
     group_near_duplicates: Optional[float] = typer.Option(
         None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
                    "side of the split and of every fold, as byte-identical files are."),
+    accept: Optional[str] = typer.Option("0.95", help="The unknown detector's threshold accepts this share of "
+                                                      "known images (out of fold)."),
+    no_unknown: bool = typer.Option(False, "--no-unknown", help="Fit no unknown detector (calibration still)."),
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
     from pipeline.heads import fit_head
     from pipeline.plots import write_confusion_png
-    from pipeline.tables import metrics_table
+    from pipeline.tables import metrics_table, unknown_lines
 
     result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
-                      group_near_duplicates=group_near_duplicates, out=out, log=typer.echo)
+                      group_near_duplicates=group_near_duplicates, accept=None if no_unknown else accept,
+                      out=out, log=typer.echo)
     m = result.metrics
     typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
     for note in m["split_notes"]:
@@ -158,6 +162,7 @@ def fit_head_command(
     typer.echo(f"{m['cv_folds']}-fold CV ({m['cv_scoring']}) chose {m['best_params']}: CV score {m['cv_score']:.4f}")
     typer.echo(metrics_table(m))
     write_confusion_png(m, result.folder)
+    typer.echo("\n".join(unknown_lines(m)))
     typer.echo(f"fitted in {m['fit_seconds']:.1f} s; head saved to {result.folder}/")
 
 
@@ -174,12 +179,17 @@ def predict_command(
     trust_pickle: bool = typer.Option(False, help="Load an old head saved as a pickle (head.joblib), which "
                                                   "can run code: only for heads you made yourself."),
     storage_options: Optional[str] = STORAGE_OPTIONS,
+    accept: Optional[str] = typer.Option(None, help="Call unknown what scores above the threshold that accepts "
+                                                    "this share of known images (default: the head's, 0.95)."),
+    unknown_threshold: Optional[str] = typer.Option(None, help="Call unknown what scores above this."),
+    no_unknown: bool = typer.Option(False, "--no-unknown", help="No unknown decision: always the closest class."),
 ) -> None:
     """Classify new images with a head; images already in the head's cache need no backbone."""
     from pipeline.predict import prediction_lines, predict
 
     predictions = predict(paths, head, model=model, top_k=top_k, out=out, batch_size=batch_size, workers=workers,
-                          runtime=runtime, threads=threads, trust_pickle=trust_pickle,
+                          runtime=runtime, threads=threads, trust_pickle=trust_pickle, accept=accept,
+                          unknown_threshold=unknown_threshold, no_unknown=no_unknown,
                           log=lambda m: typer.echo(m, err=True), storage_options=storage_options)
     typer.echo("\n".join(prediction_lines(predictions, limit=20 if out else 50)))
     if out:

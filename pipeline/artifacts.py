@@ -35,6 +35,7 @@ LEGACY_HEAD_MODEL = "head.joblib"  # heads of format 1 (a pickle: loaded only wi
 METRICS_JSON = "metrics.json"  # test metrics (+ intervals), same keys for heads and runs
 PREDICTIONS_CSV = "predictions.csv"  # per-image test predictions
 CV_PREDICTIONS_CSV = "cv_predictions.csv"  # out-of-fold predictions of the training part (when computed)
+UNKNOWN_NPZ = "unknown.npz"  # the unknown detector's arrays: L2-normalised training features, out-of-fold scores
 CONFUSION_PNG = "confusion_matrix.png"
 RUN_MODEL = "model.keras"  # a fine-tuning run's model (+ its sidecar model.keras.json)
 RUN_JSON = "run.json"  # what a fine-tuning run was trained on (fingerprints, options)

@@ -353,7 +353,8 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
         kinds = pair_kinds(i, j, y, in_test)
 
         # out-of-fold probabilities of every labelled image (byte-identical files share a fold)
-        fitted = fit_arrays(X, y, split.group, names, "logreg", cv=cv, n_jobs=n_jobs, seed=seed, log=log)
+        fitted = fit_arrays(X, y, split.group, names, "logreg", cv=cv, n_jobs=n_jobs, seed=seed, accept=None,
+                            log=log)
         folds = cv_splits(y, split.group, cv, seed, names, log=lambda _: None)  # the folds fit_arrays used
         curve = learning_curve(X, y, folds, fitted.cv_proba, fitted.best_params["C"], seed, n_jobs)
         ranked, quality, n_flagged = label_issues(y, fitted.cv_proba)

@@ -19,8 +19,8 @@ import numpy as np
 from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
-from .params import Interval, Options, check_params, define
 from .metrics import classification_metrics, save_metrics
+from .params import Interval, Options, as_number, check_params, define
 from .splits import Split, cv_splits, split_rows
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "knn": ("clf__n_neighbors", [1, 3, 5, 7, 9, 15, 21, 31]),
 }
 define(clf=[Options(CLASSIFIERS)], class_weight=[Options(("balanced",)), None],
-       group_near_duplicates=[Interval(0.5, 1.0), None])
+       group_near_duplicates=[Interval(0.5, 1.0), None], accept=[Interval(0.01, 1.0), None])
 
 
 def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None = None, seed: int = 0):
@@ -100,6 +100,15 @@ class FittedHead:
     cv_grid: list[float]
     cv_proba: np.ndarray | None  # out-of-fold probabilities of the training rows at the chosen value
     fit_seconds: float
+    temperature: float | None = None  # calibration: probabilities are softmax(log(p) / temperature)
+    detector: Any = None  # openset.Detector, or None when fitted with accept=None
+    unknown_seconds: float = 0.0  # of fit_seconds, the time calibration and the detector took
+
+    def calibrate(self, proba: np.ndarray) -> np.ndarray:
+        """The model's probabilities, calibrated (unchanged without a temperature)."""
+        from .calibration import apply_temperature
+
+        return proba if self.temperature is None else apply_temperature(proba, self.temperature)
 
 
 def _score(y_true: np.ndarray, y_pred: np.ndarray, balanced: bool) -> float:
@@ -132,7 +141,8 @@ def svm_kernel_matrices(clf: str, train_x: np.ndarray, val_x: np.ndarray) -> tup
 def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, grid: list[float],
                 n_classes: int, l2_normalize: bool, class_weight: str | None, seed: int) -> list[np.ndarray]:
     """One fold: the transform fitted once, then every grid value; returns, per value, the validation
-    probabilities (n_val, n_classes) for logreg and knn, or the predicted labels (n_val,) for SVMs.
+    probabilities (n_val, n_classes) for logreg and knn, or for SVMs the predicted labels (n_val,) and
+    decision values (for the out-of-fold probabilities that calibration and the unknown detector need).
 
     Logistic regression walks the grid from strong to weak regularisation, each fit warm-started from
     the previous coefficients (the regularisation path, as LogisticRegressionCV does). SVMs get their
@@ -158,7 +168,7 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
             proba[:, estimator.classes_] = estimator.predict_proba(val_x)
             outputs.append(proba)
         else:
-            outputs.append(estimator.predict(val_x))
+            outputs.append((estimator.predict(val_x), estimator.decision_function(val_x)))
     return outputs
 
 
@@ -176,14 +186,30 @@ def _report_convergence(caught: Sequence[warnings.WarningMessage], n_sweep: int,
             "(unscaled or nearly separable features usually cause it).")
 
 
+def sigmoid_calibrated_proba(calibrated: Any, decision: np.ndarray, n_classes: int) -> np.ndarray:
+    """Probabilities of decision values through a fitted CalibratedClassifierCV's sigmoids, normalised as
+    scikit-learn does (binary: p0 = 1 - p1; otherwise divided by their sum)."""
+    calibrators = calibrated.calibrated_classifiers_[0].calibrators
+    d = np.asarray(decision, dtype=np.float64).reshape(len(decision), -1)
+    if n_classes == 2:
+        p1 = calibrators[0].predict(d[:, 0])
+        return np.stack([1 - p1, p1], axis=1)
+    proba = np.stack([c.predict(d[:, k]) for k, c in enumerate(calibrators)], axis=1)
+    total = proba.sum(axis=1, keepdims=True)
+    return np.divide(proba, total, out=np.full_like(proba, 1 / n_classes), where=total != 0)
+
+
 def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
                *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-               l2_normalize: bool = True, log: Callable[[str], None] = logger.info) -> FittedHead:
+               l2_normalize: bool = True, accept: float | None = 0.95,
+               log: Callable[[str], None] = logger.info) -> FittedHead:
     """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
 
-    groups: rows of one group (identical files, near-duplicates) stay in one fold.
+    groups: rows of one group (identical files, near-duplicates) stay in one fold. From the out-of-fold
+    probabilities, a temperature calibrates the head, and (unless accept is None) an unknown detector
+    is fitted whose threshold accepts that share of known images (pipeline.openset).
     """
-    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed))
+    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, accept=accept))
     from joblib import Parallel, delayed
     from sklearn import linear_model, model_selection, multiclass, neighbors, svm  # noqa: F401
     from threadpoolctl import threadpool_limits
@@ -212,7 +238,7 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         log_loss = np.zeros((len(folds), len(grid)))
         for f, ((_, va), outputs) in enumerate(zip(folds, per_fold)):
             for g, out in enumerate(outputs):
-                predicted = out.argmax(1) if has_proba else out
+                predicted = out.argmax(1) if has_proba else out[0]
                 scores[f, g] = _score(y[va], predicted, balanced)
                 if has_proba:
                     log_loss[f, g] = -np.mean(np.log(np.clip(out[np.arange(len(va)), y[va]], 1e-15, None)))
@@ -227,15 +253,32 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         n_sweep_warnings = len(caught)
         model.fit(X, y)
     _report_convergence(caught, n_sweep_warnings, clf, log)
-    cv_proba = None
-    if has_proba:
-        cv_proba = np.zeros((len(y), n_classes))
-        for (_, va), outputs in zip(folds, per_fold):
-            cv_proba[va] = outputs[best]
+    cv_proba = np.zeros((len(y), n_classes))
+    for (_, va), outputs in zip(folds, per_fold):
+        cv_proba[va] = outputs[best] if has_proba else \
+            sigmoid_calibrated_proba(model.steps[-1][1], outputs[best][1], n_classes)
+    unknown_started = time.perf_counter()
+    temperature, detector = fit_unknown(X, groups, y, cv_proba, accept)
     options = dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight, seed=seed, cv=cv)
+    ended = time.perf_counter()
     return FittedHead(model, clf, options, {param.split("__")[-1]: grid[best]}, float(scores.mean(0)[best]),
                       "balanced_accuracy" if balanced else "accuracy", len(folds), [float(v) for v in grid],
-                      cv_proba, time.perf_counter() - started)
+                      cv_proba, ended - started, temperature, detector, ended - unknown_started)
+
+
+def fit_unknown(X: np.ndarray, groups: np.ndarray, y: np.ndarray, oof_proba: np.ndarray,
+                accept: float | None) -> tuple[float, Any]:
+    """The temperature fitted on out-of-fold probabilities, and the unknown detector (None if accept is None).
+
+    The one place a head, the study's winner and a fine-tuning run get both.
+    """
+    from .calibration import apply_temperature, fit_temperature
+    from .openset import fit_detector
+
+    temperature = fit_temperature(oof_proba, y)
+    if accept is None:
+        return temperature, None
+    return temperature, fit_detector(X, groups, apply_temperature(oof_proba, temperature), accept=accept)
 
 
 # -- fit-head: a cache in, a head folder out -------------------------------------------------------
@@ -266,10 +309,15 @@ def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[in
 def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
              class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
              l2_normalize: bool = True, group_near_duplicates: float | None = None,
+             accept: float | str | None = 0.95,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> HeadResult:
-    """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
+    """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
+
+    The head is calibrated, and gets an unknown detector accepting `accept` of known images (None: none).
+    """
+    accept = as_number("accept", accept)
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
-                      group_near_duplicates=group_near_duplicates))
+                      group_near_duplicates=group_near_duplicates, accept=accept))
     cache = load(cache_path)
     if len(cache) == 0:
         raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")
@@ -279,12 +327,14 @@ def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5,
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
     fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf, cv=cv,
-                        n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize, log=log)
+                        n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize,
+                        accept=accept, log=log)
     fitted.options.update(test_size=test_size, group_near_duplicates=group_near_duplicates)
     test_proba = fitted.model.predict_proba(X[split.test])
     folder = Path(out) if out else default_head_dir(Path(cache_path), clf)
     metrics = save_head(folder, fitted, cache, split, test_proba,
-                        {"near_duplicate_links": len(links)} if group_near_duplicates is not None else {})
+                        {"near_duplicate_links": len(links)} if group_near_duplicates is not None else {},
+                        test_features=X[split.test])
     return HeadResult(folder, metrics, split)
 
 
@@ -303,18 +353,44 @@ def rows_digest(cache: FeatureCache, rows: np.ndarray) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def calibration_metrics(fitted: FittedHead, raw_test_proba: np.ndarray, y_test: np.ndarray,
+                        test_features: np.ndarray | None) -> dict[str, Any]:
+    """ECE before and after calibration, the reliability table, and the unknown rate on the test part."""
+    from .calibration import expected_calibration_error, reliability
+
+    proba = fitted.calibrate(raw_test_proba)
+    out: dict[str, Any] = {
+        "ece_uncalibrated": expected_calibration_error(raw_test_proba, y_test),
+        "ece": expected_calibration_error(proba, y_test), "temperature": fitted.temperature,
+        "reliability": reliability(proba, y_test), "reliability_uncalibrated": reliability(raw_test_proba, y_test),
+    }
+    if fitted.detector is not None and test_features is not None:
+        unknown = fitted.detector.score(test_features, proba) > fitted.detector.threshold
+        correct = proba.argmax(1) == y_test
+        out["unknown"] = {"method": fitted.detector.method, "accept": fitted.detector.accept,
+                          "threshold": fitted.detector.threshold, "test_unknown_rate": float(unknown.mean()),
+                          "n_unknown": int(unknown.sum()), "n_accepted": int((~unknown).sum()),
+                          "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0}
+        out["unknown_seconds"] = fitted.unknown_seconds
+    return out
+
+
 def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache, split: Split,
-              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None,
+              test_features: np.ndarray | None = None) -> dict[str, Any]:
     """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
-    per-image test predictions, the out-of-fold training predictions when the sweep made them, the PNG.
-    Returns the metrics."""
+    per-image test predictions, the out-of-fold training predictions, the unknown detector's arrays, the PNG.
+
+    test_proba is the model's own; what is written is calibrated. Returns the metrics."""
     import skops.io
 
-    from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, chain_fingerprint,
-                            predictions_from_rows, staged_folder, write_json, write_predictions)
+    from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ,
+                            chain_fingerprint, predictions_from_rows, staged_folder, write_json, write_predictions)
     from .images import file_sha256
 
     y_test = cache.labels[split.test]
+    calibration = calibration_metrics(fitted, test_proba, y_test, test_features)
+    test_proba = fitted.calibrate(test_proba)
     metrics = classification_metrics(y_test, test_proba.argmax(1), cache.class_names, seed=fitted.options["seed"])
     metrics.update({
         "method": f"{fitted.clf} head", "clf": fitted.clf, "best_params": fitted.best_params,
@@ -322,11 +398,14 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
         "cv_grid": fitted.cv_grid, "fit_seconds": fitted.fit_seconds, "train_seconds": fitted.fit_seconds,
         "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
         "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups,
-        "seed": fitted.options["seed"], **(extra_metrics or {}),
+        "seed": fitted.options["seed"], **calibration, **(extra_metrics or {}),
     })
     cache_fingerprint = cache.attrs["fingerprint"]
+    detector = fitted.detector.describe() if fitted.detector is not None else None
     fingerprint = chain_fingerprint(cache_fingerprint, options=fitted.options,
-                                    rows=rows_digest(cache, np.concatenate([split.train, split.test])))
+                                    rows=rows_digest(cache, np.concatenate([split.train, split.test])),
+                                    **({"temperature": fitted.temperature} if fitted.temperature else {}),
+                                    **({"unknown": detector} if detector else {}))
     metrics["fingerprint"] = fingerprint
     meta = {
         "format_version": HEAD_FORMAT_VERSION, "kind": "head", "fingerprint": fingerprint,
@@ -338,6 +417,13 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
                                             "cv_score", "best_params")},
         "versions": _versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    # optional keys: heads written before them load as uncalibrated and without a detector
+    if fitted.temperature is not None:
+        meta["calibration"] = {"method": "temperature", "temperature": fitted.temperature,
+                               "fitted_on": "out-of-fold predictions of the training part",
+                               "ece_uncalibrated": calibration["ece_uncalibrated"], "ece": calibration["ece"]}
+    if detector is not None:
+        meta["unknown"] = {**detector, "file": UNKNOWN_NPZ}
     rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
                 class_names=cache.class_names)
     with staged_folder(folder) as stage:
@@ -346,7 +432,12 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
         write_json(stage / HEAD_JSON, meta)
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
         if fitted.cv_proba is not None:
-            write_predictions(stage / CV_PREDICTIONS_CSV, predictions_from_rows(split.train, fitted.cv_proba, **rows))
+            write_predictions(stage / CV_PREDICTIONS_CSV,
+                              predictions_from_rows(split.train, fitted.calibrate(fitted.cv_proba), **rows))
+        if fitted.detector is not None:
+            from .openset import save_detector
+
+            save_detector(fitted.detector, stage / UNKNOWN_NPZ)
         save_metrics(metrics, stage)
     return metrics
 
@@ -374,12 +465,39 @@ class Head:
             raise UserError(f"head {self.folder} was trained on other features than {source} "
                             f"({differences.rstrip('; ')}). Fit a head on a cache of this configuration.")
 
+    @property
+    def temperature(self) -> float | None:
+        """The calibration's temperature; None for heads saved before calibration existed."""
+        return self.meta.get("calibration", {}).get("temperature")
+
+    @property
+    def detector(self) -> Any:
+        """The unknown detector (openset.Detector, loaded once), or None: a head saved without one."""
+        if "unknown" not in self.meta:
+            return None
+        if "_detector" not in self.__dict__:
+            from .artifacts import UNKNOWN_NPZ
+            from .openset import load_detector
+
+            self.__dict__["_detector"] = load_detector(self.meta["unknown"], self.folder / UNKNOWN_NPZ)
+        return self.__dict__["_detector"]
+
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
-        """Class probabilities, after checking the feature width."""
+        """Class probabilities (calibrated when the head has a temperature), after checking the feature width."""
         if features.ndim != 2 or features.shape[1] != self.meta["feature_dim"]:
             raise UserError(f"head {self.folder} expects {self.meta['feature_dim']} features per image, "
                             f"got shape {features.shape}.")
-        return self.model.predict_proba(features)
+        proba = self.model.predict_proba(features)
+        if self.temperature is None:
+            return proba
+        from .calibration import apply_temperature
+
+        return apply_temperature(proba, self.temperature)
+
+    def unknown_scores(self, features: np.ndarray, proba: np.ndarray) -> np.ndarray | None:
+        """The unknown score of each image from its features and calibrated probabilities; None: no detector."""
+        detector = self.detector
+        return None if detector is None else detector.score(features, proba)
 
 
 # Every type a head pipeline may hold; a head.skops asking for anything else is refused unread.

@@ -65,6 +65,11 @@ class Matches:
         return self.description
 
 
+def literal(text: str) -> str:
+    """Text to put into a ParamError template as it is (its braces escaped)."""
+    return text.replace("{", "{{").replace("}", "}}")
+
+
 class ParamError(UserError):
     """A user error about named parameters: `str()` names them as Python arguments, `as_flags()` as options.
 
@@ -119,5 +124,18 @@ def check_params(values: Mapping[str, Any]) -> None:
         allowed = PARAMETERS[name]
         if not any(_accepts(c, value) for c in allowed):
             wants = " or ".join(_describe(c) for c in allowed)
-            text = f"is {value!r}; it must be {wants}.".replace("{", "{{").replace("}", "}}")
-            raise ParamError("{} " + text, name)
+            raise ParamError("{} " + literal(f"is {value!r}; it must be {wants}."), name)
+
+
+def as_number(name: str, value: Any) -> Any:
+    """A number given as text on the command line (e.g. --unknown-threshold 2.5) as a float; other values as
+    they are. Text that is no number is a ParamError in check_params' words."""
+    if not isinstance(value, str):
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if math.isnan(number):
+        raise ParamError("{} " + literal(f"is {value!r}; it must be a number."), name)
+    return number

@@ -103,7 +103,8 @@ def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
 def save_outcome(folder: Path, outcome: Outcome) -> None:
     """A configuration as a normal head folder (predict, export and compare take it as it is)."""
     save_head(folder, outcome.fitted, outcome.cache, outcome.split, outcome.test_proba,
-              {"selected_by": "cnncodes study: CV accuracy on the training part"})
+              {"selected_by": "cnncodes study: CV accuracy on the training part"},
+              test_features=outcome.cache.features[outcome.split.test])
 
 
 def paired_test(winner: Outcome, folder: Path) -> tuple[dict[str, Any], str]:

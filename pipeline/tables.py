@@ -48,3 +48,18 @@ def compare_markdown(rows: Sequence[dict[str, Any]]) -> str:
     rule = "|" + "|".join(" --- " for _ in COMPARE_COLUMNS) + "|"
     body = ["| " + " | ".join(cell(row) for _, cell in COMPARE_COLUMNS) + " |" for row in rows]
     return "\n".join([head, rule, *body])
+
+
+def unknown_lines(metrics: dict[str, Any]) -> list[str]:
+    """Calibration and the unknown detector in words, as fit-head prints them (empty for older metrics)."""
+    lines = []
+    if "ece" in metrics:
+        lines.append(f"calibration: temperature {metrics['temperature']:.3f}; ECE (15 bins) on the test part "
+                     f"{metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f}")
+    unknown = metrics.get("unknown")
+    if unknown:
+        lines.append(f"unknown detector ({unknown['method']}): threshold {unknown['threshold']:.3f} accepts "
+                     f"{unknown['accept']:.0%} of known training images (out of fold); on the test part "
+                     f"{unknown['n_unknown']} of {unknown['n_unknown'] + unknown['n_accepted']} called unknown "
+                     f"({unknown['test_unknown_rate']:.1%}), accuracy on the accepted {unknown['accepted_accuracy']:.4f}")
+    return lines

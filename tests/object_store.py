@@ -16,7 +16,7 @@ from typing import Iterator
 
 import pytest
 
-NO_S3 = "s3fs or moto is not installed (pip install -e '.[s3,test]'): object storage cannot be tested"
+NO_S3 = "s3fs or moto is not installed (pip install 'cnncodes[s3,test]'): object storage cannot be tested"
 BUCKET = "cnncodes-test"
 CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

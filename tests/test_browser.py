@@ -236,3 +236,43 @@ def test_report_opens_from_disk_and_its_cells_open_their_images(page, report_wor
     assert page.locator("#tip-img").evaluate("i => i.naturalWidth") > 0
     page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
     assert page.errors == []
+
+
+def test_serve_page_shows_a_bank_note_as_unknown(page, served_head, tmp_path: Path) -> None:
+    """The flowers head's detector: a held-out daisy shows its class, a bank note shows in grey as unknown."""
+    import httpx
+
+    head, flower, true_class = served_head
+    if true_class is None:
+        pytest.skip(f"needs the Lite0 flowers head ({SHARED} is absent)")
+    notes = SHARED / "datasets" / "usd_bills_kaggle" / "1_dollar"
+    if not notes.is_dir():
+        pytest.skip(f"{notes} is absent")
+    note = min((p for p in notes.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
+               key=lambda p: p.stat().st_size)
+    with running_server(head, tmp_path / "serve.log") as url:
+        health = httpx.get(url + "health").json()
+        assert health["unknown_detector"] is True
+        page.goto(url)
+        assert "unknown detector on" in page.locator("#detector").inner_text()
+        page.set_input_files("#files", str(flower))
+        page.locator(".result.prediction").wait_for(timeout=120_000)
+        page.set_input_files("#files", str(note))
+        page.locator(".result.prediction.unknown").wait_for(timeout=120_000)
+        cards = page.locator(".result.prediction")
+        assert cards.count() == 2
+        note_card, flower_card = cards.nth(0), cards.nth(1)  # the newest card comes first
+        assert note_card.locator(".name").inner_text() == note.name
+        assert "unknown" not in (flower_card.get_attribute("class") or "")
+        assert flower_card.locator(".row.first .cls").inner_text() == true_class
+        verdict = note_card.locator(".verdict").inner_text()
+        closest = note_card.locator(".row.first .cls").inner_text()
+        percent = round(100 * float(note_card.locator(".row.first .fill").get_attribute("data-probability")))
+        assert verdict == f"Not one of my {len(health['classes'])} classes (closest: {closest}, {percent}%)"
+        grey = note_card.evaluate("e => getComputedStyle(e).backgroundColor")
+        assert grey == "rgb(243, 243, 243)"
+        with open(note, "rb") as handle:
+            api = httpx.post(url + "predict", files={"files": (note.name, handle)}).json()["predictions"][0]
+        assert api["unknown"] is True and api["unknown_score"] > health["unknown_threshold"]
+        page.screenshot(path=str(tmp_path / "serve-unknown.png"), full_page=True)
+        assert page.errors == []

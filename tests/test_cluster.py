@@ -22,7 +22,7 @@ from object_store import S3
 from pipeline.cache import load
 from pipeline.extract import extract
 
-NO_RAY = "Ray is not installed (pip install -e '.[ray]'): the Ray engine cannot be tested"
+NO_RAY = "Ray is not installed (pip install 'cnncodes[ray]'): the Ray engine cannot be tested"
 RUNTIME = "tflite"  # the CPU actors' runtime, converted once beside the caches
 BATCH = 4
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::DeprecationWarning")]

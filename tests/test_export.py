@@ -26,6 +26,7 @@ from pipeline.export import export_head, verify_export
 from pipeline.heads import load_head
 from pipeline.predict import predict
 from pipeline.runtime import load_model_file, sidecar_path
+from pipeline.stream import as_outputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -42,7 +43,7 @@ def assert_matches_head(model_path: Path, images: np.ndarray, expected: np.ndarr
     runtime, meta = load_model_file(model_path)
     assert meta["classes"] == list(classes)
     assert meta["image_size"] == 32 == runtime.image_size and meta["resize"] == "bilinear"
-    proba = runtime(images)
+    proba = as_outputs(runtime(images))[0]
     assert proba.shape == expected.shape
     np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-5)
     assert np.abs(proba - expected).max() <= tol, np.abs(proba - expected).max()
@@ -81,7 +82,7 @@ def test_export_reproduces_head(world: World, exported, clf: str, fmt: str) -> N
 @pytest.mark.parametrize("clf", ["logreg", "svm"])
 def test_binary_export_reproduces_head(world: World, clf: str, tmp_path: Path) -> None:
     path, _ = export_head(world.heads2[clf], tmp_path / f"{clf}2.keras", verify=0)
-    assert load_model_file(path)[0].model.output_shape == (None, 2)
+    assert load_model_file(path)[0].model.output_shape == [(None, 2), (None, 1)]  # probabilities, unknown score
     images, expected = expected_proba(world, world.heads2[clf], world.data2, world.cache2)
     assert (np.abs(expected[:, 0] - expected[:, 1])).min() > 0.05
     assert_matches_head(path, images, expected, CLASSES2)
@@ -98,6 +99,36 @@ def test_l2_normalised_export_reproduces_head(cnn_world: World, clf: str, tmp_pa
     assert_matches_head(path, images, expected, CLASSES3)
 
 
+@pytest.mark.parametrize("fmt", ["keras", "tflite"])
+def test_export_returns_calibrated_probabilities_and_the_unknown_score(cnn_world: World, fmt: str,
+                                                                       tmp_path: Path) -> None:
+    """The second output is the head's own unknown score; the sidecar gives the threshold; predict --model and
+    export's check agree with the head's decisions."""
+    w = cnn_world
+    head = load_head(w.heads["logreg"])
+    assert head.temperature is not None and head.detector is not None
+    path, check = export_head(w.heads["logreg"], tmp_path / f"m.{fmt}", format=fmt, verify=100)
+    meta = json.loads(sidecar_path(path).read_text())
+    assert meta["outputs"] == ["probabilities", "unknown_score"]
+    assert meta["unknown"]["threshold"] == pytest.approx(head.detector.threshold)
+    assert meta["calibration"]["temperature"] == pytest.approx(head.temperature)
+    rel, images = w.images(w.data)
+    cache = load(w.cache)
+    row = {p: i for i, p in enumerate(cache.paths)}
+    features = cache.features[[row[r] for r in rel]]
+    proba, scores = as_outputs(load_model_file(path)[0](images))
+    expected = head.unknown_scores(features, head.predict_proba(features))
+    np.testing.assert_allclose(proba, head.predict_proba(features), atol=1e-4)
+    assert np.abs(scores.reshape(-1) - expected).max() < 0.05 * max(1.0, np.abs(expected).max())
+    assert check["unknown_agreement"] == 1.0 and check["max_abs_score_diff"] < 0.05
+    # a threshold just below the median score: about half unknown, as the head decides it
+    cut = float(np.median(expected)) - 1e-3
+    rows = predict([w.data], model=path, unknown_threshold=cut, log=lambda m: None)
+    by_path = {Path(p.path).relative_to(w.data).as_posix(): p for p in rows}
+    decided = np.array([by_path[r].unknown for r in rel])
+    assert np.mean(decided == (expected > cut)) >= 0.95 and 0 < decided.sum() < len(decided)
+
+
 def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> None:
     w = cnn_world
     path, _ = export_head(w.heads["logreg"], tmp_path / "f16.tflite", format="tflite", quantize="float16")
@@ -108,7 +139,7 @@ def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> N
     test = read_predictions(w.heads["logreg"] / PREDICTIONS_CSV)
     check = verify_export(runtime, head, test, 64)
     assert set(check) == {"images", "max_abs_prob_diff", "top1_agreement", "export_accuracy", "head_accuracy",
-                          "n_test"}
+                          "n_test", "unknown_agreement", "max_abs_score_diff", "unknown_export", "unknown_head"}
     assert check["images"] == check["n_test"] == len(test) > 0
     assert 0.9 <= check["top1_agreement"] <= 1.0
     assert check["head_accuracy"] == pytest.approx(float(test.correct.mean()))
@@ -226,7 +257,7 @@ def test_predict_with_model_file(world: World, exported, fmt: str, tmp_path: Pat
         assert abs(p.probabilities[0] - proba.max()) <= 1e-4
     with open(out, newline="") as handle:
         lines = list(csv.reader(handle))
-    assert lines[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert lines[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"]
     assert len(lines) == 25
 
 

@@ -32,12 +32,13 @@ FIT_HEAD_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "conf
 
 @pytest.fixture(scope="module")
 def data(world: World):
-    """Decoded images of the dataset and the logreg head's probabilities on their cached features."""
+    """Decoded images of the dataset and the logreg head's probabilities on their cached features (the
+    fitted pipeline's own: --init-head starts from its weights, before the head's calibration)."""
     rel, images = world.images()
     cache = load(world.cache)
     row = {p: i for i, p in enumerate(cache.paths)}
     head = load_head(world.heads["logreg"])
-    return images, head, head.predict_proba(cache.features[[row[r] for r in rel]])
+    return images, head, head.model.predict_proba(cache.features[[row[r] for r in rel]])
 
 
 def is_batchnorm(layer) -> bool:

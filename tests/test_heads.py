@@ -15,7 +15,7 @@ from threadpoolctl import threadpool_limits
 from heads_fixtures import (CLASS_NAMES3, ROOT, SYNTH_CONFIG, blobs, fake_hash, noise,  # noqa: F401
                             write_cache)
 from pipeline import heads
-from pipeline.artifacts import CV_PREDICTIONS_CSV, HEAD_MODEL, PREDICTIONS_CSV, read_predictions
+from pipeline.artifacts import CV_PREDICTIONS_CSV, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS, fit_head, load_head
@@ -23,7 +23,7 @@ from pipeline.splits import cv_splits, split_rows
 from pipeline.artifacts import METRICS_JSON
 from pipeline.metrics import load_metrics
 
-TIMING_KEYS = ("fit_seconds", "train_seconds")
+TIMING_KEYS = ("fit_seconds", "train_seconds", "unknown_seconds")
 
 
 def quiet(_: str) -> None:
@@ -115,10 +115,12 @@ def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(clf: str, mat
     train, val = np.arange(0, 60, 2), np.arange(1, 60, 2)
     grid = heads.GRIDS[clf][1]
     swept = heads._fold_sweep(clf, X, y, train, val, grid, 3, True, None, 0)
-    for value, predicted in zip(grid, swept):
+    for value, (predicted, decision) in zip(grid, swept):
         model = heads.make_pipeline(clf).set_params(**{heads.GRIDS[clf][0]: value}).fit(X[train], y[train])
         np.testing.assert_array_equal(predicted, model.predict(X[val]), err_msg=f"{clf} at C={value}")
-    assert len({tuple(p) for p in swept}) > 1  # the grid changes the predictions: a real check
+        # the decision values (for the out-of-fold probabilities) are libsvm's too
+        np.testing.assert_allclose(decision, model.decision_function(X[val]), atol=1e-6)
+    assert len({tuple(p) for p, _ in swept}) > 1  # the grid changes the predictions: a real check
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -409,8 +411,8 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     result, blob_cache = fitted[clf], fitted["cache"]
     folder = result.folder
     assert folder.name == clf
-    with_oof = {CV_PREDICTIONS_CSV} if clf in ("logreg", "knn") else set()  # SVM sweeps make no probabilities
-    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_JSON, PREDICTIONS_CSV} | with_oof
+    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_JSON, PREDICTIONS_CSV,
+                                                  CV_PREDICTIONS_CSV, UNKNOWN_NPZ}
 
     metrics = json.loads((folder / METRICS_JSON).read_text())
     assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
@@ -750,3 +752,39 @@ def test_cli_malformed_head_exits_2_with_one_line(head_pair: Path, tmp_path: Pat
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert MALFORMED_HEADS[case][1] in lines[0] and "Traceback" not in result.output
+
+
+# -- calibration and the unknown detector -----------------------------------------------------------
+@pytest.mark.parametrize("clf", CLASSIFIERS)
+def test_every_head_is_calibrated_and_gets_a_detector(fitted: dict, clf: str) -> None:
+    from pipeline.artifacts import HEAD_JSON, METRICS_JSON, UNKNOWN_NPZ
+
+    folder = fitted[clf].folder
+    meta = json.loads((folder / HEAD_JSON).read_text())
+    metrics = json.loads((folder / METRICS_JSON).read_text())
+    assert meta["calibration"]["method"] == "temperature" and meta["calibration"]["temperature"] > 0
+    assert meta["unknown"]["method"] == "combined" and meta["unknown"]["accept"] == 0.95
+    assert (folder / UNKNOWN_NPZ).is_file() and meta["unknown"]["n_train"] == metrics["n_train"]
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["ece_uncalibrated"] <= 1
+    assert sum(metrics["reliability"]["count"]) == metrics["n_test"]
+    assert 0 <= metrics["unknown"]["test_unknown_rate"] <= 1
+    head = load_head(folder)
+    X = load(fitted["cache"]).features
+    raw = head.model.predict_proba(X[:5])
+    assert np.allclose(head.predict_proba(X[:5]).argmax(1), raw.argmax(1))
+    assert head.unknown_scores(X[:5], head.predict_proba(X[:5])).shape == (5,)
+
+
+def test_accept_sets_the_detector_and_enters_the_fingerprint(blob_cache: Path, tmp_path: Path, small_grids) -> None:
+    from pipeline.artifacts import HEAD_JSON, UNKNOWN_NPZ
+
+    a = fit(blob_cache, tmp_path / "a", accept=0.95)
+    b = fit(blob_cache, tmp_path / "b", accept=0.8)
+    none = fit(blob_cache, tmp_path / "none", accept=None)
+    meta = {k: json.loads((tmp_path / k / HEAD_JSON).read_text()) for k in ("a", "b", "none")}
+    assert meta["b"]["unknown"]["accept"] == 0.8 and meta["b"]["unknown"]["threshold"] < meta["a"]["unknown"]["threshold"]
+    assert len({a.metrics["fingerprint"], b.metrics["fingerprint"], none.metrics["fingerprint"]}) == 3
+    assert "unknown" not in meta["none"] and "calibration" in meta["none"] and not (tmp_path / "none" / UNKNOWN_NPZ).exists()
+    assert load_head(tmp_path / "none").detector is None
+    with pytest.raises(UserError, match="^accept is 1.5"):
+        fit(blob_cache, tmp_path / "c", accept=1.5)

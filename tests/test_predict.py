@@ -26,7 +26,7 @@ from pipeline.images import decode_image
 from pipeline.predict import predict
 
 CLASSES = sorted(CLASS_COLOURS)  # apple, grass, sky
-HEADER3 = ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "error"]
+HEADER3 = ["path", "class_1", "prob_1", "class_2", "prob_2", "class_3", "prob_3", "unknown", "unknown_score", "error"]
 
 
 def quiet(_: str) -> None:
@@ -121,7 +121,7 @@ def test_dataset_images_come_from_the_cache(real, no_backbone, tmp_path: Path) -
         assert p.classes == [CLASSES[i] for i in order]
         assert p.probabilities == pytest.approx(proba[order].tolist(), abs=1e-6)
     rows = read_csv(out)
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"]
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"]
     assert len(rows) == 19 and all(r[-1] == "" for r in rows[1:])
     assert {r[0] for r in rows[1:]} == {p.path for p in predictions}
     assert not any("computing features" in line for line in lines)
@@ -202,8 +202,9 @@ def test_new_and_broken_images(real, shared_backbone: list, tmp_path: Path) -> N
     assert rows[0] == HEADER3
     assert len(rows) == 1 + 5 and all(len(r) == len(HEADER3) for r in rows)
     by_row = {Path(r[0]).name: r for r in rows[1:]}
-    assert by_row["broken.jpg"][1:7] == [""] * 6 and "not an image" in by_row["broken.jpg"][7]
-    assert by_row["red.png"][7] == "" and by_row["red.png"][1] in CLASSES
+    assert by_row["broken.jpg"][1:9] == [""] * 8 and "not an image" in by_row["broken.jpg"][9]
+    assert by_row["red.png"][9] == "" and by_row["red.png"][1] in CLASSES
+    assert by_row["red.png"][7] in ("true", "false") and float(by_row["red.png"][8]) == float(by_row["red.png"][8])
     assert float(by_row["red.png"][2]) >= float(by_row["red.png"][4]) >= float(by_row["red.png"][6])
 
 
@@ -213,7 +214,7 @@ def test_csv_columns_do_not_depend_on_the_files(real, shared_backbone: list, tmp
     predictions = predict([tmp_path / "bad"], real.head, top_k=2, out=tmp_path / "p.csv", log=quiet)
     assert len(predictions) == 1 and "not an image" in predictions[0].error
     rows = read_csv(tmp_path / "p.csv")
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"], rows[0]
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"], rows[0]
     assert len(rows[1]) == len(rows[0])
 
 
@@ -277,13 +278,17 @@ def test_cli_predict(real, no_backbone, tmp_path: Path) -> None:
     assert "18 images classified, 0 skipped" in result.stdout
     assert f"predictions written to {out}" in result.stdout
     rows = read_csv(out)
-    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "error"] and len(rows) == 19
+    assert rows[0] == ["path", "class_1", "prob_1", "class_2", "prob_2", "unknown", "unknown_score", "error"]
+    assert len(rows) == 19 and {r[5] for r in rows[1:]} <= {"true", "false"}
 
 
 @pytest.mark.parametrize("args, fragment", [
     (["--head", "NO_HEAD"], "head.json is missing"),
     (["--head", "HEAD", "--top-k", "0"], "--top-k is 0"),
     ([], "give exactly one of --head"),
+    (["--head", "HEAD", "--accept", "1.5"], "--accept is 1.5; it must be a number in [0.01, 1]"),
+    (["--head", "HEAD", "--unknown-threshold", "abc"], "--unknown-threshold is 'abc'; it must be a number"),
+    (["--head", "HEAD", "--accept", "0.9", "--unknown-threshold", "2"], "at most one of --accept"),
 ])
 def test_cli_predict_user_errors(real, tmp_path: Path, args: list[str], fragment: str) -> None:
     import cli
@@ -293,4 +298,47 @@ def test_cli_predict_user_errors(real, tmp_path: Path, args: list[str], fragment
     assert result.exit_code == 2, (result.output, result.exception)
     assert isinstance(result.exception, SystemExit)
     assert result.stderr.startswith("error: ") and fragment in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.output
+
+
+# -- unknowns --------------------------------------------------------------------------------------
+def test_unknown_decision_follows_the_options(real, no_backbone) -> None:
+    """The head's own threshold, --unknown-threshold, --accept and --no-unknown; the top-k stays listed."""
+    head = load_head(real.head)
+    assert head.detector is not None and head.temperature is not None
+    own = predict([real.data], real.head, top_k=3, log=quiet)
+    scores = np.array([p.unknown_score for p in own])
+    assert all(len(p.classes) == 3 for p in own)
+    assert [p.unknown for p in own] == list(scores > head.detector.threshold)
+    everything = predict([real.data], real.head, unknown_threshold=float(scores.min()) - 1, log=quiet)
+    assert all(p.unknown for p in everything) and all(p.classes for p in everything)
+    half = predict([real.data], real.head, accept=0.5, log=quiet)
+    assert 0 < sum(p.unknown for p in half) < len(half)
+    off = predict([real.data], real.head, no_unknown=True, log=quiet)
+    assert all(p.unknown is None and p.unknown_score is None for p in off)
+    np.testing.assert_allclose([p.probabilities for p in off], [p.probabilities for p in own])
+
+
+def test_old_head_without_detector_still_predicts(real, no_backbone, tmp_path: Path) -> None:
+    """A head saved before calibration and the detector existed: raw probabilities, unknown left empty."""
+    from pipeline.artifacts import HEAD_JSON, UNKNOWN_NPZ
+
+    old = tmp_path / "old-head"
+    shutil.copytree(real.head, old)
+    meta = json.loads((old / HEAD_JSON).read_text())
+    del meta["calibration"], meta["unknown"]
+    (old / HEAD_JSON).write_text(json.dumps(meta))
+    (old / UNKNOWN_NPZ).unlink()
+    notes: list[str] = []
+    predictions = predict([real.data], old, top_k=3, out=tmp_path / "old.csv", log=notes.append)
+    assert len(predictions) == 18 and all(p.unknown is None and p.unknown_score is None for p in predictions)
+    assert any("no unknown detector" in n for n in notes)
+    head = load_head(old)
+    cache = load(real.cache)
+    row = {p: i for i, p in enumerate(cache.paths)}
+    for p in predictions:
+        raw = head.model.predict_proba(cache.features[[row[Path(p.path).relative_to(real.data).as_posix()]]])[0]
+        assert p.probabilities[0] == pytest.approx(raw.max())  # uncalibrated, as the old head wrote them
+    rows = read_csv(tmp_path / "old.csv")
+    assert rows[0] == HEADER3 and all(r[7] == r[8] == "" for r in rows[1:])

@@ -30,26 +30,30 @@ CLASSES = ["red", "green", "blue"]
 
 
 class FakeClassifier:
-    """Probabilities from the mean colour (red, green, blue), and a record of every model call."""
+    """Probabilities from the mean colour (red, green, blue), an unknown score that is high for grey images
+    (no colour stands out), and a record of every model call."""
 
     classes = CLASSES
     image_size = 16
     resize = "bilinear"
     backbone = "fake-backbone-16"
 
-    def __init__(self, fail: bool = False) -> None:
+    def __init__(self, fail: bool = False, detector: bool = True) -> None:
         self.batches: list[int] = []
         self.fail = fail
         self.lock = threading.Lock()
+        self.unknown_threshold = 0.5 if detector else None
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray:
+    def predict_scored(self, images: np.ndarray) -> np.ndarray:
         with self.lock:
             self.batches.append(len(images))
         if self.fail:
             raise RuntimeError("the model broke")
-        means = images.reshape(len(images), -1, 3).mean(1) / 25.0
-        e = np.exp(means - means.max(1, keepdims=True))
-        return e / e.sum(1, keepdims=True)
+        means = images.reshape(len(images), -1, 3).mean(1)
+        e = np.exp(means / 25.0 - means.max(1, keepdims=True) / 25.0)
+        score = 1 - (means.max(1) - means.min(1)) / 100 if self.unknown_threshold is not None \
+            else np.full(len(images), np.nan)
+        return np.column_stack([e / e.sum(1, keepdims=True), score])
 
 
 def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", seed: int = 0) -> bytes:
@@ -120,6 +124,25 @@ def test_predict_several_files_in_one_request(client: TestClient, fake: FakeClas
         probabilities = [t["probability"] for t in p["top"]]
         assert probabilities == sorted(probabilities, reverse=True) and abs(sum(probabilities) - 1) < 1e-6
     assert fake.batches == [3]  # one request, one model call
+
+
+def test_grey_image_is_unknown_with_its_closest_class(client: TestClient) -> None:
+    response = post(client, ("r.png", image_bytes((220, 30, 30))), ("grey.png", image_bytes((128, 128, 128))))
+    red, grey = response.json()["predictions"]
+    assert red["unknown"] is False and grey["unknown"] is True
+    assert grey["unknown_score"] > 0.5 > red["unknown_score"]
+    assert len(grey["top"]) == 3  # the closest classes are still listed
+    assert client.get("/health").json()["unknown_detector"] is True
+    assert "unknown detector on" in client.get("/").text
+
+
+def test_model_without_detector_says_so() -> None:
+    with TestClient(create_app(FakeClassifier(detector=False))) as c:
+        answer = post(c, ("grey.png", image_bytes((128, 128, 128)))).json()["predictions"][0]
+        assert answer["unknown"] is None and answer["unknown_score"] is None
+        assert answer["top"][0]["probability"] > 0
+        assert c.get("/health").json()["unknown_detector"] is False
+        assert "has no unknown detector" in c.get("/").text
 
 
 def test_top_k_query(client: TestClient) -> None:
@@ -271,7 +294,7 @@ def test_serve_refuses_bad_options_before_loading() -> None:
         serve("some/head", max_upload_mb=0)
     with pytest.raises(UserError, match="^port is 70000"):
         serve("some/head", port=70000)
-    with pytest.raises(UserError, match="--max-request-mb"):
+    with pytest.raises(UserError, match="^max_request_mb is -1"):
         serve("some/head", max_request_mb=-1)
     with pytest.raises(UserError, match="--allowed-hosts"):
         serve("some/head", allowed_hosts=["http://evil.example/"])

@@ -112,6 +112,9 @@ def test_rows_winner_and_outputs(full) -> None:
     rows_of = {h: i for i, h in enumerate(cache.content_hash)}
     features = cache.features[[rows_of[h] for h in test.content_hash]]
     assert np.allclose(head.predict_proba(features), test.proba, atol=1e-5)
+    # the winner is calibrated and has an unknown detector, as fit-head's heads do (the same function)
+    assert meta["calibration"]["method"] == "temperature" and head.detector is not None
+    assert "test_unknown_rate" in json.loads((folder / "winner" / "metrics.json").read_text())["unknown"]
     # the files
     saved = json.loads((folder / "study.json").read_text())
     for key in ("dataset_root", "n_images", "images_per_class", "seed", "rows", "winner", "advice", "checkout",

@@ -236,3 +236,14 @@ def test_cli_report_with_tsne(report_world: ReportWorld, tmp_path: Path) -> None
     assert thumb.size == (48, 48)
     bad = CliRunner().invoke(cli.app, ["report", str(tmp_path / "absent"), "--out", str(out)])
     assert bad.exit_code == 2 and bad.stderr.startswith("error: ")
+
+
+def test_reliability_diagram_and_unknown_split(report_world: ReportWorld, tmp_path: Path) -> None:
+    html = section(build(report_world, tmp_path), "method-0")
+    metrics = json.loads((report_world.heads["logreg"] / "metrics.json").read_text())
+    unknown = metrics["unknown"]
+    assert "<h3>Calibration and unknowns</h3>" in html
+    assert 'class="plot reliability" src="data:image/svg+xml' in html
+    total = unknown["n_accepted"] + unknown["n_unknown"]
+    assert f"Test part: {unknown['n_accepted']} of {total} accepted" in html
+    assert f"{unknown['n_unknown']} called unknown" in html

@@ -71,8 +71,10 @@ class PixelClassifier(Protocol):
     image_size: int
     resize: str
     backbone: str
+    unknown_threshold: float | None  # None: no unknown detector
 
-    def predict_proba(self, images: np.ndarray) -> np.ndarray: ...
+    def predict_scored(self, images: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities with the unknown score as one more column (NaN without a detector)."""
 
 
 class MicroBatcher:
@@ -316,14 +318,18 @@ async def page(svc: Annotated[Service, Depends(service)]) -> HTMLResponse:
     return HTMLResponse(render("serve.html", title="cnncodes classifier", classes=classifier.classes,
                                backbone=classifier.backbone, top_k=svc.default_k,
                                max_upload_mb=svc.limits.max_upload_mb, max_files=MAX_FILES, source=svc.source,
-                               placeholder=placeholder_uri(), thumb_px=THUMBNAIL_PX))
+                               placeholder=placeholder_uri(), thumb_px=THUMBNAIL_PX,
+                               detector=classifier.unknown_threshold is not None))
 
 
 @router.get("/health")
 async def health(svc: Annotated[Service, Depends(service)]) -> dict[str, Any]:
-    """The model's classes and backbone, and how many model calls and images it has run."""
+    """The model's classes and backbone, whether it has an unknown detector, and how many model calls and images
+    it has run."""
     classifier, limits = svc.classifier, svc.limits
     return {"status": "ok", "classes": classifier.classes, "backbone": classifier.backbone,
+            "unknown_detector": classifier.unknown_threshold is not None,
+            "unknown_threshold": classifier.unknown_threshold,
             "image_size": classifier.image_size, "source": svc.source, "model_calls": svc.batcher.calls,
             "images": svc.batcher.images, "max_batch": svc.batcher.max_batch, "max_upload_mb": limits.max_upload_mb,
             "max_request_mb": limits.max_request_mb, "max_megapixels": limits.max_megapixels}
@@ -352,6 +358,15 @@ def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, An
     return [{"class": classes[i], "probability": float(proba[i])} for i in order]
 
 
+def _answer(filename: str | None, row: np.ndarray, classes: Sequence[str], k: int,
+            threshold: float | None) -> dict[str, Any]:
+    """One file's JSON: its top-k, and whether it is unknown (null for both without a detector)."""
+    score = float(row[-1])
+    known = threshold is not None and not np.isnan(score)
+    return {"filename": filename, "top": _top(row[:-1], classes, k),
+            "unknown": bool(score > threshold) if known else None, "unknown_score": score if known else None}
+
+
 TOP_K_HELP = "classes per image, most probable first (at most the class count; default: the server's --top-k)"
 
 
@@ -365,7 +380,8 @@ async def predict(
     # a client may send: Optional[int] would publish it as one)
     top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description=TOP_K_HELP)] = None,  # noqa: RUF013
 ) -> dict[str, Any]:
-    """The top-k classes of each uploaded image, with probabilities."""
+    """The top-k classes of each uploaded image, with calibrated probabilities, and whether it is unknown
+    (not one of the classes: "unknown" true; null when the model has no detector) with its score."""
     decoded = await asyncio.gather(*(_decode(f, svc) for f in files))
     failed = [d for d in decoded if isinstance(d, UploadError)]
     if failed:
@@ -373,8 +389,9 @@ async def predict(
         raise UploadError(max(f.status for f in failed), prefix + "; ".join(map(str, failed)))
     classes = svc.classifier.classes
     k = min(top_k or svc.default_k, len(classes))
-    proba = await svc.batcher(np.stack(decoded))
-    return {"predictions": [{"filename": f.filename, "top": _top(p, classes, k)} for f, p in zip(files, proba)]}
+    rows = await svc.batcher(np.stack(decoded))
+    threshold = svc.classifier.unknown_threshold
+    return {"predictions": [_answer(f.filename, row, classes, k, threshold) for f, row in zip(files, rows)]}
 
 
 # -- errors: every one is `{"error": ...}` ----------------------------------------------------------------
@@ -425,7 +442,7 @@ def create_app(classifier: PixelClassifier, limits: ServeLimits = ServeLimits(),
     n_classes = len(classifier.classes)
     app = FastAPI(title="cnncodes classifier", lifespan=lifespan, docs_url="/docs" if limits.docs else None,
                   redoc_url=None, description=f"Classifies images into {n_classes} classes with {classifier.backbone}.")
-    app.state.service = Service(classifier, MicroBatcher(classifier.predict_proba, max_batch, batch_wait_ms / 1000),
+    app.state.service = Service(classifier, MicroBatcher(classifier.predict_scored, max_batch, batch_wait_ms / 1000),
                                 limits, min(top_k, n_classes), source, asyncio.Semaphore(limits.max_decodes))
     app.include_router(router)
     app.add_exception_handler(UploadError, upload_error)

@@ -174,6 +174,43 @@ def summary_figure(methods: Sequence[Method]) -> str | None:
     return figure_uri(fig, "svg")
 
 
+def reliability_figure(metrics: dict[str, Any]) -> str | None:
+    """The reliability diagram (accuracy against confidence per bin, before and after calibration), as SVG."""
+    if "reliability" not in metrics:
+        return None
+    fig = new_figure(4.2, 3.6)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect calibration")
+    for key, label, colour in (("reliability_uncalibrated", f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}",
+                                "#d62728"),
+                               ("reliability", f"calibrated, ECE {metrics['ece']:.3f}", "#1f77b4")):
+        table = metrics[key]
+        count = np.asarray(table["count"])
+        used = count > 0
+        ax.plot(np.asarray(table["confidence"])[used], np.asarray(table["accuracy"])[used], "o-", ms=3,
+                color=colour, label=label)
+    ax.set_xlabel("confidence (top class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.02)
+    ax.legend(fontsize=7, loc="upper left")
+    ax.grid(alpha=0.3)
+    return figure_uri(fig, "svg")
+
+
+def unknown_facts(metrics: dict[str, Any]) -> list[str]:
+    """The accepted / unknown split of the test part, in words (empty without a detector)."""
+    unknown = metrics.get("unknown")
+    if not unknown:
+        return ["This head has no unknown detector (fitted before they existed, or with --no-unknown)."]
+    total = unknown["n_accepted"] + unknown["n_unknown"]
+    return [f"Unknown detector ({unknown['method']}), threshold {unknown['threshold']:.3f}: set on the training "
+            f"part's out-of-fold scores to accept {unknown['accept']:.0%} of known images.",
+            f"Test part: {unknown['n_accepted']} of {total} accepted ({1 - unknown['test_unknown_rate']:.1%}), "
+            f"{unknown['n_unknown']} called unknown ({unknown['test_unknown_rate']:.1%}); accuracy on the accepted "
+            f"{unknown['accepted_accuracy']:.4f} (on all {metrics['accuracy']:.4f})."]
+
+
 # -- per-method sections: confusion matrix with its images, galleries ---------------------------------
 def _caption(p: Predictions, k: int) -> list[str]:
     names, pred = p.class_names, int(p.y_pred[k])
@@ -213,6 +250,7 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
     curves = m.folder / LEARNING_CURVES_PNG
     return {
         "name": m.name, "classes": names, "matrix": matrix,
+        "reliability": reliability_figure(m.metrics), "unknown": unknown_facts(m.metrics) if m.kind == "head" else [],
         "curves": file_uri(curves) if m.kind == "run" and curves.is_file() else None,
         "cells": {f"{t}-{q}": items for (t, q), items in cells.items()},
         "galleries": [

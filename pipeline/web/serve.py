@@ -14,7 +14,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..errors import UserError, install_hint
-from ..params import Interval, check_params, define
+from ..params import Interval, ParamError, check_params, define, literal
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +56,8 @@ def allowed_host_names(host: str, extra: Sequence[str]) -> tuple[str, ...]:
         names += LOOPBACK_NAMES
     for name in extra:
         if not name or "/" in name or " " in name:
-            raise UserError(f"--allowed-hosts {name!r} is not a host name; give names like example.org or "
-                            "192.168.1.20 (or * for any).")
+            raise ParamError("{} " + literal(repr(name)) + " is not a host name; give names like example.org or "
+                             "192.168.1.20 (or * for any).", "allowed_hosts")
         names.append(name.strip("[]"))
     return tuple(dict.fromkeys(n.lower() for n in names))
 
@@ -88,7 +88,7 @@ def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None
     with tempfile.TemporaryDirectory(prefix="cnncodes-serve-") as scratch:
         classifier = load_classifier(head, model, runtime, threads, scratch_dir=scratch, log=log)
         size = classifier.image_size
-        classifier.predict_proba(np.zeros((1, size, size, 3), np.uint8))  # warm up before the first request
+        classifier.predict_scored(np.zeros((1, size, size, 3), np.uint8))  # warm up before the first request
         app = create_app(classifier, limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms, top_k=top_k,
                          source=Path(head or model).name)
         log(f"serving {len(classifier.classes)} classes ({classifier.backbone}) on http://{host}:{port}/ "
