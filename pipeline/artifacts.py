@@ -40,11 +40,18 @@ RUN_MODEL = "model.keras"  # a fine-tuning run's model (+ its sidecar model.kera
 RUN_JSON = "run.json"  # what a fine-tuning run was trained on (fingerprints, options)
 HISTORY_CSV = "history.csv"
 LEARNING_CURVES_PNG = "learning_curves.png"
+TRAIN_REPORT_HTML = "report.html"  # the HTML report `train` writes into the head folder
+EXPORTED_MODEL_STEM = "model"  # `train --export FORMAT` writes model.FORMAT (+ its sidecar) into the head folder
 STUDY_JSON = "study.json"  # a study folder's table, winner, advice and checkout
 SIDECAR_SUFFIX = ".json"  # model.keras -> model.keras.json: class names and input settings
 PREDICTION_COLUMNS = ("path", "content_hash", "split", "true", "predicted")
 PROBA_PREFIX = "proba_"  # then one column per class: proba_<class name>
 TMP_MARK = ".tmp-"
+
+
+def exported_model_name(format: str) -> str:
+    """model.tflite or model.keras: the file `train --export FORMAT` writes into the head folder."""
+    return f"{EXPORTED_MODEL_STEM}.{format}"
 
 
 # -- atomic writes -------------------------------------------------------------------------------

@@ -24,6 +24,11 @@ from .runtime import QUANTIZATIONS, convert_to_tflite, load_model_file, write_si
 
 FORMATS = ("keras", "tflite")
 LINEAR_HEADS = ("logreg", "svm")
+EXPORT_CONSTRAINTS = {
+    "format": [Options(FORMATS)],
+    "quantize": [Options(QUANTIZATIONS)],
+    "verify": [Interval(0, 1_000_000, integer=True)],
+}
 
 
 def linear_weights(head: Head) -> tuple[np.ndarray, np.ndarray, str, bool]:
@@ -87,9 +92,7 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
     predictions.csv and dataset root: no cache needed) and compares with the head's own test
     probabilities and accuracy. Returns (path, check); check is empty when verify is 0.
     """
-    check_params(dict(format=format, quantize=quantize, verify=verify),
-                 {"format": [Options(FORMATS)], "quantize": [Options(QUANTIZATIONS)],
-                  "verify": [Interval(0, 1_000_000, integer=True)]})
+    check_params(dict(format=format, quantize=quantize, verify=verify), EXPORT_CONSTRAINTS)
     if format == "keras" and quantize != "none":
         raise UserError("--quantize applies to --format tflite only.")
     if Path(out).suffix != f".{format}":
