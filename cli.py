@@ -38,11 +38,12 @@ def command(name: str) -> Callable:
 BACKBONE = typer.Option("MobileNetV2", "--backbone", "-b",
                         help="Keras Applications name (see `backbones`) or path to a .keras model.")
 WEIGHTS = typer.Option("imagenet", help="imagenet, none (random init), or a weights file path.")
-LAYER = typer.Option(None, help="Pool this layer's output instead of the top (see `backbones --layers`).")
+LAYER = typer.Option(None, help="Pool this layer's output instead of the top (see `backbones --layers`); "
+                                  "default: the top.")
 POOLING = typer.Option("avg", help="Global pooling of a convolutional layer: avg or max.")
 IMAGE_SIZE = typer.Option(None, help="Square input size; default: the backbone's own.")
 RESIZE = typer.Option("bilinear", help="Resize filter: bilinear, bicubic, lanczos, nearest, area.")
-ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25).")
+ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25); default: the model's own.")
 RUNTIME = typer.Option("auto", help="auto (TFLite on a CPU-only machine), keras or tflite.")
 THREADS = typer.Option(None, help="TFLite (XNNPACK) threads (default: every core).")
 CACHE = typer.Option(None, help="Cache file; default: cache/<dataset>-<config>.h5")
@@ -52,13 +53,13 @@ CHUNK_SIZE = typer.Option(256, help="Images per crash-safe chunk written to disk
 CLF = typer.Option("logreg", help="logreg, svm, rbf-svm or knn.")
 CV = typer.Option(5, help="Cross-validation folds for choosing C (or k).")
 N_JOBS = typer.Option(-1, help="Parallel CV jobs (-1: all cores).")
-CLASS_WEIGHT = typer.Option(None, help="'balanced' for imbalanced classes.")
+CLASS_WEIGHT = typer.Option(None, help="'balanced' for imbalanced classes; default: none (every image weighs 1).")
 SEED = typer.Option(0, help="Seed of the split and the CV folds.")
 TEST_SIZE = typer.Option(0.2, help="Test fraction when the cache has no test split.")
 L2_NORMALIZE = typer.Option(True, help="L2-normalise each feature vector first.")
 GROUP_NEAR_DUPLICATES = typer.Option(
     None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
-               "side of the split and of every fold, as byte-identical files are.")
+               "side of the split and of every fold, as byte-identical files are; default: off.")
 THRESHOLD = typer.Option(0.55, help="Cosine (of whitened features) at or above which two images are "
                                     "near-duplicates.")
 PROJECTION = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster).")
@@ -87,9 +88,11 @@ def train_command(
     clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
     test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
     group_near_duplicates: Optional[float] = GROUP_NEAR_DUPLICATES, threshold: float = THRESHOLD,
-    projection: str = PROJECTION, thumb_px: int = THUMB_PX,
+    projection: str = typer.Option("pca", help="Embedding map projection: pca, or tsne (as `report` draws it; "
+                                                "10 s for 1,000 images, more than the rest of train)."),
+    thumb_px: int = THUMB_PX,
     export: Optional[str] = typer.Option(None, help="Also write the deployable model: tflite or keras "
-                                                    "(needs TensorFlow)."),
+                                                    "(needs TensorFlow); default: none."),
     quantize: str = QUANTIZE, verify: int = VERIFY,
     out: Optional[Path] = typer.Option(None, help="Model folder: the head, report.html and the exported model "
                                                   "(default: models/<cache>-<clf>/)."),

@@ -84,7 +84,8 @@ def main() -> None:
         run(lines[name], work, name in ("extract", "train"))  # warm-up: file cache, conversion, head for predict
         wall, stderr = run(lines[name], work, name in ("extract", "train"))
         total, modules = parse_importtime(stderr)
-        results[name] = {"command": "python -X importtime cli.py " + " ".join(lines[name]), "import_s": round(total, 3),
+        results[name] = {"command": "python -X importtime cli.py " + " ".join(lines[name]),
+                         "import_s": round(total, 3),
                          "wall_s": round(wall, 2), "heavy_s": {m: round(modules[m], 3) for m in HEAVY if m in modules}}
     text = []
     for name, r in results.items():

@@ -18,6 +18,7 @@ import numpy as np
 from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
+from .lean_imports import import_skops_io
 from .params import Interval, Options, check_params
 from .report import classification_metrics, save_metrics
 from .splits import Split, cv_splits, split_rows
@@ -283,8 +284,6 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
     """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
     per-image test predictions, the out-of-fold training predictions when the sweep made them, the PNG.
     Returns the metrics."""
-    import skops.io
-
     from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, chain_fingerprint,
                             predictions_from_rows, staged_folder, write_json, write_predictions)
 
@@ -314,8 +313,9 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
     }
     rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
                 class_names=cache.class_names)
+    skops_io = import_skops_io()
     with staged_folder(folder) as stage:
-        skops.io.dump(fitted.model, stage / HEAD_MODEL)
+        skops_io.dump(fitted.model, stage / HEAD_MODEL)
         write_json(stage / HEAD_JSON, meta)
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
         if fitted.cv_proba is not None:
@@ -368,10 +368,9 @@ TRUSTED_TYPES = frozenset({
 
 
 def _load_skops(path: Path) -> Any:
-    import skops.io
-
+    skops_io = import_skops_io()
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = skops_io.get_untrusted_types(file=path)
     except Exception as exc:  # a damaged or foreign file: skops raises zip, JSON and key errors
         raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {exc}); fit the head again.") \
             from None
@@ -379,7 +378,7 @@ def _load_skops(path: Path) -> Any:
     if refused:
         raise UserError(f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
                         "Fit the head again with `fit-head`.")
-    return skops.io.load(path, trusted=sorted(untrusted))
+    return skops_io.load(path, trusted=sorted(untrusted))
 
 
 def load_head(folder: str | os.PathLike, trust_pickle: bool = False) -> Head:

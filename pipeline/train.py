@@ -9,6 +9,7 @@ model as the separate commands, and pays for starting Python and importing the l
 from __future__ import annotations
 
 import os
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ AUDIT_INSTALL = "pip install 'cnncodes[audit]'"
 
 @dataclass
 class TrainResult:
-    """Where train put everything, what it measured, and how long each stage took (seconds)."""
+    """Where train put everything, what it measured, and how long each stage took (seconds, by stage name)."""
 
     extract: ExtractSummary
     head: HeadResult
@@ -85,6 +86,27 @@ def audit_headline(head: HeadResult, cache_path: Path, threshold: float) -> dict
     return found
 
 
+# What the stages after extraction import, loaded on a thread while extraction runs: the cores have idle
+# moments then (scanning, hashing, the interpreter's load, waits between decoded batches), and these
+# imports are most of what fitting a head on a few hundred images costs.
+LATER_IMPORTS = ("sklearn.linear_model", "sklearn.metrics", "sklearn.calibration", "sklearn.decomposition",
+                 "sklearn.manifold", "matplotlib.figure", "matplotlib.backends.backend_agg", "cleanlab.filter",
+                 "cleanlab.rank", "jinja2")
+
+
+def _import_later_stages() -> None:
+    import importlib
+
+    from .lean_imports import import_skops_io
+
+    for name in LATER_IMPORTS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # a missing extra is reported by the stage that needs it
+    import_skops_io()
+
+
 def check_train_params(values: dict[str, Any]) -> None:
     """Every option of train checked before any work, against extract's, fit-head's, the report's and export's
     tables (the names they share mean the same there)."""
@@ -101,7 +123,7 @@ def train(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig()
           batch_size: int = 32, chunk_size: int = 256, workers: int | None = None, runtime: str = "auto",
           threads: int | None = None, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
           test_size: float = 0.2, l2_normalize: bool = True, group_near_duplicates: float | None = None,
-          threshold: float = DEFAULT_THRESHOLD, projection: str = "tsne", thumb_px: int = 96,
+          threshold: float = DEFAULT_THRESHOLD, projection: str = "pca", thumb_px: int = 96,
           export: str | None = None, quantize: str = "none", verify: int = 64, out: str | os.PathLike | None = None,
           progress: bool = True, log: Callable[[str], None] = print) -> TrainResult:
     """Extract data_dir into the usual cache, fit the head into out (staged and swapped in whole, as fit-head
@@ -124,19 +146,27 @@ def train(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig()
         raise UserError("--quantize applies to --export tflite only.")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
+    importer = threading.Thread(target=_import_later_stages, name="cnncodes-imports", daemon=True)
+    importer.start()
     summary = extract(data_dir, config, cache=cache, cache_dir=cache_dir, batch_size=batch_size,
                       chunk_size=chunk_size, workers=workers, runtime=runtime, threads=threads, progress=progress,
                       log=log)
-    seconds["extract"] = time.perf_counter() - started
+    seconds["extract: decoding + inference (overlapped)"] = summary.extract_seconds
+    seconds["extract: scan, hashing, runtime load, cache commit"] = time.perf_counter() - started - \
+        summary.extract_seconds
     if summary.interrupted:
         log("interrupted: the cache holds everything extracted so far; run the same command to resume.")
         raise KeyboardInterrupt
     folder = Path(out) if out else default_model_dir(summary.cache_path, clf)
     started = time.perf_counter()
+    importer.join()
+    seconds["imports left after extraction"] = time.perf_counter() - started
+    started = time.perf_counter()
     head = fit_head(summary.cache_path, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                     test_size=test_size, l2_normalize=l2_normalize, group_near_duplicates=group_near_duplicates,
                     out=folder, log=log)
-    seconds["fit-head"] = time.perf_counter() - started
+    seconds["fit-head: CV sweep + refit"] = head.metrics["fit_seconds"]
+    seconds["fit-head: load, evaluate, save"] = time.perf_counter() - started - head.metrics["fit_seconds"]
     started = time.perf_counter()
     headline = audit_headline(head, summary.cache_path, threshold)
     seconds["audit headline"] = time.perf_counter() - started
@@ -195,6 +225,5 @@ def summary_lines(result: TrainResult) -> list[str]:
               f"  cnncodes predict IMAGE_OR_FOLDER --head {folder}"]
     if result.model is not None:
         lines.append(f"  cnncodes serve --model {result.model}")
-    timing = ", ".join(f"{name} {s:.1f} s" for name, s in result.seconds.items())
-    lines.append(f"took {timing}")
+    lines.append("took: " + "; ".join(f"{name} {s:.2f} s" for name, s in result.seconds.items()))
     return lines
