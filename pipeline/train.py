@@ -89,17 +89,16 @@ def audit_headline(head: HeadResult, cache_path: Path, threshold: float) -> dict
 # What the stages after extraction import, loaded on a thread while extraction runs: the cores have idle
 # moments then (scanning, hashing, the interpreter's load, waits between decoded batches), and these
 # imports are most of what fitting a head on a few hundred images costs.
-LATER_IMPORTS = ("sklearn.linear_model", "sklearn.metrics", "sklearn.calibration", "sklearn.decomposition",
-                 "sklearn.manifold", "matplotlib.figure", "matplotlib.backends.backend_agg", "cleanlab.filter",
-                 "cleanlab.rank", "jinja2")
+LATER_IMPORTS = ("sklearn.linear_model", "sklearn.metrics", "sklearn.decomposition", "matplotlib.figure",
+                 "matplotlib.backends.backend_agg", "cleanlab.filter", "cleanlab.rank", "jinja2")
 
 
-def _import_later_stages() -> None:
+def _import_later_stages(extra: tuple[str, ...]) -> None:
     import importlib
 
     from .lean_imports import import_skops_io
 
-    for name in LATER_IMPORTS:
+    for name in LATER_IMPORTS + extra:
         try:
             importlib.import_module(name)
         except ImportError:
@@ -146,7 +145,9 @@ def train(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig()
         raise UserError("--quantize applies to --export tflite only.")
     seconds: dict[str, float] = {}
     started = time.perf_counter()
-    importer = threading.Thread(target=_import_later_stages, name="cnncodes-imports", daemon=True)
+    extra = (("sklearn.calibration",) if clf in ("svm", "rbf-svm") else ()) + \
+        (("sklearn.manifold",) if projection == "tsne" else ())
+    importer = threading.Thread(target=_import_later_stages, args=(extra,), name="cnncodes-imports", daemon=True)
     importer.start()
     summary = extract(data_dir, config, cache=cache, cache_dir=cache_dir, batch_size=batch_size,
                       chunk_size=chunk_size, workers=workers, runtime=runtime, threads=threads, progress=progress,
