@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import ROOT, report  # noqa: E402 (sets the import path and environment)
+from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and environment)
 
 HEAVY = ("tensorflow", "keras", "ai_edge_litert", "sklearn", "scipy", "scipy.stats", "pandas", "matplotlib",
          "skops.io", "cleanlab", "jinja2", "h5py", "PIL.Image")
@@ -71,7 +71,7 @@ def run(argv: list[str], work: Path, cold_cache: bool) -> tuple[float, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data_dir")
-    parser.add_argument("--backbone", default=str(ROOT.parent / "shared/keras-models/efficientnet_lite0_imagenet.keras"))
+    parser.add_argument("--backbone", default=str(SHARED / "keras-models/efficientnet_lite0_imagenet.keras"))
     parser.add_argument("--layer", default="avg_pool")
     parser.add_argument("--work", default="/tmp/cnncodes_imports")
     parser.add_argument("--commands", nargs="+", default=["extract", "fit-head", "predict", "train"])

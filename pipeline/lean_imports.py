@@ -27,7 +27,6 @@ from types import ModuleType
 from typing import Any
 
 
-
 class _WithoutPandas(importlib.abc.Loader):
     """Runs a module's loader with `import pandas` failing, unless pandas is loaded already."""
 
