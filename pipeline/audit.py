@@ -258,7 +258,7 @@ def label_issues(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
     return candidates[np.argsort(quality[candidates], kind="stable")], quality, int(flagged.sum())
 
 
-def _blas_on_one_thread() -> Any:
+def blas_on_one_thread() -> Any:
     """A context with BLAS on one thread. The CV folds already run in threads, and OpenBLAS's own
     threads spin-wait when the cores are busy: on the shared 2-core machine the whole audit took
     2 to 4 times the CPU without this (the whitening's eigh alone 6 to 30 s instead of 2)."""
@@ -360,7 +360,7 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
     in_test[test_rows] = True
     side = np.where(in_test, "test", "train")
 
-    with _blas_on_one_thread():
+    with blas_on_one_thread():
         comparable = comparable_rows(X)
         i, j, cosine, kinds, search = near_duplicates(comparable, cache.content_hash, y, in_test, threshold)
 

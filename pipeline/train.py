@@ -29,7 +29,6 @@ from .params import check_params
 from .runtime import require_tensorflow
 from .stream import RUN_CONSTRAINTS
 
-EXPORT_FORMATS = ("tflite", "keras")
 AUDIT_INSTALL = "pip install 'cnncodes[audit]'"
 
 
@@ -57,14 +56,14 @@ def audit_headline(head: HeadResult, cache_path: Path, threshold: float) -> dict
     its out-of-fold probabilities (cv_predictions.csv; logreg and knn heads). The rest of the audit (outliers,
     learning curve, issues among the test images) is `cnncodes audit`."""
     from .artifacts import read_predictions
-    from .audit import _blas_on_one_thread, label_issues, near_duplicates, near_duplicates_counts
+    from .audit import blas_on_one_thread, label_issues, near_duplicates, near_duplicates_counts
     from .cache import load
     from .neighbours import comparable_rows
 
     cache = load(cache_path)
     in_test = np.zeros(len(cache), bool)
     in_test[head.split.test] = True
-    with _blas_on_one_thread():
+    with blas_on_one_thread():
         *_, kinds, search = near_duplicates(comparable_rows(cache.features), cache.content_hash, cache.labels,
                                             in_test, threshold)
     found: dict[str, Any] = {"near_duplicates": near_duplicates_counts(kinds, threshold, search)}
