@@ -165,8 +165,12 @@ def main() -> None:
         for k in range(max(args.runs, args.recipe_runs or 0)):  # alternate: both see the same load over time
             if k < args.runs:
                 runs.append(train_once(args, split, work))
+                print(f"train run {k + 1}: {runs[-1]['total_s']:.1f} s, {runs[-1]['total_cpu_s']:.1f} CPU-s, "
+                      f"accuracy {runs[-1]['accuracy']:.4f}", flush=True)
             if args.recipe_seconds is None and k < (args.recipe_runs or args.runs):
                 peers.append(recipe(split, args.backbone))
+                print(f"recipe run {k + 1}: {peers[-1]['seconds']:.1f} s, {peers[-1]['cpu_s']:.1f} CPU-s, "
+                      f"accuracy {peers[-1]['accuracy']:.4f}", flush=True)
     else:
         runs = [project_once(args, split, work) for _ in range(args.runs)]
     project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
