@@ -25,6 +25,10 @@ def main(home: Optional[Path] = typer.Option(
         None, envvar=HOME_ENV, help=f"Output home: default caches, heads, runs, audits, studies, compare and "
                                     f"report go under it (also ${HOME_ENV}; default: the working directory).")) -> None:
     """Image classification on small data."""
+    from pipeline import lean_imports
+
+    # this process is the command's own: scikit-learn may load without pandas (see pipeline/lean_imports.py)
+    lean_imports.install()
     if home is not None:
         os.environ[HOME_ENV] = str(home)  # the library reads the home from the environment (one documented place)
 
@@ -49,16 +53,41 @@ def command(name: str) -> Callable:
 BACKBONE = typer.Option("MobileNetV2", "--backbone", "-b",
                         help="Keras Applications name (see `backbones`) or path to a .keras model.")
 WEIGHTS = typer.Option("imagenet", help="imagenet, none (random init), or a weights file path.")
-LAYER = typer.Option(None, help="Pool this layer's output instead of the top (see `backbones --layers`).")
+LAYER = typer.Option(None, help="Pool this layer's output instead of the top (see `backbones --layers`); "
+                                  "default: the top.")
 POOLING = typer.Option("avg", help="Global pooling of a convolutional layer: avg or max.")
 IMAGE_SIZE = typer.Option(None, help="Square input size; default: the backbone's own.")
 RESIZE = typer.Option("bilinear", help="Resize filter: bilinear, bicubic, lanczos, nearest, area.")
-ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25).")
+ALPHA = typer.Option(None, help="Width multiplier of MobileNet models (e.g. 0.25); default: the model's own.")
 RUNTIME = typer.Option("auto", help="auto (TFLite on a CPU-only machine), keras or tflite.")
 THREADS = typer.Option(None, help="TFLite (XNNPACK) threads (default: every core).")
 STORAGE_OPTIONS = typer.Option(None, help="fsspec options of s3:// gs:// az:// URLs as a JSON object, or @FILE "
                                "holding one (default: $CNNCODES_STORAGE_OPTIONS; credentials are best left to "
                                "the environment, e.g. AWS_*). See docs/scale-out.md.")
+CACHE = typer.Option(None, help="Cache file; default: cache/<dataset>-<config>.h5")
+CACHE_DIR = typer.Option(None, help="Folder for default cache names (default: HOME/cache).")
+BATCH_SIZE = typer.Option(32, help="Images per inference batch.")
+CHUNK_SIZE = typer.Option(256, help="Images per crash-safe chunk written to disk.")
+CLF = typer.Option("logreg", help="logreg, svm, rbf-svm or knn.")
+CV = typer.Option(5, help="Cross-validation folds for choosing C (or k).")
+N_JOBS = typer.Option(-1, help="Parallel CV jobs (-1: all cores).")
+CLASS_WEIGHT = typer.Option(None, help="'balanced' for imbalanced classes; default: none (every image weighs 1).")
+SEED = typer.Option(0, help="Seed of the split and the CV folds.")
+TEST_SIZE = typer.Option(0.2, help="Test fraction when the cache has no test split.")
+L2_NORMALIZE = typer.Option(True, help="L2-normalise each feature vector first.")
+GROUP_NEAR_DUPLICATES = typer.Option(
+    None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
+               "side of the split and of every fold, as byte-identical files are; default: off.")
+THRESHOLD = typer.Option(0.55, help="Cosine (of whitened features) at or above which two images are "
+                                    "near-duplicates.")
+PROJECTION = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster).")
+THUMB_PX = typer.Option(96, help="Thumbnail size in pixels (JPEG, embedded once per image).")
+QUANTIZE = typer.Option("none", help="TFLite weights: none, float16 or dynamic (int8).")
+VERIFY = typer.Option(64, help="Check the written model on this many of the head's test images (0: skip).")
+PROGRESS = typer.Option(True, help="Show a progress bar.")
+ACCEPT = typer.Option("0.95", help="The unknown detector's threshold accepts this share of known images (out of "
+                                   "fold).")
+NO_UNKNOWN = typer.Option(False, "--no-unknown", help="Fit no unknown detector (the head is still calibrated).")
 
 
 def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: str,
@@ -68,6 +97,43 @@ def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: 
     return BackboneConfig(backbone, weights, layer, pooling, image_size, resize, alpha)
 
 
+@command("train")
+def train_command(
+    data_dir: Path = typer.Argument(..., help="DATA_DIR/CLASS/*.jpg or DATA_DIR/{train,val,test}/CLASS/*.jpg"),
+    backbone: str = BACKBONE, weights: str = WEIGHTS, layer: Optional[str] = LAYER,
+    pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
+    alpha: Optional[float] = ALPHA, cache: Optional[Path] = CACHE, cache_dir: Optional[Path] = CACHE_DIR,
+    batch_size: int = BATCH_SIZE, chunk_size: int = CHUNK_SIZE,
+    workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core)."),
+    runtime: str = RUNTIME, threads: Optional[int] = THREADS,
+    clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
+    test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
+    group_near_duplicates: Optional[float] = GROUP_NEAR_DUPLICATES, accept: Optional[str] = ACCEPT,
+    no_unknown: bool = NO_UNKNOWN, threshold: float = THRESHOLD,
+    projection: str = typer.Option("pca", help="Embedding map projection: pca, or tsne (as `report` draws it; "
+                                                "10 s for 1,000 images, more than the rest of train)."),
+    thumb_px: int = THUMB_PX,
+    export: Optional[str] = typer.Option(None, help="Also write the deployable model: tflite or keras "
+                                                    "(needs TensorFlow); default: none."),
+    quantize: str = QUANTIZE, verify: int = VERIFY,
+    out: Optional[Path] = typer.Option(None, help="Model folder: the head, report.html and the exported model "
+                                                  "(default: HOME/models/<cache>-<clf>/)."),
+    progress: bool = PROGRESS, storage_options: Optional[str] = STORAGE_OPTIONS,
+) -> None:
+    """Folder to trusted model in one process: extract, fit-head, the audit's headline, report [, export]."""
+    from pipeline.train import summary_lines, train
+
+    result = train(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
+                   clf=clf, cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
+                   workers=workers, runtime=runtime, threads=threads, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
+                   seed=seed, test_size=test_size, l2_normalize=l2_normalize,
+                   group_near_duplicates=group_near_duplicates, threshold=threshold, projection=projection,
+                   thumb_px=thumb_px, export=export, quantize=quantize, verify=verify, out=out,
+                   accept=None if no_unknown else accept, storage_options=storage_options, progress=progress,
+                   log=lambda m: typer.echo(m, err=True))
+    typer.echo("\n".join(summary_lines(result)))
+
+
 @command("extract")
 def extract_command(
     data_dir: str = typer.Argument(..., help="DATA_DIR/CLASS/*.jpg or DATA_DIR/{train,val,test}/CLASS/*.jpg; a "
@@ -75,10 +141,8 @@ def extract_command(
     backbone: str = BACKBONE, weights: str = WEIGHTS, layer: Optional[str] = LAYER,
     pooling: str = POOLING, image_size: Optional[int] = IMAGE_SIZE, resize: str = RESIZE,
     alpha: Optional[float] = ALPHA,
-    cache: Optional[Path] = typer.Option(None, help="Cache file; default: cache/<dataset>-<config>.h5"),
-    cache_dir: Optional[Path] = typer.Option(None, help="Folder for default cache names (default: HOME/cache)."),
-    batch_size: int = typer.Option(32, help="Images per inference batch."),
-    chunk_size: int = typer.Option(256, help="Images per crash-safe chunk written to disk."),
+    cache: Optional[Path] = CACHE, cache_dir: Optional[Path] = CACHE_DIR, batch_size: int = BATCH_SIZE,
+    chunk_size: int = CHUNK_SIZE,
     workers: Optional[int] = typer.Option(None, help="Decoding threads (default: one per core); with --engine "
                                                      "ray, decoding tasks at once."),
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
@@ -93,7 +157,7 @@ def extract_command(
     gpus_per_actor: float = typer.Option(0.0, help="With --engine ray: GPUs each inference actor reserves "
                                                    "(Keras runs there)."),
     compact: bool = typer.Option(False, help="Rewrite the cache into one shard file afterwards (see `compact`)."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
+    progress: bool = PROGRESS,
     storage_options: Optional[str] = STORAGE_OPTIONS,
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
@@ -131,19 +195,10 @@ def backbones_command(
 @command("fit-head")
 def fit_head_command(
     cache: Path = typer.Argument(..., help="A cache written by `extract`."),
-    clf: str = typer.Option("logreg", help="logreg, svm, rbf-svm or knn."),
-    cv: int = typer.Option(5, help="Cross-validation folds for choosing C (or k)."),
-    n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),
-    class_weight: Optional[str] = typer.Option(None, help="'balanced' for imbalanced classes."),
-    seed: int = typer.Option(0, help="Seed of the split and the CV folds."),
-    test_size: float = typer.Option(0.2, help="Test fraction when the cache has no test split."),
-    l2_normalize: bool = typer.Option(True, help="L2-normalise each feature vector first."),
-    group_near_duplicates: Optional[float] = typer.Option(
-        None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
-                   "side of the split and of every fold, as byte-identical files are."),
-    accept: Optional[str] = typer.Option("0.95", help="The unknown detector's threshold accepts this share of "
-                                                      "known images (out of fold)."),
-    no_unknown: bool = typer.Option(False, "--no-unknown", help="Fit no unknown detector (calibration still)."),
+    clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
+    test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
+    group_near_duplicates: Optional[float] = GROUP_NEAR_DUPLICATES,
+    accept: Optional[str] = ACCEPT, no_unknown: bool = NO_UNKNOWN,
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
@@ -200,10 +255,9 @@ def predict_command(
 def export_command(
     head: Path = typer.Argument(..., help="A linear head folder (logreg or svm) written by `fit-head`."),
     format: str = typer.Option("keras", "--format", help="keras or tflite."),
-    quantize: str = typer.Option("none", help="TFLite weights: none, float16 or dynamic (int8)."),
+    quantize: str = QUANTIZE,
     out: Path = typer.Option(..., help="Output file (.keras or .tflite); class names go beside it as .json."),
-    verify: int = typer.Option(64, help="Check the written model on this many of the head's test images "
-                                         "(0: skip)."),
+    verify: int = VERIFY,
 ) -> None:
     """Export backbone + head as one model: raw pixels in, class probabilities out."""
     from pipeline.export import export_head, verify_lines
@@ -313,8 +367,7 @@ def report_command(
     folders: List[Path] = typer.Argument(..., help="Head, fine-tuning run and study folders."),
     audit: Optional[Path] = typer.Option(None, help="An audit folder (written by `audit`) to include."),
     out: Optional[Path] = typer.Option(None, help="The HTML file to write (default: HOME/report.html)."),
-    projection: str = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster)."),
-    thumb_px: int = typer.Option(96, help="Thumbnail size in pixels (JPEG, embedded once per image)."),
+    projection: str = PROJECTION, thumb_px: int = THUMB_PX,
     seed: int = typer.Option(0, help="Seed of the projection and of the per-class samples."),
 ) -> None:
     """One self-contained HTML report (opens from disk, no network): tables, confusion matrix, galleries, map."""
@@ -360,8 +413,7 @@ def audit_command(
     head: Optional[Path] = typer.Option(None, help="Judge leakage against this head's test images (default: "
                                                    "fit-head's split for --seed)."),
     out: Optional[Path] = typer.Option(None, help="Audit folder (default: audits/<cache>/)."),
-    threshold: float = typer.Option(0.55, help="Cosine (of whitened features) at or above which two images are "
-                                             "near-duplicates."),
+    threshold: float = THRESHOLD,
     seed: int = typer.Option(0, help="Seed of the split, the CV folds and the learning-curve subsamples."),
     cv: int = typer.Option(5, help="Cross-validation folds for the out-of-fold probabilities."),
     n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),

@@ -1,6 +1,6 @@
 """The project vs the seed recipe (../shared/peers/seed_recipe.py) on one split, as whole processes.
 
-    python bench/vs_recipe.py DATASET [--work DIR] [--runs 1] [--clf logreg]
+    python bench/vs_recipe.py DATASET [--work DIR] [--runs 1] [--clf logreg] [--train [--recipe-runs N]]
                               [--recipe-seconds S --recipe-accuracy A [--recipe-cpu-seconds C]] [--profile]
 
 DATASET is a folder, or a name under ../shared/datasets. A seeded 80/20 split is materialised as
@@ -8,6 +8,9 @@ WORK/split/{train,val} (../shared/peers/split_folders.py), then:
 (a) the project, from raw images to an evaluated head: `cli.py extract` into a cold feature cache
     (the backbone's TFLite conversion is warm: converted once beforehand, timed and reported
     apart, like a weights download), then `cli.py fit-head`, whose test part is the val folder;
+    With --train, (a) is one `cli.py train` process instead (the same cold cache and warm conversion;
+    it also writes the audit's headline and the HTML report), and its per-stage seconds are read from
+    its `took:` line; project and recipe runs alternate (--recipe-runs of them, default --runs).
 (b) the recipe: frozen backbone + softmax, then fine-tuning, trained on train/ and scored on val/.
 --recipe-seconds/--recipe-accuracy reuse a measured recipe figure instead of running it (minutes).
 --profile also runs fit-head once under `python -X importtime` and lists its slowest imports.
@@ -85,6 +88,28 @@ def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str,
                        "fit-head: start-up, imports, load, evaluate, save": fit_s - metrics["fit_seconds"]}}
 
 
+def train_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, Any]:
+    """`cli.py train` (cold feature cache, warm conversion) as one timed process; its stages from its `took:` line."""
+    cache_dir, model = work / "cache", work / "model"
+    for stale in [model, *cache_dir.glob("*.h5*")]:  # feature caches, their shards and journals; not the .tflite
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    seconds, cpu, out = run([sys.executable, "cli.py", "train", str(split), "--backbone", args.backbone, "--layer",
+                             args.layer, "--clf", args.clf, "--cache-dir", str(cache_dir), "--out", str(model),
+                             "--no-progress"], "train")
+    if "with tflite" not in out or "\n0 of " not in "\n" + out:
+        raise SystemExit("train did not extract cold on the TFLite runtime:\n" + out[-2000:])
+    took = next(line for line in out.splitlines() if line.startswith("took: "))
+    stages = {name: float(value) for name, value in
+              (part.rsplit(" ", 2)[:2] for part in took[len("took: "):].split("; "))}
+    metrics = json.loads((model / "metrics.json").read_text())
+    if "val is the test part" not in str(metrics.get("split")):
+        raise SystemExit(f"train did not test on the val folder: split is {metrics.get('split')!r}")
+    phases = {"start-up and imports before extraction": seconds - sum(stages.values()), **stages}
+    return {"total_s": seconds, "total_cpu_s": cpu, "accuracy": metrics["accuracy"], "n_test": metrics["n_test"],
+            "n_train": metrics.get("n_train"), "split": metrics["split"], "best_params": metrics.get("best_params"),
+            "phases": phases}
+
+
 def slow_imports(args: argparse.Namespace, cache: Path, work: Path, least_ms: float = 40.0) -> list[tuple[str, float]]:
     """fit-head under -X importtime: the top-level imports costing at least least_ms, slowest first."""
     command = [sys.executable, "-X", "importtime", "cli.py", "fit-head", str(cache), "--clf", args.clf,
@@ -122,6 +147,8 @@ def main() -> None:
     parser.add_argument("--recipe-accuracy", type=float, default=None)
     parser.add_argument("--recipe-cpu-seconds", type=float, default=None, help="optional, with --recipe-seconds")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--train", action="store_true", help="the project as one `cli.py train` process")
+    parser.add_argument("--recipe-runs", type=int, default=None, help="with --train: recipe runs (default --runs)")
     args = parser.parse_args()
     if (args.recipe_seconds is None) != (args.recipe_accuracy is None):
         parser.error("give both --recipe-seconds and --recipe-accuracy, or neither")
@@ -132,9 +159,24 @@ def main() -> None:
     run([sys.executable, str(PEERS / "split_folders.py"), str(data), str(split)], "split_folders")
     conversion = ensure_conversion(argparse.Namespace(backbone=args.backbone, weights="imagenet", layer=args.layer,
                                                       alpha=None), work / "cache")
-    runs = [project_once(args, split, work) for _ in range(args.runs)]
+    peers = []
+    if args.train:
+        runs = []
+        for k in range(max(args.runs, args.recipe_runs or 0)):  # alternate: both see the same load over time
+            if k < args.runs:
+                runs.append(train_once(args, split, work))
+                print(f"train run {k + 1}: {runs[-1]['total_s']:.1f} s, {runs[-1]['total_cpu_s']:.1f} CPU-s, "
+                      f"accuracy {runs[-1]['accuracy']:.4f}", flush=True)
+            if args.recipe_seconds is None and k < (args.recipe_runs or args.runs):
+                peers.append(recipe(split, args.backbone))
+                print(f"recipe run {k + 1}: {peers[-1]['seconds']:.1f} s, {peers[-1]['cpu_s']:.1f} CPU-s, "
+                      f"accuracy {peers[-1]['accuracy']:.4f}", flush=True)
+    else:
+        runs = [project_once(args, split, work) for _ in range(args.runs)]
     project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
-    if args.recipe_seconds is None:
+    if peers:
+        peer = min(peers, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in peers)))
+    elif args.recipe_seconds is None:
         peer = recipe(split, args.backbone)
     else:
         peer = {"seconds": args.recipe_seconds, "cpu_s": args.recipe_cpu_seconds, "accuracy": args.recipe_accuracy,
@@ -145,13 +187,14 @@ def main() -> None:
              "one-time TFLite conversion: " + (f"{conversion:.1f} s" if conversion else "already cached in "
                                                 + str(work / "cache")),
              f"{'':56s} {'seconds':>8s} {'accuracy':>9s} {'CPU s':>8s}",
-             f"{'project: extract + fit-head ' + args.clf:56s} {project['total_s']:8.1f} {project['accuracy']:9.4f} "
-             f"{project['total_cpu_s']:8.1f}"]
+             f"{('project: train ' if args.train else 'project: extract + fit-head ') + args.clf:56s} "
+             f"{project['total_s']:8.1f} {project['accuracy']:9.4f} {project['total_cpu_s']:8.1f}"]
     lines += [f"  {name:54s} {seconds:8.2f}" for name, seconds in project["phases"].items()]
     lines += [f"{'recipe: seed_recipe.py (frozen 10 epochs + fine-tune 7)':56s} {peer['seconds']:8.1f} "
               f"{peer['accuracy']:9.4f} " + (f"{peer['cpu_s']:8.1f}" if peer["cpu_s"] else f"{'':8s}"),
               f"speed ratio recipe / project: {ratio:.1f}x" + (
-                  " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")]
+                  " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")
+              + (" (recipe runs: " + ", ".join(f"{r['seconds']:.1f}" for r in peers) + " s)" if len(peers) > 1 else "")]
     if peer["cpu_s"]:
         lines.append(f"CPU-seconds ratio recipe / project: {peer['cpu_s'] / project['total_cpu_s']:.1f}x "
                      "(the figure a busy machine changes least)")
@@ -161,6 +204,7 @@ def main() -> None:
                      + ", ".join(f"{name} {ms:.0f} ms" for name, ms in profile))
     report("\n".join(lines), {"dataset": data.name, "conversion_s": conversion, "project": project, "recipe": peer,
                               "ratio": round(ratio, 2), "runs": [r["total_s"] for r in runs],
+                              "recipe_runs": [r["seconds"] for r in peers],
                               "slow_imports_ms": profile})
 
 

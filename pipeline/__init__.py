@@ -28,6 +28,7 @@ _EXPORTS = {
     "study": "study",
     "build_report": "web.report",
     "serve": "web.serve",
+    "train": "train",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -41,6 +41,7 @@ RUN_MODEL = "model.keras"  # a fine-tuning run's model (+ its sidecar model.kera
 RUN_JSON = "run.json"  # what a fine-tuning run was trained on (fingerprints, options)
 HISTORY_CSV = "history.csv"
 LEARNING_CURVES_PNG = "learning_curves.png"
+EXPORTED_MODEL_STEM = "model"  # `train --export FORMAT` writes model.FORMAT (+ its sidecar) into the head folder
 STUDY_JSON = "study.json"  # a study folder's table, winner, advice and checkout
 STUDY_MD, STUDY_PNG = "study.md", "study.png"  # the study's table and advice as text, its accuracy/cost figure
 AUDIT_JSON = "audit.json"  # an audit folder's findings and the names of its files below
@@ -55,8 +56,8 @@ TMP_MARK = ".tmp-"
 # -- where outputs go by default -----------------------------------------------------------------
 HOME_ENV = "CNNCODES_HOME"  # the output home (`cnncodes --home DIR` sets it); default: the working directory
 OUTPUT_DIRS = {"cache": "cache", "heads": "heads", "runs": "runs", "compare": "compare", "audits": "audits",
-               "studies": "studies"}
-REPORT_HTML = "report.html"
+               "studies": "studies", "models": "models"}
+REPORT_HTML = "report.html"  # `report`'s default page (in the output home), and the page `train` puts in its folder
 
 
 def output_home() -> Path:
@@ -67,6 +68,11 @@ def output_home() -> Path:
 def output_dir(kind: str) -> Path:
     """The default folder of one kind of output (cache, heads, runs, compare, audits, studies)."""
     return output_home() / OUTPUT_DIRS[kind]
+
+
+def exported_model_name(format: str) -> str:
+    """model.tflite or model.keras: the file `train --export FORMAT` writes into the head folder."""
+    return f"{EXPORTED_MODEL_STEM}.{format}"
 
 
 # -- atomic writes -------------------------------------------------------------------------------

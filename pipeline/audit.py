@@ -43,6 +43,25 @@ def pair_kinds(i: np.ndarray, j: np.ndarray, labels: np.ndarray, in_test: np.nda
                     np.where(labels[i] != labels[j], "conflicting_labels", "same_side"))
 
 
+def near_duplicates(comparable: np.ndarray, content_hash: Sequence[str], labels: np.ndarray, in_test: np.ndarray,
+                    threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, ...]:
+    """Pairs (i, j, cosine, kind) of comparable_rows at or above threshold, and how they were searched.
+
+    Byte-identical files are counted as such (the split keeps them together), not again as pairs.
+    """
+    i, j, cosine, search = pairs_above(comparable, threshold)
+    hashes = np.asarray(content_hash, dtype=object)
+    distinct = hashes[i] != hashes[j]
+    i, j, cosine = i[distinct], j[distinct], cosine[distinct]
+    return i, j, cosine, pair_kinds(i, j, labels, in_test), search
+
+
+def near_duplicates_counts(kinds: np.ndarray, threshold: float, search: str) -> dict[str, Any]:
+    """What audit.json says of the pairs: threshold, count, count by kind, search method."""
+    return {"threshold": float(threshold), "count": int(len(kinds)),
+            "by_kind": {k: int(np.sum(kinds == k)) for k in PAIR_KINDS}, "search": search}
+
+
 # -- outliers -------------------------------------------------------------------------------------
 def kth_neighbour_distance(unit: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K,
                            block: int = BLOCK_ROWS) -> np.ndarray:
@@ -239,7 +258,7 @@ def label_issues(labels: np.ndarray, proba: np.ndarray) -> tuple[np.ndarray, np.
     return candidates[np.argsort(quality[candidates], kind="stable")], quality, int(flagged.sum())
 
 
-def _blas_on_one_thread() -> Any:
+def blas_on_one_thread() -> Any:
     """A context with BLAS on one thread. The CV folds already run in threads, and OpenBLAS's own
     threads spin-wait when the cores are busy: on the shared 2-core machine the whole audit took
     2 to 4 times the CPU without this (the whitening's eigh alone 6 to 30 s instead of 2)."""
@@ -343,14 +362,9 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
     in_test[test_rows] = True
     side = np.where(in_test, "test", "train")
 
-    with _blas_on_one_thread():
-        # near-duplicates; byte-identical files are counted as such, not again as pairs
+    with blas_on_one_thread():
         comparable = comparable_rows(X)
-        i, j, cosine, search = pairs_above(comparable, threshold)
-        hashes = np.asarray(cache.content_hash, dtype=object)
-        distinct = hashes[i] != hashes[j]
-        i, j, cosine = i[distinct], j[distinct], cosine[distinct]
-        kinds = pair_kinds(i, j, y, in_test)
+        i, j, cosine, kinds, search = near_duplicates(comparable, cache.content_hash, y, in_test, threshold)
 
         # out-of-fold probabilities of every labelled image (byte-identical files share a fold)
         fitted = fit_arrays(X, y, split.group, names, "logreg", cv=cv, n_jobs=n_jobs, seed=seed, accept=None,
@@ -380,9 +394,7 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
                        f"in another class, and those cleanlab {cleanlab.__version__} find_label_issues "
                        "(prune_by_class) flags; estimated_mislabelled: how many cleanlab flags. score = "
                        "cleanlab's self-confidence, the probability of the given label: lower is more suspicious")},
-        "near_duplicates": {"threshold": float(threshold), "count": int(len(i)),
-                            "by_kind": {k: int(np.sum(kinds == k)) for k in PAIR_KINDS},
-                            "search": search, "file": NEAR_DUPLICATES_CSV},
+        "near_duplicates": {**near_duplicates_counts(kinds, threshold, search), "file": NEAR_DUPLICATES_CSV},
         "outliers": {"count": int(len(outliers)), "file": OUTLIERS_CSV,
                      "method": (f"cosine distance (whitened features, as for near-duplicates) to the {OUTLIER_K}th "
                                 "nearest image of the same class; score = "
@@ -417,6 +429,26 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def label_issues_line(label: dict[str, Any], ranked: np.ndarray, suggested: np.ndarray, labels: np.ndarray,
+                      names: Sequence[str], paths: Sequence[str]) -> str:
+    """The label issues in one sentence: how many, cleanlab's estimate, the most suspicious image."""
+    line = (f"label issues: {_count(label['count'], 'image')} whose label looks wrong to the out-of-fold model; "
+            f"cleanlab estimates {label['estimated_mislabelled']} "
+            f"{'is' if label['estimated_mislabelled'] == 1 else 'are'} mislabelled")
+    if len(ranked):
+        top = ranked[0]
+        line += f" (most suspicious: {paths[top]}, given {names[labels[top]]}, looks like {names[suggested[top]]})"
+    return line
+
+
+def near_duplicates_line(near: dict[str, Any]) -> str:
+    """The near-duplicate pairs in one sentence, by kind (cross_split is leakage)."""
+    kinds = near["by_kind"]
+    return (f"near-duplicates (cosine >= {near['threshold']:g}, {near['search']} search): {near['count']} pairs: "
+            f"{kinds['cross_split']} cross_split (leakage: a test image with a near-copy in training), "
+            f"{kinds['conflicting_labels']} conflicting_labels, {kinds['same_side']} same_side")
+
+
 def _summary(report: dict[str, Any], cache: Any, ranked: np.ndarray, suggested: np.ndarray,
              head: str | os.PathLike | None, head_metrics: dict | None) -> list[str]:
     names, paths, y = cache.class_names, cache.paths, cache.labels
@@ -430,20 +462,9 @@ def _summary(report: dict[str, Any], cache: Any, ranked: np.ndarray, suggested: 
 
         lines.append(f"head {head}: test accuracy {ci_text(head_metrics, 'accuracy')} on "
                      f"{head_metrics.get('n_test', '?')} images (95% interval)")
-    label = report["label_issues"]
-    issues = (f"label issues: {_count(label['count'], 'image')} whose label looks wrong to the out-of-fold model; "
-              f"cleanlab estimates {label['estimated_mislabelled']} "
-              f"{'is' if label['estimated_mislabelled'] == 1 else 'are'} mislabelled")
-    if len(ranked):
-        top = ranked[0]
-        issues += f" (most suspicious: {paths[top]}, given {names[y[top]]}, looks like {names[suggested[top]]})"
-    lines.append(issues + f" -> {LABEL_ISSUES_CSV}")
-    near = report["near_duplicates"]
-    kinds = near["by_kind"]
-    lines.append(f"near-duplicates (cosine >= {near['threshold']:g}, {near['search']} search): {near['count']} pairs: "
-                 f"{kinds['cross_split']} cross_split (leakage: a test image with a near-copy in training), "
-                 f"{kinds['conflicting_labels']} conflicting_labels, {kinds['same_side']} same_side "
-                 f"-> {NEAR_DUPLICATES_CSV}")
+    lines.append(label_issues_line(report["label_issues"], ranked, suggested, y, names, paths)
+                 + f" -> {LABEL_ISSUES_CSV}")
+    lines.append(near_duplicates_line(report["near_duplicates"]) + f" -> {NEAR_DUPLICATES_CSV}")
     lines.append(f"outliers: {_count(report['outliers']['count'], 'image')} far from the rest of their class "
                  f"-> {OUTLIERS_CSV}")
     curve = report["learning_curve"]

@@ -30,6 +30,11 @@ from .runtime import QUANTIZATIONS, convert_to_tflite, load_model_file, write_si
 FORMATS = ("keras", "tflite")
 define(format=[Options(FORMATS)], quantize=[Options(QUANTIZATIONS)], verify=[Interval(0, 1_000_000, integer=True)])
 LINEAR_HEADS = ("logreg", "svm")
+EXPORT_CONSTRAINTS = {
+    "format": [Options(FORMATS)],
+    "quantize": [Options(QUANTIZATIONS)],
+    "verify": [Interval(0, 1_000_000, integer=True)],
+}
 
 
 def linear_weights(head: Head) -> tuple[np.ndarray, np.ndarray, str, bool]:

@@ -19,6 +19,7 @@ import numpy as np
 from . import __version__
 from .cache import FeatureCache, load
 from .errors import UserError
+from .lean_imports import import_skops_io
 from .metrics import classification_metrics, save_metrics
 from .params import Interval, Options, as_number, check_params, define
 from .splits import Split, cv_splits, split_rows
@@ -382,8 +383,6 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
     per-image test predictions, the out-of-fold training predictions, the unknown detector's arrays, the PNG.
 
     test_proba is the model's own; what is written is calibrated. Returns the metrics."""
-    import skops.io
-
     from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ,
                             chain_fingerprint, predictions_from_rows, staged_folder, write_json, write_predictions)
     from .images import file_sha256
@@ -426,8 +425,9 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
         meta["unknown"] = {**detector, "file": UNKNOWN_NPZ}
     rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
                 class_names=cache.class_names)
+    skops_io = import_skops_io()
     with staged_folder(folder) as stage:
-        skops.io.dump(fitted.model, stage / HEAD_MODEL)
+        skops_io.dump(fitted.model, stage / HEAD_MODEL)
         meta.update(model_sha256=file_sha256(stage / HEAD_MODEL), classes_sha256=classes_digest(cache.class_names))
         write_json(stage / HEAD_JSON, meta)
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
@@ -513,10 +513,9 @@ TRUSTED_TYPES = frozenset({
 
 
 def _load_skops(path: Path) -> Any:
-    import skops.io
-
+    skops_io = import_skops_io()
     try:
-        untrusted = skops.io.get_untrusted_types(file=path)
+        untrusted = skops_io.get_untrusted_types(file=path)
     except Exception as exc:  # a damaged or foreign file: skops raises zip, JSON and key errors
         raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {exc}); fit the head again.") \
             from None
@@ -525,7 +524,7 @@ def _load_skops(path: Path) -> Any:
         raise UserError(f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
                         "Fit the head again with `fit-head`.")
     try:
-        return skops.io.load(path, trusted=sorted(untrusted))
+        return skops_io.load(path, trusted=sorted(untrusted))
     except Exception as exc:  # noqa: BLE001 (e.g. an object array in a .npy member: numpy refuses, as it should)
         reason = str(exc).splitlines()[0] if str(exc) else ""
         raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {reason}); fit the head "

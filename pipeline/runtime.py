@@ -70,7 +70,7 @@ LITE_INSTALL = install_hint("lite")
 TF_INSTALL = install_hint("cpu")
 
 
-def _require_tensorflow(what: str) -> None:
+def require_tensorflow(what: str) -> None:
     """UserError naming the extra to install when TensorFlow/Keras is absent (a lean install)."""
     if find_spec("tensorflow") is None or find_spec("keras") is None:
         raise UserError(f"{what} needs TensorFlow, which is not installed: {TF_INSTALL}.")
@@ -209,7 +209,7 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
     """
     check_params(dict(runtime=kind))
     if kind == "keras" or kind == "auto" and has_gpu():
-        _require_tensorflow("--runtime keras")
+        require_tensorflow("--runtime keras")
         return KerasRuntime(build_backbone(config, layers))
     path = tflite_path(config, tflite_dir if tflite_dir is not None else output_dir("cache"), layers)
     if path.is_file():  # the cached conversion: no TensorFlow import from here on
@@ -217,7 +217,7 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
             return TFLiteRuntime(path, threads)
         except (ValueError, RuntimeError):
             path.unlink(missing_ok=True)  # a damaged conversion: convert again
-    _require_tensorflow(f"converting {config.backbone} to TFLite (once, into {path})")
+    require_tensorflow(f"converting {config.backbone} to TFLite (once, into {path})")
     model = build_backbone(config, layers)
     try:
         log(f"converting the backbone to TFLite once: {path}")
@@ -269,7 +269,7 @@ def load_model_file(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
         return TFLiteRuntime(path), meta
     if path.suffix != ".keras":
         raise UserError(f"{path} is neither .keras nor .tflite.")
-    _require_tensorflow(f"loading {path.name} (a .keras model)")
+    require_tensorflow(f"loading {path.name} (a .keras model)")
     import keras
 
     preprocess_layer_class()  # registers our preprocessing layer for deserialisation

@@ -21,6 +21,14 @@ def test_every_public_name_resolves() -> None:
         assert getattr(pipeline, name) is not None, name
 
 
+def test_the_library_leaves_the_import_system_alone() -> None:
+    """Only the cnncodes command puts lean_imports' finder in place; importing the library does not."""
+    ran = subprocess.run([sys.executable, "-c", "import sys, pipeline.heads, pipeline.train; "
+                          "print([type(f).__name__ for f in sys.meta_path if 'Sklearn' in type(f).__name__])"],
+                         capture_output=True, text=True, cwd=ROOT, check=True)
+    assert ran.stdout.strip() == "[]"
+
+
 def test_importing_the_package_imports_no_library() -> None:
     ran = subprocess.run([sys.executable, "-c", "import sys, pipeline; print(sorted(m for m in sys.modules if m in "
                           "('numpy', 'h5py', 'sklearn', 'tensorflow', 'keras', 'PIL')))"],
