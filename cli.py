@@ -112,7 +112,8 @@ def backbones_command(
 
 @command("fit-head")
 def fit_head_command(
-    cache: Path = typer.Argument(..., help="A cache written by `extract`."),
+    caches: List[Path] = typer.Argument(..., help="A cache written by `extract`; several (layers of a backbone, "
+                                                  "or backbones): their features side by side, per image."),
     clf: str = typer.Option("logreg", help="logreg, svm, rbf-svm or knn."),
     cv: int = typer.Option(5, help="Cross-validation folds for choosing C (or k)."),
     n_jobs: int = typer.Option(-1, help="Parallel CV jobs (-1: all cores)."),
@@ -120,16 +121,16 @@ def fit_head_command(
     seed: int = typer.Option(0, help="Seed of the split and the CV folds."),
     test_size: float = typer.Option(0.2, help="Test fraction when the cache has no test split."),
     l2_normalize: bool = typer.Option(True, help="L2-normalise each feature vector first."),
-    group_near_duplicates: Optional[float] = typer.Option(
-        None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
-                   "side of the split and of every fold, as byte-identical files are."),
+    group_near_duplicates: float = typer.Option(
+        0.55, help="Keep near-duplicates (whitened cosine >= this, as `audit` measures it) on one side of the "
+                   "split and of every fold, as byte-identical files are; 0 turns it off."),
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
     from pipeline.heads import fit_head
     from pipeline.report import metrics_table
 
-    result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
+    result = fit_head(caches, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
                       group_near_duplicates=group_near_duplicates, out=out, log=typer.echo)
     m = result.metrics
@@ -255,6 +256,10 @@ def study_command(
                                "layer names, or A+B hypercolumns (auto+top: the deepest auto stage with the top)."),
     heads: str = typer.Option("logreg,svm", help="Comma-separated classifiers: logreg, svm, rbf-svm, knn."),
     finetune: bool = typer.Option(False, "--finetune", help="Also fine-tune the winner's backbone; paired test."),
+    ensembles: bool = typer.Option(False, "--ensembles", help="Also each pair of backbones side by side, each "
+                                   "with its best layer (the winner may be such an ensemble)."),
+    group_near_duplicates: float = typer.Option(0.55, help="As fit-head's: near-duplicates on one side of the "
+                                                "split and of every fold; 0 turns it off."),
     budget_minutes: Optional[float] = typer.Option(None, help="Run the cheapest useful configurations first "
                                                    "within this time; list the rest as skipped."),
     seed: int = typer.Option(0, help="Seed of the split, the CV folds and the samples."),
@@ -268,8 +273,8 @@ def study_command(
     from pipeline.study import study
 
     result = study(data_dir, backbones, layers, heads, finetune=finetune, budget_minutes=budget_minutes, seed=seed,
-                   test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out,
-                   log=lambda m: typer.echo(m, err=True))
+                   test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out, ensembles=ensembles,
+                   group_near_duplicates=group_near_duplicates, log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(result.lines()))
     if result.interrupted:
         raise typer.Exit(130)

@@ -16,11 +16,11 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FeatureCache, load
+from .cache import FeatureCache
 from .errors import UserError
 from .params import Interval, Options, check_params
 from .report import classification_metrics, save_metrics
-from .splits import Split, cv_splits, split_rows
+from .splits import Split, cv_splits, rows_of_hash_pairs, split_rows
 
 CLASSIFIERS = ("logreg", "svm", "rbf-svm", "knn")
 HEAD_FORMAT_VERSION = 2  # 2: head.skops; 1: head.joblib (a pickle)
@@ -38,8 +38,14 @@ HEAD_CONSTRAINTS = {
     "class_weight": [Options(("balanced",)), None],
     "seed": [Interval(0, 2**32 - 1, integer=True)],
     "test_size": [Interval(0.01, 0.9)],
-    "group_near_duplicates": [Interval(0.5, 1.0), None],
+    "group_near_duplicates": [Interval(0, 0), Interval(0.5, 1.0), None],
 }
+# fit-head and study keep near-duplicates on one side of the split by default: the audit's whitened
+# cosine at its threshold (see pipeline/neighbours.py); 0 or None turns the grouping off.
+NEAR_DUPLICATES = 0.55
+# Narrower features are not searched: unrelated whitened rows have cosines spread about 1/sqrt(width),
+# so below 64 dimensions chance pairs pass 0.55 (4.4 spreads at 64, 14 at Lite0's 1280).
+NEAR_DUPLICATE_MIN_WIDTH = 64
 
 
 def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None = None, seed: int = 0):
@@ -230,37 +236,72 @@ def default_head_dir(cache_path: Path, clf: str) -> Path:
     return Path("heads") / f"{Path(cache_path).stem}-{clf}"
 
 
-def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[int, int]]:
-    """Row pairs whose features are nearly identical (cosine >= threshold), to keep on one side."""
+def near_duplicate_hash_pairs(features: np.ndarray, content_hash: Sequence[str],
+                              threshold: float | None) -> list[tuple[str, str]]:
+    """Content-hash pairs of images whose features are near-duplicates (the audit's whitened cosine >= threshold);
+    none when threshold is 0 or None, or the features are narrower than NEAR_DUPLICATE_MIN_WIDTH. As hashes, the
+    pairs apply to any other features of the same images."""
+    if not threshold or features.shape[1] < NEAR_DUPLICATE_MIN_WIDTH:
+        return []
     from .neighbours import near_duplicate_pairs
 
-    i, j, _ = near_duplicate_pairs(cache.features, threshold)
-    return list(zip(i.tolist(), j.tolist()))
+    i, j, _ = near_duplicate_pairs(features, threshold)
+    return [(content_hash[a], content_hash[b]) for a, b in zip(i.tolist(), j.tolist())
+            if content_hash[a] != content_hash[b]]
 
 
-def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
-             class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, group_near_duplicates: float | None = None,
+def near_duplicate_note(threshold: float | None, split: Split, width: int) -> str:
+    """What the near-duplicate grouping did, in one line (printed by fit-head and study)."""
+    if not threshold:
+        return "near-duplicates not grouped (--group-near-duplicates 0): the test score may be optimistic."
+    if width < NEAR_DUPLICATE_MIN_WIDTH:
+        return f"near-duplicates not searched: {width} features are too few to tell them from chance."
+    where = "left as the folders put them (see LEAKAGE)" if split.source.startswith("folders") else \
+        "kept on one side of the split and of every CV fold"
+    return (f"near-duplicates (whitened cosine >= {threshold:g}): {split.near_duplicate_groups} groups {where}; "
+            "--group-near-duplicates 0 turns this off.")
+
+
+def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: str = "logreg", *, cv: int = 5,
+             n_jobs: int = -1, class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
+             l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
-    """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part."""
+    """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
+
+    cache_path: one cache, or several (their rows joined by content hash, see pipeline.sources).
+    group_near_duplicates: keep near-duplicates (as the audit finds them, on the first source's features)
+    on one side of the split and of every fold; 0 or None: byte-identical files only.
+    """
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
                       group_near_duplicates=group_near_duplicates), HEAD_CONSTRAINTS)
-    cache = load(cache_path)
+    from .sources import join_caches
+
+    paths = [cache_path] if isinstance(cache_path, (str, os.PathLike)) else list(cache_path)
+    cache, sources = join_caches(paths, log)
     if len(cache) == 0:
-        raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")
-    links = near_duplicate_links(cache, group_near_duplicates) if group_near_duplicates is not None else ()
-    split = split_rows(cache, test_size, seed, links)
+        raise UserError(f"{paths[0]} holds no features; run extract on a folder with readable images.")
+    threshold = group_near_duplicates or 0.0
+    pairs = near_duplicate_hash_pairs(cache.features[:, :sources[0].feature_dim], cache.content_hash, threshold)
+    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, pairs))
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
+    split.notes.append(near_duplicate_note(threshold, split, sources[0].feature_dim))
     X, y = cache.features, cache.labels
     fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf, cv=cv,
                         n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize, log=log)
-    fitted.options.update(test_size=test_size, group_near_duplicates=group_near_duplicates)
+    fitted.options.update(test_size=test_size, group_near_duplicates=threshold)
     test_proba = fitted.model.predict_proba(X[split.test])
-    folder = Path(out) if out else default_head_dir(Path(cache_path), clf)
-    metrics = save_head(folder, fitted, cache, split, test_proba,
-                        {"near_duplicate_links": len(links)} if group_near_duplicates is not None else {})
+    name = "+".join(Path(p).stem for p in paths)
+    folder = Path(out) if out else default_head_dir(Path(name), clf)
+    metrics = save_head(folder, fitted, cache, split, test_proba, near_duplicate_metrics(threshold, pairs, split),
+                        sources=sources)
     return HeadResult(folder, metrics, split)
+
+
+def near_duplicate_metrics(threshold: float, pairs: Sequence[tuple[str, str]], split: Split) -> dict[str, Any]:
+    """What metrics.json records of the near-duplicate grouping."""
+    return {"near_duplicate_threshold": threshold, "near_duplicate_links": len(pairs),
+            "near_duplicate_groups": split.near_duplicate_groups}
 
 
 # -- persistence ----------------------------------------------------------------------------------
@@ -279,10 +320,12 @@ def rows_digest(cache: FeatureCache, rows: np.ndarray) -> str:
 
 
 def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache, split: Split,
-              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None) -> dict[str, Any]:
+              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None,
+              sources: Sequence[Any] = ()) -> dict[str, Any]:
     """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
     per-image test predictions, the out-of-fold training predictions when the sweep made them, the PNG.
-    Returns the metrics."""
+    sources: the pipeline.sources.Source list of a head on several caches (head.json lists them; the
+    single-source keys then describe the first). Returns the metrics."""
     import skops.io
 
     from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, chain_fingerprint,
@@ -312,6 +355,10 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
                                             "cv_score", "best_params")},
         "versions": _versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+    if len(sources) > 1:
+        from .sources import SOURCES_KEY
+
+        meta.update(cache_path=sources[0].cache_path, **{SOURCES_KEY: [s.to_json() for s in sources]})
     rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
                 class_names=cache.class_names)
     with staged_folder(folder) as stage:
