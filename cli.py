@@ -77,15 +77,20 @@ def extract_command(
                                                    "(Keras runs there)."),
     compact: bool = typer.Option(False, help="Rewrite the cache into one shard file afterwards (see `compact`)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    views: int = typer.Option(0, help="Also cache K augmented views of every image (random resized crop, flip, "
+                                      "mild colour jitter), for `fit-head --views`."),
+    flip: bool = typer.Option(True, help="With --views: flip views horizontally at random (--no-flip: never)."),
+    views_seed: int = typer.Option(0, help="With --views: the seed of the augmentations."),
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
     from pipeline.extract import extract, summary_lines
+    from pipeline.views import view_recipe
 
     summary = extract(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
                       workers=workers, runtime=runtime, threads=threads, engine=engine, compact=compact,
                       progress=progress, log=lambda m: typer.echo(m, err=True), ray_address=ray_address,
-                      actors=actors, gpus_per_actor=gpus_per_actor)
+                      actors=actors, gpus_per_actor=gpus_per_actor, views=view_recipe(views, views_seed, flip))
     typer.echo("\n".join(summary_lines(summary)))
     if summary.interrupted:
         raise typer.Exit(130)
@@ -124,6 +129,8 @@ def fit_head_command(
     group_near_duplicates: float = typer.Option(
         0.55, help="Keep near-duplicates (whitened cosine >= this, as `audit` measures it) on one side of the "
                    "split and of every fold, as byte-identical files are; 0 turns it off."),
+    views: bool = typer.Option(False, "--views", help="Also train on the cached augmented views of the training "
+                               "images (`extract --views K`); scores stay on the clean images."),
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
@@ -132,7 +139,7 @@ def fit_head_command(
 
     result = fit_head(caches, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
-                      group_near_duplicates=group_near_duplicates, out=out, log=typer.echo)
+                      group_near_duplicates=group_near_duplicates, views=views, out=out, log=typer.echo)
     m = result.metrics
     typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
     for note in m["split_notes"]:

@@ -42,6 +42,7 @@ HISTORY_CSV = "history.csv"
 LEARNING_CURVES_PNG = "learning_curves.png"
 STUDY_JSON = "study.json"  # a study folder's table, winner, advice and checkout
 SIDECAR_SUFFIX = ".json"  # model.keras -> model.keras.json: class names and input settings
+VIEWS_SUFFIX = ".views.h5"  # cache/x.h5 -> cache/x.views.h5: the augmented views of its images (pipeline/views.py)
 PREDICTION_COLUMNS = ("path", "content_hash", "split", "true", "predicted")
 PROBA_PREFIX = "proba_"  # then one column per class: proba_<class name>
 TMP_MARK = ".tmp-"

@@ -164,10 +164,12 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
                *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-               l2_normalize: bool = True, log: Callable[[str], None] = print) -> FittedHead:
+               l2_normalize: bool = True, scored: np.ndarray | None = None,
+               log: Callable[[str], None] = print) -> FittedHead:
     """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
 
-    groups: rows of one group (identical files, near-duplicates) stay in one fold.
+    groups: rows of one group (identical files, near-duplicates, an image's augmented views) stay in one fold.
+    scored: a mask of the rows CV scores (the clean images, not their augmented views); default all.
     """
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed), HEAD_CONSTRAINTS)
     from joblib import Parallel, delayed
@@ -176,6 +178,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
 
     started = time.perf_counter()  # after the imports: fit_seconds is the fit, not scikit-learn's one-off import
     folds = cv_splits(y, groups, cv, seed, class_names, log)
+    if scored is not None:  # train on every row of the other folds, score on the clean rows of this one
+        folds = [(tr, va[scored[va]]) for tr, va in folds]
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
         grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
@@ -264,13 +268,15 @@ def near_duplicate_note(threshold: float | None, split: Split, width: int) -> st
 
 def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: str = "logreg", *, cv: int = 5,
              n_jobs: int = -1, class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES,
+             l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES, views: bool = False,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = print) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
 
     cache_path: one cache, or several (their rows joined by content hash, see pipeline.sources).
     group_near_duplicates: keep near-duplicates (as the audit finds them, on the first source's features)
     on one side of the split and of every fold; 0 or None: byte-identical files only.
+    views: also train on the cached augmented views of the training images (extract --views K); CV scores and
+    the test part use the clean images only.
     """
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
                       group_near_duplicates=group_near_duplicates), HEAD_CONSTRAINTS)
@@ -287,15 +293,39 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
         raise UserError("no test images: every class has a single image (or group of identical images).")
     split.notes.append(near_duplicate_note(threshold, split, sources[0].feature_dim))
     X, y = cache.features, cache.labels
-    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf, cv=cv,
-                        n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize, log=log)
-    fitted.options.update(test_size=test_size, group_near_duplicates=threshold)
+    block, recipe = None, None
+    if views:
+        from .views import load_view_features
+
+        block, recipe = load_view_features(paths, [cache.content_hash[i] for i in split.train])
+        split.notes.append(f"augmented views: {recipe.k} per training image ({recipe.k * len(split.train)} rows) "
+                           "trained on, each in its image's CV fold; CV and test scores on the clean images only.")
+    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, block)
+    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
+                        seed=seed, l2_normalize=l2_normalize, scored=scored, log=log)
+    if fitted.cv_proba is not None:
+        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted.options.update(test_size=test_size, group_near_duplicates=threshold,
+                          **({"views": recipe.to_json()} if recipe else {}))
     test_proba = fitted.model.predict_proba(X[split.test])
     name = "+".join(Path(p).stem for p in paths)
     folder = Path(out) if out else default_head_dir(Path(name), clf)
-    metrics = save_head(folder, fitted, cache, split, test_proba, near_duplicate_metrics(threshold, pairs, split),
+    metrics = save_head(folder, fitted, cache, split, test_proba,
+                        {**near_duplicate_metrics(threshold, pairs, split), "views": recipe.k if recipe else 0},
                         sources=sources)
     return HeadResult(folder, metrics, split)
+
+
+def training_rows(X: np.ndarray, y: np.ndarray, group: np.ndarray, train: np.ndarray,
+                  views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(X, y, groups, scored) to fit on: the training rows, then, with views (n_train, K, D) of those rows,
+    each view as a row in its image's group (one side of the split, one CV fold); scored marks the clean rows."""
+    if views is None:
+        return X[train], y[train], group[train], None
+    k = views.shape[1]
+    scored = np.concatenate([np.ones(len(train), bool), np.zeros(len(train) * k, bool)])
+    return (np.vstack([X[train], views.reshape(len(train) * k, -1)]), np.concatenate([y[train], np.repeat(y[train], k)]),
+            np.concatenate([group[train], np.repeat(group[train], k)]), scored)
 
 
 def near_duplicate_metrics(threshold: float, pairs: Sequence[tuple[str, str]], split: Split) -> dict[str, Any]:
