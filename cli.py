@@ -267,6 +267,8 @@ def study_command(
                                    "with its best layer (the winner may be such an ensemble)."),
     group_near_duplicates: float = typer.Option(0.55, help="As fit-head's: near-duplicates on one side of the "
                                                 "split and of every fold; 0 turns it off."),
+    views: int = typer.Option(0, help="Cache K augmented views of every image and train every head on them too "
+                                      "(as extract --views K + fit-head --views)."),
     budget_minutes: Optional[float] = typer.Option(None, help="Run the cheapest useful configurations first "
                                                    "within this time; list the rest as skipped."),
     seed: int = typer.Option(0, help="Seed of the split, the CV folds and the samples."),
@@ -281,7 +283,7 @@ def study_command(
 
     result = study(data_dir, backbones, layers, heads, finetune=finetune, budget_minutes=budget_minutes, seed=seed,
                    test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out, ensembles=ensembles,
-                   group_near_duplicates=group_near_duplicates, log=lambda m: typer.echo(m, err=True))
+                   group_near_duplicates=group_near_duplicates, views=views, log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(result.lines()))
     if result.interrupted:
         raise typer.Exit(130)

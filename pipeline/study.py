@@ -22,7 +22,7 @@ from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
 from .extract import extract_layers
 from .heads import (CLASSIFIERS, NEAR_DUPLICATES, fit_arrays, near_duplicate_hash_pairs, near_duplicate_metrics,
-                    save_head)
+                    save_head, training_rows)
 from .images import Dataset, scan_dataset
 from .params import Interval, Options, check_params
 from .runtime import RUNTIMES
@@ -31,6 +31,7 @@ from .splits import Split, rows_of_hash_pairs, split_rows
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
 from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
+from .views import ViewRecipe, load_view_features, view_recipe
 
 DEFAULT_LAYERS = "auto,auto+top"
 DEFAULT_HEADS = "logreg,svm"
@@ -66,18 +67,24 @@ class Outcome:
 
 
 def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int, test_size: float,
-               log: Callable[[str], None], near_pairs: Sequence[tuple[str, str]] = ()) -> Outcome:
+               log: Callable[[str], None], near_pairs: Sequence[tuple[str, str]] = (),
+               views_of: Callable[[list[str]], np.ndarray] | None = None) -> Outcome:
     """fit-head on one feature set: C chosen by grouped CV on the training part, then the test score.
 
     near_pairs: content-hash pairs of near-duplicates to keep on one side (found once per study).
+    views_of: the (n, K, D) augmented views of images by content hash, to train on as fit-head --views does.
     """
     split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, near_pairs))
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
-    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf,
-                        cv=cv, n_jobs=n_jobs, seed=seed, log=log)
-    fitted.options.update(test_size=test_size)
+    views = views_of([cache.content_hash[i] for i in split.train]) if views_of else None
+    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, views)
+    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, seed=seed, scored=scored,
+                        log=log)
+    if fitted.cv_proba is not None:
+        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted.options.update(test_size=test_size, **({"views": int(views.shape[1])} if views is not None else {}))
     start = time.perf_counter()
     proba = fitted.model.predict_proba(X[split.test])
     head_ms = 1000 * (time.perf_counter() - start) / len(split.test)
@@ -176,9 +183,9 @@ class Study:
     def __init__(self, dataset: Dataset, plans: list[Plan], tokens: list[str], clfs: list[str], *,
                  budget_minutes: float | None, seed: int, test_size: float, cv: int, n_jobs: int, runtime: str,
                  cache_dir: str | Path, log: Callable[[str], None], near_duplicates: float = NEAR_DUPLICATES,
-                 ensembles: bool = False) -> None:
+                 ensembles: bool = False, views: ViewRecipe | None = None) -> None:
         self.dataset, self.plans, self.tokens, self.clfs = dataset, plans, tokens, clfs
-        self.near_threshold, self.ensembles = near_duplicates or 0.0, ensembles
+        self.near_threshold, self.ensembles, self.views = near_duplicates or 0.0, ensembles, views
         self.near_pairs: list[tuple[str, str]] | None = None  # found once, on the first features fitted
         self.seed, self.test_size, self.cv, self.n_jobs, self.runtime = seed, test_size, cv, n_jobs, runtime
         self.cache_dir, self.log = cache_dir, log
@@ -201,7 +208,9 @@ class Study:
         if plan.caches:
             return 0.0
         conversion = 0.0 if self.runtime == "keras" else CONVERSION_SECONDS
-        return len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 + conversion
+        passes = 1 + (self.views.k if self.views else 0)  # the clean image and each of its views
+        return passes * len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 \
+            + conversion
 
     def _fit_cost(self, clf: str, dim: int) -> float:
         factor, power = FIT_COST[clf]
@@ -241,7 +250,8 @@ class Study:
         labels = list(plan.layers)
         self.log(f"extracting {plan.label}: {', '.join(labels)} (one forward pass)")
         summaries = extract_layers(self.dataset.root, plan.config, [plan.layers[k] for k in labels],
-                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log)
+                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log,
+                                   views=self.views)
         if any(s.interrupted for s in summaries):
             raise KeyboardInterrupt
         plan.caches = {k: s.cache_path for k, s in zip(labels, summaries)}
@@ -266,8 +276,10 @@ class Study:
                      f"{len(self.near_pairs)} pairs, kept on one side of the split and of every fold"
                      if self.near_threshold else "near-duplicates not grouped (--group-near-duplicates 0)")
         self.log(f"fitting {task.name}")
+        paths = [p.caches[k] for p, k in pieces]
         outcome = fit_config(cache, task.clf, cv=self.cv, n_jobs=self.n_jobs, seed=self.seed,
-                             test_size=self.test_size, log=self.log, near_pairs=self.near_pairs)
+                             test_size=self.test_size, log=self.log, near_pairs=self.near_pairs,
+                             views_of=(lambda hashes: load_view_features(paths, hashes)[0]) if self.views else None)
         outcome.sources = sources
         outcome.near_duplicates = near_duplicate_metrics(self.near_threshold, self.near_pairs, outcome.split)
         row = outcome.row
@@ -386,11 +398,12 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
           heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
           seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
           cache_dir: str | Path = "cache", out: str | Path | None = None, ensembles: bool = False,
-          group_near_duplicates: float | None = NEAR_DUPLICATES,
+          group_near_duplicates: float | None = NEAR_DUPLICATES, views: int = 0,
           log: Callable[[str], None] = print) -> StudyResult:
     """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head.
 
     ensembles: also each pair of backbones, each with its best layer. group_near_duplicates: as fit-head's.
+    views: cache K augmented views of every image and train every head on them too (as fit-head --views).
     """
     check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
                       runtime=runtime, group_near_duplicates=group_near_duplicates), STUDY_CONSTRAINTS)
@@ -409,7 +422,7 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
     out = Path(out) if out else Path("studies") / dataset.root.name
     run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,
                 n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log, near_duplicates=group_near_duplicates,
-                ensembles=ensembles)
+                ensembles=ensembles, views=view_recipe(views, seed))
     interrupted, tuned = False, None
     with staged_folder(out) as stage:
         try:
@@ -432,7 +445,7 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
                                  for c, name in enumerate(dataset.class_names)},
             "seed": seed, "test_size": test_size, "cv": cv, "heads": clfs, "layers": tokens,
             "near_duplicates": {"threshold": run.near_threshold, "pairs": len(run.near_pairs or [])},
-            "ensembles": ensembles,
+            "ensembles": ensembles, "views": views,
             "backbones": {p.label: {"config": p.config.__dict__, "layers": p.layers, "notes": p.notes,
                                     "backbone_ms": p.ms, "failed": p.failed} for p in plans},
             "rows": run.rows, "winner": run.rows[winner] if winner is not None else None,
