@@ -13,7 +13,8 @@ WORK/split/{train,val} (../shared/peers/split_folders.py), then:
 --profile also runs fit-head once under `python -X importtime` and lists its slowest imports.
 --study also runs (c) the study from raw images on the same split (cold caches, conversions included):
     Lite0 and Lite2, layers top and auto+top (a hypercolumn), logreg and svm, --ensembles; its winner
-    (chosen by CV) is scored on the val folder. Every accuracy is printed with its 95% Wilson interval.
+    (chosen by CV) is scored on the val folder; --study-views K adds cached augmented views.
+Every accuracy is printed with its 95% Wilson interval.
 Prints the command lines, a table with phases (wall seconds, and CPU seconds of each process: on a
 shared machine wall time depends on the load, CPU time much less), and as its last line one JSON object.
 """
@@ -151,6 +152,7 @@ def main() -> None:
     parser.add_argument("--recipe-cpu-seconds", type=float, default=None, help="optional, with --recipe-seconds")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--study", action="store_true", help="also (c): the study's winner, from raw images")
+    parser.add_argument("--study-views", type=int, default=0, help="with --study: cache and train on K views")
     args = parser.parse_args()
     if (args.recipe_seconds is None) != (args.recipe_accuracy is None):
         parser.error("give both --recipe-seconds and --recipe-accuracy, or neither")
@@ -163,7 +165,7 @@ def main() -> None:
                                                       alpha=None), work / "cache")
     runs = [project_once(args, split, work) for _ in range(args.runs)]
     project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
-    studied = study_once(split, work) if args.study else None
+    studied = study_once(split, work, args.study_views) if args.study else None
     if args.recipe_seconds is None:
         peer = recipe(split, args.backbone)
     else:
