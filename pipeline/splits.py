@@ -167,9 +167,11 @@ class Parts:
     source: str
 
 
-def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int) -> Parts:
-    """fit-head's train/test split; validation is the `val` folder, or carved from training by seed."""
-    split = split_rows(cache, test_size, seed)
+def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int,
+                   near_duplicates: Sequence[tuple[int, int]] = ()) -> Parts:
+    """fit-head's train/test split (near_duplicates: row pairs kept together, as fit-head's); validation is the
+    `val` folder, or carved from training by seed."""
+    split = split_rows(cache, test_size, seed, near_duplicates)
     folders = np.asarray(cache.split)
     if split.source.startswith("folders") and (folders == "val").any() and (folders == "test").any():
         return Parts(np.flatnonzero(folders == "train"), np.flatnonzero(folders == "val"), split.test,

@@ -376,7 +376,7 @@ class Study:
         self.log(f"fine-tuning {plan.label} {row['layer']}" + (f" from {init.relative_to(stage)}" if init else ""))
         result = finetune(self.dataset.root, replace(plan.config, layer=plan.layers[row["layer"]]), init_head=init,
                           test_size=self.test_size, seed=self.seed, cache=outcome.cache.path,
-                          out=stage / "finetune", log=self.log)
+                          out=stage / "finetune", log=self.log, near_pairs=self.near_pairs)
         test, verdict = paired_test(outcome, stage / "finetune")
         m = result.metrics
         n_classes = len(self.dataset.class_names)
