@@ -306,7 +306,7 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
     if fitted.cv_proba is not None:
         fitted.cv_proba = fitted.cv_proba[:len(split.train)]
     fitted.options.update(test_size=test_size, group_near_duplicates=threshold,
-                          **({"views": recipe.to_json()} if recipe else {}))
+                          **({"views": recipe.k, "views_recipe": recipe.to_json()} if recipe else {}))
     test_proba = fitted.model.predict_proba(X[split.test])
     name = "+".join(Path(p).stem for p in paths)
     folder = Path(out) if out else default_head_dir(Path(name), clf)

@@ -281,6 +281,8 @@ class Study:
                              test_size=self.test_size, log=self.log, near_pairs=self.near_pairs,
                              views_of=(lambda hashes: load_view_features(paths, hashes)[0]) if self.views else None)
         outcome.sources = sources
+        if self.views:
+            outcome.fitted.options["views_recipe"] = self.views.to_json()
         outcome.near_duplicates = near_duplicate_metrics(self.near_threshold, self.near_pairs, outcome.split)
         row = outcome.row
         self.scale[task.clf] = 1.0

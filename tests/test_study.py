@@ -325,3 +325,18 @@ def test_study_with_an_imagenet_model_writes_the_checkout(tmp_path: Path, imagen
     assert data["advice"]["likeness"]["backbones"] == ["tiny_imagenet"]
     md = (tmp_path / "study" / "study.md").read_text()
     assert "## ImageNet checkout: tiny_imagenet" in md and "thing_" in md
+
+
+def test_ensembles_and_views_can_win_and_save_a_multi_source_head(tmp_path: Path) -> None:
+    """Two backbones with --ensembles and 2 cached views: an ensemble row per head, every head trained with
+    views; the winner (by CV, any kind) is a head folder that predicts what the study measured."""
+    other = "MobileNet:weights=none:size=32:alpha=0.25"
+    data = run_study(tmp_path, backbones=f"{TINY},{other}", ensembles=True, views=2).data
+    ensembles = [r for r in data["rows"] if r["kind"] == "ensemble"]
+    assert len(ensembles) == 1 and ensembles[0]["backbone"] == f"{TINY}+{other}"
+    assert data["views"] == 2 and data["winner"]["cv_accuracy"] == max(r["cv_accuracy"] for r in data["rows"])
+    head = load_head(tmp_path / "study" / "winner")
+    assert head.meta["options"]["views"] == 2
+    assert len(head_sources(head.meta)) == (2 if data["winner"]["kind"] == "ensemble" else 1)
+    test = read_predictions(tmp_path / "study" / "winner" / PREDICTIONS_CSV)
+    assert np.isclose(test.correct.mean(), data["winner"]["test_accuracy"])
