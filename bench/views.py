@@ -46,7 +46,8 @@ def one_side(split: Path, work: Path, clf: str, views: int) -> dict[str, Any]:
         + (["--views"] if views else []), "fit-head")
     m = json.loads((head / "metrics.json").read_text())
     return {"views": views, "accuracy": m["accuracy"], "ci": m["accuracy_ci"], "cv": m["cv_score"],
-            "n_test": m["n_test"], "n_train": m["n_train"], "extract_s": extract_s, "cache_mb": disk_bytes(folder) / 1e6}
+            "n_test": m["n_test"], "n_train": m["n_train"], "extract_s": extract_s,
+            "cache_mb": disk_bytes(folder) / 1e6}
 
 
 def main() -> None:

@@ -324,7 +324,8 @@ def training_rows(X: np.ndarray, y: np.ndarray, group: np.ndarray, train: np.nda
         return X[train], y[train], group[train], None
     k = views.shape[1]
     scored = np.concatenate([np.ones(len(train), bool), np.zeros(len(train) * k, bool)])
-    return (np.vstack([X[train], views.reshape(len(train) * k, -1)]), np.concatenate([y[train], np.repeat(y[train], k)]),
+    return (np.vstack([X[train], views.reshape(len(train) * k, -1)]),
+            np.concatenate([y[train], np.repeat(y[train], k)]),
             np.concatenate([group[train], np.repeat(group[train], k)]), scored)
 
 

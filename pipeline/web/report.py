@@ -437,7 +437,8 @@ def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike 
                      + "; ".join(missing[:3]))
     html = render("report.html", title="cnncodes report", generated=time.strftime("%Y-%m-%d %H:%M"),
                   sources=[str(f) for f in folders] + ([f"audit: {audit}"] if audit else []), notes=notes,
-                  summary=summary_rows(methods, Path(audit) if audit is not None else None), figure=summary_figure(methods), paired=paired_rows(methods),
+                  summary=summary_rows(methods, Path(audit) if audit is not None else None),
+                  figure=summary_figure(methods), paired=paired_rows(methods),
                   studies=studies, sections=sections, audit=audit_part, embedding=embedding,
                   data={"images": uris, "placeholder": placeholder_uri()}, thumb_px=thumb_px)
     path = write_text(out, html)
