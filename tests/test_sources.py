@@ -159,3 +159,19 @@ def test_export_resizes_for_a_backbone_of_another_input_size(world: World, cnn_w
     model = keras.saving.load_model(path, compile=False)
     assert model.input_shape[1:] == (48, 48, 3)
     assert check["top1_agreement"] >= 0.9  # the 32 px branch sees a resized 48 px image, not a fresh decode
+
+
+def test_report_flags_an_older_heads_near_duplicate_leaks(tmp_path: Path) -> None:
+    from pipeline.artifacts import Predictions
+    from pipeline.web.report import Method, near_duplicate_leaks
+
+    audit = tmp_path / "audit"
+    audit.mkdir()
+    (audit / "audit.json").write_text(json.dumps({"near_duplicates": {"threshold": 0.55, "file": "pairs.csv"}}))
+    (audit / "pairs.csv").write_text("path_a,path_b,cosine\nt1.png,a.png,0.9\nt2.png,t1.png,0.8\nb.png,c.png,0.7\n")
+    tested = Predictions(["t1.png", "t2.png"], ["h1", "h2"], ["", ""], np.zeros(2, int), np.ones((2, 2)) / 2,
+                         ["x", "y"])
+    old = Method("old", tmp_path, "head", {"accuracy": 1.0}, {}, tested)
+    assert near_duplicate_leaks(old, audit).startswith("1 test images have a near-duplicate in training")
+    grouped = Method("new", tmp_path, "head", {"accuracy": 1.0, "near_duplicate_threshold": 0.55}, {}, tested)
+    assert near_duplicate_leaks(grouped, audit) == "" and near_duplicate_leaks(old, None) == ""
