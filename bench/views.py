@@ -72,6 +72,7 @@ def main() -> None:
         for s in sides:
             lines.append(f"{data.name:18s} {s['views']:5d} {s['accuracy']:9.4f} [{s['ci'][0]:.3f}, {s['ci'][1]:.3f}]"
                          f"{'':1s} {s['cv']:7.4f} {s['extract_s']:9.1f} {s['cache_mb']:8.1f}")
+        print("\n".join(lines[-2:]), flush=True)  # each dataset as it is done
     lines.append(f"Lite0 avg_pool, {args.clf}; test = the val folder of split_folders.py "
                  f"({results[next(iter(results))][0]['n_test']} images on the first dataset); extract s: the whole "
                  "process from a cold feature cache (warm TFLite conversion)")
