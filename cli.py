@@ -76,8 +76,8 @@ SEED = typer.Option(0, help="Seed of the split and the CV folds.")
 TEST_SIZE = typer.Option(0.2, help="Test fraction when the cache has no test split.")
 L2_NORMALIZE = typer.Option(True, help="L2-normalise each feature vector first.")
 GROUP_NEAR_DUPLICATES = typer.Option(
-    None, help="Keep near-duplicates (whitened cosine >= this, e.g. 0.55, as `audit` measures it) on one "
-               "side of the split and of every fold, as byte-identical files are; default: off.")
+    0.55, help="Keep near-duplicates (whitened cosine >= this, as `audit` measures it) on one side of the "
+               "split and of every fold, as byte-identical files are; 0 turns it off.")
 THRESHOLD = typer.Option(0.55, help="Cosine (of whitened features) at or above which two images are "
                                     "near-duplicates.")
 PROJECTION = typer.Option("tsne", help="Embedding map projection: tsne or pca (faster).")
@@ -108,7 +108,7 @@ def train_command(
     runtime: str = RUNTIME, threads: Optional[int] = THREADS,
     clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
     test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
-    group_near_duplicates: Optional[float] = GROUP_NEAR_DUPLICATES, accept: Optional[str] = ACCEPT,
+    group_near_duplicates: float = GROUP_NEAR_DUPLICATES, accept: Optional[str] = ACCEPT,
     no_unknown: bool = NO_UNKNOWN, threshold: float = THRESHOLD,
     projection: str = typer.Option("pca", help="Embedding map projection: pca, or tsne (as `report` draws it; "
                                                 "10 s for 1,000 images, more than the rest of train)."),
@@ -159,15 +159,21 @@ def extract_command(
     compact: bool = typer.Option(False, help="Rewrite the cache into one shard file afterwards (see `compact`)."),
     progress: bool = PROGRESS,
     storage_options: Optional[str] = STORAGE_OPTIONS,
+    views: int = typer.Option(0, help="Also cache K augmented views of every image (random resized crop, flip, "
+                                      "mild colour jitter), for `fit-head --views`."),
+    flip: bool = typer.Option(True, help="With --views: flip views horizontally at random (--no-flip: never)."),
+    views_seed: int = typer.Option(0, help="With --views: the seed of the augmentations."),
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
     from pipeline.extract import extract, summary_lines
+    from pipeline.views import view_recipe
 
     summary = extract(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       cache=cache, cache_dir=cache_dir, batch_size=batch_size, chunk_size=chunk_size,
                       workers=workers, runtime=runtime, threads=threads, engine=engine, compact=compact,
                       progress=progress, log=lambda m: typer.echo(m, err=True), ray_address=ray_address,
-                      actors=actors, gpus_per_actor=gpus_per_actor, storage_options=storage_options)
+                      actors=actors, gpus_per_actor=gpus_per_actor, storage_options=storage_options,
+                      views=view_recipe(views, views_seed, flip))
     typer.echo("\n".join(summary_lines(summary)))
     if summary.interrupted:
         raise typer.Exit(130)
@@ -194,10 +200,13 @@ def backbones_command(
 
 @command("fit-head")
 def fit_head_command(
-    cache: Path = typer.Argument(..., help="A cache written by `extract`."),
+    caches: List[Path] = typer.Argument(..., help="A cache written by `extract`; several (layers of a backbone, "
+                                                  "or backbones): their features side by side, per image."),
     clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
     test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
-    group_near_duplicates: Optional[float] = GROUP_NEAR_DUPLICATES,
+    group_near_duplicates: float = GROUP_NEAR_DUPLICATES,
+    views: bool = typer.Option(False, "--views", help="Also train on the cached augmented views of the training "
+                               "images (`extract --views K`); scores stay on the clean images."),
     accept: Optional[str] = ACCEPT, no_unknown: bool = NO_UNKNOWN,
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
@@ -206,10 +215,10 @@ def fit_head_command(
     from pipeline.plots import write_confusion_png
     from pipeline.tables import metrics_table, unknown_lines
 
-    result = fit_head(cache, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
+    result = fit_head(caches, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
-                      group_near_duplicates=group_near_duplicates, accept=None if no_unknown else accept,
-                      out=out, log=typer.echo)
+                      group_near_duplicates=group_near_duplicates, views=views,
+                      accept=None if no_unknown else accept, out=out, log=typer.echo)
     m = result.metrics
     typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
     for note in m["split_notes"]:
@@ -341,6 +350,12 @@ def study_command(
                                "layer names, or A+B hypercolumns (auto+top: the deepest auto stage with the top)."),
     heads: str = typer.Option("logreg,svm", help="Comma-separated classifiers: logreg, svm, rbf-svm, knn."),
     finetune: bool = typer.Option(False, "--finetune", help="Also fine-tune the winner's backbone; paired test."),
+    ensembles: bool = typer.Option(False, "--ensembles", help="Also each pair of backbones side by side, each "
+                                   "with its best layer (the winner may be such an ensemble)."),
+    group_near_duplicates: float = typer.Option(0.55, help="As fit-head's: near-duplicates on one side of the "
+                                                "split and of every fold; 0 turns it off."),
+    views: int = typer.Option(0, help="Cache K augmented views of every image and train every head on them too "
+                                      "(as extract --views K + fit-head --views)."),
     budget_minutes: Optional[float] = typer.Option(None, help="Run the cheapest useful configurations first "
                                                    "within this time; list the rest as skipped."),
     seed: int = typer.Option(0, help="Seed of the split, the CV folds and the samples."),
@@ -355,8 +370,8 @@ def study_command(
     from pipeline.study import study
 
     result = study(data_dir, backbones, layers, heads, finetune=finetune, budget_minutes=budget_minutes, seed=seed,
-                   test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out,
-                   log=lambda m: typer.echo(m, err=True))
+                   test_size=test_size, cv=cv, runtime=runtime, cache_dir=cache_dir, out=out, ensembles=ensembles,
+                   group_near_duplicates=group_near_duplicates, views=views, log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(result.lines()))
     if result.interrupted:
         raise typer.Exit(130)

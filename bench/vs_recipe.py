@@ -14,6 +14,10 @@ WORK/split/{train,val} (../shared/peers/split_folders.py), then:
 (b) the recipe: frozen backbone + softmax, then fine-tuning, trained on train/ and scored on val/.
 --recipe-seconds/--recipe-accuracy reuse a measured recipe figure instead of running it (minutes).
 --profile also runs fit-head once under `python -X importtime` and lists its slowest imports.
+--study also runs (c) the study from raw images on the same split (cold caches, conversions included):
+    Lite0 and Lite2, layers top and auto+top (a hypercolumn), logreg and svm, --ensembles; its winner
+    (chosen by CV) is scored on the val folder; --study-views K adds cached augmented views.
+Every accuracy is printed with its 95% Wilson interval.
 Prints the command lines, a table with phases (wall seconds, and CPU seconds of each process: on a
 shared machine wall time depends on the load, CPU time much less), and as its last line one JSON object.
 """
@@ -37,6 +41,7 @@ from first_batch import ensure_conversion
 
 PEERS = SHARED / "peers"
 LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
+LITE2 = SHARED / "keras-models" / "efficientnet_lite2_imagenet.keras"
 # extract's summary line: "... (3.1 s extracting, 3.2 s in all)"
 EXTRACT_TIMES = re.compile(r"\(([\d.]+) s extracting, ([\d.]+) s in all\)")
 
@@ -65,7 +70,7 @@ def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str,
     """extract (cold feature cache, warm conversion) + fit-head, each timed as a whole process."""
     cache, head = work / "cache" / "features.h5", work / "head"
     for stale in [head, *cache.parent.glob(cache.name + "*")]:  # the cache, its shards and journal
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     extract_s, extract_cpu, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
                                        "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
     times = EXTRACT_TIMES.search(out)
@@ -135,6 +140,30 @@ def recipe(split: Path, backbone: str) -> dict[str, Any]:
     return {"seconds": seconds, "cpu_s": cpu, "accuracy": result["val_acc_finetuned"], "reported": result}
 
 
+def study_once(split: Path, work: Path, views: int = 0) -> dict[str, Any]:
+    """(c) `cli.py study` from raw images (cold caches and conversions) with hypercolumns and ensembles allowed;
+    the CV-chosen winner's accuracy on the val folder."""
+    for stale in (work / "study_cache", work / "study"):
+        shutil.rmtree(stale, ignore_errors=True)
+    command = [sys.executable, "cli.py", "study", str(split), "--backbones", f"{LITE0},{LITE2}",
+               "--layers", "top,auto+top", "--heads", "logreg,svm", "--ensembles",
+               "--cache-dir", str(work / "study_cache"), "--out", str(work / "study")]
+    seconds, cpu, _ = run(command + (["--views", str(views)] if views else []), "study")
+    data = json.loads((work / "study" / "study.json").read_text())
+    winner = data["winner"]
+    return {"seconds": seconds, "cpu_s": cpu, "accuracy": winner["test_accuracy"], "ci": winner["test_ci"],
+            "n_test": winner["n_test"], "cv_accuracy": winner["cv_accuracy"],
+            "winner": f"{winner['backbone']} {winner['layer']} {winner['head']} ({winner['kind']})"}
+
+
+def wilson_text(accuracy: float, n: int) -> str:
+    """'[low, high]': the 95% Wilson interval of an accuracy on n images."""
+    from pipeline.stats import wilson_interval
+
+    low, high = wilson_interval(round(accuracy * n), n)
+    return f"[{low:.3f}, {high:.3f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dataset")
@@ -149,6 +178,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--train", action="store_true", help="the project as one `cli.py train` process")
     parser.add_argument("--recipe-runs", type=int, default=None, help="with --train: recipe runs (default --runs)")
+    parser.add_argument("--study", action="store_true", help="also (c): the study's winner, from raw images")
+    parser.add_argument("--study-views", type=int, default=0, help="with --study: cache and train on K views")
     args = parser.parse_args()
     if (args.recipe_seconds is None) != (args.recipe_accuracy is None):
         parser.error("give both --recipe-seconds and --recipe-accuracy, or neither")
@@ -174,6 +205,7 @@ def main() -> None:
     else:
         runs = [project_once(args, split, work) for _ in range(args.runs)]
     project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
+    studied = study_once(split, work, args.study_views) if args.study else None
     if peers:
         peer = min(peers, key=lambda r: abs(r["seconds"] - statistics.median(x["seconds"] for x in peers)))
     elif args.recipe_seconds is None:
@@ -195,6 +227,13 @@ def main() -> None:
               f"speed ratio recipe / project: {ratio:.1f}x" + (
                   " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")
               + (" (recipe runs: " + ", ".join(f"{r['seconds']:.1f}" for r in peers) + " s)" if len(peers) > 1 else "")]
+    n_test = project["n_test"]
+    lines.append(f"95% intervals on {n_test} test images: project {wilson_text(project['accuracy'], n_test)}, "
+                 f"recipe {wilson_text(peer['accuracy'], n_test)}")
+    if studied:
+        lines.append(f"{'study winner (CV-chosen): ' + studied['winner']:56s} {studied['seconds']:8.1f} "
+                     f"{studied['accuracy']:9.4f} {studied['cpu_s']:8.1f}  95% CI [{studied['ci'][0]:.3f}, "
+                     f"{studied['ci'][1]:.3f}], CV {studied['cv_accuracy']:.4f}")
     if peer["cpu_s"]:
         lines.append(f"CPU-seconds ratio recipe / project: {peer['cpu_s'] / project['total_cpu_s']:.1f}x "
                      "(the figure a busy machine changes least)")
@@ -203,6 +242,7 @@ def main() -> None:
         lines.append("fit-head's top-level imports over 40 ms (python -X importtime): "
                      + ", ".join(f"{name} {ms:.0f} ms" for name, ms in profile))
     report("\n".join(lines), {"dataset": data.name, "conversion_s": conversion, "project": project, "recipe": peer,
+                              "study": studied,
                               "ratio": round(ratio, 2), "runs": [r["total_s"] for r in runs],
                               "recipe_runs": [r["seconds"] for r in peers],
                               "slow_imports_ms": profile})

@@ -49,6 +49,7 @@ LABEL_ISSUES_CSV, NEAR_DUPLICATES_CSV, OUTLIERS_CSV = "label_issues.csv", "near_
 LEARNING_CURVE_PNG, CLASS_BALANCE_PNG = "learning_curve.png", "class_balance.png"
 COMPARE_MD, COMPARE_JSON, COMPARE_PNG = "compare.md", "compare.json", "compare.png"  # a compare folder
 SIDECAR_SUFFIX = ".json"  # model.keras -> model.keras.json: class names and input settings
+VIEWS_SUFFIX = ".views.h5"  # cache/x.h5 -> cache/x.views.h5: the augmented views of its images (pipeline/views.py)
 PREDICTION_COLUMNS = ("path", "content_hash", "split", "true", "predicted")
 PROBA_PREFIX = "proba_"  # then one column per class: proba_<class name>
 TMP_MARK = ".tmp-"

@@ -317,9 +317,11 @@ def _head_test_rows(cache: Any, head: str | os.PathLike, log: Callable[[str], No
     """The rows the head was tested on (its predictions.csv), after checking it was fitted on this cache."""
     from .artifacts import HEAD_JSON, PREDICTIONS_CSV, read_json, read_predictions
     from .metrics import load_metrics
+    from .sources import head_sources
 
     meta = read_json(Path(head) / HEAD_JSON, "--head must be a folder written by `fit-head`")
-    if meta.get("cache_fingerprint", cache.attrs["fingerprint"]) != cache.attrs["fingerprint"]:
+    fingerprints = {s.cache_fingerprint or cache.attrs["fingerprint"] for s in head_sources(meta)}
+    if cache.attrs["fingerprint"] not in fingerprints:  # a head on several caches: any one of them
         raise UserError(f"head {head} was fitted on another cache (fingerprint {meta.get('cache_fingerprint')}, "
                         f"this is {cache.attrs['fingerprint']}); audit the head's own cache {meta.get('cache_path')}.")
     tested = read_predictions(Path(head) / PREDICTIONS_CSV)

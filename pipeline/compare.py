@@ -16,7 +16,6 @@ import numpy as np
 
 from .artifacts import (COMPARE_JSON, COMPARE_MD, COMPARE_PNG, HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, output_dir, paired_outcomes,
                         read_predictions, sample_images, staged_folder, write_json, write_text)
-from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
 from .heads import load_head
 from .images import ImageFile
@@ -24,6 +23,7 @@ from .metrics import load_metrics
 from .plots import plot_compare
 from .tables import compare_markdown
 from .runtime import KerasRuntime, load_model_file
+from .sources import build_feature_model, head_sources
 from .stream import stream_features
 
 logger = logging.getLogger(__name__)
@@ -55,9 +55,10 @@ def describe(path: str | os.PathLike, timing: int = TIMING_IMAGES) -> tuple[dict
     row["path"] = str(path)
     if kind == "head":
         head = load_head(path)
-        backbone = build_backbone(BackboneConfig(**head.meta["backbone_config"]).resolved())
+        sources = head_sources(head.meta)
+        backbone = build_feature_model(sources)
         runtime, after = KerasRuntime(backbone), head.predict_proba
-        root, resize = head.meta["dataset_root"], head.meta["backbone_config"].get("resize", "bilinear")
+        root, resize = head.meta["dataset_root"], sources[0].identity["resize"]
         row["size_mb"] = backbone.count_params() * 4 / 1e6 + (path / HEAD_MODEL).stat().st_size / 1e6
     else:
         runtime, meta = load_model_file(path / RUN_MODEL)

@@ -21,20 +21,15 @@ from typing import Any
 import numpy as np
 
 from .artifacts import PREDICTIONS_CSV, Predictions, atomic_path, read_predictions, sample_images
-from .backbones import BackboneConfig, build_backbone
 from .errors import UserError
 from .heads import Head, load_head
 from .params import Interval, Options, ParamError, check_params, define
 from .runtime import QUANTIZATIONS, convert_to_tflite, load_model_file, write_sidecar
+from .sources import build_feature_model, head_sources
 
 FORMATS = ("keras", "tflite")
 define(format=[Options(FORMATS)], quantize=[Options(QUANTIZATIONS)], verify=[Interval(0, 1_000_000, integer=True)])
 LINEAR_HEADS = ("logreg", "svm")
-EXPORT_CONSTRAINTS = {
-    "format": [Options(FORMATS)],
-    "quantize": [Options(QUANTIZATIONS)],
-    "verify": [Interval(0, 1_000_000, integer=True)],
-}
 
 
 def linear_weights(head: Head) -> tuple[np.ndarray, np.ndarray, str, bool]:
@@ -97,9 +92,7 @@ def build_classifier(head: Head) -> Any:
                         "Fit one with `fit-head --clf logreg` or `--clf svm`.")
     import keras
 
-    config = BackboneConfig(**head.meta["backbone_config"]).resolved()
-    head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
-    backbone = build_backbone(config)
+    backbone = build_feature_model(head_sources(head.meta))  # one backbone, or a branch per backbone
     weights, bias, activation, l2 = linear_weights(head)
     x = backbone.output
     if l2:
@@ -165,7 +158,7 @@ def verify_export(model_runtime: Any, head: Head, test: Predictions, max_images:
     if not files:
         return {}
     row_of = {p: i for i, p in enumerate(test.paths)}
-    resize = head.meta["backbone_config"].get("resize", "bilinear")
+    resize = head_sources(head.meta)[0].identity["resize"]
     exported, scores, rows = [], [], []
     for batch in stream_features(files, model_runtime, resize):
         exported.append(batch.outputs[0])

@@ -22,6 +22,7 @@ from .params import ParamError, check_params
 from .runtime import make_runtime
 from .storage import storage_options as resolve_storage_options
 from .stream import FeatureSink, RunResult, hash_files, read_tasks
+from .views import VIEWS_ATTR, ViewRecipe, ViewsRuntime, views_path
 
 logger = logging.getLogger(__name__)
 
@@ -89,21 +90,24 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
                    workers: int | None = None, runtime: str = "auto", threads: int | None = None,
                    engine: str = "auto", compact: bool = False, progress: bool = True,
                    log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
-                   gpus_per_actor: float = 0.0,
-                   storage_options: str | dict[str, Any] | None = None) -> list[ExtractSummary]:
+                   gpus_per_actor: float = 0.0, storage_options: str | dict[str, Any] | None = None,
+                   views: ViewRecipe | None = None) -> list[ExtractSummary]:
     """Bring one cache per layer up to date with one forward pass per batch; one summary per layer.
 
     Each layer's cache is the file `extract --layer L` uses (same name and fingerprint); an image
     goes through the backbone when at least one of the caches lacks it. data_dir is a folder or an
     object-store URL (s3://bucket/prefix; storage_options: fsspec's, as JSON text or a dict, else
     $CNNCODES_STORAGE_OPTIONS). engine "auto" picks local or ray (pipeline.engines.choose); ray_address,
-    actors and gpus_per_actor configure the ray engine (see pipeline.engine_ray.run_ray).
+    actors and gpus_per_actor configure the ray engine (see pipeline.engine_ray.run_ray). views: also bring each
+    cache's augmented views (pipeline/views.py) up to date, in a second pass (local) over the images lacking them.
     """
     started = time.perf_counter()
     ray_options = dict(ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor)
     check_params(dict(batch_size=batch_size, chunk_size=chunk_size, workers=workers, threads=threads,
                       runtime=runtime, engine=engine, **ray_options))
     address, _ = cluster_address(ray_address)
+    if views is not None and engine == "ray":
+        raise ParamError("{} works with the local engine only (its views pass runs here).", "views")
     if engine == "ray" or (engine == "auto" and address):
         from .engine_ray import require_ray
 
@@ -149,6 +153,9 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
         result = run(tasks, factory, sink, engine=chosen, resize=configs[0].resize,
                      batch_size=batch_size, workers=workers, progress=progress, log=log, storage_options=options,
                      engine_options={**ray_options, "ray_address": address} if chosen == "ray" else None)
+    if views is not None and not result.interrupted:
+        result.interrupted = _extract_views(files, configs, paths, layers, views, chunk_size, runtime, threads,
+                                            batch_size, workers, progress, log, dataset, options)
     process_start = process_start_time()
     first_batch_s = (result.first_batch_at - process_start
                      if result.first_batch_at is not None and process_start is not None else None)
@@ -173,20 +180,43 @@ def extract_layers(data_dir: str | os.PathLike, config: BackboneConfig, layers: 
     return summaries
 
 
+def _extract_views(files: Sequence[tuple[Any, str]], configs: Sequence[BackboneConfig], paths: Sequence[Path],
+                   layers: Sequence[str | None], recipe: ViewRecipe, chunk_size: int, runtime: str,
+                   threads: int | None, batch_size: int, workers: int | None, progress: bool,
+                   log: Callable[[str], None], dataset: Any, storage_options: dict[str, Any]) -> bool:
+    """The views pass: each image lacking views decoded once, its K views through the backbone, written to the
+    companion caches (streamed in chunks like the clean features). Returns whether it was interrupted."""
+    writers = [CacheWriter(views_path(p), {**cfg.identity(), VIEWS_ATTR: recipe.to_json()},
+                           recipe.fingerprint(cfg.fingerprint()), chunk_size) for p, cfg in zip(paths, configs)]
+    tasks = read_tasks(files, writers)
+    if tasks:
+        log(f"{len(files) - len(tasks)} of {len(files)} files already have their {recipe.k} views")
+        factory = functools.partial(make_runtime, configs[0], runtime, tflite_dir=paths[0].parent, threads=threads,
+                                    log=log, layers=layers if len(layers) > 1 else None)
+        result = run(tasks, lambda: ViewsRuntime(factory(), recipe, configs[0].resize), FeatureSink(writers),
+                     resize=configs[0].resize, batch_size=max(1, batch_size // recipe.k), workers=workers,
+                     progress=progress, log=log, storage_options=storage_options)
+    rows = [Row(f.relpath, f.label, f.split, h) for f, h in files]
+    for writer, cfg in zip(writers, configs):
+        writer.commit(rows, dataset.class_names, {**_cache_attrs(cfg, dataset.root, len(dataset.ignored)),
+                                                  VIEWS_ATTR: recipe.to_json()})
+    return bool(tasks) and result.interrupted
+
+
 def extract(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
             batch_size: int = 32, chunk_size: int = 256, workers: int | None = None,
             runtime: str = "auto", threads: int | None = None, engine: str = "auto", compact: bool = False,
             progress: bool = True, log: Callable[[str], None] = logger.info, ray_address: str | None = None,
             actors: int | None = None, gpus_per_actor: float = 0.0,
-            storage_options: str | dict[str, Any] | None = None) -> ExtractSummary:
+            storage_options: str | dict[str, Any] | None = None, views: ViewRecipe | None = None) -> ExtractSummary:
     """Bring the cache of data_dir (a folder or an object-store URL) for this backbone configuration up to date;
     return what was done."""
     return extract_layers(data_dir, config, [config.layer], caches=[cache], cache_dir=cache_dir,
                           batch_size=batch_size, chunk_size=chunk_size, workers=workers, runtime=runtime,
                           threads=threads, engine=engine, compact=compact, progress=progress, log=log,
                           ray_address=ray_address, actors=actors, gpus_per_actor=gpus_per_actor,
-                          storage_options=storage_options)[0]
+                          storage_options=storage_options, views=views)[0]
 
 
 def summary_lines(summary: ExtractSummary, max_listed: int = 20) -> list[str]:

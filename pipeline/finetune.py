@@ -20,7 +20,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -32,8 +32,8 @@ from .cache import load
 from .errors import UserError
 from .extract import extract
 from .export import linear_weights
-from .heads import load_head, rows_digest
-from .splits import finetune_parts
+from .heads import NEAR_DUPLICATES, load_head, near_duplicate_hash_pairs, rows_digest
+from .splits import finetune_parts, rows_of_hash_pairs
 from .images import decode_image
 from .params import Interval, Matches, Options, ParamError, check_params, define
 from .metrics import classification_metrics, save_metrics
@@ -249,8 +249,12 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
              head_lr: float = 1e-3, optimizer: str = "adam", augment: str = "light", dropout: float = 0.2,
              patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
              cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> FinetuneResult:
-    """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part."""
+             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info,
+             near_pairs: Sequence[tuple[str, str]] | None = None) -> FinetuneResult:
+    """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part.
+
+    near_pairs: content-hash pairs of near-duplicates kept together (default: found as fit-head finds them).
+    """
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
                       test_size=test_size, val_size=val_size, seed=seed, unfreeze=unfreeze))
@@ -264,7 +268,9 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
     rows = load(summary.cache_path)
     if summary.skipped:
         log(f"{len(summary.skipped)} unusable files left out (listed by extract in {summary.cache_path})")
-    parts = finetune_parts(rows, test_size, val_size, seed)
+    if near_pairs is None:  # fit-head's default grouping, so both test on the same images
+        near_pairs = near_duplicate_hash_pairs(rows.features, rows.content_hash, NEAR_DUPLICATES)
+    parts = finetune_parts(rows, test_size, val_size, seed, rows_of_hash_pairs(rows.content_hash, near_pairs))
     head_epochs = (0 if head is not None else 5) if head_epochs is None else head_epochs
     options = {"unfreeze": unfreeze, "from_layer": from_layer, "augment": augment, "dropout": dropout,
                "optimizer": optimizer, "head_epochs": head_epochs, "epochs": epochs, "batch_size": batch_size,

@@ -17,12 +17,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import __version__
-from .cache import FeatureCache, load
+from .cache import FeatureCache
 from .errors import UserError
 from .lean_imports import import_skops_io
 from .metrics import classification_metrics, save_metrics
 from .params import Interval, Options, as_number, check_params, define
-from .splits import Split, cv_splits, split_rows
+from .splits import Split, cv_splits, rows_of_hash_pairs, split_rows
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,13 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "knn": ("clf__n_neighbors", [1, 3, 5, 7, 9, 15, 21, 31]),
 }
 define(clf=[Options(CLASSIFIERS)], class_weight=[Options(("balanced",)), None],
-       group_near_duplicates=[Interval(0.5, 1.0), None], accept=[Interval(0.01, 1.0), None])
+       group_near_duplicates=[Interval(0, 0), Interval(0.5, 1.0), None], accept=[Interval(0.01, 1.0), None])
+# fit-head and study keep near-duplicates on one side of the split by default: the audit's whitened
+# cosine at its threshold (see pipeline/neighbours.py); 0 or None turns the grouping off.
+NEAR_DUPLICATES = 0.55
+# Narrower features are not searched: unrelated whitened rows have cosines spread about 1/sqrt(width),
+# so below 64 dimensions chance pairs pass 0.55 (4.4 spreads at 64, 14 at Lite0's 1280).
+NEAR_DUPLICATE_MIN_WIDTH = 64
 
 
 def make_pipeline(clf: str, l2_normalize: bool = True, class_weight: str | None = None, seed: int = 0):
@@ -202,13 +208,14 @@ def sigmoid_calibrated_proba(calibrated: Any, decision: np.ndarray, n_classes: i
 
 def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
                *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-               l2_normalize: bool = True, accept: float | None = 0.95,
+               l2_normalize: bool = True, accept: float | None = 0.95, scored: np.ndarray | None = None,
                log: Callable[[str], None] = logger.info) -> FittedHead:
     """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
 
-    groups: rows of one group (identical files, near-duplicates) stay in one fold. From the out-of-fold
-    probabilities, a temperature calibrates the head, and (unless accept is None) an unknown detector
-    is fitted whose threshold accepts that share of known images (pipeline.openset).
+    groups: rows of one group (identical files, near-duplicates, an image's augmented views) stay in one fold.
+    scored: a mask of the rows CV scores (the clean images, not their augmented views); default all. From the
+    out-of-fold probabilities of the scored rows, a temperature calibrates the head, and (unless accept is
+    None) an unknown detector is fitted whose threshold accepts that share of known images (pipeline.openset).
     """
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, accept=accept))
     from joblib import Parallel, delayed
@@ -217,6 +224,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
 
     started = time.perf_counter()  # after the imports: fit_seconds is the fit, not scikit-learn's one-off import
     folds = cv_splits(y, groups, cv, seed, class_names, log)
+    if scored is not None:  # train on every row of the other folds, score on the clean rows of this one
+        folds = [(tr, va[scored[va]]) for tr, va in folds]
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
         grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
@@ -259,7 +268,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         cv_proba[va] = outputs[best] if has_proba else \
             sigmoid_calibrated_proba(model.steps[-1][1], outputs[best][1], n_classes)
     unknown_started = time.perf_counter()
-    temperature, detector = fit_unknown(X, groups, y, cv_proba, accept)
+    rows = scored if scored is not None else np.ones(len(y), bool)  # augmented views have no OOF predictions
+    temperature, detector = fit_unknown(X[rows], groups[rows], y[rows], cv_proba[rows], accept)
     options = dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight, seed=seed, cv=cv)
     ended = time.perf_counter()
     return FittedHead(model, clf, options, {param.split("__")[-1]: grid[best]}, float(scores.mean(0)[best]),
@@ -299,44 +309,103 @@ def default_head_dir(cache_path: Path, clf: str) -> Path:
     return output_dir("heads") / f"{Path(cache_path).stem}-{clf}"
 
 
-def near_duplicate_links(cache: FeatureCache, threshold: float) -> list[tuple[int, int]]:
-    """Row pairs whose features are nearly identical (cosine >= threshold), to keep on one side."""
+def near_duplicate_hash_pairs(features: np.ndarray, content_hash: Sequence[str],
+                              threshold: float | None) -> list[tuple[str, str]]:
+    """Content-hash pairs of images whose features are near-duplicates (the audit's whitened cosine >= threshold);
+    none when threshold is 0 or None, or the features are narrower than NEAR_DUPLICATE_MIN_WIDTH. As hashes, the
+    pairs apply to any other features of the same images."""
+    if not threshold or features.shape[1] < NEAR_DUPLICATE_MIN_WIDTH:
+        return []
     from .neighbours import near_duplicate_pairs
 
-    i, j, _ = near_duplicate_pairs(cache.features, threshold)
-    return list(zip(i.tolist(), j.tolist()))
+    i, j, _ = near_duplicate_pairs(features, threshold)
+    return [(content_hash[a], content_hash[b]) for a, b in zip(i.tolist(), j.tolist())
+            if content_hash[a] != content_hash[b]]
 
 
-def fit_head(cache_path: str | os.PathLike, clf: str = "logreg", *, cv: int = 5, n_jobs: int = -1,
-             class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, group_near_duplicates: float | None = None,
-             accept: float | str | None = 0.95,
-             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> HeadResult:
+def near_duplicate_note(threshold: float | None, split: Split, width: int) -> str:
+    """What the near-duplicate grouping did, in one line (printed by fit-head and study)."""
+    if not threshold:
+        return "near-duplicates not grouped (--group-near-duplicates 0): the test score may be optimistic."
+    if width < NEAR_DUPLICATE_MIN_WIDTH:
+        return f"near-duplicates not searched: {width} features are too few to tell them from chance."
+    where = "left as the folders put them (see LEAKAGE)" if split.source.startswith("folders") else \
+        "kept on one side of the split and of every CV fold"
+    return (f"near-duplicates (whitened cosine >= {threshold:g}): {split.near_duplicate_groups} groups {where}; "
+            "--group-near-duplicates 0 turns this off.")
+
+
+def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: str = "logreg", *, cv: int = 5,
+             n_jobs: int = -1, class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
+             l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES, views: bool = False,
+             accept: float | str | None = 0.95, out: str | os.PathLike | None = None,
+             log: Callable[[str], None] = logger.info) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
 
-    The head is calibrated, and gets an unknown detector accepting `accept` of known images (None: none).
+    cache_path: one cache, or several (their rows joined by content hash, see pipeline.sources).
+    group_near_duplicates: keep near-duplicates (as the audit finds them, on the first source's features)
+    on one side of the split and of every fold; 0 or None: byte-identical files only.
+    views: also train on the cached augmented views of the training images (extract --views K); CV scores and
+    the test part use the clean images only.
+    accept: the share of known images the unknown detector's threshold accepts (None: no detector; the head is
+    calibrated either way).
     """
     accept = as_number("accept", accept)
     check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
                       group_near_duplicates=group_near_duplicates, accept=accept))
-    cache = load(cache_path)
+    from .sources import join_caches
+
+    paths = [cache_path] if isinstance(cache_path, (str, os.PathLike)) else list(cache_path)
+    cache, sources = join_caches(paths, log)
     if len(cache) == 0:
-        raise UserError(f"{cache_path} holds no features; run extract on a folder with readable images.")
-    links = near_duplicate_links(cache, group_near_duplicates) if group_near_duplicates is not None else ()
-    split = split_rows(cache, test_size, seed, links)
+        raise UserError(f"{paths[0]} holds no features; run extract on a folder with readable images.")
+    threshold = group_near_duplicates or 0.0
+    pairs = near_duplicate_hash_pairs(cache.features[:, :sources[0].feature_dim], cache.content_hash, threshold)
+    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, pairs))
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
+    split.notes.append(near_duplicate_note(threshold, split, sources[0].feature_dim))
     X, y = cache.features, cache.labels
-    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf, cv=cv,
-                        n_jobs=n_jobs, class_weight=class_weight, seed=seed, l2_normalize=l2_normalize,
-                        accept=accept, log=log)
-    fitted.options.update(test_size=test_size, group_near_duplicates=group_near_duplicates)
+    block, recipe = None, None
+    if views:
+        from .views import load_view_features
+
+        block, recipe = load_view_features(paths, [cache.content_hash[i] for i in split.train])
+        split.notes.append(f"augmented views: {recipe.k} per training image ({recipe.k * len(split.train)} rows) "
+                           "trained on, each in its image's CV fold; CV and test scores on the clean images only.")
+    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, block)
+    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
+                        seed=seed, l2_normalize=l2_normalize, accept=accept, scored=scored, log=log)
+    if fitted.cv_proba is not None:
+        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted.options.update(test_size=test_size, group_near_duplicates=threshold,
+                          **({"views": recipe.k, "views_recipe": recipe.to_json()} if recipe else {}))
     test_proba = fitted.model.predict_proba(X[split.test])
-    folder = Path(out) if out else default_head_dir(Path(cache_path), clf)
+    name = "+".join(Path(p).stem for p in paths)
+    folder = Path(out) if out else default_head_dir(Path(name), clf)
     metrics = save_head(folder, fitted, cache, split, test_proba,
-                        {"near_duplicate_links": len(links)} if group_near_duplicates is not None else {},
-                        test_features=X[split.test])
+                        {**near_duplicate_metrics(threshold, pairs, split), "views": recipe.k if recipe else 0},
+                        test_features=X[split.test], sources=sources)
     return HeadResult(folder, metrics, split)
+
+
+def training_rows(X: np.ndarray, y: np.ndarray, group: np.ndarray, train: np.ndarray,
+                  views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+    """(X, y, groups, scored) to fit on: the training rows, then, with views (n_train, K, D) of those rows,
+    each view as a row in its image's group (one side of the split, one CV fold); scored marks the clean rows."""
+    if views is None:
+        return X[train], y[train], group[train], None
+    k = views.shape[1]
+    scored = np.concatenate([np.ones(len(train), bool), np.zeros(len(train) * k, bool)])
+    return (np.vstack([X[train], views.reshape(len(train) * k, -1)]),
+            np.concatenate([y[train], np.repeat(y[train], k)]),
+            np.concatenate([group[train], np.repeat(group[train], k)]), scored)
+
+
+def near_duplicate_metrics(threshold: float, pairs: Sequence[tuple[str, str]], split: Split) -> dict[str, Any]:
+    """What metrics.json records of the near-duplicate grouping."""
+    return {"near_duplicate_threshold": threshold, "near_duplicate_links": len(pairs),
+            "near_duplicate_groups": split.near_duplicate_groups}
 
 
 # -- persistence ----------------------------------------------------------------------------------
@@ -378,11 +447,13 @@ def calibration_metrics(fitted: FittedHead, raw_test_proba: np.ndarray, y_test: 
 
 def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache, split: Split,
               test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None,
-              test_features: np.ndarray | None = None) -> dict[str, Any]:
+              test_features: np.ndarray | None = None, sources: Sequence[Any] = ()) -> dict[str, Any]:
     """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
-    per-image test predictions, the out-of-fold training predictions, the unknown detector's arrays, the PNG.
+    per-image test predictions, the out-of-fold training predictions, the unknown detector's arrays.
 
-    test_proba is the model's own; what is written is calibrated. Returns the metrics."""
+    test_proba is the model's own; what is written is calibrated. sources: the pipeline.sources.Source list
+    of a head on several caches (head.json lists them; the single-source keys then describe the first).
+    Returns the metrics."""
     from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ,
                             chain_fingerprint, predictions_from_rows, staged_folder, write_json, write_predictions)
     from .images import file_sha256
@@ -423,6 +494,10 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
                                "ece_uncalibrated": calibration["ece_uncalibrated"], "ece": calibration["ece"]}
     if detector is not None:
         meta["unknown"] = {**detector, "file": UNKNOWN_NPZ}
+    if len(sources) > 1:
+        from .sources import SOURCES_KEY
+
+        meta.update(cache_path=sources[0].cache_path, **{SOURCES_KEY: [s.to_json() for s in sources]})
     rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
                 class_names=cache.class_names)
     skops_io = import_skops_io()

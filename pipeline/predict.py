@@ -11,14 +11,13 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from . import cache as feature_cache
-from .artifacts import output_dir
 from .backbones import BackboneConfig
 from .errors import UserError
 from .heads import Head, load_head
 from .images import ImageFile, scan_paths
 from .params import Interval, as_number, check_params, define
-from .runtime import load_model_file, make_runtime, read_sidecar, tflite_path
+from .runtime import load_model_file, read_sidecar
+from .sources import SourcesRuntime, cached_features, head_sources
 from .storage import storage_options as resolve_storage_options
 from .stream import as_outputs, hash_files, stream_features
 
@@ -92,16 +91,10 @@ def _head_rows(head: Head, rule: UnknownRule, paths: list[str], features: np.nda
 def _head_predictions(head: Head, rule: UnknownRule, files: list[ImageFile], top_k: int, batch_size: int,
                       workers: int | None, runtime: str, threads: int | None,
                       log: Callable[[str], None], storage_options: dict[str, Any]) -> Iterator[Prediction]:
-    """Features from the head's cache where it holds the image, from the backbone otherwise."""
+    """Features from the head's caches where they all hold the image, from the backbones otherwise."""
     hashes = hash_files([f.path for f in files], workers, storage_options)
-    known: dict[str, np.ndarray] = {}
-    cache_path = Path(head.meta["cache_path"])
-    try:  # the cache only saves work: a head whose cache moved, broke or changed uses its backbone
-        if cache_path.is_file() and \
-                feature_cache.read_attrs(cache_path).get("fingerprint") == head.meta.get("cache_fingerprint"):
-            known = feature_cache.lookup(cache_path, [h for h in hashes if isinstance(h, str)])
-    except UserError as exc:
-        log(f"note: not using the head's cache ({exc})")
+    sources = head_sources(head.meta)
+    known = cached_features(sources, [h for h in hashes if isinstance(h, str)], log)
     hash_of = {id(f): h for f, h in zip(files, hashes)}
     cached = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] in known]
     for file in files:
@@ -113,13 +106,9 @@ def _head_predictions(head: Head, rule: UnknownRule, files: list[ImageFile], top
     rest = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] not in known]
     if not rest:
         return
-    config = BackboneConfig(**head.meta["backbone_config"]).resolved()
-    head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
-    log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {config.backbone}")
-    # the conversion is cached beside the features; a head whose cache folder is gone converts into cache/
-    tflite_dir = cache_path.parent if cache_path.parent.is_dir() else output_dir("cache")
-    engine = make_runtime(config, runtime, tflite_dir=tflite_dir, threads=threads, log=log)
-    for batch in stream_features(rest, engine, config.resize, batch_size, workers, storage_options):
+    engine = SourcesRuntime(sources, runtime, threads=threads, log=log)
+    log(f"{len(cached)} images found in the cache; computing features of {len(rest)} with {engine.name}")
+    for batch in stream_features(rest, engine, engine.resize, batch_size, workers, storage_options):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         if batch.files:
             yield from _head_rows(head, rule, [f.relpath for f in batch.files], batch.features, top_k)
@@ -277,12 +266,9 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
         return Classifier(list(meta["classes"]), engine.image_size, meta.get("resize", "bilinear"), name,
                           lambda images: split_outputs(as_outputs(engine(images))), threshold)
     loaded = load_head(head)
-    config = BackboneConfig(**loaded.meta["backbone_config"]).resolved()
-    loaded.check_features(config.identity(), loaded.meta["feature_dim"], f"backbone {config.backbone}")
-    folder = Path(loaded.meta["cache_path"]).parent
-    if scratch_dir is not None and not tflite_path(config, folder).is_file():
-        folder = Path(scratch_dir)
-    engine = make_runtime(config, runtime, tflite_dir=folder, threads=threads, log=log)
+    sources = head_sources(loaded.meta)
+    engine = SourcesRuntime(sources, runtime, threads=threads, scratch_dir=scratch_dir, log=log)
+    name = " + ".join(BackboneConfig(**s.backbone_config).resolved().short_name for s in sources)
 
     def run(images: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         features = engine(images)
@@ -290,5 +276,5 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
         return proba, loaded.unknown_scores(features, proba)
 
     detector = loaded.detector
-    return Classifier(loaded.classes, engine.image_size, config.resize, config.short_name, run,
+    return Classifier(loaded.classes, engine.image_size, engine.resize, name, run,
                       detector.threshold if detector is not None else None)

@@ -30,6 +30,7 @@ class Split:
     notes: list[str] = field(default_factory=list)
     duplicate_groups: int = 0
     leaked_groups: int = 0
+    near_duplicate_groups: int = 0  # groups that near-duplicate links joined (beyond byte-identical files)
 
 
 def content_groups(content_hash: Sequence[str]) -> tuple[np.ndarray, dict[int, list[int]]]:
@@ -54,6 +55,14 @@ def merge_groups(group: np.ndarray, links: Sequence[tuple[int, int]]) -> np.ndar
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
     return np.array([root(int(g)) for g in group], dtype=np.int64)
+
+
+def rows_of_hash_pairs(content_hash: Sequence[str], pairs: Sequence[tuple[str, str]]) -> list[tuple[int, int]]:
+    """Row pairs for pairs of content hashes (near-duplicates found on other features of the same images);
+    a pair with a hash these rows lack is dropped. Byte-identical rows are grouped anyway, so one row per hash
+    is enough."""
+    row_of = {h: i for i, h in enumerate(content_hash)}
+    return [(row_of[a], row_of[b]) for a, b in pairs if a in row_of and b in row_of]
 
 
 def _multi_row_groups(group: np.ndarray) -> dict[int, list[int]]:
@@ -90,9 +99,12 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
     """
     group, duplicates = content_groups(cache.content_hash)
     n_exact = len(duplicates)
+    n_near = 0
     if len(near_duplicates):
+        exact = group
         group = merge_groups(group, near_duplicates)
         duplicates = _multi_row_groups(group)
+        n_near = sum(1 for rows in duplicates.values() if len(set(exact[rows])) > 1)
     kind = "byte-identical or near-duplicate" if len(near_duplicates) else "byte-identical"
     split = np.asarray(cache.split)
     labels = cache.labels
@@ -111,14 +123,14 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
             notes.append(f"LEAKAGE: {len(leaked)} groups of {kind} files span the {test_name} folder and "
                          "the training folders, e.g. "
                          + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
-        return Split(train, test, source, group, notes, n_exact, len(leaked))
+        return Split(train, test, source, group, notes, n_exact, len(leaked), n_near)
     in_test = grouped_stratified_split(labels, group, test_size, seed)
     if duplicates:
         notes.append(f"{len(duplicates)} groups of {kind} files "
                      f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split.")
     return Split(np.flatnonzero(~in_test), np.flatnonzero(in_test),
                  f"stratified by class, test_size {test_size}, seed {seed}, duplicates grouped",
-                 group, notes, n_exact, 0)
+                 group, notes, n_exact, 0, n_near)
 
 
 def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str],
@@ -158,9 +170,11 @@ class Parts:
     source: str
 
 
-def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int) -> Parts:
-    """fit-head's train/test split; validation is the `val` folder, or carved from training by seed."""
-    split = split_rows(cache, test_size, seed)
+def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int,
+                   near_duplicates: Sequence[tuple[int, int]] = ()) -> Parts:
+    """fit-head's train/test split (near_duplicates: row pairs kept together, as fit-head's); validation is the
+    `val` folder, or carved from training by seed."""
+    split = split_rows(cache, test_size, seed, near_duplicates)
     folders = np.asarray(cache.split)
     if split.source.startswith("folders") and (folders == "val").any() and (folders == "test").any():
         return Parts(np.flatnonzero(folders == "train"), np.flatnonzero(folders == "val"), split.test,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -22,13 +22,16 @@ from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
 from .extract import extract_layers
-from .heads import CLASSIFIERS, fit_arrays, save_head
+from .heads import (CLASSIFIERS, NEAR_DUPLICATES, fit_arrays, near_duplicate_hash_pairs, near_duplicate_metrics,
+                    save_head, training_rows)
 from .images import Dataset, scan_dataset
 from .params import Interval, Options, ParamError, check_params, define
-from .splits import Split, split_rows
+from .sources import join
+from .splits import Split, rows_of_hash_pairs, split_rows
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
 from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
+from .views import ViewRecipe, load_view_features, view_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +46,6 @@ define(budget_minutes=[Interval(0.001, 100_000), None], heads=[Options(CLASSIFIE
 
 
 # -- fitting one configuration ---------------------------------------------------------------------
-def hypercolumn(a: FeatureCache, b: FeatureCache) -> FeatureCache:
-    """a's rows with b's features of the same content appended (rows of a that b lacks are dropped)."""
-    row_of = {h: i for i, h in enumerate(b.content_hash)}
-    rows = [i for i, h in enumerate(a.content_hash) if h in row_of]
-    other = [row_of[a.content_hash[i]] for i in rows]
-    return replace(a, path=Path(f"{a.path}+{Path(b.path).name}"),
-                   features=np.hstack([a.features[rows], b.features[other]]), labels=a.labels[rows],
-                   paths=[a.paths[i] for i in rows], content_hash=[a.content_hash[i] for i in rows],
-                   split=[a.split[i] for i in rows], runtime=[a.runtime[i] for i in rows])
-
-
 @dataclass
 class Outcome:
     """One fitted configuration: its table row and what saving it as a head folder needs."""
@@ -64,18 +56,29 @@ class Outcome:
     split: Split
     test_proba: np.ndarray
     head_ms: float
+    sources: list[Any] = field(default_factory=list)  # pipeline.sources.Source of each cache, in order
+    near_duplicates: dict[str, Any] = field(default_factory=dict)  # what metrics.json records of the grouping
 
 
 def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int, test_size: float,
-               log: Callable[[str], None]) -> Outcome:
-    """fit-head on one feature set: C chosen by grouped CV on the training part, then the test score."""
-    split = split_rows(cache, test_size, seed)
+               log: Callable[[str], None], near_pairs: Sequence[tuple[str, str]] = (),
+               views_of: Callable[[list[str]], np.ndarray] | None = None) -> Outcome:
+    """fit-head on one feature set: C chosen by grouped CV on the training part, then the test score.
+
+    near_pairs: content-hash pairs of near-duplicates to keep on one side (found once per study).
+    views_of: the (n, K, D) augmented views of images by content hash, to train on as fit-head --views does.
+    """
+    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, near_pairs))
     if len(split.test) == 0:
         raise UserError("no test images: every class has a single image (or group of identical images).")
     X, y = cache.features, cache.labels
-    fitted = fit_arrays(X[split.train], y[split.train], split.group[split.train], cache.class_names, clf,
-                        cv=cv, n_jobs=n_jobs, seed=seed, log=log)
-    fitted.options.update(test_size=test_size)
+    views = views_of([cache.content_hash[i] for i in split.train]) if views_of else None
+    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, views)
+    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, seed=seed, scored=scored,
+                        log=log)
+    if fitted.cv_proba is not None:
+        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted.options.update(test_size=test_size, **({"views": int(views.shape[1])} if views is not None else {}))
     start = time.perf_counter()
     proba = fitted.model.predict_proba(X[split.test])
     head_ms = 1000 * (time.perf_counter() - start) / len(split.test)
@@ -89,11 +92,9 @@ def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int
 
 
 def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
-    """The single-layer row with the best CV accuracy; ties go to the faster, then the smaller one.
-
-    Test scores play no part. Hypercolumn rows are not eligible: a head folder reads one cache.
-    """
-    eligible = [k for k, r in enumerate(rows) if r["kind"] == "layer"]
+    """The row with the best CV accuracy, whatever its kind (layer, hypercolumn, ensemble); ties go to the
+    faster, then the smaller one. Test scores play no part."""
+    eligible = [k for k, r in enumerate(rows) if r.get("cv_accuracy") is not None]
     if not eligible:
         return None
     return min(eligible, key=lambda k: (-round(rows[k]["cv_accuracy"], 12), rows[k]["infer_ms_per_image"],
@@ -103,8 +104,8 @@ def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
 def save_outcome(folder: Path, outcome: Outcome) -> None:
     """A configuration as a normal head folder (predict, export and compare take it as it is)."""
     save_head(folder, outcome.fitted, outcome.cache, outcome.split, outcome.test_proba,
-              {"selected_by": "cnncodes study: CV accuracy on the training part"},
-              test_features=outcome.cache.features[outcome.split.test])
+              {"selected_by": "cnncodes study: CV accuracy on the training part", **outcome.near_duplicates},
+              test_features=outcome.cache.features[outcome.split.test], sources=outcome.sources)
 
 
 def paired_test(winner: Outcome, folder: Path) -> tuple[dict[str, Any], str]:
@@ -125,10 +126,23 @@ class Task:
     plan: Plan
     layers: tuple[str, ...] = ()  # empty: the checkout
     clf: str = ""
+    partner: tuple[Plan, str] | None = None  # an ensemble: another backbone and its layer, beside this one's
 
     @property
     def name(self) -> str:
+        if self.partner:
+            return f"{self.plan.label} {self.layers[0]} + {self.partner[0].label} {self.partner[1]} {self.clf}"
         return f"{self.plan.label} " + (f"{'+'.join(self.layers)} {self.clf}" if self.layers else "checkout")
+
+    @property
+    def pieces(self) -> list[tuple[Plan, str]]:
+        """(backbone, layer) of each feature source, in order."""
+        return [(self.plan, k) for k in self.layers] + ([self.partner] if self.partner else [])
+
+    @property
+    def backbones(self) -> list[Plan]:
+        """The backbones of the pieces, each once."""
+        return [self.plan] + ([self.partner[0]] if self.partner else [])
 
 
 @dataclass
@@ -162,8 +176,11 @@ class Study:
 
     def __init__(self, dataset: Dataset, plans: list[Plan], tokens: list[str], clfs: list[str], *,
                  budget_minutes: float | None, seed: int, test_size: float, cv: int, n_jobs: int, runtime: str,
-                 cache_dir: str | Path | None, log: Callable[[str], None]) -> None:
+                 cache_dir: str | Path | None, log: Callable[[str], None], near_duplicates: float = NEAR_DUPLICATES,
+                 ensembles: bool = False, views: ViewRecipe | None = None) -> None:
         self.dataset, self.plans, self.tokens, self.clfs = dataset, plans, tokens, clfs
+        self.near_threshold, self.ensembles, self.views = near_duplicates or 0.0, ensembles, views
+        self.near_pairs: list[tuple[str, str]] | None = None  # found once, on the first features fitted
         self.seed, self.test_size, self.cv, self.n_jobs, self.runtime = seed, test_size, cv, n_jobs, runtime
         self.cache_dir, self.log = cache_dir, log
         self.started = time.perf_counter()
@@ -185,7 +202,9 @@ class Study:
         if plan.caches:
             return 0.0
         conversion = 0.0 if self.runtime == "keras" else CONVERSION_SECONDS
-        return len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 + conversion
+        passes = 1 + (self.views.k if self.views else 0)  # the clean image and each of its views
+        return passes * len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 \
+            + conversion
 
     def _fit_cost(self, clf: str, dim: int) -> float:
         factor, power = FIT_COST[clf]
@@ -196,7 +215,8 @@ class Study:
         top_ms = max(task.plan.ms.values())
         if not task.layers:
             return 3.0 + len(self.dataset.class_names) * LIKENESS_PER_CLASS * top_ms / 1000
-        return self._extraction_cost(task.plan) + self._fit_cost(task.clf, sum(task.plan.dims[k] for k in task.layers))
+        return (sum(self._extraction_cost(p) for p in task.backbones)
+                + self._fit_cost(task.clf, sum(p.dims[k] for p, k in task.pieces)))
 
     def tier(self, task: Task) -> int:
         """Each backbone's top layer with the first head first, then the checkouts, then the rest."""
@@ -224,7 +244,8 @@ class Study:
         labels = list(plan.layers)
         self.log(f"extracting {plan.label}: {', '.join(labels)} (one forward pass)")
         summaries = extract_layers(self.dataset.root, plan.config, [plan.layers[k] for k in labels],
-                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log)
+                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log,
+                                   views=self.views)
         if any(s.interrupted for s in summaries):
             raise KeyboardInterrupt
         plan.caches = {k: s.cache_path for k, s in zip(labels, summaries)}
@@ -239,21 +260,36 @@ class Study:
         return self._loaded[path]
 
     def fit(self, task: Task) -> None:
-        """One configuration: fit-head on its features, and its row."""
-        plan = task.plan
-        parts = [self.features(plan.caches[k]) for k in task.layers]
-        cache = parts[0] if len(parts) == 1 else hypercolumn(*parts)
+        """One configuration: fit-head on its features (several sources joined as fit-head joins them), its row."""
+        pieces = task.pieces
+        cache, sources = join([self.features(p.caches[k]) for p, k in pieces], log=lambda _: None)
+        if self.near_pairs is None:
+            first = self.features(pieces[0][0].caches[pieces[0][1]])
+            self.near_pairs = near_duplicate_hash_pairs(first.features, first.content_hash, self.near_threshold)
+            self.log(f"near-duplicates (whitened cosine >= {self.near_threshold:g} on {task.name.rsplit(' ', 1)[0]}): "
+                     f"{len(self.near_pairs)} pairs, kept on one side of the split and of every fold"
+                     if self.near_threshold else "near-duplicates not grouped (--group-near-duplicates 0)")
         self.log(f"fitting {task.name}")
+        paths = [p.caches[k] for p, k in pieces]
         outcome = fit_config(cache, task.clf, cv=self.cv, n_jobs=self.n_jobs, seed=self.seed,
-                             test_size=self.test_size, log=self.log)
+                             test_size=self.test_size, log=self.log, near_pairs=self.near_pairs,
+                             views_of=(lambda hashes: load_view_features(paths, hashes)[0]) if self.views else None)
+        outcome.sources = sources
+        if self.views:
+            outcome.fitted.options["views_recipe"] = self.views.to_json()
+        outcome.near_duplicates = near_duplicate_metrics(self.near_threshold, self.near_pairs, outcome.split)
         row = outcome.row
         self.scale[task.clf] = 1.0
         self.scale[task.clf] = row["fit_seconds"] / max(self._fit_cost(task.clf, row["feature_dim"]), 1e-9)
-        outcome.row = {"backbone": plan.label, "layer": "+".join(task.layers),
-                       "kind": "layer" if len(task.layers) == 1 else "hypercolumn", **row,
-                       "extract_images_per_s": plan.images_per_s,
-                       "infer_ms_per_image": max(plan.ms[k] for k in task.layers) + outcome.head_ms,
-                       "model_mb": (max(plan.params[k] for k in task.layers) * 4
+        backbones = task.backbones
+        kind = "ensemble" if task.partner else "layer" if len(task.layers) == 1 else "hypercolumn"
+        outcome.row = {"backbone": "+".join(p.label for p in backbones),
+                       "layer": "+".join(k for _, k in pieces), "kind": kind, **row,
+                       "extract_images_per_s": min(p.images_per_s for p in backbones),
+                       # each backbone runs once, to its deepest layer; the parameters up to it count once
+                       "infer_ms_per_image": sum(max(p.ms[k] for q, k in pieces if q is p) for p in backbones)
+                       + outcome.head_ms,
+                       "model_mb": (sum(max(p.params[k] for q, k in pieces if q is p) for p in backbones) * 4
                                     + len(pickle.dumps(outcome.fitted.model))) / 1e6}
         self.rows.append(outcome.row)
         self.outcomes.append(outcome)
@@ -269,12 +305,28 @@ class Study:
             self.skipped.append({"config": f"{plan.label} checkout", "reason": str(exc)})
 
     def run(self) -> None:
-        """Every task, cheapest useful first, within the budget; what does not fit is listed as skipped."""
+        """Every task, cheapest useful first, within the budget; what does not fit is listed as skipped.
+        With ensembles, then each pair of backbones, each with the layer of its best CV row."""
         self.prepare()
         live = [p for p in self.plans if not p.failed]
         tasks = [Task(p, (k,), c) for p in live for k in p.layers for c in self.clfs]
         tasks += [Task(p, pair, c) for p in live for pair in p.hypercolumns for c in self.clfs]
         tasks += [Task(p) for p in live]
+        self._run_tasks(tasks)
+        if self.ensembles:
+            self._run_tasks(self.ensemble_tasks())
+
+    def ensemble_tasks(self) -> list[Task]:
+        """Pairs of backbones, each with the layer of its best single-layer CV row, with every head."""
+        best: dict[str, str] = {}
+        for row in sorted(self.rows, key=lambda r: -r["cv_accuracy"]):
+            if row["kind"] == "layer":
+                best.setdefault(row["backbone"], row["layer"])
+        plans = [p for p in self.plans if p.label in best and not p.failed]
+        return [Task(a, (best[a.label],), c, (b, best[b.label]))
+                for i, a in enumerate(plans) for b in plans[i + 1:] for c in self.clfs]
+
+    def _run_tasks(self, tasks: list[Task]) -> None:
         while tasks:
             task = min(tasks, key=lambda t: (self.tier(t), self.cost(t)))
             tasks.remove(task)
@@ -287,8 +339,9 @@ class Study:
                 self.checkout(task.plan)
             else:
                 try:
-                    if not task.plan.caches:
-                        self.extract(task.plan)
+                    for plan in task.backbones:
+                        if not plan.caches:
+                            self.extract(plan)
                 except UserError as exc:
                     task.plan.failed = str(exc)
                     self.skipped.append({"config": task.plan.label, "reason": task.plan.failed})
@@ -299,6 +352,9 @@ class Study:
         """Fine-tune the winner's backbone from a logistic-regression head; a paired test against the winner."""
         from .finetune import finetune
 
+        if self.rows[winner]["kind"] != "layer":  # fine-tuning trains one backbone: the best single layer
+            winner = max((k for k, r in enumerate(self.rows) if r["kind"] == "layer"),
+                         key=lambda k: self.rows[k]["cv_accuracy"])
         row, outcome = self.rows[winner], self.outcomes[winner]
         plan = next(p for p in self.plans if p.label == row["backbone"])
         estimate = (FINETUNE_PASSES * self.n_train + len(self.dataset.files)) * plan.ms[row["layer"]] / 1000
@@ -316,7 +372,7 @@ class Study:
         self.log(f"fine-tuning {plan.label} {row['layer']}" + (f" from {init.relative_to(stage)}" if init else ""))
         result = finetune(self.dataset.root, replace(plan.config, layer=plan.layers[row["layer"]]), init_head=init,
                           test_size=self.test_size, seed=self.seed, cache=outcome.cache.path,
-                          out=stage / "finetune", log=self.log)
+                          out=stage / "finetune", log=self.log, near_pairs=self.near_pairs)
         test, verdict = paired_test(outcome, stage / "finetune")
         m = result.metrics
         n_classes = len(self.dataset.class_names)
@@ -337,11 +393,16 @@ class Study:
 def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DEFAULT_LAYERS,
           heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
           seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
-          cache_dir: str | Path | None = None, out: str | Path | None = None,
+          cache_dir: str | Path | None = None, out: str | Path | None = None, ensembles: bool = False,
+          group_near_duplicates: float | None = NEAR_DUPLICATES, views: int = 0,
           log: Callable[[str], None] = logger.info) -> StudyResult:
-    """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head."""
+    """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head.
+
+    ensembles: also each pair of backbones, each with its best layer. group_near_duplicates: as fit-head's.
+    views: cache K augmented views of every image and train every head on them too (as fit-head --views).
+    """
     check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
-                      runtime=runtime))
+                      runtime=runtime, group_near_duplicates=group_near_duplicates))
     clfs = split_list(heads, "heads")
     for clf in clfs:
         check_params(dict(heads=clf))
@@ -355,7 +416,8 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
     dataset = scan_dataset(data_dir)
     out = Path(out) if out else output_dir("studies") / dataset.root.name
     run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,
-                n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log)
+                n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log, near_duplicates=group_near_duplicates,
+                ensembles=ensembles, views=view_recipe(views, seed))
     interrupted, tuned = False, None
     with staged_folder(out) as stage:
         try:
@@ -377,6 +439,8 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
             "images_per_class": {name: sum(f.label == c for f in dataset.files)
                                  for c, name in enumerate(dataset.class_names)},
             "seed": seed, "test_size": test_size, "cv": cv, "heads": clfs, "layers": tokens,
+            "near_duplicates": {"threshold": run.near_threshold, "pairs": len(run.near_pairs or [])},
+            "ensembles": ensembles, "views": views,
             "backbones": {p.label: {"config": p.config.__dict__, "layers": p.layers, "notes": p.notes,
                                     "backbone_ms": p.ms, "failed": p.failed} for p in plans},
             "rows": run.rows, "winner": run.rows[winner] if winner is not None else None,

@@ -110,11 +110,6 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
     if winner is not None:
         text.append(f"The winner, {config_name(winner)}, has CV accuracy {winner['cv_accuracy']:.4f} and test "
                     f"accuracy {winner['test_accuracy']:.4f} [{winner['test_ci'][0]:.3f}, {winner['test_ci'][1]:.3f}].")
-        hyper = [r for r in data["rows"] if r["kind"] == "hypercolumn" and r["cv_accuracy"] > winner["cv_accuracy"]]
-        if hyper:
-            best = max(hyper, key=lambda r: r["cv_accuracy"])
-            text.append(f"The hypercolumn {config_name(best)} has a higher CV accuracy ({best['cv_accuracy']:.4f}); "
-                        "it is reported, not saved: a head folder reads one cache.")
     tuned = data.get("finetune")
     if tuned:
         row = tuned["row"]
@@ -150,7 +145,9 @@ def study_markdown(data: dict[str, Any]) -> str:
     root = Path(data["dataset_root"])
     out = [f"# Study of {root.name}", "",
            f"{data['n_images']} images in {len(counts)} classes ({min(counts)} to {max(counts)} per class), "
-           f"`{root}`. Split: fit-head's (test_size {data['test_size']}, seed {data['seed']}, duplicates grouped); "
+           f"`{root}`. Split: fit-head's (test_size {data['test_size']}, seed {data['seed']}, duplicates grouped"
+           + (f", near-duplicates too (whitened cosine >= {near['threshold']:g}, {near['pairs']} pairs)"
+              if (near := data.get("near_duplicates") or {}).get("threshold") else "") + "); "
            f"{data['cv']}-fold grouped CV on the training part. {data['seconds']:.0f} s in all.", ""]
     if data["interrupted"]:
         out += ["**Interrupted**: the table holds what was finished.", ""]
@@ -160,8 +157,9 @@ def study_markdown(data: dict[str, Any]) -> str:
                 "export and compare take.", ""]
     out += ["The winner was picked by CV accuracy on the training part alone, before the test part was looked "
             "at: the test column reports, it did not choose. CV ties go to the faster, then the smaller "
-            "configuration. Hypercolumn rows (A+B: two layers' features side by side) are reported but cannot "
-            "win: a head folder reads one cache, so the saved winner is the best single-layer configuration.", "",
+            "configuration. Every kind can win: a layer, a hypercolumn (A+B: two layers of one backbone side by "
+            "side) or an ensemble (two backbones, each with its best layer); a winner on several caches is a "
+            "head on several sources, which predict, serve and export take as they take any head.", "",
             table_markdown(data["rows"]), "",
             "Test accuracy carries a 95% Wilson interval. extract img/s: the extraction run (all layers of a "
             "backbone in one pass), or the probe's rate when the cache was already complete. infer ms/img: the "
@@ -217,7 +215,7 @@ def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
     high = np.array([r["test_ci"][1] - r["test_accuracy"] for r in rows])
     ax.errorbar(x, y, yerr=[low, high], fmt="none", ecolor="lightgray", zorder=1)
     colours = {b: f"C{k}" for k, b in enumerate(dict.fromkeys(r["backbone"] for r in rows))}
-    markers = {"layer": "o", "hypercolumn": "s", "finetune": "^"}
+    markers = {"layer": "o", "hypercolumn": "s", "ensemble": "D", "finetune": "^"}
     for kind, marker in markers.items():
         idx = [k for k, r in enumerate(rows) if r["kind"] == kind]
         if idx:

@@ -26,7 +26,7 @@ from .backbones import BackboneConfig
 from .errors import install_hint
 from .export import FORMATS, LINEAR_HEADS
 from .extract import ExtractSummary, extract
-from .heads import HeadResult
+from .heads import NEAR_DUPLICATES, HeadResult
 from .neighbours import DEFAULT_THRESHOLD
 from .params import Options, ParamError, check_params, define
 from .runtime import require_tensorflow
@@ -115,7 +115,7 @@ def train(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig()
           cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
           batch_size: int = 32, chunk_size: int = 256, workers: int | None = None, runtime: str = "auto",
           threads: int | None = None, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-          test_size: float = 0.2, l2_normalize: bool = True, group_near_duplicates: float | None = None,
+          test_size: float = 0.2, l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES,
           threshold: float = DEFAULT_THRESHOLD, projection: str = "pca", thumb_px: int = 96,
           export: str | None = None, quantize: str = "none", verify: int = 64, out: str | os.PathLike | None = None,
           accept: float | str | None = 0.95, storage_options: str | dict[str, Any] | None = None,

@@ -15,11 +15,12 @@ import pipeline.extract as extract_module
 import pipeline.study as study_module
 from heads_fixtures import blobs, fake_hash, write_cache
 from model_fixtures import make_pattern_dataset, quiet, save_small_cnn
-from pipeline.artifacts import HEAD_JSON, PREDICTIONS_CSV, folder_kind, read_predictions
+from pipeline.artifacts import PREDICTIONS_CSV, folder_kind, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.heads import load_head, make_pipeline
-from pipeline.study import choose_winner, hypercolumn, study
+from pipeline.sources import head_sources, join, join_caches
+from pipeline.study import choose_winner, study
 from pipeline.study_plan import earlier_stages
 from pipeline.study_report import advice, pareto_front
 
@@ -98,22 +99,21 @@ def test_rows_winner_and_outputs(full) -> None:
         assert 0 <= r["test_ci"][0] <= r["test_accuracy"] <= r["test_ci"][1] <= 1
         assert r["n_test"] > 0 and r["fit_seconds"] > 0 and r["infer_ms_per_image"] > 0 and r["model_mb"] > 0
         assert r["extract_images_per_s"] > 0
-    # the winner: the best CV accuracy among single-layer rows, saved as a normal head folder
+    # the winner: the best CV accuracy of any kind (a hypercolumn too), saved as a normal head folder
     winner = data["winner"]
-    assert winner["kind"] == "layer" and winner["head_dir"] == "winner"
-    assert winner["cv_accuracy"] == max(r["cv_accuracy"] for r in rows if r["kind"] == "layer")
+    assert winner["head_dir"] == "winner"
+    assert winner["cv_accuracy"] == max(r["cv_accuracy"] for r in rows)
     assert folder_kind(folder / "winner") == "head"
     head = load_head(folder / "winner")
-    meta = json.loads((folder / "winner" / HEAD_JSON).read_text())
-    assert Path(meta["cache_path"]) == Path(winner["cache"]).resolve() and head.meta["feature_dim"] == winner["feature_dim"]
+    assert head.meta["feature_dim"] == winner["feature_dim"]
     test = read_predictions(folder / "winner" / PREDICTIONS_CSV)
     assert len(test) == winner["n_test"] and np.isclose(test.correct.mean(), winner["test_accuracy"])
-    cache = load(winner["cache"])
+    cache, _ = join_caches([s.cache_path for s in head_sources(head.meta)])
     rows_of = {h: i for i, h in enumerate(cache.content_hash)}
     features = cache.features[[rows_of[h] for h in test.content_hash]]
     assert np.allclose(head.predict_proba(features), test.proba, atol=1e-5)
     # the winner is calibrated and has an unknown detector, as fit-head's heads do (the same function)
-    assert meta["calibration"]["method"] == "temperature" and head.detector is not None
+    assert head.meta["calibration"]["method"] == "temperature" and head.detector is not None
     assert "test_unknown_rate" in json.loads((folder / "winner" / "metrics.json").read_text())["unknown"]
     # the files
     saved = json.loads((folder / "study.json").read_text())
@@ -241,11 +241,12 @@ def test_hypercolumn_aligns_rows_by_content_hash(tmp_path: Path) -> None:
     a = load(write_cache(tmp_path / "a.h5", X, y, hashes=hashes))
     order = np.random.default_rng(0).permutation(len(y))[1:]  # b: another order, one row missing
     b = load(write_cache(tmp_path / "b.h5", -10 * X[order], y[order], hashes=[hashes[k] for k in order]))
-    joined = hypercolumn(a, b)
-    assert joined.features.shape == (len(y) - 1, 6) and len(joined.paths) == len(y) - 1
+    joined, sources = join([a, b], log=quiet())
+    assert joined.features.shape == (len(y) - 1, 6) and len(joined.paths) == len(y) - 1 and len(sources) == 2
     for k, h in enumerate(joined.content_hash):
         i = a.content_hash.index(h)
-        assert np.allclose(joined.features[k], np.concatenate([X[i], -10 * X[i]])) and joined.labels[k] == y[i]
+        unit = X[i] / np.linalg.norm(X[i])  # each source L2-normalised, then side by side
+        assert np.allclose(joined.features[k], np.concatenate([unit, -unit]), atol=1e-6) and joined.labels[k] == y[i]
 
 
 def test_choose_winner_uses_cv_then_speed_never_test() -> None:
@@ -254,8 +255,10 @@ def test_choose_winner_uses_cv_then_speed_never_test() -> None:
 
     rows = [row("layer", 0.90, 1.00, 1.0), row("layer", 0.95, 0.80, 5.0), row("hypercolumn", 0.99, 1.0, 1.0),
             row("layer", 0.95, 0.70, 3.0)]
-    assert choose_winner(rows) == 3  # best CV among single layers; the tie goes to the faster
-    assert choose_winner([row("hypercolumn", 0.9, 0.9, 1.0)]) is None
+    assert choose_winner(rows) == 2  # best CV whatever the kind; never the test score
+    assert choose_winner(rows[:2] + rows[3:]) == 2  # a tie goes to the faster
+    assert choose_winner([row("ensemble", 0.9, 0.9, 1.0)]) == 0
+    assert choose_winner([]) is None
 
 
 def test_advice_places_the_dataset_in_a_quadrant() -> None:
@@ -325,3 +328,18 @@ def test_study_with_an_imagenet_model_writes_the_checkout(tmp_path: Path, imagen
     assert data["advice"]["likeness"]["backbones"] == ["tiny_imagenet"]
     md = (tmp_path / "study" / "study.md").read_text()
     assert "## ImageNet checkout: tiny_imagenet" in md and "thing_" in md
+
+
+def test_ensembles_and_views_can_win_and_save_a_multi_source_head(tmp_path: Path) -> None:
+    """Two backbones with --ensembles and 2 cached views: an ensemble row per head, every head trained with
+    views; the winner (by CV, any kind) is a head folder that predicts what the study measured."""
+    other = "MobileNet:weights=none:size=32:alpha=0.25"
+    data = run_study(tmp_path, backbones=f"{TINY},{other}", ensembles=True, views=2).data
+    ensembles = [r for r in data["rows"] if r["kind"] == "ensemble"]
+    assert len(ensembles) == 1 and ensembles[0]["backbone"] == f"{TINY}+{other}"
+    assert data["views"] == 2 and data["winner"]["cv_accuracy"] == max(r["cv_accuracy"] for r in data["rows"])
+    head = load_head(tmp_path / "study" / "winner")
+    assert head.meta["options"]["views"] == 2
+    assert len(head_sources(head.meta)) == (2 if data["winner"]["kind"] == "ensemble" else 1)
+    test = read_predictions(tmp_path / "study" / "winner" / PREDICTIONS_CSV)
+    assert np.isclose(test.correct.mean(), data["winner"]["test_accuracy"])

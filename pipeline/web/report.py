@@ -118,12 +118,31 @@ def _ci(metrics: dict[str, Any], key: str) -> str:
     return ci_text(metrics, key) if isinstance(metrics.get(key), (int, float)) else ""
 
 
-def summary_rows(methods: Sequence[Method]) -> list[dict[str, str]]:
-    """One table row per method: test metrics with 95% intervals, CV score, training seconds."""
+def near_duplicate_leaks(method: Method, audit_folder: Path | None) -> str:
+    """Beside an older head's accuracy: how many of its test images have a near-duplicate in its training part,
+    by the audit's pairs ('' when the head grouped near-duplicates itself, or no audit was given)."""
+    if audit_folder is None or method.predictions is None or method.metrics.get("near_duplicate_threshold"):
+        return ""
+    audit = read_json(audit_folder / AUDIT_JSON, "give a folder written by `audit`")
+    near = audit.get("near_duplicates") or {}
+    tested = set(method.predictions.paths)
+    pairs = _csv_rows(audit_folder, near, 10**9)
+    leaked = {a if a in tested else b for a, b in ((r["path_a"], r["path_b"]) for r in pairs)
+              if (a in tested) != (b in tested)}
+    if not leaked:
+        return ""
+    return (f"{len(leaked)} test images have a near-duplicate in training (audit, cosine >= {near.get('threshold')}): "
+            "this score is optimistic; fit again (near-duplicates are grouped by default now)")
+
+
+def summary_rows(methods: Sequence[Method], audit_folder: Path | None = None) -> list[dict[str, str]]:
+    """One table row per method: test metrics with 95% intervals, CV score, training seconds; with an audit,
+    the near-duplicate leaks beside the accuracy of heads that did not group them."""
     rows = []
     for m in methods:
         x = m.metrics
         rows.append({"method": m.name, "kind": m.kind, "accuracy": _ci(x, "accuracy"),
+                     "accuracy_note": near_duplicate_leaks(m, audit_folder),
                      "balanced_accuracy": _ci(x, "balanced_accuracy"), "macro_f1": _ci(x, "macro_f1"),
                      "n_test": str(x.get("n_test", "")),
                      "cv": f"{x['cv_score']:.4f}" if isinstance(x.get("cv_score"), (int, float)) else "",
@@ -458,7 +477,8 @@ def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike 
                      + "; ".join(missing[:3]))
     html = render("report.html", title="cnncodes report", generated=time.strftime("%Y-%m-%d %H:%M"),
                   sources=[str(f) for f in folders] + ([f"audit: {audit}"] if audit else []), notes=notes,
-                  summary=summary_rows(methods), figure=summary_figure(methods), paired=paired_rows(methods),
+                  summary=summary_rows(methods, Path(audit) if audit is not None else None),
+                  figure=summary_figure(methods), paired=paired_rows(methods),
                   studies=studies, sections=sections, audit=audit_part, embedding=embedding,
                   data={"images": uris, "placeholder": placeholder_uri()}, thumb_px=thumb_px)
     path = write_text(out if out is not None else output_home() / REPORT_HTML, html)
