@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 import cli
 from conftest import ROOT, RUNTIME, TINY, TINY_ARGS, make_dataset, requires_shared
 from pipeline.artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, METRICS_JSON, PREDICTIONS_CSV,
-                                TRAIN_REPORT_HTML, TMP_MARK, read_predictions)
+                                REPORT_HTML, TMP_MARK, read_predictions)
 from pipeline.backbones import BackboneConfig
 from pipeline.extract import extract
 from pipeline.heads import fit_head, load_head
@@ -54,7 +54,7 @@ def test_train_equals_extract_then_fit_head(data: Path, tmp_path: Path, shared_r
     fit_head(summary.cache_path, cv=3, out=tmp_path / "head", log=lambda m: None)
     assert result.extract.cache_path.name == summary.cache_path.name  # extract's own default cache name
     assert_same_head(tmp_path / "model", tmp_path / "head")
-    assert (tmp_path / "model" / TRAIN_REPORT_HTML).stat().st_size > 10_000
+    assert (tmp_path / "model" / REPORT_HTML).stat().st_size > 10_000
     text = "\n".join(summary_lines(result))
     for fragment in ("test accuracy", "label issues", "near-duplicates", f"cnncodes serve --head {tmp_path / 'model'}",
                      "cnncodes predict", str(result.extract.cache_path), "took: "):
@@ -177,13 +177,13 @@ def test_killed_train_leaves_no_half_written_folder_or_report(data: Path, tmp_pa
     else:  # killed before the report: the head is whole and loads, the report is absent
         assert {p.name for p in out.iterdir()} >= {HEAD_JSON, HEAD_MODEL, METRICS_JSON, PREDICTIONS_CSV}
         load_head(out)
-        assert not (out / TRAIN_REPORT_HTML).exists()
+        assert not (out / REPORT_HTML).exists()
     if signal_name == "SIGINT":
         assert leftovers(out) == []  # Ctrl-C cleans its staging; kill -9 leaves it to the next run's recovery
     rerun = invoke("train", data, *TINY_ARGS, "--runtime", RUNTIME, "--cv", "3", "--cache-dir", tmp_path / "c",
                    "--out", out, "--no-progress")
     assert rerun.exit_code == 0, rerun.stderr
-    assert (out / TRAIN_REPORT_HTML).is_file() and leftovers(out) == []
+    assert (out / REPORT_HTML).is_file() and leftovers(out) == []
 
 
 def test_train_reuses_the_cache_of_extract(data: Path, tmp_path: Path, shared_runtime) -> None:
