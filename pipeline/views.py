@@ -21,6 +21,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import UserError
+from .params import SEED, Interval, check_params, define
+
+# `extract --views K` and `study --views K`: how many augmented views of each image (fit-head --views is a switch)
+define(views=[Interval(0, 64, integer=True)], views_seed=[SEED])
 
 VIEWS_ATTR = "views_json"  # the recipe, as JSON, in the views cache's attributes
 
@@ -151,8 +155,5 @@ def load_view_features(cache_paths: Sequence[str | os.PathLike],
 
 def view_recipe(k: int, seed: int = 0, flip: bool = True) -> ViewRecipe | None:
     """The recipe of `--views K` (None for 0), checked at the boundary."""
-    from .params import Interval, check_params
-
-    check_params({"views": k, "views_seed": seed}, {"views": [Interval(0, 64, integer=True)],
-                                                     "views_seed": [Interval(0, 2**31 - 1, integer=True)]})
+    check_params({"views": k, "views_seed": seed})
     return ViewRecipe(k, seed, flip) if k else None
