@@ -228,7 +228,10 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         folds = [(tr, va[scored[va]]) for tr, va in folds]
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
-        grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
+        smallest = min(len(tr) for tr, _ in folds)
+        if max(grid) > smallest:
+            log(f"note: knn's k is swept up to {smallest}, the smallest training fold, not to {max(grid)}")
+        grid = [k for k in grid if k <= smallest]
     n_classes = len(class_names)
     balanced = class_weight == "balanced"
     workers = min(n_jobs if n_jobs > 0 else os.cpu_count() or 1, len(folds))
