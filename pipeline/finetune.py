@@ -299,6 +299,9 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
             if phase == 1:
                 freeze_backbone(model)
             else:
+                n_layers = len(backbone_base(model).layers)
+                if from_layer is None and unfreeze != "all" and int(unfreeze) > n_layers:
+                    log(f"note: unfreeze {unfreeze} is more than the backbone's {n_layers} layers: all of them train")
                 n_trainable = set_trainable(model, unfreeze, from_layer)
                 log(f"fine-tuning: {n_trainable} backbone layers with weights are trainable (BatchNorm frozen)")
             model.compile(optimizer=_optimizer(optimizer, head_lr if phase == 1 else lr),

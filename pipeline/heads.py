@@ -228,7 +228,10 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         folds = [(tr, va[scored[va]]) for tr, va in folds]
     param, grid = GRIDS[clf]
     if clf == "knn":  # k cannot exceed the smallest training fold
-        grid = [k for k in grid if k <= min(len(tr) for tr, _ in folds)]
+        smallest = min(len(tr) for tr, _ in folds)
+        if max(grid) > smallest:
+            log(f"note: knn's k is swept up to {smallest}, the smallest training fold, not to {max(grid)}")
+        grid = [k for k in grid if k <= smallest]
     n_classes = len(class_names)
     balanced = class_weight == "balanced"
     workers = min(n_jobs if n_jobs > 0 else os.cpu_count() or 1, len(folds))
@@ -335,6 +338,30 @@ def near_duplicate_note(threshold: float | None, split: Split, width: int) -> st
             "--group-near-duplicates 0 turns this off.")
 
 
+def split_with_test(cache: FeatureCache, test_size: float, seed: int,
+                    near_pairs: Sequence[tuple[str, str]] = ()) -> Split:
+    """The train/test split fit-head and the study use (near-duplicate pairs kept on one side); UserError when
+    no image is left to test on."""
+    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, near_pairs))
+    if len(split.test) == 0:
+        raise UserError("no test images: every class has a single image (or group of identical images).")
+    return split
+
+
+def fit_on_split(cache: FeatureCache, split: Split, clf: str, views: np.ndarray | None = None, *, cv: int,
+                 n_jobs: int, seed: int, class_weight: str | None = None, l2_normalize: bool = True,
+                 accept: float | None = 0.95, log: Callable[[str], None] = logger.info) -> FittedHead:
+    """The head of fit-head and of each study row: CV on the training part (with its augmented views, an
+    (n_train, K, D) array, when given), calibration and the unknown detector; out-of-fold rows of the clean
+    training images only."""
+    X_fit, y_fit, g_fit, scored = training_rows(cache.features, cache.labels, split.group, split.train, views)
+    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
+                        seed=seed, l2_normalize=l2_normalize, accept=accept, scored=scored, log=log)
+    if fitted.cv_proba is not None:
+        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    return fitted
+
+
 def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: str = "logreg", *, cv: int = 5,
              n_jobs: int = -1, class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
              l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES, views: bool = False,
@@ -361,11 +388,8 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
         raise UserError(f"{paths[0]} holds no features; run extract on a folder with readable images.")
     threshold = group_near_duplicates or 0.0
     pairs = near_duplicate_hash_pairs(cache.features[:, :sources[0].feature_dim], cache.content_hash, threshold)
-    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, pairs))
-    if len(split.test) == 0:
-        raise UserError("no test images: every class has a single image (or group of identical images).")
+    split = split_with_test(cache, test_size, seed, pairs)
     split.notes.append(near_duplicate_note(threshold, split, sources[0].feature_dim))
-    X, y = cache.features, cache.labels
     block, recipe = None, None
     if views:
         from .views import load_view_features
@@ -373,13 +397,11 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
         block, recipe = load_view_features(paths, [cache.content_hash[i] for i in split.train])
         split.notes.append(f"augmented views: {recipe.k} per training image ({recipe.k * len(split.train)} rows) "
                            "trained on, each in its image's CV fold; CV and test scores on the clean images only.")
-    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, block)
-    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
-                        seed=seed, l2_normalize=l2_normalize, accept=accept, scored=scored, log=log)
-    if fitted.cv_proba is not None:
-        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted = fit_on_split(cache, split, clf, block, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
+                          l2_normalize=l2_normalize, accept=accept, log=log)
     fitted.options.update(test_size=test_size, group_near_duplicates=threshold,
                           **({"views": recipe.k, "views_recipe": recipe.to_json()} if recipe else {}))
+    X = cache.features
     test_proba = fitted.model.predict_proba(X[split.test])
     name = "+".join(Path(p).stem for p in paths)
     folder = Path(out) if out else default_head_dir(Path(name), clf)

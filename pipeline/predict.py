@@ -172,13 +172,15 @@ def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None =
         log(f"{len(ignored)} non-image files ignored")
     if not files:
         raise UserError("no image files found in " + ", ".join(map(str, paths)) + ".")
+    n_classes = len(loaded.classes) if loaded is not None else len(read_sidecar(model)["classes"])
+    if top_k > n_classes:
+        log(f"note: top_k {top_k} is more than the {n_classes} classes; every class is listed")
+        top_k = n_classes
     if loaded is not None:
-        top_k = min(top_k, len(loaded.classes))
         rule = unknown_rule(loaded.detector, accept, unknown_threshold, not no_unknown)
         stream = _head_predictions(loaded, rule, files, top_k, batch_size, workers, runtime, threads, log, options)
     else:
         sidecar = read_sidecar(model)
-        top_k = min(top_k, len(sidecar["classes"]))
         rule = model_unknown_rule(sidecar, accept, unknown_threshold, not no_unknown)
         stream = _model_predictions(model, rule, files, top_k, batch_size, workers, options)
     order = {f.relpath: k for k, f in reversed(list(enumerate(files)))}

@@ -22,12 +22,12 @@ from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
 from .extract import extract_layers
-from .heads import (CLASSIFIERS, NEAR_DUPLICATES, fit_arrays, near_duplicate_hash_pairs, near_duplicate_metrics,
-                    save_head, training_rows)
+from .heads import (CLASSIFIERS, NEAR_DUPLICATES, fit_on_split, near_duplicate_hash_pairs, near_duplicate_metrics,
+                    save_head, split_with_test)
 from .images import Dataset, scan_dataset
 from .params import Interval, Options, ParamError, check_params, define
 from .sources import join
-from .splits import Split, rows_of_hash_pairs, split_rows
+from .splits import Split
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
 from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
@@ -68,16 +68,10 @@ def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int
     near_pairs: content-hash pairs of near-duplicates to keep on one side (found once per study).
     views_of: the (n, K, D) augmented views of images by content hash, to train on as fit-head --views does.
     """
-    split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, near_pairs))
-    if len(split.test) == 0:
-        raise UserError("no test images: every class has a single image (or group of identical images).")
+    split = split_with_test(cache, test_size, seed, near_pairs)
     X, y = cache.features, cache.labels
     views = views_of([cache.content_hash[i] for i in split.train]) if views_of else None
-    X_fit, y_fit, g_fit, scored = training_rows(X, y, split.group, split.train, views)
-    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, seed=seed, scored=scored,
-                        log=log)
-    if fitted.cv_proba is not None:
-        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+    fitted = fit_on_split(cache, split, clf, views, cv=cv, n_jobs=n_jobs, seed=seed, log=log)
     fitted.options.update(test_size=test_size, **({"views": int(views.shape[1])} if views is not None else {}))
     start = time.perf_counter()
     proba = fitted.model.predict_proba(X[split.test])
