@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+CNNCODES := $(VENV)/bin/cnncodes
 SHARED := $(abspath ../shared)
 DATA ?= $(if $(wildcard $(SHARED)/datasets/oxford_flowers12),$(SHARED)/datasets/oxford_flowers12,flower_photos)
 BACKBONE ?= $(if $(wildcard $(SHARED)/keras-models/efficientnet_lite0_imagenet.keras),$(SHARED)/keras-models/efficientnet_lite0_imagenet.keras,MobileNetV2)
@@ -41,14 +42,13 @@ docs: venv
 demo: venv
 	mkdir -p $(DEMO_DIR)
 	if [ "$(DATA)" = flower_photos ]; then $(PY) -c "import keras, os; p = keras.utils.get_file('flower_photos', 'https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz', untar=True); print(os.path.join(p, 'flower_photos') if os.path.isdir(os.path.join(p, 'flower_photos')) else p)" > $(DEMO_DIR)/data.txt; else echo "$(DATA)" > $(DEMO_DIR)/data.txt; fi
-	$(PY) cli.py extract "$$(cat $(DEMO_DIR)/data.txt)" --backbone $(BACKBONE) $(LAYER) --cache $(DEMO_DIR)/features.h5
-	$(PY) cli.py fit-head $(DEMO_DIR)/features.h5 --clf logreg --out $(DEMO_DIR)/head-logreg
-	$(PY) cli.py predict "$$(cat $(DEMO_DIR)/data.txt)" --head $(DEMO_DIR)/head-logreg --top-k 3 --out $(DEMO_DIR)/predictions.csv
-	$(PY) cli.py audit $(DEMO_DIR)/features.h5 --head $(DEMO_DIR)/head-logreg --out $(DEMO_DIR)/audit
-	$(PY) cli.py report $(DEMO_DIR)/head-logreg --audit $(DEMO_DIR)/audit --projection pca --out $(DEMO_DIR)/report.html
+	$(CNNCODES) train "$$(cat $(DEMO_DIR)/data.txt)" --backbone $(BACKBONE) $(LAYER) --cache $(DEMO_DIR)/features.h5 --out $(DEMO_DIR)/model
+	$(CNNCODES) predict "$$(cat $(DEMO_DIR)/data.txt)" --head $(DEMO_DIR)/model --top-k 3 --out $(DEMO_DIR)/predictions.csv
+	$(CNNCODES) audit $(DEMO_DIR)/features.h5 --head $(DEMO_DIR)/model --out $(DEMO_DIR)/audit
+	$(CNNCODES) report $(DEMO_DIR)/model --audit $(DEMO_DIR)/audit --projection pca --out $(DEMO_DIR)/report.html
 	@echo
 	@echo "Open the report in a browser: file://$(abspath $(DEMO_DIR))/report.html"
-	@echo "Try your own photos: $(PY) cli.py serve --head $(DEMO_DIR)/head-logreg   then open http://127.0.0.1:8000/"
+	@echo "Try your own photos: $(CNNCODES) serve --head $(DEMO_DIR)/model   then open http://127.0.0.1:8000/"
 
 clean:
 	rm -rf $(VENV) $(DEMO_DIR) site cache/*.h5 cache/*.shards cache/*.tflite heads runs compare audits studies
