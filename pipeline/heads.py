@@ -284,7 +284,7 @@ def fit_unknown(X: np.ndarray, groups: np.ndarray, y: np.ndarray, oof_proba: np.
                 accept: float | None) -> tuple[float, Any]:
     """The temperature fitted on out-of-fold probabilities, and the unknown detector (None if accept is None).
 
-    The one place a head, the study's winner and a fine-tuning run get both.
+    The one place every head gets both (fit-head, the study's winner, and any caller of fit_arrays).
     """
     from .calibration import apply_temperature, fit_temperature
     from .openset import fit_detector
