@@ -111,7 +111,13 @@ def test_a_wheel_installs_only_the_pipeline_package(tmp_path: Path) -> None:
     """pip builds a wheel of the checkout: one top-level package and the cnncodes script (no `cli` module)."""
     import zipfile
 
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+    import shutil
+
+    source = tmp_path / "source"  # a copy: setuptools leaves build/ and *.egg-info where it builds
+    shutil.copytree(ROOT / "pipeline", source / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
                            capture_output=True, text=True, timeout=600)
     if built.returncode != 0 and "Could not find a version" in built.stderr + built.stdout:
         import pytest

@@ -1,1 +1,0 @@
-"""Web pages: a self-contained HTML report of heads, runs, studies and audits, and a classifying server."""
