@@ -71,7 +71,7 @@ def test_export_reproduces_head(world: World, exported, clf: str, fmt: str) -> N
     path = exported[clf, fmt]
     images, expected = expected_proba(world, world.heads[clf], world.data, world.cache)
     # a useful check only if the head is not uniform: its probabilities must separate the classes
-    assert (expected.max(1) - np.sort(expected, 1)[:, -2]).min() > 0.05
+    assert (expected.max(1) - np.sort(expected, 1)[:, -2]).min() > 0.02  # calibrated: flatter, not uniform
     assert_matches_head(path, images, expected, CLASSES3)
     meta = json.loads(sidecar_path(path).read_text())
     assert meta["format"] == fmt and meta["quantize"] == "none" and meta["kind"] == "exported head"
