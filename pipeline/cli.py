@@ -88,7 +88,8 @@ VERIFY = typer.Option(64, help="Check the written model on this many of the head
 PROGRESS = typer.Option(True, help="Show a progress bar.")
 ACCEPT = typer.Option("0.95", help="The unknown detector's threshold accepts this share of known images (out of "
                                    "fold).")
-NO_UNKNOWN = typer.Option(False, "--no-unknown", help="Fit no unknown detector (the head is still calibrated).")
+UNKNOWN = typer.Option(True, "--unknown/--no-unknown", help="Fit the unknown detector (--no-unknown: none; the head is "
+                                                          "calibrated either way).")
 
 
 def backbone_config(backbone: str, weights: str, layer: Optional[str], pooling: str,
@@ -110,7 +111,7 @@ def train_command(
     clf: str = CLF, cv: int = CV, n_jobs: int = N_JOBS, class_weight: Optional[str] = CLASS_WEIGHT, seed: int = SEED,
     test_size: float = TEST_SIZE, l2_normalize: bool = L2_NORMALIZE,
     group_near_duplicates: float = GROUP_NEAR_DUPLICATES, accept: Optional[str] = ACCEPT,
-    no_unknown: bool = NO_UNKNOWN, threshold: float = THRESHOLD,
+    unknown: bool = UNKNOWN, threshold: float = THRESHOLD,
     projection: str = typer.Option("pca", help="Embedding map projection: pca, or tsne (as `report` draws it; "
                                                 "10 s for 1,000 images, more than the rest of train)."),
     thumb_px: int = THUMB_PX,
@@ -130,7 +131,7 @@ def train_command(
                    seed=seed, test_size=test_size, l2_normalize=l2_normalize,
                    group_near_duplicates=group_near_duplicates, threshold=threshold, projection=projection,
                    thumb_px=thumb_px, export=export, quantize=quantize, verify=verify, out=out,
-                   accept=None if no_unknown else accept, storage_options=storage_options, progress=progress,
+                   accept=accept if unknown else None, storage_options=storage_options, progress=progress,
                    log=lambda m: typer.echo(m, err=True))
     typer.echo("\n".join(summary_lines(result)))
 
@@ -208,7 +209,7 @@ def fit_head_command(
     group_near_duplicates: float = GROUP_NEAR_DUPLICATES,
     views: bool = typer.Option(False, "--views", help="Also train on the cached augmented views of the training "
                                "images (`extract --views K`); scores stay on the clean images."),
-    accept: Optional[str] = ACCEPT, no_unknown: bool = NO_UNKNOWN,
+    accept: Optional[str] = ACCEPT, unknown: bool = UNKNOWN,
     out: Optional[Path] = typer.Option(None, help="Head folder (default: heads/<cache>-<clf>/)."),
 ) -> None:
     """Fit a scikit-learn head on cached features and report held-out test metrics (no TensorFlow)."""
@@ -219,7 +220,7 @@ def fit_head_command(
     result = fit_head(caches, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
                       test_size=test_size, l2_normalize=l2_normalize,
                       group_near_duplicates=group_near_duplicates, views=views,
-                      accept=None if no_unknown else accept, out=out, log=typer.echo)
+                      accept=accept if unknown else None, out=out, log=typer.echo)
     m = result.metrics
     typer.echo(f"split: {m['split']}; {m['n_train']} train / {m['n_test']} test images")
     for note in m["split_notes"]:

@@ -177,14 +177,10 @@ def verify_export(model_runtime: Any, head: Head, test: Predictions, max_images:
 
 def compare_unknown(head: Head, exported_scores: np.ndarray, hashes: list[str]) -> dict[str, float]:
     """The exported unknown decisions against the head's own (as predict makes them, from the cached features
-    of the same images); empty when the head's cache is gone."""
-    from . import cache as feature_cache
+    of the same images, every source of the head); empty when the head's caches are gone."""
+    from .sources import cached_features
 
-    cache_path = Path(head.meta["cache_path"])
-    try:
-        known = feature_cache.lookup(cache_path, hashes) if cache_path.is_file() else {}
-    except UserError:
-        known = {}
+    known = cached_features(head_sources(head.meta), hashes, lambda message: None)
     if not all(h in known for h in hashes):
         return {}
     features = np.stack([known[h] for h in hashes])

@@ -129,7 +129,7 @@ def test_default_outputs_go_under_the_output_home(tmp_path: Path, monkeypatch: p
     from heads_fixtures import blobs, write_cache
     from pipeline.artifacts import HOME_ENV
 
-    monkeypatch.delenv(HOME_ENV, raising=False)  # restored after the test: the callback sets it
+    monkeypatch.setenv(HOME_ENV, "")  # restored after the test (the --home callback sets it); "" is the default
     monkeypatch.chdir(tmp_path)
     X, y = blobs(per_class=10)
     cache = write_cache(tmp_path / "blobs.h5", X, y)

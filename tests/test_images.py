@@ -272,17 +272,19 @@ def test_decode_refuses_pillow_bomb_checks(tmp_path: Path, monkeypatch: pytest.M
 # -- hostile input: bounded memory, no external programs, only ImageError ------------------------------
 
 HUGE = 9400  # 88 megapixels: under MAX_PIXELS, so the decoder must cope rather than refuse
+# Peak RSS from /proc (VmHWM: this process's own high-water mark). getrusage's ru_maxrss would not do: Linux
+# carries it over exec from the forking parent, so under a big pytest process it starts high.
 MEASURE = """
-import resource, sys
+import sys
 sys.path.insert(0, sys.argv[1])
 from pipeline.images import decode_image
-def rss_kb():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() // 1024
+def status_kb(key):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(key + ":"))
 data = open(sys.argv[2], "rb").read()
-before = rss_kb()
+before = status_kb("VmRSS")
 out = decode_image(data, 224)
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, out.shape, int(out.mean()))
+print((status_kb("VmHWM") - before) / 1024, out.shape, int(out.mean()))
 """
 
 

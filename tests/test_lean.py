@@ -192,7 +192,7 @@ def test_lean_install_without_a_cached_conversion_asks_for_tensorflow(lean, tmp_
 def test_lean_install_keras_runtime_asks_for_tensorflow(lean, tmp_path: Path) -> None:
     ran = run_cli(["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5",
                    "--runtime", "keras"], NO_TF)
-    assert ran.code == 2 and "--runtime keras needs TensorFlow" in ran.err and "'.[cpu]'" in ran.err, ran.err
+    assert ran.code == 2 and "--runtime keras needs TensorFlow" in ran.err and "'cnncodes[cpu]'" in ran.err, ran.err
 
 
 def test_without_litert_or_tensorflow_a_tflite_model_asks_for_the_lite_extra(lean) -> None:

@@ -30,9 +30,9 @@ from pipeline.web.api import ServeLimits, create_app
 from pipeline.web.connections import run_server
 
 class Fake:
-    classes, image_size, resize, backbone = ["a", "b"], 8, "bilinear", "fake"
-    def predict_proba(self, images):
-        return np.full((len(images), 2), 0.5)
+    classes, image_size, resize, backbone, unknown_threshold = ["a", "b"], 8, "bilinear", "fake", None
+    def predict_scored(self, images):
+        return np.column_stack([np.full((len(images), 2), 0.5), np.full(len(images), np.nan)])
 
 limits = ServeLimits(max_request_mb={request_mb}, body_timeout_s={body_s})
 run_server(create_app(Fake(), limits), "127.0.0.1", {port}, max_connections=256, header_timeout_s={header_s},

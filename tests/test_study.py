@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 import cli
 import pipeline.extract as extract_module
+import pipeline.heads as heads_module
 import pipeline.study as study_module
 from heads_fixtures import blobs, fake_hash, write_cache
 from model_fixtures import make_pattern_dataset, quiet, save_small_cnn
@@ -134,7 +135,7 @@ def test_rows_winner_and_outputs(full) -> None:
 
 def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The svm head gets the best CV score but a model trained on shifted labels: it must still win."""
-    real = study_module.fit_arrays
+    real = heads_module.fit_arrays
 
     def rigged(X, y, groups, class_names, clf="logreg", **kwargs):
         fitted = real(X, y, groups, class_names, clf, **kwargs)
@@ -145,7 +146,7 @@ def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
             fitted.cv_score = 0.5
         return fitted
 
-    monkeypatch.setattr(study_module, "fit_arrays", rigged)
+    monkeypatch.setattr(heads_module, "fit_arrays", rigged)  # the study fits through fit-head's own code
     data = run_study(tmp_path, heads="logreg,svm").data
     by_head = {r["head"]: r for r in data["rows"]}
     assert by_head["svm"]["test_accuracy"] < by_head["logreg"]["test_accuracy"]  # the test part disagrees
@@ -176,7 +177,7 @@ def test_budget_runs_cheap_configurations_and_lists_the_rest(tmp_path: Path, mon
 
 
 def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real, calls = study_module.fit_arrays, []
+    real, calls = heads_module.fit_arrays, []
 
     def interrupted_second_time(*args, **kwargs):
         calls.append(kwargs)
@@ -184,7 +185,7 @@ def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.Monk
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(study_module, "fit_arrays", interrupted_second_time)
+    monkeypatch.setattr(heads_module, "fit_arrays", interrupted_second_time)
     make_pattern_dataset(tmp_path / "data")
     result = CliRunner().invoke(cli.app, ["study", str(tmp_path / "data"), "--backbones", TINY, "--layers", "top",
                                           "--heads", "logreg,svm", "--runtime", "keras",
