@@ -7,7 +7,9 @@ layer uses its moving statistics and does not update them. Every BatchNorm layer
 at any depth, stays frozen in both phases. Phase 1 trains the head alone
 (or starts from the logistic regression fitted on the cached features: a linear probe, then
 fine-tuning). Phase 2 unfreezes the top layers and trains at a low learning rate. Early stopping
-on validation loss; the best weights are kept, and written whenever they improve.
+on validation loss; the best weights are kept, and written whenever they improve. With them, a
+temperature and an unknown detector are fitted on the validation part (as fit-head's on its out-of-fold
+predictions), and the saved model returns calibrated probabilities and the unknown score, as export's do.
 """
 
 from __future__ import annotations
