@@ -301,17 +301,22 @@ def finetune_command(
     seed: int = typer.Option(0, help="Seed of the split, the initialisation and the shuffling."),
     cache: Optional[Path] = typer.Option(None, help="The feature cache (its rows and split are used)."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default: runs/<cache>-finetune/)."),
+    accept: Optional[str] = typer.Option("0.95", help="The unknown detector's threshold accepts this share of "
+                                                      "known images (of the validation part)."),
+    no_unknown: bool = NO_UNKNOWN,
 ) -> None:
     """Fine-tune the backbone's upper layers with a new head; same split and report as fit-head."""
     from pipeline.finetune import finetune
-    from pipeline.tables import metrics_table
+    from pipeline.tables import metrics_table, unknown_lines
 
     result = finetune(data_dir, backbone_config(backbone, weights, layer, pooling, image_size, resize, alpha),
                       init_head=init_head, unfreeze=unfreeze, from_layer=from_layer, epochs=epochs,
                       head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr, optimizer=optimizer,
                       augment=augment, dropout=dropout, patience=patience, test_size=test_size,
-                      val_size=val_size, seed=seed, cache=cache, out=out, log=typer.echo)
+                      val_size=val_size, seed=seed, cache=cache, out=out, log=typer.echo,
+                      accept=None if no_unknown else accept)
     typer.echo(metrics_table(result.metrics))
+    typer.echo("\n".join(unknown_lines(result.metrics)))
     typer.echo(f"trained in {result.metrics['train_seconds']:.1f} s; run saved to {result.folder}/")
     if result.interrupted:
         typer.echo("interrupted: the best weights so far were evaluated and saved.")

@@ -100,17 +100,38 @@ def build_classifier(head: Head) -> Any:
     x = keras.layers.Dense(len(bias), name="head")(x)
     if activation == "log_sigmoid":
         x = keras.layers.Activation("log_sigmoid", name="calibration")(x)
-    if head.temperature is not None:
-        x = keras.layers.Rescaling(1.0 / head.temperature, name="temperature")(x)
-    probabilities = keras.layers.Activation("softmax", name="probabilities")(x)
-    detector = head.detector
-    outputs = probabilities if detector is None else \
-        [probabilities, unknown_score_output(backbone.output, probabilities, detector)]
-    model = keras.Model(backbone.input, outputs, name=f"cnncodes_{clf}")
+    model = calibrated_model(backbone.input, backbone.output, x, head.temperature, head.detector, f"cnncodes_{clf}")
     model.get_layer("head").set_weights([weights, bias])
+    return model
+
+
+def calibrated_model(inputs: Any, features: Any, log_probabilities: Any, temperature: float | None, detector: Any,
+                     name: str) -> Any:
+    """The Keras model from log-probabilities up to a constant (logits): softmax(logits / temperature), and the
+    detector's unknown score (on the features) as a second output when there is a detector."""
+    import keras
+
+    x = log_probabilities
+    if temperature is not None:
+        x = keras.layers.Rescaling(1.0 / temperature, name="temperature")(x)
+    probabilities = keras.layers.Activation("softmax", name="probabilities")(x)
+    outputs = probabilities if detector is None else \
+        [probabilities, unknown_score_output(features, probabilities, detector)]
+    model = keras.Model(inputs, outputs, name=name)
     if detector is not None and detector.method != "msp":
         model.get_layer("unknown_train_features").set_weights([detector.train_unit.T.astype(np.float32)])
     return model
+
+
+def sidecar_entries(temperature: float | None, detector: Any) -> dict[str, Any]:
+    """The sidecar keys of a model file from calibrated_model: its outputs, calibration and unknown rule."""
+    extra: dict[str, Any] = {"outputs": ["probabilities"] + (["unknown_score"] if detector is not None else [])}
+    if temperature is not None:
+        extra["calibration"] = {"method": "temperature", "temperature": temperature}
+    if detector is not None:
+        extra["unknown"] = {"threshold": detector.threshold, "accept": detector.accept, "method": detector.method,
+                            "rule": "unknown when unknown_score > threshold"}
+    return extra
 
 
 def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: str = "keras",
@@ -139,12 +160,7 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
     config = {**head.meta["backbone_config"], "image_size": int(model.input_shape[1])}
     extra = {"head": str(Path(head_dir).resolve()), "format": format, "quantize": quantize,
              "kind": "exported head", "dataset_root": head.meta["dataset_root"],
-             "outputs": ["probabilities"] + (["unknown_score"] if head.detector is not None else [])}
-    if head.temperature is not None:
-        extra["calibration"] = {"method": "temperature", "temperature": head.temperature}
-    if head.detector is not None:
-        extra["unknown"] = {"threshold": head.detector.threshold, "accept": head.detector.accept,
-                            "method": head.detector.method, "rule": "unknown when unknown_score > threshold"}
+             **sidecar_entries(head.temperature, head.detector)}
     write_sidecar(out, head.classes, config, extra)
     check = verify_export(load_model_file(out)[0], head, test, verify) if test is not None else {}
     return out, check

@@ -7,7 +7,9 @@ layer uses its moving statistics and does not update them. Every BatchNorm layer
 at any depth, stays frozen in both phases. Phase 1 trains the head alone
 (or starts from the logistic regression fitted on the cached features: a linear probe, then
 fine-tuning). Phase 2 unfreezes the top layers and trains at a low learning rate. Early stopping
-on validation loss; the best weights are kept, and written whenever they improve.
+on validation loss; the best weights are kept, and written whenever they improve. With them, a
+temperature and an unknown detector are fitted on the validation part (as fit-head's on its out-of-fold
+predictions), and the saved model returns calibrated probabilities and the unknown score, as export's do.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, atomic_path, output_dir,
-                        atomic_write, chain_fingerprint, predictions_from_rows, staged_folder, write_json,
-                        write_predictions)
+from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, UNKNOWN_NPZ,
+                        atomic_path, output_dir, atomic_write, chain_fingerprint, predictions_from_rows,
+                        staged_folder, write_json, write_predictions)
 from .backbones import BackboneConfig, build_backbone, temp_seed
 from .cache import load
 from .errors import UserError
 from .extract import extract
-from .export import linear_weights
-from .heads import NEAR_DUPLICATES, load_head, near_duplicate_hash_pairs, rows_digest
+from .calibration import apply_temperature
+from .export import calibrated_model, linear_weights, sidecar_entries
+from .heads import (NEAR_DUPLICATES, calibration_metrics, fit_unknown, load_head, near_duplicate_hash_pairs,
+                    rows_digest)
+from .openset import DEFAULT_ACCEPT, save_detector
 from .splits import finetune_parts, rows_of_hash_pairs
 from .images import decode_image
-from .params import Interval, Matches, Options, ParamError, check_params, define
+from .params import Interval, Matches, Options, ParamError, as_number, check_params, define
 from .metrics import classification_metrics, save_metrics
 from .plots import new_figure, save_figure, write_confusion_png
 from .runtime import write_sidecar
@@ -228,6 +233,19 @@ def plot_learning_curves(history: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def deployable_model(model: Any, temperature: float | None, detector: Any) -> Any:
+    """The trained model as the run saves it: its classifier's logits calibrated, and the unknown score as a second
+    output, in export's layers (predict, serve and compare read it as an exported head's)."""
+    import keras
+
+    classifier = model.get_layer("classifier")
+    features = classifier.input  # the pooled features (dropout is the identity at inference)
+    logits = keras.layers.Dense(classifier.units, name="logits")(features)
+    deployed = calibrated_model(model.input, features, logits, temperature, detector, "cnncodes_finetune")
+    deployed.get_layer("logits").set_weights(classifier.get_weights())
+    return deployed
+
+
 @dataclass
 class FinetuneResult:
     """What finetune produced."""
@@ -250,14 +268,18 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
              patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
              cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
              out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info,
-             near_pairs: Sequence[tuple[str, str]] | None = None) -> FinetuneResult:
+             near_pairs: Sequence[tuple[str, str]] | None = None,
+             accept: float | str | None = DEFAULT_ACCEPT) -> FinetuneResult:
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part.
 
+    After training, a temperature calibrates the model and an unknown detector whose threshold accepts `accept`
+    of known images (None: no detector) is fitted, both on the validation part; the saved model computes both.
     near_pairs: content-hash pairs of near-duplicates kept together (default: found as fit-head finds them).
     """
+    accept = as_number("accept", accept)
     check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
                       optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
-                      test_size=test_size, val_size=val_size, seed=seed, unfreeze=unfreeze))
+                      test_size=test_size, val_size=val_size, seed=seed, unfreeze=unfreeze, accept=accept))
     config = config.resolved()
     head = load_head(init_head) if init_head is not None else None
     if head is not None:
@@ -275,7 +297,8 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
     options = {"unfreeze": unfreeze, "from_layer": from_layer, "augment": augment, "dropout": dropout,
                "optimizer": optimizer, "head_epochs": head_epochs, "epochs": epochs, "batch_size": batch_size,
                "lr": lr, "head_lr": head_lr, "patience": patience, "test_size": test_size, "val_size": val_size,
-               "seed": seed, "init_head": head.meta["fingerprint"] if head is not None else None}
+               "seed": seed, "init_head": head.meta["fingerprint"] if head is not None else None,
+               "accept": accept}
     n_classes, root = len(rows.class_names), Path(rows.attrs["dataset_root"])
     folder = Path(out) if out else default_run_dir(summary.cache_path)
     history: list[dict] = []
@@ -311,12 +334,35 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         if best["weights"] is not None:
             model.set_weights(best["weights"])
         train_seconds = time.perf_counter() - started
+        import keras
+
+        # the pooled features (the classifier's input) and the uncalibrated probabilities
+        probe = keras.Model(model.input, [model.get_layer("classifier").input, model.outputs[0]])
         t0 = time.perf_counter()
-        proba = model.predict(test, verbose=0)
+        test_features, raw_test = probe.predict(test, verbose=0)
         inference_ms = 1000 * (time.perf_counter() - t0) / max(1, len(parts.test))
-        metrics = classification_metrics(rows.labels[parts.test], proba.argmax(1), rows.class_names, seed=seed)
+        unknown_started = time.perf_counter()
+        val_features, raw_val = probe.predict(val, verbose=0)
+        train_features = probe.predict(data(parts.train, False), verbose=0)[0] if accept is not None else None
+        # A run has no out-of-fold predictions: its validation part, never trained on (it only chose the best
+        # epoch), stands in for them, for the temperature and for the detector's threshold; the training
+        # features are the detector's reference. The test part stays for evaluation only.
+        temperature, detector = fit_unknown(train_features, None, rows.labels[parts.val], raw_val, accept,
+                                            held_out_features=val_features)
+        unknown_seconds = time.perf_counter() - unknown_started
+        y_test = rows.labels[parts.test]
+        calibration = calibration_metrics(temperature, detector, raw_test, y_test, test_features, unknown_seconds)
+        proba = apply_temperature(raw_test, temperature)
+        fitted_on = "known images of the validation part (held out from training)"
+        if detector is not None:
+            calibration["unknown"]["fitted_on"] = fitted_on
+        # the detector's reference is the training part, its known scores the validation part's
+        described = {**detector.describe(), "n_train": int(len(parts.train)), "n_val": int(len(parts.val))} \
+            if detector is not None else None
+        metrics = classification_metrics(y_test, proba.argmax(1), rows.class_names, seed=seed)
         fingerprint = chain_fingerprint(rows.attrs["fingerprint"], kind="finetune", options=options,
-                                        rows=rows_digest(rows, np.concatenate([parts.train, parts.val, parts.test])))
+                                        rows=rows_digest(rows, np.concatenate([parts.train, parts.val, parts.test])),
+                                        temperature=temperature, **({"unknown": described} if described else {}))
         metrics.update({
             "method": "fine-tune" + (" (from logreg)" if head is not None else ""), "clf": "finetune",
             "best_params": {"unfreeze": unfreeze if from_layer is None else f"from {from_layer}", "lr": lr,
@@ -325,18 +371,23 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
             "inference_ms": inference_ms, "n_train": int(len(parts.train)), "n_val": int(len(parts.val)),
             "split": parts.source, "split_notes": [], "seed": seed, "epochs_run": len(history),
             "trainable_layers": n_trainable, "interrupted": interrupt.requested, "options": options,
-            "fingerprint": fingerprint,
+            "fingerprint": fingerprint, **calibration,
         })
-        model.save(checkpoint)
+        deployable_model(model, temperature, detector).save(checkpoint)
         backbone_config = {**json.loads(rows.attrs["config_json"]), "image_size": size}
         write_sidecar(checkpoint, rows.class_names, backbone_config,
                       {"kind": "fine-tuned model", "identity": rows.identity, "fingerprint": fingerprint,
-                       "dataset_root": str(root)})
+                       "dataset_root": str(root), **sidecar_entries(temperature, detector)})
+        extra = {"calibration": {"method": "temperature", "temperature": temperature, "fitted_on": fitted_on,
+                                 "ece_uncalibrated": calibration["ece_uncalibrated"], "ece": calibration["ece"]}}
+        if described is not None:
+            extra["unknown"] = {**described, "file": UNKNOWN_NPZ, "fitted_on": fitted_on}
+            save_detector(detector, stage / UNKNOWN_NPZ)
         write_json(stage / RUN_JSON, {"kind": "finetune", "fingerprint": fingerprint,
                                       "cache_fingerprint": rows.attrs["fingerprint"], "dataset_root": str(root),
                                       "cache_path": str(Path(summary.cache_path).resolve()),
                                       "classes": rows.class_names, "backbone_config": backbone_config,
-                                      "options": options})
+                                      "options": options, **extra})
         with atomic_write(stage / HISTORY_CSV, "w", newline="") as handle:
             writer = csv.DictWriter(handle, HISTORY_FIELDS)
             writer.writeheader()

@@ -280,19 +280,25 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
                       cv_proba, ended - started, temperature, detector, ended - unknown_started)
 
 
-def fit_unknown(X: np.ndarray, groups: np.ndarray, y: np.ndarray, oof_proba: np.ndarray,
-                accept: float | None) -> tuple[float, Any]:
+def fit_unknown(X: np.ndarray | None, groups: np.ndarray | None, y: np.ndarray, oof_proba: np.ndarray,
+                accept: float | None, held_out_features: np.ndarray | None = None) -> tuple[float, Any]:
     """The temperature fitted on out-of-fold probabilities, and the unknown detector (None if accept is None).
 
-    The one place every head gets both (fit-head, the study's winner, and any caller of fit_arrays).
+    The one place a head, the study's winner and a fine-tuning run get both. A fine-tuning run has no
+    out-of-fold predictions: it gives its validation part's (y, oof_proba) and features (held_out_features),
+    and X, the training part's features, is then only the detector's reference (groups unused; X may be None
+    when accept is None).
     """
     from .calibration import apply_temperature, fit_temperature
-    from .openset import fit_detector
+    from .openset import fit_detector, fit_detector_held_out
 
     temperature = fit_temperature(oof_proba, y)
     if accept is None:
         return temperature, None
-    return temperature, fit_detector(X, groups, apply_temperature(oof_proba, temperature), accept=accept)
+    proba = apply_temperature(oof_proba, temperature)
+    if held_out_features is not None:
+        return temperature, fit_detector_held_out(X, held_out_features, proba, accept=accept)
+    return temperature, fit_detector(X, groups, proba, accept=accept)
 
 
 # -- fit-head: a cache in, a head folder out -------------------------------------------------------
@@ -445,25 +451,25 @@ def rows_digest(cache: FeatureCache, rows: np.ndarray) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibration_metrics(fitted: FittedHead, raw_test_proba: np.ndarray, y_test: np.ndarray,
-                        test_features: np.ndarray | None) -> dict[str, Any]:
+def calibration_metrics(temperature: float | None, detector: Any, raw_test_proba: np.ndarray, y_test: np.ndarray,
+                        test_features: np.ndarray | None, unknown_seconds: float = 0.0) -> dict[str, Any]:
     """ECE before and after calibration, the reliability table, and the unknown rate on the test part."""
-    from .calibration import expected_calibration_error, reliability
+    from .calibration import apply_temperature, expected_calibration_error, reliability
 
-    proba = fitted.calibrate(raw_test_proba)
+    proba = raw_test_proba if temperature is None else apply_temperature(raw_test_proba, temperature)
     out: dict[str, Any] = {
         "ece_uncalibrated": expected_calibration_error(raw_test_proba, y_test),
-        "ece": expected_calibration_error(proba, y_test), "temperature": fitted.temperature,
+        "ece": expected_calibration_error(proba, y_test), "temperature": temperature,
         "reliability": reliability(proba, y_test), "reliability_uncalibrated": reliability(raw_test_proba, y_test),
     }
-    if fitted.detector is not None and test_features is not None:
-        unknown = fitted.detector.score(test_features, proba) > fitted.detector.threshold
+    if detector is not None and test_features is not None:
+        unknown = detector.score(test_features, proba) > detector.threshold
         correct = proba.argmax(1) == y_test
-        out["unknown"] = {"method": fitted.detector.method, "accept": fitted.detector.accept,
-                          "threshold": fitted.detector.threshold, "test_unknown_rate": float(unknown.mean()),
+        out["unknown"] = {"method": detector.method, "accept": detector.accept,
+                          "threshold": detector.threshold, "test_unknown_rate": float(unknown.mean()),
                           "n_unknown": int(unknown.sum()), "n_accepted": int((~unknown).sum()),
                           "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0}
-        out["unknown_seconds"] = fitted.unknown_seconds
+        out["unknown_seconds"] = unknown_seconds
     return out
 
 
@@ -481,7 +487,8 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
     from .images import file_sha256
 
     y_test = cache.labels[split.test]
-    calibration = calibration_metrics(fitted, test_proba, y_test, test_features)
+    calibration = calibration_metrics(fitted.temperature, fitted.detector, test_proba, y_test, test_features,
+                                      fitted.unknown_seconds)
     test_proba = fitted.calibrate(test_proba)
     metrics = classification_metrics(y_test, test_proba.argmax(1), cache.class_names, seed=fitted.options["seed"])
     metrics.update({

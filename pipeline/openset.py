@@ -81,7 +81,9 @@ class Detector:
     # mean and standard deviation of each signal's out-of-fold scores on known training images
     norm: dict[str, tuple[float, float]]
     train_unit: np.ndarray = field(repr=False)  # (n_train, d) L2-normalised training features
-    oof_scores: np.ndarray = field(repr=False)  # the combined out-of-fold scores of the training images
+    # the combined scores of the known images the threshold was set on: the training images' out-of-fold ones
+    # (a head), or the held-out validation images' (a fine-tuning run)
+    oof_scores: np.ndarray = field(repr=False)
 
     def signals(self, features: np.ndarray, proba: np.ndarray) -> dict[str, np.ndarray]:
         """Each signal's z-score (knn, msp) for raw features and calibrated probabilities."""
@@ -96,7 +98,7 @@ class Detector:
         return combine(z, self.method)
 
     def threshold_for(self, accept: float) -> float:
-        """The threshold that accepts `accept` of the known training images (out of fold)."""
+        """The threshold that accepts `accept` of the known images it was fitted on (out of fold, or held out)."""
         return accept_threshold(self.oof_scores, accept)
 
     def digest(self) -> str:
@@ -133,11 +135,29 @@ def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.n
         groups = np.asarray(groups)
         _, codes = np.unique(groups, return_inverse=True)
         raw["knn"] = knn_distance(unit, unit, k, codes, codes)
+    return _fitted(unit, raw, accept, method, k)
+
+
+def fit_detector_held_out(train_features: np.ndarray, held_features: np.ndarray, held_proba: np.ndarray, *,
+                          accept: float = DEFAULT_ACCEPT, method: str = DEFAULT_METHOD,
+                          k: int = DEFAULT_K) -> Detector:
+    """Fit the detector from known images kept out of training (a fine-tuning run's validation part): the
+    training features are the reference, the held-out images' signals (their calibrated probabilities, their
+    distance to the training features, as a new image's) set the z-scores and the threshold."""
+    unit = unit_rows(train_features)
+    raw = {"msp": confidence_score(held_proba)}
+    if method != "msp":
+        raw["knn"] = knn_distance(unit_rows(held_features), unit, k)
+    return _fitted(unit, raw, accept, method, k)
+
+
+def _fitted(unit: np.ndarray, raw: dict[str, np.ndarray], accept: float, method: str, k: int) -> Detector:
+    """The detector from the known images' raw signals: each z-scored, combined, the threshold their quantile."""
     norm = {name: _norm(values, name) for name, values in raw.items()}
-    oof = combine({name: (values - norm[name][0]) / norm[name][1] for name, values in raw.items()}, method)
+    known = combine({name: (values - norm[name][0]) / norm[name][1] for name, values in raw.items()}, method)
     stored = unit.astype(np.float16) if method != "msp" else np.zeros((0, unit.shape[1]), np.float16)
-    return Detector(method, k, accept, accept_threshold(oof, accept), norm, stored.astype(np.float32),
-                    oof.astype(np.float32))
+    return Detector(method, k, accept, accept_threshold(known, accept), norm, stored.astype(np.float32),
+                    known.astype(np.float32))
 
 
 def save_detector(detector: Detector, path: Path) -> None:

@@ -128,7 +128,7 @@ def model_unknown_rule(sidecar: dict[str, Any], accept: float | None, threshold:
 
 def _model_predictions(model: str | os.PathLike, rule: UnknownRule, files: list[ImageFile], top_k: int,
                        batch_size: int, workers: int | None, storage_options: dict[str, Any]) -> Iterator[Prediction]:
-    """An exported or fine-tuned model file: pixels in, probabilities (and an exported unknown score) out."""
+    """An exported or fine-tuned model file: pixels in, probabilities (and its unknown score) out."""
     runtime, meta = load_model_file(model)
     classes = meta["classes"]
     for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers,
@@ -140,8 +140,8 @@ def _model_predictions(model: str | os.PathLike, rule: UnknownRule, files: list[
 
 
 def split_outputs(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
-    """A model file's outputs as (probabilities, unknown scores or None: a model exported without a detector,
-    or a fine-tuned one); see export.build_classifier."""
+    """A model file's outputs as (probabilities, unknown scores or None: a model exported or fine-tuned without a
+    detector, or before detectors existed); see export.calibrated_model."""
     return np.asarray(outputs[0]), (np.asarray(outputs[1]).reshape(-1) if len(outputs) > 1 else None)
 
 

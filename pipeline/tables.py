@@ -59,7 +59,8 @@ def unknown_lines(metrics: dict[str, Any]) -> list[str]:
     unknown = metrics.get("unknown")
     if unknown:
         lines.append(f"unknown detector ({unknown['method']}): threshold {unknown['threshold']:.3f} accepts "
-                     f"{unknown['accept']:.0%} of known training images (out of fold); on the test part "
+                     f"{unknown['accept']:.0%} of {unknown.get('fitted_on', 'known training images (out of fold)')}; "
+                     f"on the test part "
                      f"{unknown['n_unknown']} of {unknown['n_unknown'] + unknown['n_accepted']} called unknown "
                      f"({unknown['test_unknown_rate']:.1%}), accuracy on the accepted {unknown['accepted_accuracy']:.4f}")
     return lines

@@ -262,6 +262,76 @@ def test_predict_with_finetuned_model(world: World, finetune_run) -> None:
     for p in predictions:
         assert sorted(p.classes) == sorted(CLASSES3)
         assert abs(sum(p.probabilities) - 1.0) < 1e-4
+        assert isinstance(p.unknown, bool) and np.isfinite(p.unknown_score)  # the model's second output
+    off = predict([world.data / "bars"], model=result.folder / "model.keras", no_unknown=True, log=lambda m: None)
+    assert all(p.unknown is None and p.unknown_score is None for p in off)
+
+
+def run_parts(run: Path):
+    """The run's train / validation / test rows, recomputed as finetune splits (fixture defaults: seed 0)."""
+    from pipeline.heads import NEAR_DUPLICATES, near_duplicate_hash_pairs
+    from pipeline.splits import rows_of_hash_pairs
+
+    rows = load(json.loads((run / RUN_JSON).read_text())["cache_path"])
+    pairs = near_duplicate_hash_pairs(rows.features, rows.content_hash, NEAR_DUPLICATES)
+    return rows, finetune_parts(rows, 0.2, 0.15, 0, rows_of_hash_pairs(rows.content_hash, pairs))
+
+
+def test_finetune_run_is_calibrated_with_a_detector_on_its_validation_part(finetune_run) -> None:
+    """Temperature and detector fitted on the validation part: recorded in run.json, metrics.json and the
+    sidecar; the threshold accepts `accept` of the validation images; the saved model's second output gives
+    their scores (as the detector computed them) and predictions.csv holds calibrated probabilities."""
+    from pipeline.artifacts import UNKNOWN_NPZ
+    from pipeline.openset import load_detector
+    from pipeline.predict import predict
+    from pipeline.tables import unknown_lines
+
+    result, _ = finetune_run
+    folder = result.folder
+    metrics = json.loads((folder / "metrics.json").read_text())
+    run = json.loads((folder / RUN_JSON).read_text())
+    sidecar = json.loads((folder / "model.keras.json").read_text())
+    temperature = metrics["temperature"]
+    assert temperature > 0 and run["calibration"]["temperature"] == sidecar["calibration"]["temperature"] == temperature
+    assert "validation part" in run["calibration"]["fitted_on"]
+    assert 0 <= metrics["ece"] <= 1 and 0 <= metrics["ece_uncalibrated"] <= 1
+    assert sum(metrics["reliability"]["count"]) == metrics["n_test"]
+    unknown = metrics["unknown"]
+    assert unknown["accept"] == 0.95 and unknown["n_unknown"] + unknown["n_accepted"] == metrics["n_test"]
+    assert unknown["test_unknown_rate"] == pytest.approx(unknown["n_unknown"] / metrics["n_test"])
+    assert sidecar["outputs"] == ["probabilities", "unknown_score"]
+    assert sidecar["unknown"]["threshold"] == run["unknown"]["threshold"] == unknown["threshold"]
+    assert run["unknown"]["n_val"] == metrics["n_val"] and run["unknown"]["n_train"] == metrics["n_train"]
+    # the threshold accepts `accept` of the validation images: the fewest that reach it
+    detector = load_detector(run["unknown"], folder / UNKNOWN_NPZ)
+    known = detector.oof_scores
+    assert len(known) == metrics["n_val"] and len(detector.train_unit) == metrics["n_train"]
+    assert (known <= detector.threshold).sum() == int(np.ceil(0.95 * len(known) - 1e-9))
+    # the model file computes the same scores on the validation images (float16 training features: ~1e-3)
+    rows, parts = run_parts(folder)
+    root = Path(run["dataset_root"])
+    scored = predict([root / rows.paths[i] for i in parts.val], model=folder / "model.keras", log=lambda m: None)
+    np.testing.assert_allclose(sorted(p.unknown_score for p in scored), np.sort(known), atol=0.02)
+    # predictions.csv: the calibrated probabilities of the test images, as the model file gives them
+    written = read_predictions(folder / PREDICTIONS_CSV)
+    again = predict([root / p for p in written.paths], model=folder / "model.keras", top_k=3, log=lambda m: None)
+    assert len(again) == len(written.paths) and not any(p.error for p in again)
+    for p, row in zip(again, written.proba):  # predict keeps the order given
+        assert max(p.probabilities) == pytest.approx(row.max(), abs=1e-4)
+    assert abs(sum(bool(p.unknown) for p in again) - unknown["n_unknown"]) <= 1  # a test image on the threshold
+    assert any("validation part" in line for line in unknown_lines(metrics))  # what finetune prints
+
+
+def test_finetune_cli_rejects_a_bad_accept(world: World, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, ["finetune", str(world.data), "--accept", "1.5",
+                                          "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c.h5")])
+    assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
+    assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
+    assert "accept" in result.stderr and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("options, fragment", [
@@ -272,6 +342,8 @@ def test_predict_with_finetuned_model(world: World, finetune_run) -> None:
     (dict(epochs=-1), "epochs"),
     (dict(batch_size=0), "^batch_size is 0"),
     (dict(test_size=5), "^test_size is 5"),
+    (dict(accept=1.5), "^accept is 1.5"),
+    (dict(accept="abc"), "^accept is 'abc'"),
 ])
 def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):

@@ -13,6 +13,7 @@ from pipeline.errors import UserError
 from pipeline.openset import (
     accept_threshold,
     fit_detector,
+    fit_detector_held_out,
     knn_distance,
     load_detector,
     save_detector,
@@ -57,6 +58,20 @@ def test_far_images_score_above_the_threshold_and_confident_known_ones_below() -
     assert (detector.score(far, confident) > detector.threshold).all()
     near = X[:50] + np.random.default_rng(2).normal(0, 0.05, (50, X.shape[1])).astype(np.float32)
     assert np.mean(detector.score(near, proba[:50]) <= detector.threshold) >= 0.9
+
+
+def test_held_out_detector_sets_its_threshold_on_the_held_out_images() -> None:
+    """A fine-tuning run's detector: the training features are the reference, the held-out known images'
+    scores (as new images would score) set the threshold, and far images still score above it."""
+    X, _, _, proba = known_world()
+    train, held = X[:240], X[240:]
+    detector = fit_detector_held_out(train, held, proba[240:], accept=0.9)
+    assert detector.train_unit.shape == train.shape and len(detector.oof_scores) == len(held)
+    assert np.mean(detector.oof_scores <= detector.threshold) == pytest.approx(54 / 60)  # ceil(0.9 * 60)
+    # the stored scores are what the detector gives those images afterwards (training features in float16)
+    np.testing.assert_allclose(detector.score(held, proba[240:]), detector.oof_scores, atol=0.05)
+    far = np.random.default_rng(1).normal(0, 1, (50, X.shape[1])).astype(np.float32) - 4 * np.eye(1, X.shape[1])
+    assert (detector.score(far, proba[:50]) > detector.threshold).all()
 
 
 def test_out_of_fold_neighbours_leave_out_the_image_and_its_copies() -> None:

@@ -223,8 +223,9 @@ def unknown_facts(metrics: dict[str, Any]) -> list[str]:
     if not unknown:
         return ["This head has no unknown detector (fitted before they existed, or with --no-unknown)."]
     total = unknown["n_accepted"] + unknown["n_unknown"]
-    return [f"Unknown detector ({unknown['method']}), threshold {unknown['threshold']:.3f}: set on the training "
-            f"part's out-of-fold scores to accept {unknown['accept']:.0%} of known images.",
+    fitted_on = unknown.get("fitted_on", "known images (the training part's out-of-fold scores)")
+    return [f"Unknown detector ({unknown['method']}), threshold {unknown['threshold']:.3f}: set to accept "
+            f"{unknown['accept']:.0%} of {fitted_on}.",
             f"Test part: {unknown['n_accepted']} of {total} accepted ({1 - unknown['test_unknown_rate']:.1%}), "
             f"{unknown['n_unknown']} called unknown ({unknown['test_unknown_rate']:.1%}); accuracy on the accepted "
             f"{unknown['accepted_accuracy']:.4f} (on all {metrics['accuracy']:.4f})."]
@@ -269,7 +270,8 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
     curves = m.folder / LEARNING_CURVES_PNG
     return {
         "name": m.name, "classes": names, "matrix": matrix,
-        "reliability": reliability_figure(m.metrics), "unknown": unknown_facts(m.metrics) if m.kind == "head" else [],
+        "reliability": reliability_figure(m.metrics), "unknown": unknown_facts(m.metrics)
+        if m.kind == "head" or "unknown" in m.metrics else [],
         "curves": file_uri(curves) if m.kind == "run" and curves.is_file() else None,
         "cells": {f"{t}-{q}": items for (t, q), items in cells.items()},
         "galleries": [
