@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and environment)
-
 from PIL import Image
 
 from pipeline.images import scan_dataset
@@ -48,8 +47,9 @@ class Planted:
     pairs: list[tuple[str, str]] = field(default_factory=list)
 
 
-def materialise(data: Path, dest: Path, classes: int | None, test_fraction: float, seed: int,
-                move: float = 0.0, copies: int = 0) -> Planted:
+def materialise(
+    data: Path, dest: Path, classes: int | None, test_fraction: float, seed: int, move: float = 0.0, copies: int = 0
+) -> Planted:
     """Copy data to dest/{train,test}/CLASS (seeded split per class), planting moved labels and near-copies."""
     import numpy as np
 
@@ -61,11 +61,11 @@ def materialise(data: Path, dest: Path, classes: int | None, test_fraction: floa
     side = {}
     for name in names:
         members = [f.relpath for f, c in files if c == name]
-        test = set(rng.permutation(members)[:round(test_fraction * len(members))].tolist())
+        test = set(rng.permutation(members)[: round(test_fraction * len(members))].tolist())
         side.update({r: "test" if r in test else "train" for r in members})
     order = rng.permutation(len(files))
-    moved_rows = set(order[:round(move * len(files))].tolist())
-    copy_rows = [k for k in order[len(moved_rows):] if side[files[k][0].relpath] == "test"][:copies]
+    moved_rows = set(order[: round(move * len(files))].tolist())
+    copy_rows = [k for k in order[len(moved_rows) :] if side[files[k][0].relpath] == "test"][:copies]
     planted = Planted(dest)
     for k, (f, name) in enumerate(files):
         given = name
@@ -81,7 +81,8 @@ def materialise(data: Path, dest: Path, classes: int | None, test_fraction: floa
             with Image.open(f.path) as img:
                 img = img.convert("RGB")
                 img.resize((round(img.width * 0.9), round(img.height * 0.9)), Image.BILINEAR).save(
-                    dest / copy, "JPEG", quality=70)
+                    dest / copy, "JPEG", quality=70
+                )
             planted.pairs.append((relpath, copy))
     return planted
 
@@ -100,8 +101,19 @@ def run(args: list[str]) -> tuple[float, str]:
 def extract_and_audit(data: Path, work: Path, name: str, runtime: str, seed: int) -> dict:
     """Extract data with Lite0 avg_pool, audit it; the audit.json, the CSV rows, the commands and seconds."""
     cache, out = work / f"{name}.h5", work / f"audit-{name}"
-    extract_args = ["extract", str(data), "--backbone", str(LITE0), "--layer", "avg_pool", "--cache", str(cache),
-                    "--runtime", runtime, "--no-progress"]
+    extract_args = [
+        "extract",
+        str(data),
+        "--backbone",
+        str(LITE0),
+        "--layer",
+        "avg_pool",
+        "--cache",
+        str(cache),
+        "--runtime",
+        runtime,
+        "--no-progress",
+    ]
     extract_seconds, _ = run(extract_args)
     audit_args = ["audit", str(cache), "--out", str(out), "--seed", str(seed)]
     audit_seconds, stdout = run(audit_args)
@@ -111,49 +123,65 @@ def extract_and_audit(data: Path, work: Path, name: str, runtime: str, seed: int
         with open(out / file, newline="", encoding="utf-8") as handle:
             return list(csv.DictReader(handle))
 
-    return {"audit": result, "label_issues": rows("label_issues.csv"), "pairs": rows("near_duplicates.csv"),
-            "extract_seconds": extract_seconds, "audit_seconds": audit_seconds, "stdout": stdout,
-            "commands": ["python cli.py " + " ".join(extract_args), "python cli.py " + " ".join(audit_args)]}
+    return {
+        "audit": result,
+        "label_issues": rows("label_issues.csv"),
+        "pairs": rows("near_duplicates.csv"),
+        "extract_seconds": extract_seconds,
+        "audit_seconds": audit_seconds,
+        "stdout": stdout,
+        "commands": ["python cli.py " + " ".join(extract_args), "python cli.py " + " ".join(audit_args)],
+    }
 
 
 def score(planted: Planted, found: dict, clean: dict | None) -> dict:
     """Precision and recall of the planted label faults and near-copies."""
     moved = set(planted.moved)
     issues = [r["path"] for r in found["label_issues"]]
-    top = issues[:2 * len(moved)]
+    top = issues[: 2 * len(moved)]
     pairs = {frozenset((r["path_a"], r["path_b"])) for r in found["pairs"]}
     wanted = {frozenset(p) for p in planted.pairs}
     # the clean copy's pairs, in the planted copy's paths (a moved image is in another class folder there)
     planted_path = {f"{p.split('/')[0]}/{true}/{Path(p).name}": p for p, true in planted.moved.items()}
-    before = {frozenset(planted_path.get(p, p) for p in (r["path_a"], r["path_b"]))
-              for r in (clean or {}).get("pairs", [])}
+    before = {
+        frozenset(planted_path.get(p, p) for p in (r["path_a"], r["path_b"])) for r in (clean or {}).get("pairs", [])
+    }
     new_pairs = pairs - before
     return {
-        "moved": len(moved), "listed_issues": len(issues),
+        "moved": len(moved),
+        "listed_issues": len(issues),
         "estimated_mislabelled": found["audit"]["label_issues"]["estimated_mislabelled"],
-        "moved_in_top_2x": len(moved & set(top)), "recall_top_2x": len(moved & set(top)) / max(len(moved), 1),
+        "moved_in_top_2x": len(moved & set(top)),
+        "recall_top_2x": len(moved & set(top)) / max(len(moved), 1),
         "precision_top_2x": len(moved & set(top)) / max(len(top), 1),
         "issue_recall": len(moved & set(issues)) / max(len(moved), 1),
         "issue_precision": len(moved & set(issues)) / max(len(issues), 1),
-        "planted_pairs": len(wanted), "planted_found": len(wanted & pairs),
+        "planted_pairs": len(wanted),
+        "planted_found": len(wanted & pairs),
         "pair_recall": len(wanted & pairs) / max(len(wanted), 1),
         "pair_precision": len(wanted & pairs) / max(len(pairs), 1),
         "pair_precision_new": len(wanted & new_pairs) / max(len(new_pairs), 1) if clean else None,
-        "planted_cross_split": sum(1 for r in found["pairs"] if frozenset((r["path_a"], r["path_b"])) in wanted
-                                   and r["kind"] == "cross_split"),
+        "planted_cross_split": sum(
+            1 for r in found["pairs"] if frozenset((r["path_a"], r["path_b"])) in wanted and r["kind"] == "cross_split"
+        ),
     }
 
 
 def counts(found: dict) -> dict:
     """The audit's headline counts."""
     a = found["audit"]
-    return {"images": a["n_images"], "byte_identical_groups": a["duplicates"]["byte_identical_groups"],
-            "label_issues": a["label_issues"]["count"],
-            "estimated_mislabelled": a["label_issues"]["estimated_mislabelled"],
-            "near_duplicates": a["near_duplicates"]["count"],
-            "by_kind": a["near_duplicates"]["by_kind"], "outliers": a["outliers"]["count"],
-            "learning_curve": a["learning_curve"]["answer"], "audit_seconds": round(found["audit_seconds"], 1),
-            "audit_inner_seconds": a["seconds"]}
+    return {
+        "images": a["n_images"],
+        "byte_identical_groups": a["duplicates"]["byte_identical_groups"],
+        "label_issues": a["label_issues"]["count"],
+        "estimated_mislabelled": a["label_issues"]["estimated_mislabelled"],
+        "near_duplicates": a["near_duplicates"]["count"],
+        "by_kind": a["near_duplicates"]["by_kind"],
+        "outliers": a["outliers"]["count"],
+        "learning_curve": a["learning_curve"]["answer"],
+        "audit_seconds": round(found["audit_seconds"], 1),
+        "audit_inner_seconds": a["seconds"],
+    }
 
 
 def main() -> None:
@@ -182,15 +210,19 @@ def main() -> None:
     found = extract_and_audit(work / "planted", work, "planted", args.runtime, args.seed)
     result["planted"] = {**counts(found), **score(planted, found, clean)}
     s = result["planted"]
-    lines += ["planted copy:", found["stdout"].rstrip(), *found["commands"],
-              f"label issues: {s['moved_in_top_2x']} of {s['moved']} moved images in the top {2 * s['moved']} "
-              f"(recall {s['recall_top_2x']:.2f}, precision {s['precision_top_2x']:.2f}); all {s['listed_issues']} "
-              f"listed: recall {s['issue_recall']:.2f}, precision {s['issue_precision']:.2f}; cleanlab estimates "
-              f"{s['estimated_mislabelled']} mislabelled",
-              f"near-copies: {s['planted_found']} of {s['planted_pairs']} planted pairs found (recall "
-              f"{s['pair_recall']:.2f}, {s['planted_cross_split']} as cross_split); precision {s['pair_precision']:.2f}"
-              + (f", {s['pair_precision_new']:.2f} counting only pairs the clean copy lacks" if clean else ""),
-              f"audit wall time (python cli.py audit, imports included): {s['audit_seconds']:.1f} s"]
+    lines += [
+        "planted copy:",
+        found["stdout"].rstrip(),
+        *found["commands"],
+        f"label issues: {s['moved_in_top_2x']} of {s['moved']} moved images in the top {2 * s['moved']} "
+        f"(recall {s['recall_top_2x']:.2f}, precision {s['precision_top_2x']:.2f}); all {s['listed_issues']} "
+        f"listed: recall {s['issue_recall']:.2f}, precision {s['issue_precision']:.2f}; cleanlab estimates "
+        f"{s['estimated_mislabelled']} mislabelled",
+        f"near-copies: {s['planted_found']} of {s['planted_pairs']} planted pairs found (recall "
+        f"{s['pair_recall']:.2f}, {s['planted_cross_split']} as cross_split); precision {s['pair_precision']:.2f}"
+        + (f", {s['pair_precision_new']:.2f} counting only pairs the clean copy lacks" if clean else ""),
+        f"audit wall time (python cli.py audit, imports included): {s['audit_seconds']:.1f} s",
+    ]
     if args.brain:
         brain = extract_and_audit(SHARED / "datasets/brain_mri_tumor", work, "brain_mri_tumor", args.runtime, args.seed)
         result["brain_mri_tumor"] = counts(brain)

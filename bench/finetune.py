@@ -34,14 +34,18 @@ def main() -> None:
         data = SHARED / "datasets" / dataset
         out = Path(args.out) / dataset
         summary = extract(data, LITE0, cache_dir=ROOT / "cache/bench", progress=False, log=lambda m: None)
-        heads = [fit_head(summary.cache_path, clf, out=out / f"head-{clf}", log=lambda m: None).folder
-                 for clf in ("logreg", "svm")]
+        heads = [
+            fit_head(summary.cache_path, clf, out=out / f"head-{clf}", log=lambda m: None).folder
+            for clf in ("logreg", "svm")
+        ]
         start = time.perf_counter()
         run = finetune(data, LITE0, init_head=heads[0], cache=summary.cache_path, out=out / "finetune")
         minutes = (time.perf_counter() - start) / 60
         rows, _ = compare([*heads, run.folder], out / "compare", log=lambda m: None)
-        print(f"\n## {dataset}: fine-tuning took {minutes:.1f} min "
-              f"({run.metrics['epochs_run']} epochs, best epoch {run.metrics['best_params']['best_epoch']})")
+        print(
+            f"\n## {dataset}: fine-tuning took {minutes:.1f} min "
+            f"({run.metrics['epochs_run']} epochs, best epoch {run.metrics['best_params']['best_epoch']})"
+        )
         print("command: python " + " ".join(sys.argv))
         print(compare_markdown(rows), flush=True)
 

@@ -48,29 +48,46 @@ from cli import app
 sys.argv = ["cli.py"] + __ARGS__
 app()
 """
-PHASES = (("start", "hooks_in", "interpreter start + runtime module import"),
-          ("hooks_in", "runtime_asked", "CLI + pipeline imports, scan, hashing, cache set-up"),
-          ("runtime_asked", "runtime_ready", "LiteRT interpreter: load the cached model"),
-          ("runtime_ready", "first_batch", "decode the first batch + first inference"),
-          ("start", "first_batch", "time to first batch"),
-          ("start", "end", "whole extract process"))
+PHASES = (
+    ("start", "hooks_in", "interpreter start + runtime module import"),
+    ("hooks_in", "runtime_asked", "CLI + pipeline imports, scan, hashing, cache set-up"),
+    ("runtime_asked", "runtime_ready", "LiteRT interpreter: load the cached model"),
+    ("runtime_ready", "first_batch", "decode the first batch + first inference"),
+    ("start", "first_batch", "time to first batch"),
+    ("start", "end", "whole extract process"),
+)
 
 
 def extract_args(args, cache: Path) -> list[str]:
     """The command-line options of extract for this benchmark."""
-    options = ["extract", args.data_dir, "--backbone", args.backbone, "--weights", args.weights, "--cache", str(cache),
-               "--runtime", "tflite", "--batch-size", str(args.batch_size), "--no-progress"]
-    return options + (["--layer", args.layer] if args.layer else []) + (
-        ["--alpha", str(args.alpha)] if args.alpha else [])
+    options = [
+        "extract",
+        args.data_dir,
+        "--backbone",
+        args.backbone,
+        "--weights",
+        args.weights,
+        "--cache",
+        str(cache),
+        "--runtime",
+        "tflite",
+        "--batch-size",
+        str(args.batch_size),
+        "--no-progress",
+    ]
+    return (
+        options + (["--layer", args.layer] if args.layer else []) + (["--alpha", str(args.alpha)] if args.alpha else [])
+    )
 
 
 def ensure_conversion(args, folder: Path) -> float | None:
     """Convert the backbone into folder once (in its own process); its seconds, or None if it was cached."""
-    code = ("import sys; sys.path.insert(0, {root!r}); from pipeline.backbones import BackboneConfig; "
-            "from pipeline.runtime import make_runtime, tflite_path; "
-            "c = BackboneConfig({b!r}, {w!r}, {l!r}, alpha={a!r}).resolved(); "
-            "print(tflite_path(c, {f!r}).is_file()); make_runtime(c, 'tflite', tflite_dir={f!r})").format(
-        root=str(ROOT), b=args.backbone, w=args.weights, l=args.layer, a=args.alpha, f=str(folder))
+    code = (
+        "import sys; sys.path.insert(0, {root!r}); from pipeline.backbones import BackboneConfig; "
+        "from pipeline.runtime import make_runtime, tflite_path; "
+        "c = BackboneConfig({b!r}, {w!r}, {l!r}, alpha={a!r}).resolved(); "
+        "print(tflite_path(c, {f!r}).is_file()); make_runtime(c, 'tflite', tflite_dir={f!r})"
+    ).format(root=str(ROOT), b=args.backbone, w=args.weights, l=args.layer, a=args.alpha, f=str(folder))
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return None if done.stdout.startswith("True") else time.perf_counter() - start
@@ -87,8 +104,9 @@ def one_run(args, cache: Path) -> dict[str, float]:
     if done.returncode:
         raise SystemExit(f"extract failed ({done.returncode}):\n{done.stderr[-3000:]}")
     marks = {"start": start, "end": end}
-    marks.update({line.split()[1]: float(line.split()[2]) for line in done.stderr.splitlines()
-                  if line.startswith("mark ")})
+    marks.update(
+        {line.split()[1]: float(line.split()[2]) for line in done.stderr.splitlines() if line.startswith("mark ")}
+    )
     return {label: marks[b] - marks[a] for a, b, label in PHASES}
 
 
@@ -104,13 +122,22 @@ def main() -> None:
     runs = [one_run(args, folder / "features.h5") for _ in range(args.runs)]
     medians = {label: statistics.median(r[label] for r in runs) for _, _, label in PHASES}
     lines = [f"{'phase':55s} {'median s':>9s}   runs"]
-    lines += [f"{label:55s} {medians[label]:9.3f}   " + " ".join(f"{r[label]:.3f}" for r in runs)
-              for _, _, label in PHASES]
-    report("\n".join(lines), {"data_dir": args.data_dir, "backbone": args.backbone, "layer": args.layer,
-                              "runs": args.runs, "conversion_s": conversion,
-                              "first_batch_s": round(medians["time to first batch"], 3),
-                              "phases_median_s": {k: round(v, 3) for k, v in medians.items()},
-                              "cpu_count": os.cpu_count()})
+    lines += [
+        f"{label:55s} {medians[label]:9.3f}   " + " ".join(f"{r[label]:.3f}" for r in runs) for _, _, label in PHASES
+    ]
+    report(
+        "\n".join(lines),
+        {
+            "data_dir": args.data_dir,
+            "backbone": args.backbone,
+            "layer": args.layer,
+            "runs": args.runs,
+            "conversion_s": conversion,
+            "first_batch_s": round(medians["time to first batch"], 3),
+            "phases_median_s": {k: round(v, 3) for k, v in medians.items()},
+            "cpu_count": os.cpu_count(),
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -20,16 +20,18 @@ from pipeline.extract import extract
 from pipeline.heads import CLASSIFIERS, fit_head
 
 BACKBONES = {
-    "efficientnet_lite0": BackboneConfig(str(SHARED / "keras-models/efficientnet_lite0_imagenet.keras"),
-                                         layer="avg_pool"),
+    "efficientnet_lite0": BackboneConfig(
+        str(SHARED / "keras-models/efficientnet_lite0_imagenet.keras"), layer="avg_pool"
+    ),
     "mobilenet_0.25": BackboneConfig("MobileNet", "imagenet", alpha=0.25, image_size=224),
 }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--datasets", nargs="*", default=sorted(p.name for p in (SHARED / "datasets").iterdir()
-                                                                 if p.is_dir()))
+    parser.add_argument(
+        "--datasets", nargs="*", default=sorted(p.name for p in (SHARED / "datasets").iterdir() if p.is_dir())
+    )
     parser.add_argument("--backbones", nargs="*", default=list(BACKBONES))
     parser.add_argument("--clf", nargs="*", default=list(CLASSIFIERS))
     parser.add_argument("--cache-dir", default=str(ROOT / "cache/bench"))
@@ -37,13 +39,30 @@ def main() -> None:
     rows = []
     for backbone in args.backbones:
         for dataset in args.datasets:
-            summary = extract(SHARED / "datasets" / dataset, BACKBONES[backbone], cache_dir=args.cache_dir,
-                              progress=False, log=lambda m: None)
+            summary = extract(
+                SHARED / "datasets" / dataset,
+                BACKBONES[backbone],
+                cache_dir=args.cache_dir,
+                progress=False,
+                log=lambda m: None,
+            )
             for clf in args.clf:
                 with tempfile.TemporaryDirectory() as out:
                     m = fit_head(summary.cache_path, clf, out=out, log=lambda m: None).metrics
-                rows.append((dataset, backbone, clf, m["n_train"], m["n_test"], m["accuracy"],
-                             m["balanced_accuracy"], m["fit_seconds"], m["best_params"], m["split_notes"]))
+                rows.append(
+                    (
+                        dataset,
+                        backbone,
+                        clf,
+                        m["n_train"],
+                        m["n_test"],
+                        m["accuracy"],
+                        m["balanced_accuracy"],
+                        m["fit_seconds"],
+                        m["best_params"],
+                        m["split_notes"],
+                    )
+                )
                 print(*rows[-1][:8], flush=True, sep="\t")
     print("\ncommand: python " + " ".join(sys.argv))
     print("| dataset | backbone | clf | train | test | test acc | balanced acc | fit s | chosen |")

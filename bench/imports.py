@@ -20,8 +20,21 @@ from pathlib import Path
 
 from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and environment)
 
-HEAVY = ("tensorflow", "keras", "ai_edge_litert", "sklearn", "scipy", "scipy.stats", "pandas", "matplotlib",
-         "skops.io", "cleanlab", "jinja2", "h5py", "PIL.Image")
+HEAVY = (
+    "tensorflow",
+    "keras",
+    "ai_edge_litert",
+    "sklearn",
+    "scipy",
+    "scipy.stats",
+    "pandas",
+    "matplotlib",
+    "skops.io",
+    "cleanlab",
+    "jinja2",
+    "h5py",
+    "PIL.Image",
+)
 
 
 def parse_importtime(stderr: str) -> tuple[float, dict[str, float]]:
@@ -84,13 +97,18 @@ def main() -> None:
         run(lines[name], work, name in ("extract", "train"))  # warm-up: file cache, conversion, head for predict
         wall, stderr = run(lines[name], work, name in ("extract", "train"))
         total, modules = parse_importtime(stderr)
-        results[name] = {"command": "python -X importtime cli.py " + " ".join(lines[name]),
-                         "import_s": round(total, 3),
-                         "wall_s": round(wall, 2), "heavy_s": {m: round(modules[m], 3) for m in HEAVY if m in modules}}
+        results[name] = {
+            "command": "python -X importtime cli.py " + " ".join(lines[name]),
+            "import_s": round(total, 3),
+            "wall_s": round(wall, 2),
+            "heavy_s": {m: round(modules[m], 3) for m in HEAVY if m in modules},
+        }
     text = []
     for name, r in results.items():
-        text.append(f"{name:9s} imports {r['import_s']:6.2f} s of {r['wall_s']:6.2f} s wall; "
-                    + ", ".join(f"{m} {s:.2f}" for m, s in r["heavy_s"].items()))
+        text.append(
+            f"{name:9s} imports {r['import_s']:6.2f} s of {r['wall_s']:6.2f} s wall; "
+            + ", ".join(f"{m} {s:.2f}" for m, s in r["heavy_s"].items())
+        )
         text.append(f"  $ {r['command']}")
     report("\n".join(text), results)
 

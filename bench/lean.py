@@ -48,8 +48,10 @@ def site_packages(venv: Path) -> Path:
 
 def du_mb(folder: Path) -> float:
     """Disk usage of a folder in MB (du -sk)."""
-    return int(subprocess.run(["du", "-sk", str(folder)], capture_output=True, text=True, check=True)
-               .stdout.split()[0]) / 1024
+    return (
+        int(subprocess.run(["du", "-sk", str(folder)], capture_output=True, text=True, check=True).stdout.split()[0])
+        / 1024
+    )
 
 
 def accuracy(predictions_csv: Path) -> tuple[float, int]:
@@ -76,8 +78,21 @@ def main() -> None:
     if not split.is_dir():
         sh([sys.executable, str(SHARED / "peers" / "split_folders.py"), str(data), str(split)], "split")
     if not (head / "head.json").is_file():
-        sh(full + ["extract", str(split / "train"), "--backbone", str(LITE0), "--layer", "avg_pool",
-                   "--cache", str(cache_dir / "train.h5"), "--no-progress"], "extract (full)")
+        sh(
+            full
+            + [
+                "extract",
+                str(split / "train"),
+                "--backbone",
+                str(LITE0),
+                "--layer",
+                "avg_pool",
+                "--cache",
+                str(cache_dir / "train.h5"),
+                "--no-progress",
+            ],
+            "extract (full)",
+        )
         sh(full + ["fit-head", str(cache_dir / "train.h5"), "--clf", "logreg", "--out", str(head)], "fit-head (full)")
     if not model.is_file():
         sh(full + ["export", str(head), "--format", "tflite", "--out", str(model), "--verify", "0"], "export (full)")
@@ -89,40 +104,72 @@ def main() -> None:
         sh([sys.executable, "-m", "venv", str(venv)], "venv")
         install_s, _ = sh([str(python), "-m", "pip", "install", "--quiet", "-e", f"{ROOT}[lite]"], "pip install")
     _, freeze = sh([str(python), "-m", "pip", "freeze"], "pip freeze")
-    packages = sorted(line.split("==")[0].lower() for line in freeze.splitlines()
-                      if "==" in line and not line.startswith("#"))
+    packages = sorted(
+        line.split("==")[0].lower() for line in freeze.splitlines() if "==" in line and not line.startswith("#")
+    )
     _, tf_import = sh([str(python), "-c", "import tensorflow"], "import tensorflow", check=False)
 
     # 3. extract and predict on val/ (images the head never saw) with the lean venv's console command
     cnncodes = str(venv / "bin" / "cnncodes")
     for stale in cache_dir.glob("val.h5*"):
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    extract_s, extract_out = sh([cnncodes, "extract", str(split / "val"), "--backbone", str(LITE0), "--layer",
-                                 "avg_pool", "--cache", str(cache_dir / "val.h5"), "--no-progress"], "extract (lean)")
-    head_s, _ = sh([cnncodes, "predict", str(split / "val"), "--head", str(head), "--out",
-                    str(work / "predict_head.csv")], "predict --head (lean)")
-    model_s, _ = sh([cnncodes, "predict", str(split / "val"), "--model", str(model), "--out",
-                     str(work / "predict_model.csv")], "predict --model (lean)")
+    extract_s, extract_out = sh(
+        [
+            cnncodes,
+            "extract",
+            str(split / "val"),
+            "--backbone",
+            str(LITE0),
+            "--layer",
+            "avg_pool",
+            "--cache",
+            str(cache_dir / "val.h5"),
+            "--no-progress",
+        ],
+        "extract (lean)",
+    )
+    head_s, _ = sh(
+        [cnncodes, "predict", str(split / "val"), "--head", str(head), "--out", str(work / "predict_head.csv")],
+        "predict --head (lean)",
+    )
+    model_s, _ = sh(
+        [cnncodes, "predict", str(split / "val"), "--model", str(model), "--out", str(work / "predict_model.csv")],
+        "predict --model (lean)",
+    )
     head_acc, n = accuracy(work / "predict_head.csv")
     model_acc, _ = accuracy(work / "predict_model.csv")
 
     # 4. sizes
     lean_mb, full_mb = du_mb(site_packages(venv)), du_mb(site_packages(ROOT / ".venv"))
     absent = "tensorflow" not in packages and "ModuleNotFoundError" in tf_import
-    lines = [f"lean venv {venv}: " + (f"installed in {install_s:.0f} s" if install_s else "reused"),
-             f"  tensorflow absent: {absent} (`import tensorflow`: {tf_import.strip().splitlines()[-1]})",
-             f"  ai-edge-litert installed: {'ai-edge-litert' in packages}; {len(packages)} packages",
-             f"  extract of {n} new images with the cached conversion: {extract_s:.1f} s "
-             f"({'tflite' if 'with tflite' in extract_out else 'NOT tflite'})",
-             f"  predict --head on {n} val images: {head_s:.1f} s, accuracy {head_acc:.4f}",
-             f"  predict --model {model.name} on {n} val images: {model_s:.1f} s, accuracy {model_acc:.4f}",
-             f"site-packages: lean {lean_mb:.0f} MB vs full (.venv) {full_mb:.0f} MB ({lean_mb / full_mb:.0%})"]
-    report("\n".join(lines), {"dataset": data.name, "venv": str(venv), "tensorflow_absent": absent,
-                              "packages": packages, "lean_site_packages_mb": round(lean_mb),
-                              "full_site_packages_mb": round(full_mb), "images": n,
-                              "extract_s": round(extract_s, 1), "predict_head_s": round(head_s, 1),
-                              "predict_model_s": round(model_s, 1), "head_accuracy": round(head_acc, 4),
-                              "model_accuracy": round(model_acc, 4), "install_s": install_s})
+    lines = [
+        f"lean venv {venv}: " + (f"installed in {install_s:.0f} s" if install_s else "reused"),
+        f"  tensorflow absent: {absent} (`import tensorflow`: {tf_import.strip().splitlines()[-1]})",
+        f"  ai-edge-litert installed: {'ai-edge-litert' in packages}; {len(packages)} packages",
+        f"  extract of {n} new images with the cached conversion: {extract_s:.1f} s "
+        f"({'tflite' if 'with tflite' in extract_out else 'NOT tflite'})",
+        f"  predict --head on {n} val images: {head_s:.1f} s, accuracy {head_acc:.4f}",
+        f"  predict --model {model.name} on {n} val images: {model_s:.1f} s, accuracy {model_acc:.4f}",
+        f"site-packages: lean {lean_mb:.0f} MB vs full (.venv) {full_mb:.0f} MB ({lean_mb / full_mb:.0%})",
+    ]
+    report(
+        "\n".join(lines),
+        {
+            "dataset": data.name,
+            "venv": str(venv),
+            "tensorflow_absent": absent,
+            "packages": packages,
+            "lean_site_packages_mb": round(lean_mb),
+            "full_site_packages_mb": round(full_mb),
+            "images": n,
+            "extract_s": round(extract_s, 1),
+            "predict_head_s": round(head_s, 1),
+            "predict_model_s": round(model_s, 1),
+            "head_accuracy": round(head_acc, 4),
+            "model_accuracy": round(model_acc, 4),
+            "install_s": install_s,
+        },
+    )
 
 
 if __name__ == "__main__":

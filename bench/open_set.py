@@ -54,8 +54,12 @@ def method_scores(fitted, features: np.ndarray) -> tuple[dict[str, np.ndarray], 
     proba = fitted.calibrate(fitted.model.predict_proba(features))
     z = fitted.detector.signals(features, proba)
     knn_raw = z["knn"] * fitted.detector.norm["knn"][1] + fitted.detector.norm["knn"][0]
-    return {"msp": z["msp"], "knn": knn_raw, "combined": combine(z, "combined"),
-            "max": np.maximum(z["msp"], z["knn"])}, proba
+    return {
+        "msp": z["msp"],
+        "knn": knn_raw,
+        "combined": combine(z, "combined"),
+        "max": np.maximum(z["msp"], z["knn"]),
+    }, proba
 
 
 def oof_threshold(fitted, method: str) -> float | None:
@@ -72,9 +76,11 @@ def evaluate(fitted, known_x: np.ndarray, known_y: np.ndarray, unknown_x: np.nda
     for method in METHODS:
         cut = np.quantile(known[method], 0.95, method="inverted_cdf")
         accepted = known[method] <= cut
-        row = {"auroc": auroc(known[method], unknown[method]),
-               "unknown_accepted_at_95": float(np.mean(unknown[method] <= cut)),
-               "accuracy_accepted": float(correct[accepted].mean())}
+        row = {
+            "auroc": auroc(known[method], unknown[method]),
+            "unknown_accepted_at_95": float(np.mean(unknown[method] <= cut)),
+            "accuracy_accepted": float(correct[accepted].mean()),
+        }
         fixed = oof_threshold(fitted, method)
         if fixed is not None:
             row["known_accepted_at_fit"] = float(np.mean(known[method] <= fixed))
@@ -83,11 +89,20 @@ def evaluate(fitted, known_x: np.ndarray, known_y: np.ndarray, unknown_x: np.nda
     return out
 
 
-def fit_known(features: np.ndarray, labels: np.ndarray, groups: np.ndarray, names: list[str], rows: np.ndarray,
-              clf: str, seed: int, accept: float):
+def fit_known(
+    features: np.ndarray,
+    labels: np.ndarray,
+    groups: np.ndarray,
+    names: list[str],
+    rows: np.ndarray,
+    clf: str,
+    seed: int,
+    accept: float,
+):
     """A head (with its calibration and detector) on the given rows, by the same code fit-head runs."""
-    return fit_arrays(features[rows], labels[rows], groups[rows], names, clf, seed=seed, accept=accept,
-                      log=lambda _: None)
+    return fit_arrays(
+        features[rows], labels[rows], groups[rows], names, clf, seed=seed, accept=accept, log=lambda _: None
+    )
 
 
 def predict_cost_ms(fitted, features: np.ndarray, batch: int) -> float:
@@ -96,8 +111,8 @@ def predict_cost_ms(fitted, features: np.ndarray, batch: int) -> float:
     fitted.detector.score(features[:1], fitted.calibrate(raw[:1]))  # warm-up: first-call costs are not per image
     started = time.perf_counter()
     for start in range(0, len(features), batch):
-        proba = fitted.calibrate(raw[start:start + batch])
-        fitted.detector.score(features[start:start + batch], proba)
+        proba = fitted.calibrate(raw[start : start + batch])
+        fitted.detector.score(features[start : start + batch], proba)
     return 1000 * (time.perf_counter() - started) / len(features)
 
 
@@ -108,20 +123,35 @@ def protocols(name: str, caches: dict, args: argparse.Namespace) -> list[dict]:
     in_test = grouped_stratified_split(cache.labels, groups, 0.2, args.seed)
     train, test = np.flatnonzero(~in_test), np.flatnonzero(in_test)
     started = time.perf_counter()
-    fitted = fit_known(cache.features, cache.labels, groups, cache.class_names, train, args.clf, args.seed,
-                       args.accept)
-    rows = [{"dataset": name, "protocol": "calibration", "unknowns": "-", "fit_seconds": fitted.fit_seconds,
-             "unknown_seconds": fitted.unknown_seconds, "temperature": fitted.temperature,
-             "predict_ms_batch1": predict_cost_ms(fitted, cache.features[test], 1),
-             "predict_ms_batch32": predict_cost_ms(fitted, cache.features[test], 32),
-             "ece_before": expected_calibration_error(fitted.model.predict_proba(cache.features[test]),
-                                                      cache.labels[test]),
-             "ece_after": expected_calibration_error(
-                 fitted.calibrate(fitted.model.predict_proba(cache.features[test])), cache.labels[test])}]
+    fitted = fit_known(cache.features, cache.labels, groups, cache.class_names, train, args.clf, args.seed, args.accept)
+    rows = [
+        {
+            "dataset": name,
+            "protocol": "calibration",
+            "unknowns": "-",
+            "fit_seconds": fitted.fit_seconds,
+            "unknown_seconds": fitted.unknown_seconds,
+            "temperature": fitted.temperature,
+            "predict_ms_batch1": predict_cost_ms(fitted, cache.features[test], 1),
+            "predict_ms_batch32": predict_cost_ms(fitted, cache.features[test], 32),
+            "ece_before": expected_calibration_error(
+                fitted.model.predict_proba(cache.features[test]), cache.labels[test]
+            ),
+            "ece_after": expected_calibration_error(
+                fitted.calibrate(fitted.model.predict_proba(cache.features[test])), cache.labels[test]
+            ),
+        }
+    ]
     for other in DATASETS:
         if other != name:
-            rows.append({"dataset": name, "protocol": "far", "unknowns": other,
-                         **evaluate(fitted, cache.features[test], cache.labels[test], caches[other].features)})
+            rows.append(
+                {
+                    "dataset": name,
+                    "protocol": "far",
+                    "unknowns": other,
+                    **evaluate(fitted, cache.features[test], cache.labels[test], caches[other].features),
+                }
+            )
     n_classes = len(cache.class_names)
     for draw in range(args.draws):
         held = np.sort(np.random.default_rng(1000 + draw).choice(n_classes, 2, replace=False))
@@ -131,11 +161,24 @@ def protocols(name: str, caches: dict, args: argparse.Namespace) -> list[dict]:
         labels = relabel[cache.labels]
         known_train = train[labels[train] >= 0]
         known_test = test[labels[test] >= 0]
-        near = fit_known(cache.features, labels, groups, [cache.class_names[c] for c in known_classes],
-                         known_train, args.clf, args.seed + draw, args.accept)
-        rows.append({"dataset": name, "protocol": "near", "unknowns": "+".join(cache.class_names[c] for c in held),
-                     **evaluate(near, cache.features[known_test], labels[known_test],
-                                cache.features[labels < 0])})
+        near = fit_known(
+            cache.features,
+            labels,
+            groups,
+            [cache.class_names[c] for c in known_classes],
+            known_train,
+            args.clf,
+            args.seed + draw,
+            args.accept,
+        )
+        rows.append(
+            {
+                "dataset": name,
+                "protocol": "near",
+                "unknowns": "+".join(cache.class_names[c] for c in held),
+                **evaluate(near, cache.features[known_test], labels[known_test], cache.features[labels < 0]),
+            }
+        )
     rows[0]["protocol_seconds"] = time.perf_counter() - started
     return rows
 
@@ -151,22 +194,32 @@ def mean_row(rows: list[dict], dataset: str, protocol: str) -> dict:
 
 def table(rows: list[dict]) -> str:
     """One line per protocol and unknown set; per method AUROC / unknowns accepted at 95% / accepted accuracy."""
-    head = f"{'dataset':17s} {'protocol':16s} {'unknowns':28s} " + " ".join(
-        f"{m + ' AUROC/acc95/accKn':>24s}" for m in METHODS) + f" {'fit-thr kn/unk':>15s}"
+    head = (
+        f"{'dataset':17s} {'protocol':16s} {'unknowns':28s} "
+        + " ".join(f"{m + ' AUROC/acc95/accKn':>24s}" for m in METHODS)
+        + f" {'fit-thr kn/unk':>15s}"
+    )
     lines = [head]
     for r in rows:
         if r["protocol"] == "calibration":
-            lines.append(f"{r['dataset']:17s} {'calibration':16s} ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f} "
-                         f"(T={r['temperature']:.3f}); fit {r['fit_seconds']:.2f} s of which calibration + "
-                         f"detector {r['unknown_seconds']:.3f} s ({r['unknown_seconds'] / r['fit_seconds']:.1%}); "
-                         f"at predict time +{r['predict_ms_batch1']:.3f} ms/image (batch 1), "
-                         f"+{r['predict_ms_batch32']:.3f} ms/image (batch 32)")
+            lines.append(
+                f"{r['dataset']:17s} {'calibration':16s} ECE {r['ece_before']:.4f} -> {r['ece_after']:.4f} "
+                f"(T={r['temperature']:.3f}); fit {r['fit_seconds']:.2f} s of which calibration + "
+                f"detector {r['unknown_seconds']:.3f} s ({r['unknown_seconds'] / r['fit_seconds']:.1%}); "
+                f"at predict time +{r['predict_ms_batch1']:.3f} ms/image (batch 1), "
+                f"+{r['predict_ms_batch32']:.3f} ms/image (batch 32)"
+            )
             continue
-        cells = " ".join(f"{r[m]['auroc']:8.4f} {r[m]['unknown_accepted_at_95']:6.3f} "
-                         f"{r[m]['accuracy_accepted']:6.3f}   " for m in METHODS)
+        cells = " ".join(
+            f"{r[m]['auroc']:8.4f} {r[m]['unknown_accepted_at_95']:6.3f} {r[m]['accuracy_accepted']:6.3f}   "
+            for m in METHODS
+        )
         fit = r["combined"]
-        fixed = f"{fit['known_accepted_at_fit']:.3f}/{fit['unknown_accepted_at_fit']:.3f}" \
-            if "known_accepted_at_fit" in fit else ""
+        fixed = (
+            f"{fit['known_accepted_at_fit']:.3f}/{fit['unknown_accepted_at_fit']:.3f}"
+            if "known_accepted_at_fit" in fit
+            else ""
+        )
         lines.append(f"{r['dataset']:17s} {r['protocol']:16s} {r['unknowns'][:28]:28s} {cells} {fixed:>15s}")
     return "\n".join(lines)
 
@@ -200,15 +253,19 @@ def main() -> None:
     checks = {
         "far_auroc_min": min(r["combined"]["auroc"] for r in far),
         "far_unknown_accepted_at_95_max": max(r["combined"]["unknown_accepted_at_95"] for r in far),
-        "near_auroc_minus_best_baseline": [r["combined"]["auroc"] - max(r["msp"]["auroc"], r["knn"]["auroc"])
-                                           for r in near],
+        "near_auroc_minus_best_baseline": [
+            r["combined"]["auroc"] - max(r["msp"]["auroc"], r["knn"]["auroc"]) for r in near
+        ],
         "flowers_ece_after": rows[0]["ece_after"],
         "flowers_fit_share": rows[0]["unknown_seconds"] / rows[0]["fit_seconds"],
         "flowers_predict_ms_batch1": rows[0]["predict_ms_batch1"],
     }
-    report(table(shown) + "\ncolumns per method: AUROC, share of unknowns accepted when 95% of known test images "
-           "are, accuracy on the accepted known images; fit-thr: known/unknown accepted at the head's own "
-           f"threshold (accept {args.accept})\nchecks: {checks}", {"rows": rows, "checks": checks})
+    report(
+        table(shown) + "\ncolumns per method: AUROC, share of unknowns accepted when 95% of known test images "
+        "are, accuracy on the accepted known images; fit-thr: known/unknown accepted at the head's own "
+        f"threshold (accept {args.accept})\nchecks: {checks}",
+        {"rows": rows, "checks": checks},
+    )
 
 
 if __name__ == "__main__":

@@ -44,9 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
-
 from common import ROOT, SHARED, report  # noqa: E402 (sets the import path and KERAS_HOME)
+from PIL import Image
 
 SOURCES = ("oxford_flowers12", "cats_vs_dogs")
 LITE0 = str(SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras")
@@ -58,8 +57,11 @@ def source_images() -> list[tuple[str, Path]]:
     found = []
     for name in SOURCES:
         for folder in sorted(p for p in (SHARED / "datasets" / name).iterdir() if p.is_dir()):
-            found += [(f"{name}-{folder.name}", p) for p in sorted(folder.iterdir())
-                      if p.suffix.lower() in (".jpg", ".jpeg", ".png")]
+            found += [
+                (f"{name}-{folder.name}", p)
+                for p in sorted(folder.iterdir())
+                if p.suffix.lower() in (".jpg", ".jpeg", ".png")
+            ]
     return found
 
 
@@ -82,8 +84,10 @@ def make_images(root: Path, names: list[str], seed: int) -> list[Path]:
     """One variant per name under root/CLASS/name, from randomly chosen source images (in parallel)."""
     sources = source_images()
     picks = np.random.default_rng(seed).integers(0, len(sources), len(names))
-    tasks = [(sources[i][1], root / sources[i][0] / name, seed * 1_000_003 + k)
-             for k, (i, name) in enumerate(zip(picks, names))]
+    tasks = [
+        (sources[i][1], root / sources[i][0] / name, seed * 1_000_003 + k)
+        for k, (i, name) in enumerate(zip(picks, names))
+    ]
     with ProcessPoolExecutor(os.cpu_count()) as pool:
         list(pool.map(variant, tasks, chunksize=64))
     return [t[1] for t in tasks]
@@ -136,20 +140,44 @@ def tree_memory_peak(pid: int, stop: threading.Event, peak: list[int]) -> None:
         peak[0] = max(peak[0], total)
 
 
-def extract_process(data: Path | str, cache: Path, args: argparse.Namespace, engine: str,
-                    extra: list[str] | None = None) -> dict[str, Any]:
+def extract_process(
+    data: Path | str, cache: Path, args: argparse.Namespace, engine: str, extra: list[str] | None = None
+) -> dict[str, Any]:
     """One `python cli.py extract` process: wall seconds (start-up included), peak RSS, the summary's figures."""
-    command = [sys.executable, "cli.py", "extract", str(data), "--backbone", args.backbone, "--weights", args.weights,
-               "--cache", str(cache), "--runtime", args.runtime, "--engine", engine, "--no-progress", *(extra or [])]
+    command = [
+        sys.executable,
+        "cli.py",
+        "extract",
+        str(data),
+        "--backbone",
+        args.backbone,
+        "--weights",
+        args.weights,
+        "--cache",
+        str(cache),
+        "--runtime",
+        args.runtime,
+        "--engine",
+        engine,
+        "--no-progress",
+        *(extra or []),
+    ]
     command += ["--layer", args.layer] if args.layer else []
     command += ["--alpha", str(args.alpha)] if args.alpha else []
     started = time.perf_counter()
     with open(cache.with_suffix(".log"), "w") as log:
-        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        proc = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        )
         stop, tree_peak = threading.Event(), [0]
-        sampler = threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak)) \
-            if args.tree_memory else None
+        sampler = (
+            threading.Thread(target=tree_memory_peak, args=(proc.pid, stop, tree_peak)) if args.tree_memory else None
+        )
         if sampler:
             sampler.start()
         stdout = proc.stdout.read()
@@ -165,13 +193,17 @@ def extract_process(data: Path | str, cache: Path, args: argparse.Namespace, eng
     first = re.search(r"first batch after ([\d.]+) s", stdout)
     counts = re.search(r"new (\d+), already cached (\d+)", stdout)
     ray_start = re.search(r"started a local Ray cluster in ([\d.]+) s", cache.with_suffix(".log").read_text())
-    return {"seconds": round(seconds, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024),
-            "tree_pss_mb": round(tree_peak[0] / 2**20) if args.tree_memory else None,
-            "ray_start_s": float(ray_start.group(1)) if ray_start else None,
-            "images_per_s": float(rate.group(1)) if rate else None,
-            "first_batch_s": float(first.group(1)) if first else None,
-            "new": int(counts.group(1)), "cached": int(counts.group(2)),
-            "cache_mb": round(sum(size for size, _ in cache_files(cache).values()) / 1e6, 1)}
+    return {
+        "seconds": round(seconds, 2),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024),
+        "tree_pss_mb": round(tree_peak[0] / 2**20) if args.tree_memory else None,
+        "ray_start_s": float(ray_start.group(1)) if ray_start else None,
+        "images_per_s": float(rate.group(1)) if rate else None,
+        "first_batch_s": float(first.group(1)) if first else None,
+        "new": int(counts.group(1)),
+        "cached": int(counts.group(2)),
+        "cache_mb": round(sum(size for size, _ in cache_files(cache).values()) / 1e6, 1),
+    }
 
 
 def measure(workdir: Path, n: int, args: argparse.Namespace, engine: str) -> dict[str, Any]:
@@ -186,13 +218,21 @@ def measure(workdir: Path, n: int, args: argparse.Namespace, engine: str) -> dic
     fresh = extract_process(base, cache, args, engine)
     before = cache_files(cache)
     incremental = extract_process(plus, cache, args, engine)
-    incremental["written_mb"] = round(sum(size for p, (size, mtime) in cache_files(cache).items()
-                                          if before.get(p, (0, 0))[1] != mtime) / 1e6, 2)
+    incremental["written_mb"] = round(
+        sum(size for p, (size, mtime) in cache_files(cache).items() if before.get(p, (0, 0))[1] != mtime) / 1e6, 2
+    )
     stats = layout(cache)
     incremental["layout"] = {"shards": stats.shards, "runs": stats.runs, "garbage_rows": stats.garbage_rows}
     only_new = extract_process(new, caches / f"{engine}-{n}-new.h5", args, engine)
-    return {"engine": engine, "images": n, "new_images": only_new["new"], "fresh": fresh, "incremental": incremental,
-            "new_only": only_new, "ratio": round(incremental["seconds"] / only_new["seconds"], 2)}
+    return {
+        "engine": engine,
+        "images": n,
+        "new_images": only_new["new"],
+        "fresh": fresh,
+        "incremental": incremental,
+        "new_only": only_new,
+        "ratio": round(incremental["seconds"] / only_new["seconds"], 2),
+    }
 
 
 def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
@@ -201,14 +241,19 @@ def engines_compared(rows: list[dict[str, Any]]) -> list[str]:
     sizes = [n for (engine, n) in fresh if engine == "ray" and ("local", n) in fresh]
     if not sizes:
         return []
-    lines = ["", "ray vs local (fresh runs; memory: peak PSS summed over each command's processes, Ray's included)",
-             f"{'images':>7s} {'local img/s':>11s} {'ray img/s':>9s} {'ray/local':>9s} {'local s':>8s} {'ray s':>7s} "
-             f"{'Ray start s':>11s} {'local MB':>8s} {'ray MB':>7s}"]
+    lines = [
+        "",
+        "ray vs local (fresh runs; memory: peak PSS summed over each command's processes, Ray's included)",
+        f"{'images':>7s} {'local img/s':>11s} {'ray img/s':>9s} {'ray/local':>9s} {'local s':>8s} {'ray s':>7s} "
+        f"{'Ray start s':>11s} {'local MB':>8s} {'ray MB':>7s}",
+    ]
     for n in sizes:
         local, ray = fresh["local", n], fresh["ray", n]
-        lines.append(f"{n:7d} {local['images_per_s']:11.1f} {ray['images_per_s']:9.1f} "
-                     f"{ray['images_per_s'] / local['images_per_s']:9.2f} {local['seconds']:8.1f} {ray['seconds']:7.1f} "
-                     f"{ray['ray_start_s'] or 0:11.1f} {local['tree_pss_mb'] or '-':>8} {ray['tree_pss_mb'] or '-':>7}")
+        lines.append(
+            f"{n:7d} {local['images_per_s']:11.1f} {ray['images_per_s']:9.1f} "
+            f"{ray['images_per_s'] / local['images_per_s']:9.2f} {local['seconds']:8.1f} {ray['seconds']:7.1f} "
+            f"{ray['ray_start_s'] or 0:11.1f} {local['tree_pss_mb'] or '-':>8} {ray['tree_pss_mb'] or '-':>7}"
+        )
     return lines
 
 
@@ -290,9 +335,12 @@ def driver_ceiling(workdir: Path, rows: int, dim: int, per_node: float) -> dict[
     def make_block(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         ids = batch["id"]
         rng = np.random.default_rng(int(ids[0]))
-        return {HASH: np.array([hashlib.sha256(str(int(i)).encode()).hexdigest() for i in ids]),
-                ERROR: np.full(len(ids), ""), RUNTIME: np.full(len(ids), "tflite"),
-                features_column(0): rng.standard_normal((len(ids), dim), dtype=np.float32)}
+        return {
+            HASH: np.array([hashlib.sha256(str(int(i)).encode()).hexdigest() for i in ids]),
+            ERROR: np.full(len(ids), ""),
+            RUNTIME: np.full(len(ids), "tflite"),
+            features_column(0): rng.standard_normal((len(ids), dim), dtype=np.float32),
+        }
 
     def blocks() -> Any:
         return ray.data.range(rows, override_num_blocks=max(1, rows // block)).map_batches(make_block, batch_size=None)
@@ -304,8 +352,13 @@ def driver_ceiling(workdir: Path, rows: int, dim: int, per_node: float) -> dict[
         return CacheWriter(path, {"backbone": "synthetic"}, f"synthetic-{name}", 256)
 
     mb = rows * dim * 4 / 1e6
-    ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count() or 2,
+        include_dashboard=False,
+        logging_level="ERROR",
+        log_to_driver=False,
+    )
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.ERROR)
@@ -332,10 +385,18 @@ def driver_ceiling(workdir: Path, rows: int, dim: int, per_node: float) -> dict[
     finally:
         ray.shutdown()
     rate = rows / both
-    return {"rows": rows, "dim": dim, "feature_mb": round(mb, 1),
-            "ray_delivery_rows_per_s": round(rows / delivery), "sink_only_rows_per_s": round(rows / sink_only),
-            "rows_per_s": round(rate), "mb_per_s": round(mb / both, 1), "commit_s": round(commit, 2),
-            "per_node_images_per_s": per_node, "nodes": int(rate // per_node)}
+    return {
+        "rows": rows,
+        "dim": dim,
+        "feature_mb": round(mb, 1),
+        "ray_delivery_rows_per_s": round(rows / delivery),
+        "sink_only_rows_per_s": round(rows / sink_only),
+        "rows_per_s": round(rate),
+        "mb_per_s": round(mb / both, 1),
+        "commit_s": round(commit, 2),
+        "per_node_images_per_s": per_node,
+        "nodes": int(rate // per_node),
+    }
 
 
 def main() -> None:
@@ -351,15 +412,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="Also write the results here as JSON.")
     parser.add_argument("--object-store", action="store_true", help="Fresh runs reading a local S3 server too.")
     parser.add_argument("--two-node", action="store_true", help="Fresh runs on a two-node Ray cluster too.")
-    parser.add_argument("--driver-ceiling", action="store_true",
-                        help="Measure the driver's ingest rate (synthetic features, no model) and the nodes it serves.")
+    parser.add_argument(
+        "--driver-ceiling",
+        action="store_true",
+        help="Measure the driver's ingest rate (synthetic features, no model) and the nodes it serves.",
+    )
     parser.add_argument("--ceiling-rows", type=int, default=100_000)
     parser.add_argument("--dim", type=int, default=1280, help="Feature width of the synthetic rows (Lite0: 1280).")
-    parser.add_argument("--per-node", type=float, default=90.0,
-                        help="Images/s of one 2-core node with the local engine (Lite0, TFLite; see README).")
-    parser.add_argument("--tree-memory", action="store_true",
-                        help="Also sample the summed PSS of each command's processes (Ray's included) once a "
-                             "second; it slows the measured run a little, Ray's most, so take speeds without it.")
+    parser.add_argument(
+        "--per-node",
+        type=float,
+        default=90.0,
+        help="Images/s of one 2-core node with the local engine (Lite0, TFLite; see README).",
+    )
+    parser.add_argument(
+        "--tree-memory",
+        action="store_true",
+        help="Also sample the summed PSS of each command's processes (Ray's included) once a "
+        "second; it slows the measured run a little, Ray's most, so take speeds without it.",
+    )
     args = parser.parse_args()
     if args.backbone != LITE0 and args.layer == "avg_pool":
         args.layer = None  # avg_pool is Lite0's; a Keras Applications name pools its top by default
@@ -374,18 +445,27 @@ def main() -> None:
     lines: list[str] = []
     if args.object_store or args.two_node:
         out_rows = [r for n in args.sizes for r in scale_out_rows(args.workdir, n, args)]
-        lines += ["fresh runs by input and engine (the two nodes share this machine's 2 cores)",
-                  f"{'images':>7s} {'input':10s} {'engine':13s} {'img/s':>7s} {'seconds':>8s}"]
-        lines += [f"{r['images']:7d} {r['input']:10s} {r['engine']:13s} {r['images_per_s'] or 0:7.1f} "
-                  f"{r['seconds']:8.1f}" for r in out_rows]
+        lines += [
+            "fresh runs by input and engine (the two nodes share this machine's 2 cores)",
+            f"{'images':>7s} {'input':10s} {'engine':13s} {'img/s':>7s} {'seconds':>8s}",
+        ]
+        lines += [
+            f"{r['images']:7d} {r['input']:10s} {r['engine']:13s} {r['images_per_s'] or 0:7.1f} {r['seconds']:8.1f}"
+            for r in out_rows
+        ]
         result["scale_out"] = out_rows
     if args.driver_ceiling:
         c = driver_ceiling(args.workdir, args.ceiling_rows, args.dim, args.per_node)
-        lines += ["", f"driver ceiling ({c['rows']} synthetic rows of {c['dim']} float32, {c['feature_mb']} MB):",
-                  (f"  Ray delivery alone {c['ray_delivery_rows_per_s']} rows/s; cache writer alone "
-                   f"{c['sink_only_rows_per_s']} rows/s; both (as extract) {c['rows_per_s']} rows/s = "
-                   f"{c['mb_per_s']} MB/s; commit {c['commit_s']} s"),
-                  f"  = {c['nodes']} worker nodes at {c['per_node_images_per_s']:g} images/s each"]
+        lines += [
+            "",
+            f"driver ceiling ({c['rows']} synthetic rows of {c['dim']} float32, {c['feature_mb']} MB):",
+            (
+                f"  Ray delivery alone {c['ray_delivery_rows_per_s']} rows/s; cache writer alone "
+                f"{c['sink_only_rows_per_s']} rows/s; both (as extract) {c['rows_per_s']} rows/s = "
+                f"{c['mb_per_s']} MB/s; commit {c['commit_s']} s"
+            ),
+            f"  = {c['nodes']} worker nodes at {c['per_node_images_per_s']:g} images/s each",
+        ]
         result["driver_ceiling"] = c
     if lines:
         if args.out:
@@ -394,13 +474,17 @@ def main() -> None:
         return
     # engines interleaved size by size: a change in the machine's load hits them alike
     rows = [measure(args.workdir, n, args, engine) for n in args.sizes for engine in args.engines]
-    lines = [f"{'engine':6s} {'images':>7s} {'img/s':>7s} {'fresh s':>8s} {'RSS MB':>7s} {'cache MB':>9s} "
-             f"{'+1% s':>7s} {'new-only s':>10s} {'ratio':>6s} {'written MB':>10s} {'shards/runs':>11s}"]
+    lines = [
+        f"{'engine':6s} {'images':>7s} {'img/s':>7s} {'fresh s':>8s} {'RSS MB':>7s} {'cache MB':>9s} "
+        f"{'+1% s':>7s} {'new-only s':>10s} {'ratio':>6s} {'written MB':>10s} {'shards/runs':>11s}"
+    ]
     for r in rows:
         f, i, o = r["fresh"], r["incremental"], r["new_only"]
-        lines.append(f"{r['engine']:6s} {r['images']:7d} {f['images_per_s'] or 0:7.1f} {f['seconds']:8.1f} "
-                     f"{f['peak_rss_mb']:7d} {f['cache_mb']:9.1f} {i['seconds']:7.1f} {o['seconds']:10.1f} "
-                     f"{r['ratio']:6.2f} {i['written_mb']:10.2f} {i['layout']['shards']:5d}/{i['layout']['runs']:<5d}")
+        lines.append(
+            f"{r['engine']:6s} {r['images']:7d} {f['images_per_s'] or 0:7.1f} {f['seconds']:8.1f} "
+            f"{f['peak_rss_mb']:7d} {f['cache_mb']:9.1f} {i['seconds']:7.1f} {o['seconds']:10.1f} "
+            f"{r['ratio']:6.2f} {i['written_mb']:10.2f} {i['layout']['shards']:5d}/{i['layout']['runs']:<5d}"
+        )
     lines += engines_compared(rows)
     result["rows"] = rows
     if args.out:

@@ -21,9 +21,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import ROOT, report  # noqa: E402 (sets the import path and environment)
-
 import numpy as np
+from common import ROOT, report  # noqa: E402 (sets the import path and environment)
 from PIL import Image
 
 from pipeline.artifacts import HEAD_JSON, read_json
@@ -71,8 +70,9 @@ async def load(url: str, per_client: list[list[tuple[str, bytes]]]) -> tuple[flo
     return time.perf_counter() - start, latencies, errors
 
 
-def serve_run(head: Path, runtime: str, max_batch: int, per_client: list[list[tuple[str, bytes]]],
-              log_path: Path) -> dict[str, Any]:
+def serve_run(
+    head: Path, runtime: str, max_batch: int, per_client: list[list[tuple[str, bytes]]], log_path: Path
+) -> dict[str, Any]:
     """Start the server, measure its RSS, run the clients, measure again, stop it."""
     import httpx
     import psutil
@@ -80,9 +80,24 @@ def serve_run(head: Path, runtime: str, max_batch: int, per_client: list[list[tu
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "cli.py", "serve", "--head", str(head), "--port", str(port),
-                                   "--runtime", runtime, "--max-batch", str(max_batch)],
-                                  cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "cli.py",
+                "serve",
+                "--head",
+                str(head),
+                "--port",
+                str(port),
+                "--runtime",
+                runtime,
+                "--max-batch",
+                str(max_batch),
+            ],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         started = time.perf_counter()
         while True:
@@ -102,20 +117,43 @@ def serve_run(head: Path, runtime: str, max_batch: int, per_client: list[list[tu
         server.terminate()
         server.wait(60)
     n = sum(len(images) for images in per_client)
-    return {"max_batch": max_batch, "images": n, "seconds": round(seconds, 2), "images_per_s": round(n / seconds, 1),
-            "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
-            "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1), "errors": len(errors),
-            "first_errors": errors[:3], "rss_before_mb": round(rss_before, 1), "rss_after_mb": round(rss_after, 1),
-            "model_calls": health["model_calls"],
-            "mean_batch": round(health["images"] / max(health["model_calls"], 1), 2),
-            "startup_s": round(startup, 1)}
+    return {
+        "max_batch": max_batch,
+        "images": n,
+        "seconds": round(seconds, 2),
+        "images_per_s": round(n / seconds, 1),
+        "p50_ms": round(1000 * float(np.percentile(latencies, 50)), 1),
+        "p99_ms": round(1000 * float(np.percentile(latencies, 99)), 1),
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "rss_before_mb": round(rss_before, 1),
+        "rss_after_mb": round(rss_after, 1),
+        "model_calls": health["model_calls"],
+        "mean_batch": round(health["images"] / max(health["model_calls"], 1), 2),
+        "startup_s": round(startup, 1),
+    }
 
 
 def predict_run(head: Path, paths: list[Path], runtime: str, out: Path) -> float:
     """Wall seconds of one `cli.py predict` process on these files."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "cli.py", "predict", *map(str, paths), "--head", str(head), "--runtime", runtime,
-                    "--out", str(out)], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "predict",
+            *map(str, paths),
+            "--head",
+            str(head),
+            "--runtime",
+            runtime,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
     return time.perf_counter() - start
 
 
@@ -135,22 +173,39 @@ def main() -> None:
         paths = copies(args.head, args.clients * args.requests, folder)
         blobs = [(p.name, p.read_bytes()) for p in paths]
         # client k sends images k, k + clients, ... (every client its own, cycling when there are fewer)
-        per_client = [[blobs[(k + args.clients * r) % len(blobs)] for r in range(args.requests)]
-                      for k in range(args.clients)]
+        per_client = [
+            [blobs[(k + args.clients * r) % len(blobs)] for r in range(args.requests)] for k in range(args.clients)
+        ]
         runs = [serve_run(args.head, args.runtime, b, per_client, Path(tmp) / f"serve-{b}.log") for b in args.max_batch]
         whole = predict_run(args.head, paths, args.runtime, Path(tmp) / "all.csv")
         one = predict_run(args.head, paths[:1], args.runtime, Path(tmp) / "one.csv")
-    predict = {"images": len(paths), "seconds": round(whole, 1), "images_per_s": round(len(paths) / whole, 1),
-               "startup_s": round(one, 1), "net_images_per_s": round((len(paths) - 1) / max(whole - one, 1e-9), 1)}
-    result = {"head": str(args.head), "runtime": args.runtime, "clients": args.clients, "per_client": args.requests,
-              "images": "re-encoded JPEG copies (q95) of the head's dataset images, served by the backbone",
-              "serve": runs, "predict": predict}
-    lines = [f"serve --max-batch {r['max_batch']}: {r['images_per_s']} img/s, p50 {r['p50_ms']} ms, "
-             f"p99 {r['p99_ms']} ms, errors {r['errors']}, RSS {r['rss_before_mb']} -> {r['rss_after_mb']} MB, "
-             f"{r['model_calls']} model calls (mean batch {r['mean_batch']})" for r in runs]
-    lines.append(f"predict --head on the same {len(paths)} images: {predict['images_per_s']} img/s whole process "
-                 f"({predict['seconds']} s), {predict['net_images_per_s']} img/s net of its "
-                 f"{predict['startup_s']} s start-up")
+    predict = {
+        "images": len(paths),
+        "seconds": round(whole, 1),
+        "images_per_s": round(len(paths) / whole, 1),
+        "startup_s": round(one, 1),
+        "net_images_per_s": round((len(paths) - 1) / max(whole - one, 1e-9), 1),
+    }
+    result = {
+        "head": str(args.head),
+        "runtime": args.runtime,
+        "clients": args.clients,
+        "per_client": args.requests,
+        "images": "re-encoded JPEG copies (q95) of the head's dataset images, served by the backbone",
+        "serve": runs,
+        "predict": predict,
+    }
+    lines = [
+        f"serve --max-batch {r['max_batch']}: {r['images_per_s']} img/s, p50 {r['p50_ms']} ms, "
+        f"p99 {r['p99_ms']} ms, errors {r['errors']}, RSS {r['rss_before_mb']} -> {r['rss_after_mb']} MB, "
+        f"{r['model_calls']} model calls (mean batch {r['mean_batch']})"
+        for r in runs
+    ]
+    lines.append(
+        f"predict --head on the same {len(paths)} images: {predict['images_per_s']} img/s whole process "
+        f"({predict['seconds']} s), {predict['net_images_per_s']} img/s net of its "
+        f"{predict['startup_s']} s start-up"
+    )
     report("\n".join(lines), result)
 
 

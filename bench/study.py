@@ -24,8 +24,10 @@ from pipeline.study import study
 from pipeline.study_report import table_markdown
 
 MODELS = SHARED / "keras-models"
-BACKBONES = f"{MODELS / 'efficientnet_lite0_imagenet.keras'},{MODELS / 'efficientnet_lite2_imagenet.keras'}," \
-            "MobileNet:alpha=0.25"
+BACKBONES = (
+    f"{MODELS / 'efficientnet_lite0_imagenet.keras'},{MODELS / 'efficientnet_lite2_imagenet.keras'},"
+    "MobileNet:alpha=0.25"
+)
 DEFAULT = ("efficientnet_lite0_imagenet", "top", "logreg")
 
 
@@ -40,9 +42,20 @@ def main() -> None:
     print("command: python " + " ".join(sys.argv), f"\ncache folder: {cache_dir}", flush=True)
     for dataset in args.datasets:
         start = time.perf_counter()
-        progress = lambda m: print(f"  [{time.perf_counter() - start:6.1f} s] {m}", file=sys.stderr, flush=True)  # noqa: E731
-        result = study(SHARED / "datasets" / dataset, BACKBONES, "auto,auto+top", "logreg,svm",
-                       finetune=args.finetune, cache_dir=cache_dir, out=Path(args.out) / dataset, log=progress)
+
+        def progress(message: str, start: float = start) -> None:
+            print(f"  [{time.perf_counter() - start:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+        result = study(
+            SHARED / "datasets" / dataset,
+            BACKBONES,
+            "auto,auto+top",
+            "logreg,svm",
+            finetune=args.finetune,
+            cache_dir=cache_dir,
+            out=Path(args.out) / dataset,
+            log=progress,
+        )
         wall = time.perf_counter() - start
         data = result.data
         print(f"\n## {dataset}: {wall:.0f} s wall ({len(data['rows'])} configurations)\n")
@@ -54,11 +67,16 @@ def main() -> None:
         default = next((r for r in data["rows"] if (r["backbone"], r["layer"], r["head"]) == DEFAULT), None)
         winner = data["winner"]
         if default and winner:
-            ok = winner["test_accuracy"] >= default["test_accuracy"] or \
-                default["test_ci"][0] <= winner["test_accuracy"] <= default["test_ci"][1]
-            print(f"check: winner test {winner['test_accuracy']:.4f} vs default (Lite0 top logreg) "
-                  f"{default['test_accuracy']:.4f} [{default['test_ci'][0]:.3f}, {default['test_ci'][1]:.3f}]: "
-                  + ("ok" if ok else "FAIL"), flush=True)
+            ok = (
+                winner["test_accuracy"] >= default["test_accuracy"]
+                or default["test_ci"][0] <= winner["test_accuracy"] <= default["test_ci"][1]
+            )
+            print(
+                f"check: winner test {winner['test_accuracy']:.4f} vs default (Lite0 top logreg) "
+                f"{default['test_accuracy']:.4f} [{default['test_ci'][0]:.3f}, {default['test_ci'][1]:.3f}]: "
+                + ("ok" if ok else "FAIL"),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -71,26 +71,52 @@ def project_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str,
     cache, head = work / "cache" / "features.h5", work / "head"
     for stale in [head, *cache.parent.glob(cache.name + "*")]:  # the cache, its shards and journal
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    extract_s, extract_cpu, out = run([sys.executable, "cli.py", "extract", str(split), "--backbone", args.backbone,
-                                       "--layer", args.layer, "--cache", str(cache), "--no-progress"], "extract")
+    extract_s, extract_cpu, out = run(
+        [
+            sys.executable,
+            "cli.py",
+            "extract",
+            str(split),
+            "--backbone",
+            args.backbone,
+            "--layer",
+            args.layer,
+            "--cache",
+            str(cache),
+            "--no-progress",
+        ],
+        "extract",
+    )
     times = EXTRACT_TIMES.search(out)
     if "with tflite" not in out or "already cached 0," not in out:
         raise SystemExit("extract did not run cold on the TFLite runtime:\n" + out[-2000:])
-    fit_s, fit_cpu, _ = run([sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)],
-                            "fit-head")
+    fit_s, fit_cpu, _ = run(
+        [sys.executable, "cli.py", "fit-head", str(cache), "--clf", args.clf, "--out", str(head)], "fit-head"
+    )
     metrics = json.loads((head / "metrics.json").read_text())
     if "val is the test part" not in str(metrics.get("split")):
         raise SystemExit(f"fit-head did not test on the val folder: split is {metrics.get('split')!r}")
     extracting, in_all = (float(times.group(1)), float(times.group(2))) if times else (float("nan"),) * 2
-    return {"extract_s": extract_s, "fit_head_s": fit_s, "total_s": extract_s + fit_s,
-            "extract_cpu_s": extract_cpu, "fit_head_cpu_s": fit_cpu, "total_cpu_s": extract_cpu + fit_cpu,
-            "accuracy": metrics["accuracy"], "n_test": metrics["n_test"], "n_train": metrics.get("n_train"),
-            "split": metrics["split"], "best_params": metrics.get("best_params"),
-            "phases": {"extract: start-up and imports": extract_s - in_all,
-                       "extract: scan, hashing, runtime load, cache commit": in_all - extracting,
-                       "extract: decoding + inference (overlapped)": extracting,
-                       "fit-head: CV sweep + refit (fit_seconds)": metrics["fit_seconds"],
-                       "fit-head: start-up, imports, load, evaluate, save": fit_s - metrics["fit_seconds"]}}
+    return {
+        "extract_s": extract_s,
+        "fit_head_s": fit_s,
+        "total_s": extract_s + fit_s,
+        "extract_cpu_s": extract_cpu,
+        "fit_head_cpu_s": fit_cpu,
+        "total_cpu_s": extract_cpu + fit_cpu,
+        "accuracy": metrics["accuracy"],
+        "n_test": metrics["n_test"],
+        "n_train": metrics.get("n_train"),
+        "split": metrics["split"],
+        "best_params": metrics.get("best_params"),
+        "phases": {
+            "extract: start-up and imports": extract_s - in_all,
+            "extract: scan, hashing, runtime load, cache commit": in_all - extracting,
+            "extract: decoding + inference (overlapped)": extracting,
+            "fit-head: CV sweep + refit (fit_seconds)": metrics["fit_seconds"],
+            "fit-head: start-up, imports, load, evaluate, save": fit_s - metrics["fit_seconds"],
+        },
+    }
 
 
 def train_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, Any]:
@@ -98,43 +124,93 @@ def train_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, A
     cache_dir, model = work / "cache", work / "model"
     for stale in [model, *cache_dir.glob("*.h5*")]:  # feature caches, their shards and journals; not the .tflite
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-    seconds, cpu, out = run([sys.executable, "cli.py", "train", str(split), "--backbone", args.backbone, "--layer",
-                             args.layer, "--clf", args.clf, "--cache-dir", str(cache_dir), "--out", str(model),
-                             "--no-progress"], "train")
+    seconds, cpu, out = run(
+        [
+            sys.executable,
+            "cli.py",
+            "train",
+            str(split),
+            "--backbone",
+            args.backbone,
+            "--layer",
+            args.layer,
+            "--clf",
+            args.clf,
+            "--cache-dir",
+            str(cache_dir),
+            "--out",
+            str(model),
+            "--no-progress",
+        ],
+        "train",
+    )
     if "with tflite" not in out or "\n0 of " not in "\n" + out:
         raise SystemExit("train did not extract cold on the TFLite runtime:\n" + out[-2000:])
     took = next(line for line in out.splitlines() if line.startswith("took: "))
-    stages = {name: float(value) for name, value in
-              (part.rsplit(" ", 2)[:2] for part in took[len("took: "):].split("; "))}
+    stages = {
+        name: float(value) for name, value in (part.rsplit(" ", 2)[:2] for part in took[len("took: ") :].split("; "))
+    }
     metrics = json.loads((model / "metrics.json").read_text())
     if "val is the test part" not in str(metrics.get("split")):
         raise SystemExit(f"train did not test on the val folder: split is {metrics.get('split')!r}")
     phases = {"start-up and imports before extraction": seconds - sum(stages.values()), **stages}
-    return {"total_s": seconds, "total_cpu_s": cpu, "accuracy": metrics["accuracy"], "n_test": metrics["n_test"],
-            "n_train": metrics.get("n_train"), "split": metrics["split"], "best_params": metrics.get("best_params"),
-            "phases": phases}
+    return {
+        "total_s": seconds,
+        "total_cpu_s": cpu,
+        "accuracy": metrics["accuracy"],
+        "n_test": metrics["n_test"],
+        "n_train": metrics.get("n_train"),
+        "split": metrics["split"],
+        "best_params": metrics.get("best_params"),
+        "phases": phases,
+    }
 
 
 def slow_imports(args: argparse.Namespace, cache: Path, work: Path, least_ms: float = 40.0) -> list[tuple[str, float]]:
     """fit-head under -X importtime: the top-level imports costing at least least_ms, slowest first."""
-    command = [sys.executable, "-X", "importtime", "cli.py", "fit-head", str(cache), "--clf", args.clf,
-               "--out", str(work / "head_profiled")]
+    command = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "cli.py",
+        "fit-head",
+        str(cache),
+        "--clf",
+        args.clf,
+        "--out",
+        str(work / "head_profiled"),
+    ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True)
     print("$ " + " ".join(command))
     found = []
     for line in done.stderr.splitlines():
         parts = line.split("|")
         # "import time: self | cumulative | name": two spaces before a module imported at top level
-        if line.startswith("import time:") and len(parts) == 3 and parts[2].startswith(" ") \
-                and not parts[2].startswith("   ") and parts[1].strip().isdigit():
+        if (
+            line.startswith("import time:")
+            and len(parts) == 3
+            and parts[2].startswith(" ")
+            and not parts[2].startswith("   ")
+            and parts[1].strip().isdigit()
+        ):
             found.append((parts[2].strip(), int(parts[1]) / 1000))
     return sorted(((n, ms) for n, ms in found if ms >= least_ms), key=lambda item: -item[1])
 
 
 def recipe(split: Path, backbone: str) -> dict[str, Any]:
     """The seed recipe as one process, trained on split/train and validated on split/val."""
-    seconds, cpu, out = run([sys.executable, str(PEERS / "seed_recipe.py"), str(split / "train"), "--val-dir",
-                        str(split / "val"), "--backbone", backbone], "the recipe")
+    seconds, cpu, out = run(
+        [
+            sys.executable,
+            str(PEERS / "seed_recipe.py"),
+            str(split / "train"),
+            "--val-dir",
+            str(split / "val"),
+            "--backbone",
+            backbone,
+        ],
+        "the recipe",
+    )
     line = next(l for l in reversed(out.splitlines()) if l.startswith("{"))
     result = json.loads(line)
     return {"seconds": seconds, "cpu_s": cpu, "accuracy": result["val_acc_finetuned"], "reported": result}
@@ -145,15 +221,35 @@ def study_once(split: Path, work: Path, views: int = 0) -> dict[str, Any]:
     the CV-chosen winner's accuracy on the val folder."""
     for stale in (work / "study_cache", work / "study"):
         shutil.rmtree(stale, ignore_errors=True)
-    command = [sys.executable, "cli.py", "study", str(split), "--backbones", f"{LITE0},{LITE2}",
-               "--layers", "top,auto+top", "--heads", "logreg,svm", "--ensembles",
-               "--cache-dir", str(work / "study_cache"), "--out", str(work / "study")]
+    command = [
+        sys.executable,
+        "cli.py",
+        "study",
+        str(split),
+        "--backbones",
+        f"{LITE0},{LITE2}",
+        "--layers",
+        "top,auto+top",
+        "--heads",
+        "logreg,svm",
+        "--ensembles",
+        "--cache-dir",
+        str(work / "study_cache"),
+        "--out",
+        str(work / "study"),
+    ]
     seconds, cpu, _ = run(command + (["--views", str(views)] if views else []), "study")
     data = json.loads((work / "study" / "study.json").read_text())
     winner = data["winner"]
-    return {"seconds": seconds, "cpu_s": cpu, "accuracy": winner["test_accuracy"], "ci": winner["test_ci"],
-            "n_test": winner["n_test"], "cv_accuracy": winner["cv_accuracy"],
-            "winner": f"{winner['backbone']} {winner['layer']} {winner['head']} ({winner['kind']})"}
+    return {
+        "seconds": seconds,
+        "cpu_s": cpu,
+        "accuracy": winner["test_accuracy"],
+        "ci": winner["test_ci"],
+        "n_test": winner["n_test"],
+        "cv_accuracy": winner["cv_accuracy"],
+        "winner": f"{winner['backbone']} {winner['layer']} {winner['head']} ({winner['kind']})",
+    }
 
 
 def wilson_text(accuracy: float, n: int) -> str:
@@ -188,20 +284,27 @@ def main() -> None:
     split = work / "split"
     shutil.rmtree(split, ignore_errors=True)
     run([sys.executable, str(PEERS / "split_folders.py"), str(data), str(split)], "split_folders")
-    conversion = ensure_conversion(argparse.Namespace(backbone=args.backbone, weights="imagenet", layer=args.layer,
-                                                      alpha=None), work / "cache")
+    conversion = ensure_conversion(
+        argparse.Namespace(backbone=args.backbone, weights="imagenet", layer=args.layer, alpha=None), work / "cache"
+    )
     peers = []
     if args.train:
         runs = []
         for k in range(max(args.runs, args.recipe_runs or 0)):  # alternate: both see the same load over time
             if k < args.runs:
                 runs.append(train_once(args, split, work))
-                print(f"train run {k + 1}: {runs[-1]['total_s']:.1f} s, {runs[-1]['total_cpu_s']:.1f} CPU-s, "
-                      f"accuracy {runs[-1]['accuracy']:.4f}", flush=True)
+                print(
+                    f"train run {k + 1}: {runs[-1]['total_s']:.1f} s, {runs[-1]['total_cpu_s']:.1f} CPU-s, "
+                    f"accuracy {runs[-1]['accuracy']:.4f}",
+                    flush=True,
+                )
             if args.recipe_seconds is None and k < (args.recipe_runs or args.runs):
                 peers.append(recipe(split, args.backbone))
-                print(f"recipe run {k + 1}: {peers[-1]['seconds']:.1f} s, {peers[-1]['cpu_s']:.1f} CPU-s, "
-                      f"accuracy {peers[-1]['accuracy']:.4f}", flush=True)
+                print(
+                    f"recipe run {k + 1}: {peers[-1]['seconds']:.1f} s, {peers[-1]['cpu_s']:.1f} CPU-s, "
+                    f"accuracy {peers[-1]['accuracy']:.4f}",
+                    flush=True,
+                )
     else:
         runs = [project_once(args, split, work) for _ in range(args.runs)]
     project = min(runs, key=lambda r: abs(r["total_s"] - statistics.median(x["total_s"] for x in runs)))
@@ -211,41 +314,66 @@ def main() -> None:
     elif args.recipe_seconds is None:
         peer = recipe(split, args.backbone)
     else:
-        peer = {"seconds": args.recipe_seconds, "cpu_s": args.recipe_cpu_seconds, "accuracy": args.recipe_accuracy,
-                "reported": "given on the command line"}
+        peer = {
+            "seconds": args.recipe_seconds,
+            "cpu_s": args.recipe_cpu_seconds,
+            "accuracy": args.recipe_accuracy,
+            "reported": "given on the command line",
+        }
     ratio = peer["seconds"] / project["total_s"]
-    lines = [f"dataset {data.name}: {project['n_train']} train / {project['n_test']} test (val) images; "
-             f"split {project['split']}",
-             "one-time TFLite conversion: " + (f"{conversion:.1f} s" if conversion else "already cached in "
-                                                + str(work / "cache")),
-             f"{'':56s} {'seconds':>8s} {'accuracy':>9s} {'CPU s':>8s}",
-             f"{('project: train ' if args.train else 'project: extract + fit-head ') + args.clf:56s} "
-             f"{project['total_s']:8.1f} {project['accuracy']:9.4f} {project['total_cpu_s']:8.1f}"]
+    lines = [
+        f"dataset {data.name}: {project['n_train']} train / {project['n_test']} test (val) images; "
+        f"split {project['split']}",
+        "one-time TFLite conversion: "
+        + (f"{conversion:.1f} s" if conversion else "already cached in " + str(work / "cache")),
+        f"{'':56s} {'seconds':>8s} {'accuracy':>9s} {'CPU s':>8s}",
+        f"{('project: train ' if args.train else 'project: extract + fit-head ') + args.clf:56s} "
+        f"{project['total_s']:8.1f} {project['accuracy']:9.4f} {project['total_cpu_s']:8.1f}",
+    ]
     lines += [f"  {name:54s} {seconds:8.2f}" for name, seconds in project["phases"].items()]
-    lines += [f"{'recipe: seed_recipe.py (frozen 10 epochs + fine-tune 7)':56s} {peer['seconds']:8.1f} "
-              f"{peer['accuracy']:9.4f} " + (f"{peer['cpu_s']:8.1f}" if peer["cpu_s"] else f"{'':8s}"),
-              f"speed ratio recipe / project: {ratio:.1f}x" + (
-                  " (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")
-              + (" (recipe runs: " + ", ".join(f"{r['seconds']:.1f}" for r in peers) + " s)" if len(peers) > 1 else "")]
+    lines += [
+        f"{'recipe: seed_recipe.py (frozen 10 epochs + fine-tune 7)':56s} {peer['seconds']:8.1f} "
+        f"{peer['accuracy']:9.4f} " + (f"{peer['cpu_s']:8.1f}" if peer["cpu_s"] else f"{'':8s}"),
+        f"speed ratio recipe / project: {ratio:.1f}x"
+        + (" (project runs: " + ", ".join(f"{r['total_s']:.1f}" for r in runs) + " s)" if len(runs) > 1 else "")
+        + (" (recipe runs: " + ", ".join(f"{r['seconds']:.1f}" for r in peers) + " s)" if len(peers) > 1 else ""),
+    ]
     n_test = project["n_test"]
-    lines.append(f"95% intervals on {n_test} test images: project {wilson_text(project['accuracy'], n_test)}, "
-                 f"recipe {wilson_text(peer['accuracy'], n_test)}")
+    lines.append(
+        f"95% intervals on {n_test} test images: project {wilson_text(project['accuracy'], n_test)}, "
+        f"recipe {wilson_text(peer['accuracy'], n_test)}"
+    )
     if studied:
-        lines.append(f"{'study winner (CV-chosen): ' + studied['winner']:56s} {studied['seconds']:8.1f} "
-                     f"{studied['accuracy']:9.4f} {studied['cpu_s']:8.1f}  95% CI [{studied['ci'][0]:.3f}, "
-                     f"{studied['ci'][1]:.3f}], CV {studied['cv_accuracy']:.4f}")
+        lines.append(
+            f"{'study winner (CV-chosen): ' + studied['winner']:56s} {studied['seconds']:8.1f} "
+            f"{studied['accuracy']:9.4f} {studied['cpu_s']:8.1f}  95% CI [{studied['ci'][0]:.3f}, "
+            f"{studied['ci'][1]:.3f}], CV {studied['cv_accuracy']:.4f}"
+        )
     if peer["cpu_s"]:
-        lines.append(f"CPU-seconds ratio recipe / project: {peer['cpu_s'] / project['total_cpu_s']:.1f}x "
-                     "(the figure a busy machine changes least)")
+        lines.append(
+            f"CPU-seconds ratio recipe / project: {peer['cpu_s'] / project['total_cpu_s']:.1f}x "
+            "(the figure a busy machine changes least)"
+        )
     profile = slow_imports(args, work / "cache" / "features.h5", work) if args.profile else None
     if profile:
-        lines.append("fit-head's top-level imports over 40 ms (python -X importtime): "
-                     + ", ".join(f"{name} {ms:.0f} ms" for name, ms in profile))
-    report("\n".join(lines), {"dataset": data.name, "conversion_s": conversion, "project": project, "recipe": peer,
-                              "study": studied,
-                              "ratio": round(ratio, 2), "runs": [r["total_s"] for r in runs],
-                              "recipe_runs": [r["seconds"] for r in peers],
-                              "slow_imports_ms": profile})
+        lines.append(
+            "fit-head's top-level imports over 40 ms (python -X importtime): "
+            + ", ".join(f"{name} {ms:.0f} ms" for name, ms in profile)
+        )
+    report(
+        "\n".join(lines),
+        {
+            "dataset": data.name,
+            "conversion_s": conversion,
+            "project": project,
+            "recipe": peer,
+            "study": studied,
+            "ratio": round(ratio, 2),
+            "runs": [r["total_s"] for r in runs],
+            "recipe_runs": [r["seconds"] for r in peers],
+            "slow_imports_ms": profile,
+        },
+    )
 
 
 if __name__ == "__main__":

@@ -56,8 +56,15 @@ TMP_MARK = ".tmp-"
 
 # -- where outputs go by default -----------------------------------------------------------------
 HOME_ENV = "CNNCODES_HOME"  # the output home (`cnncodes --home DIR` sets it); default: the working directory
-OUTPUT_DIRS = {"cache": "cache", "heads": "heads", "runs": "runs", "compare": "compare", "audits": "audits",
-               "studies": "studies", "models": "models"}
+OUTPUT_DIRS = {
+    "cache": "cache",
+    "heads": "heads",
+    "runs": "runs",
+    "compare": "compare",
+    "audits": "audits",
+    "studies": "studies",
+    "models": "models",
+}
 REPORT_HTML = "report.html"  # `report`'s default page (in the output home), and the page `train` puts in its folder
 
 
@@ -210,7 +217,7 @@ def recover_folder(folder: str | os.PathLike) -> None:
         else:
             shutil.rmtree(aside, ignore_errors=True)
     for stage in parent.glob(f".{folder.name}{TMP_MARK}*"):
-        pid = stage.name[len(f".{folder.name}{TMP_MARK}"):].split("-")[0]
+        pid = stage.name[len(f".{folder.name}{TMP_MARK}") :].split("-")[0]
         if pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(stage, ignore_errors=True) if stage.is_dir() else stage.unlink(missing_ok=True)
 
@@ -265,6 +272,7 @@ def paired_outcomes(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndar
     occurrence in path order, so byte-identical copies stay separate images and the same images under other
     paths (another cache of the same files) still pair.
     """
+
     def occurrences(p: Predictions) -> dict[tuple[str, str], list[int]]:
         keyed: dict[tuple[str, str], list[int]] = {}
         for k, key in enumerate(zip(p.content_hash, p.paths)):
@@ -278,8 +286,8 @@ def paired_outcomes(a: Predictions, b: Predictions) -> tuple[np.ndarray, np.ndar
     for key in sorted(set(in_a) | set(in_b)):
         rows_a, rows_b = in_a.get(key, []), in_b.get(key, [])
         pairs += zip(rows_a, rows_b)
-        left_a.setdefault(key[0], []).extend(rows_a[len(rows_b):])
-        left_b.setdefault(key[0], []).extend(rows_b[len(rows_a):])
+        left_a.setdefault(key[0], []).extend(rows_a[len(rows_b) :])
+        left_b.setdefault(key[0], []).extend(rows_b[len(rows_a) :])
     for content_hash, rows_a in left_a.items():
         pairs += zip(rows_a, left_b.get(content_hash, []))
     pairs.sort()
@@ -295,8 +303,16 @@ def predictions_csv(predictions: Predictions) -> str:
     names = predictions.class_names
     writer.writerow([*PREDICTION_COLUMNS, *(PROBA_PREFIX + n for n in names)])
     for k, path in enumerate(predictions.paths):
-        writer.writerow([path, predictions.content_hash[k], predictions.split[k], names[predictions.y_true[k]],
-                         names[predictions.y_pred[k]], *(f"{p:.6g}" for p in predictions.proba[k])])
+        writer.writerow(
+            [
+                path,
+                predictions.content_hash[k],
+                predictions.split[k],
+                names[predictions.y_true[k]],
+                names[predictions.y_pred[k]],
+                *(f"{p:.6g}" for p in predictions.proba[k]),
+            ]
+        )
     return buffer.getvalue()
 
 
@@ -313,16 +329,19 @@ def read_predictions(path: str | os.PathLike) -> Predictions:
     with open(path, newline="", encoding="utf-8") as handle:
         rows = list(csv.reader(handle))
     header = rows[0] if rows else []
-    if tuple(header[:len(PREDICTION_COLUMNS)]) != PREDICTION_COLUMNS or not all(
-            h.startswith(PROBA_PREFIX) for h in header[len(PREDICTION_COLUMNS):]):
-        raise UserError(f"{path} is not a predictions file (columns {', '.join(PREDICTION_COLUMNS)}, "
-                        f"{PROBA_PREFIX}<class>...).")
-    names = [h[len(PROBA_PREFIX):] for h in header[len(PREDICTION_COLUMNS):]]
+    if tuple(header[: len(PREDICTION_COLUMNS)]) != PREDICTION_COLUMNS or not all(
+        h.startswith(PROBA_PREFIX) for h in header[len(PREDICTION_COLUMNS) :]
+    ):
+        raise UserError(
+            f"{path} is not a predictions file (columns {', '.join(PREDICTION_COLUMNS)}, {PROBA_PREFIX}<class>...)."
+        )
+    names = [h[len(PROBA_PREFIX) :] for h in header[len(PREDICTION_COLUMNS) :]]
     index = {n: i for i, n in enumerate(names)}
     body = rows[1:]
     try:
-        proba = np.array([[float(v) for v in r[len(PREDICTION_COLUMNS):]] for r in body],
-                         dtype=np.float64).reshape(len(body), len(names))
+        proba = np.array([[float(v) for v in r[len(PREDICTION_COLUMNS) :]] for r in body], dtype=np.float64).reshape(
+            len(body), len(names)
+        )
         y_true = np.array([index[r[3]] for r in body], dtype=np.int64)
     except (KeyError, ValueError) as exc:
         raise UserError(f"{path} has a malformed row ({exc}).") from None
@@ -335,16 +354,31 @@ def sample_images(predictions: Predictions, dataset_root: str | os.PathLike, n: 
         return []
     root = Path(dataset_root)
     rows = np.unique(np.linspace(0, len(predictions) - 1, min(n, len(predictions))).astype(int))
-    return [ImageFile(root / predictions.paths[i], predictions.paths[i], int(predictions.y_true[i]),
-                      predictions.split[i]) for i in rows if (root / predictions.paths[i]).is_file()]
+    return [
+        ImageFile(root / predictions.paths[i], predictions.paths[i], int(predictions.y_true[i]), predictions.split[i])
+        for i in rows
+        if (root / predictions.paths[i]).is_file()
+    ]
 
 
-def predictions_from_rows(rows: np.ndarray, proba: np.ndarray, paths: Sequence[str], content_hash: Sequence[str],
-                          split: Sequence[str], labels: np.ndarray, class_names: Sequence[str]) -> Predictions:
+def predictions_from_rows(
+    rows: np.ndarray,
+    proba: np.ndarray,
+    paths: Sequence[str],
+    content_hash: Sequence[str],
+    split: Sequence[str],
+    labels: np.ndarray,
+    class_names: Sequence[str],
+) -> Predictions:
     """Predictions for the given rows of a cache (its paths, hashes, splits and labels)."""
-    return Predictions([paths[i] for i in rows], [content_hash[i] for i in rows],
-                       [split[i] or "" for i in rows], np.asarray(labels)[rows].astype(np.int64),
-                       np.asarray(proba, dtype=np.float64), list(class_names))
+    return Predictions(
+        [paths[i] for i in rows],
+        [content_hash[i] for i in rows],
+        [split[i] or "" for i in rows],
+        np.asarray(labels)[rows].astype(np.int64),
+        np.asarray(proba, dtype=np.float64),
+        list(class_names),
+    )
 
 
 # -- folder kinds --------------------------------------------------------------------------------

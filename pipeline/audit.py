@@ -21,9 +21,15 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .artifacts import (
+    AUDIT_JSON,
+    CLASS_BALANCE_PNG,
+    LABEL_ISSUES_CSV,
+    LEARNING_CURVE_PNG,
+    NEAR_DUPLICATES_CSV,
+    OUTLIERS_CSV,
+)
 from .errors import UserError, install_hint
-from .artifacts import (AUDIT_JSON, CLASS_BALANCE_PNG, LABEL_ISSUES_CSV, LEARNING_CURVE_PNG, NEAR_DUPLICATES_CSV,
-                        OUTLIERS_CSV)
 from .neighbours import BLOCK_ROWS, DEFAULT_THRESHOLD, comparable_rows, pairs_above
 from .params import Interval, check_params, define
 
@@ -39,12 +45,18 @@ define(threshold=[Interval(0.5, 1.0)])
 
 def pair_kinds(i: np.ndarray, j: np.ndarray, labels: np.ndarray, in_test: np.ndarray) -> np.ndarray:
     """cross_split (one in the test part, one in training: leakage), else conflicting_labels, else same_side."""
-    return np.where(in_test[i] != in_test[j], "cross_split",
-                    np.where(labels[i] != labels[j], "conflicting_labels", "same_side"))
+    return np.where(
+        in_test[i] != in_test[j], "cross_split", np.where(labels[i] != labels[j], "conflicting_labels", "same_side")
+    )
 
 
-def near_duplicates(comparable: np.ndarray, content_hash: Sequence[str], labels: np.ndarray, in_test: np.ndarray,
-                    threshold: float = DEFAULT_THRESHOLD) -> tuple[np.ndarray, ...]:
+def near_duplicates(
+    comparable: np.ndarray,
+    content_hash: Sequence[str],
+    labels: np.ndarray,
+    in_test: np.ndarray,
+    threshold: float = DEFAULT_THRESHOLD,
+) -> tuple[np.ndarray, ...]:
     """Pairs (i, j, cosine, kind) of comparable_rows at or above threshold, and how they were searched.
 
     Byte-identical files are counted as such (the split keeps them together), not again as pairs.
@@ -58,13 +70,18 @@ def near_duplicates(comparable: np.ndarray, content_hash: Sequence[str], labels:
 
 def near_duplicates_counts(kinds: np.ndarray, threshold: float, search: str) -> dict[str, Any]:
     """What audit.json says of the pairs: threshold, count, count by kind, search method."""
-    return {"threshold": float(threshold), "count": int(len(kinds)),
-            "by_kind": {k: int(np.sum(kinds == k)) for k in PAIR_KINDS}, "search": search}
+    return {
+        "threshold": float(threshold),
+        "count": int(len(kinds)),
+        "by_kind": {k: int(np.sum(kinds == k)) for k in PAIR_KINDS},
+        "search": search,
+    }
 
 
 # -- outliers -------------------------------------------------------------------------------------
-def kth_neighbour_distance(unit: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K,
-                           block: int = BLOCK_ROWS) -> np.ndarray:
+def kth_neighbour_distance(
+    unit: np.ndarray, labels: np.ndarray, k: int = OUTLIER_K, block: int = BLOCK_ROWS
+) -> np.ndarray:
     """Cosine distance of each unit row (of comparable_rows) to its k-th nearest row of the same class
     (the k-1-th in a class of k rows; NaN for a row alone in its class)."""
     distance = np.full(len(unit), np.nan)
@@ -75,9 +92,9 @@ def kth_neighbour_distance(unit: np.ndarray, labels: np.ndarray, k: int = OUTLIE
             continue
         members = unit[rows]
         for start in range(0, len(rows), block):
-            sims = members[start:start + block] @ members.T
+            sims = members[start : start + block] @ members.T
             sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # not its own neighbour
-            distance[rows[start:start + block]] = 1 - np.partition(sims, -kk, axis=1)[:, -kk]
+            distance[rows[start : start + block]] = 1 - np.partition(sims, -kk, axis=1)[:, -kk]
     return distance
 
 
@@ -114,14 +131,21 @@ def fit_power_law(per_class: Sequence[float], accuracy: Sequence[float]) -> dict
     c0 = min(acc[-1] + 0.01, 1.0)
     if len(n) >= 4:
         try:
-            (a, b, c), _ = curve_fit(power_law, n, acc, p0=(a0, ASSUMED_EXPONENT, c0),
-                                     bounds=([0, 0.01, 0], [np.inf, 3, 1]), maxfev=5000)
+            (a, b, c), _ = curve_fit(
+                power_law, n, acc, p0=(a0, ASSUMED_EXPONENT, c0), bounds=([0, 0.01, 0], [np.inf, 3, 1]), maxfev=5000
+            )
             return {"a": float(a), "b": float(b), "c": float(c)}
         except (RuntimeError, ValueError):
             pass  # fall through to the two-parameter fit
     try:
-        (a, c), _ = curve_fit(lambda x, a, c: power_law(x, a, ASSUMED_EXPONENT, c), n, acc, p0=(a0, c0),
-                              bounds=([0, 0], [np.inf, 1]), maxfev=5000)
+        (a, c), _ = curve_fit(
+            lambda x, a, c: power_law(x, a, ASSUMED_EXPONENT, c),
+            n,
+            acc,
+            p0=(a0, c0),
+            bounds=([0, 0], [np.inf, 1]),
+            maxfev=5000,
+        )
     except (RuntimeError, ValueError):
         return None
     return {"a": float(a), "b": ASSUMED_EXPONENT, "c": float(c)}
@@ -132,17 +156,22 @@ def doubling_gain(fit: dict[str, float], n: float) -> float:
     return float(100 * (power_law(2 * n, **fit) - power_law(n, **fit)))
 
 
-def learning_curve_answer(per_class: Sequence[int], accuracy: Sequence[float],
-                          fit: dict[str, float] | None) -> tuple[float | None, str]:
+def learning_curve_answer(
+    per_class: Sequence[int], accuracy: Sequence[float], fit: dict[str, float] | None
+) -> tuple[float | None, str]:
     """The doubling gain and the sentence that says it."""
     if fit is None:
-        return None, ("too few images per class for a learning curve: "
-                      f"CV accuracy {accuracy[-1]:.3f} at {per_class[-1]} per class.")
+        return None, (
+            "too few images per class for a learning curve: "
+            f"CV accuracy {accuracy[-1]:.3f} at {per_class[-1]} per class."
+        )
     n = per_class[-1]
     gain = doubling_gain(fit, n)
-    text = (f"doubling the images per class (from {n} to {2 * n}) would add about {gain:.1f} points of "
-            f"accuracy (fit: acc(n) = {fit['c']:.3f} - {fit['a']:.3f} n^-{fit['b']:.2f}"
-            f"{', b assumed' if len(per_class) < 4 else ''}).")
+    text = (
+        f"doubling the images per class (from {n} to {2 * n}) would add about {gain:.1f} points of "
+        f"accuracy (fit: acc(n) = {fit['c']:.3f} - {fit['a']:.3f} n^-{fit['b']:.2f}"
+        f"{', b assumed' if len(per_class) < 4 else ''})."
+    )
     return gain, text
 
 
@@ -159,8 +188,15 @@ def _fold_accuracy(X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndar
     return float(np.mean(model.predict(X[val]) == y[val]))
 
 
-def learning_curve(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarray, np.ndarray]],
-                   cv_proba: np.ndarray, C: float, seed: int = 0, n_jobs: int = -1) -> dict[str, Any]:
+def learning_curve(
+    X: np.ndarray,
+    y: np.ndarray,
+    folds: Sequence[tuple[np.ndarray, np.ndarray]],
+    cv_proba: np.ndarray,
+    C: float,
+    seed: int = 0,
+    n_jobs: int = -1,
+) -> dict[str, Any]:
     """CV accuracy at 5, 10, 20... training images per class (per fold, a seeded subsample), up to all.
 
     The last point ("all") reuses the out-of-fold probabilities already computed at the same C.
@@ -173,8 +209,7 @@ def learning_curve(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarra
     while FIRST_SIZE * 2 ** len(sizes) < full:
         sizes.append(FIRST_SIZE * 2 ** len(sizes))
     rng = np.random.default_rng(seed)
-    jobs = [(size, f, _subsample(train, y, size, rng), val)
-            for size in sizes for f, (train, val) in enumerate(folds)]
+    jobs = [(size, f, _subsample(train, y, size, rng), val) for size in sizes for f, (train, val) in enumerate(folds)]
     from sklearn.exceptions import ConvergenceWarning
 
     # Tiny subsamples may not converge fully and the curve tolerates it. The filter is set here, on the main
@@ -182,7 +217,8 @@ def learning_curve(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarra
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=ConvergenceWarning)
         scores = Parallel(n_jobs=n_jobs, prefer="threads")(
-            delayed(_fold_accuracy)(X, y, train, val, C, seed) for _, _, train, val in jobs)
+            delayed(_fold_accuracy)(X, y, train, val, C, seed) for _, _, train, val in jobs
+        )
     per_size = np.array(scores, dtype=np.float64).reshape(len(sizes), len(folds))
     full_scores = [float(np.mean(cv_proba[val].argmax(1) == y[val])) for _, val in folds]
     accuracy = [float(v) for v in per_size.mean(1)] + [float(np.mean(full_scores))]
@@ -190,8 +226,15 @@ def learning_curve(X: np.ndarray, y: np.ndarray, folds: Sequence[tuple[np.ndarra
     per_class = sizes + [full]
     fit = fit_power_law(per_class, accuracy)
     gain, answer = learning_curve_answer(per_class, accuracy, fit)
-    return {"per_class": per_class, "cv_accuracy": accuracy, "cv_std": std, "fit": fit,
-            "doubling_gain_points": gain, "answer": answer, "file": LEARNING_CURVE_PNG}
+    return {
+        "per_class": per_class,
+        "cv_accuracy": accuracy,
+        "cv_std": std,
+        "fit": fit,
+        "doubling_gain_points": gain,
+        "answer": answer,
+        "file": LEARNING_CURVE_PNG,
+    }
 
 
 # -- plots ----------------------------------------------------------------------------------------
@@ -308,9 +351,11 @@ def _check_cache(cache: Any) -> None:
     for label in present:
         distinct = len(np.unique(group[cache.labels == label]))
         if distinct < 2:
-            raise UserError(f"class {cache.class_names[int(label)]} in {cache.path} has {distinct} distinct image; "
-                            "the audit's cross-validation needs at least 2 per class (add images or remove "
-                            "the class folder).")
+            raise UserError(
+                f"class {cache.class_names[int(label)]} in {cache.path} has {distinct} distinct image; "
+                "the audit's cross-validation needs at least 2 per class (add images or remove "
+                "the class folder)."
+            )
 
 
 def _head_test_rows(cache: Any, head: str | os.PathLike, log: Callable[[str], None]) -> tuple[np.ndarray, dict]:
@@ -322,22 +367,33 @@ def _head_test_rows(cache: Any, head: str | os.PathLike, log: Callable[[str], No
     meta = read_json(Path(head) / HEAD_JSON, "--head must be a folder written by `fit-head`")
     fingerprints = {s.cache_fingerprint or cache.attrs["fingerprint"] for s in head_sources(meta)}
     if cache.attrs["fingerprint"] not in fingerprints:  # a head on several caches: any one of them
-        raise UserError(f"head {head} was fitted on another cache (fingerprint {meta.get('cache_fingerprint')}, "
-                        f"this is {cache.attrs['fingerprint']}); audit the head's own cache {meta.get('cache_path')}.")
+        raise UserError(
+            f"head {head} was fitted on another cache (fingerprint {meta.get('cache_fingerprint')}, "
+            f"this is {cache.attrs['fingerprint']}); audit the head's own cache {meta.get('cache_path')}."
+        )
     tested = read_predictions(Path(head) / PREDICTIONS_CSV)
     wanted = set(zip(tested.paths, tested.content_hash))
     rows = np.array([r for r, key in enumerate(zip(cache.paths, cache.content_hash)) if key in wanted], np.int64)
     if len(rows) == 0:
-        raise UserError(f"none of the {len(wanted)} test images of head {head} are in {cache.path}; "
-                        "audit the head's own cache.")
+        raise UserError(
+            f"none of the {len(wanted)} test images of head {head} are in {cache.path}; audit the head's own cache."
+        )
     if len(rows) < len(wanted):
         log(f"note: {len(wanted) - len(rows)} of the head's {len(wanted)} test images are no longer in the cache.")
     return rows, load_metrics(head)
 
 
-def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
-          out: str | os.PathLike | None = None, *, threshold: float = DEFAULT_THRESHOLD, seed: int = 0,
-          cv: int = 5, n_jobs: int = -1, log: Callable[[str], None] = logger.info) -> AuditResult:
+def audit(
+    cache_path: str | os.PathLike,
+    head: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    threshold: float = DEFAULT_THRESHOLD,
+    seed: int = 0,
+    cv: int = 5,
+    n_jobs: int = -1,
+    log: Callable[[str], None] = logger.info,
+) -> AuditResult:
     """Audit a cache: label issues, near-duplicates (leakage), outliers, learning curve, balance; write a folder."""
     check_params(dict(threshold=threshold, seed=seed, cv=cv, n_jobs=n_jobs))
     try:
@@ -369,8 +425,7 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
         i, j, cosine, kinds, search = near_duplicates(comparable, cache.content_hash, y, in_test, threshold)
 
         # out-of-fold probabilities of every labelled image (byte-identical files share a fold)
-        fitted = fit_arrays(X, y, split.group, names, "logreg", cv=cv, n_jobs=n_jobs, seed=seed, accept=None,
-                            log=log)
+        fitted = fit_arrays(X, y, split.group, names, "logreg", cv=cv, n_jobs=n_jobs, seed=seed, accept=None, log=log)
         folds = cv_splits(y, split.group, cv, seed, names, log=lambda _: None)  # the folds fit_arrays used
         curve = learning_curve(X, y, folds, fitted.cv_proba, fitted.best_params["C"], seed, n_jobs)
         ranked, quality, n_flagged = label_issues(y, fitted.cv_proba)
@@ -383,25 +438,40 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
     _, duplicates = content_groups(cache.content_hash)
     balance = {name: int(np.sum(y == c)) for c, name in enumerate(names)}
     report = {
-        "cache": str(cache_path), "cache_fingerprint": cache.attrs["fingerprint"],
-        "dataset_root": cache.attrs.get("dataset_root", ""), "n_images": int(len(y)), "class_names": list(names),
+        "cache": str(cache_path),
+        "cache_fingerprint": cache.attrs["fingerprint"],
+        "dataset_root": cache.attrs.get("dataset_root", ""),
+        "n_images": int(len(y)),
+        "class_names": list(names),
         "class_balance": balance,
-        "duplicates": {"byte_identical_groups": len(duplicates),
-                       "files_in_groups": int(sum(len(rows) for rows in duplicates.values()))},
+        "duplicates": {
+            "byte_identical_groups": len(duplicates),
+            "files_in_groups": int(sum(len(rows) for rows in duplicates.values())),
+        },
         "split": split_source,
         "label_issues": {
-            "count": int(len(ranked)), "estimated_mislabelled": n_flagged, "file": LABEL_ISSUES_CSV,
-            "method": (f"out-of-fold probabilities of a logistic regression ({fitted.cv_folds}-fold grouped CV "
-                       f"over every image, C={fitted.best_params['C']:.3g}); listed: every image the model puts "
-                       f"in another class, and those cleanlab {cleanlab.__version__} find_label_issues "
-                       "(prune_by_class) flags; estimated_mislabelled: how many cleanlab flags. score = "
-                       "cleanlab's self-confidence, the probability of the given label: lower is more suspicious")},
+            "count": int(len(ranked)),
+            "estimated_mislabelled": n_flagged,
+            "file": LABEL_ISSUES_CSV,
+            "method": (
+                f"out-of-fold probabilities of a logistic regression ({fitted.cv_folds}-fold grouped CV "
+                f"over every image, C={fitted.best_params['C']:.3g}); listed: every image the model puts "
+                f"in another class, and those cleanlab {cleanlab.__version__} find_label_issues "
+                "(prune_by_class) flags; estimated_mislabelled: how many cleanlab flags. score = "
+                "cleanlab's self-confidence, the probability of the given label: lower is more suspicious"
+            ),
+        },
         "near_duplicates": {**near_duplicates_counts(kinds, threshold, search), "file": NEAR_DUPLICATES_CSV},
-        "outliers": {"count": int(len(outliers)), "file": OUTLIERS_CSV,
-                     "method": (f"cosine distance (whitened features, as for near-duplicates) to the {OUTLIER_K}th "
-                                "nearest image of the same class; score = "
-                                "its modified z-score within the class, 0.6745 (d - median) / MAD; "
-                                f"outlier above {OUTLIER_CUTOFF}")},
+        "outliers": {
+            "count": int(len(outliers)),
+            "file": OUTLIERS_CSV,
+            "method": (
+                f"cosine distance (whitened features, as for near-duplicates) to the {OUTLIER_K}th "
+                "nearest image of the same class; score = "
+                "its modified z-score within the class, 0.6745 (d - median) / MAD; "
+                f"outlier above {OUTLIER_CUTOFF}"
+            ),
+        },
         "learning_curve": curve,
         "cv_accuracy": fitted.cv_score,
     }
@@ -410,16 +480,30 @@ def audit(cache_path: str | os.PathLike, head: str | os.PathLike | None = None,
 
     folder = Path(out) if out else default_audit_dir(cache_path)
     with staged_folder(folder) as stage:
-        (stage / LABEL_ISSUES_CSV).write_text(_csv(
-            ("path", "given", "suggested", "score"),
-            [(paths[r], names[y[r]], names[suggested[r]], f"{quality[r]:.6g}") for r in ranked]), encoding="utf-8")
-        (stage / NEAR_DUPLICATES_CSV).write_text(_csv(
-            ("path_a", "path_b", "cosine", "split_a", "split_b", "label_a", "label_b", "kind"),
-            [(paths[a], paths[b], f"{c:.6f}", side[a], side[b], names[y[a]], names[y[b]], k)
-             for a, b, c, k in zip(i, j, cosine, kinds)]), encoding="utf-8")
-        (stage / OUTLIERS_CSV).write_text(_csv(
-            ("path", "label", "split", "score"),
-            [(paths[r], names[y[r]], side[r], f"{scores[r]:.4g}") for r in outliers]), encoding="utf-8")
+        (stage / LABEL_ISSUES_CSV).write_text(
+            _csv(
+                ("path", "given", "suggested", "score"),
+                [(paths[r], names[y[r]], names[suggested[r]], f"{quality[r]:.6g}") for r in ranked],
+            ),
+            encoding="utf-8",
+        )
+        (stage / NEAR_DUPLICATES_CSV).write_text(
+            _csv(
+                ("path_a", "path_b", "cosine", "split_a", "split_b", "label_a", "label_b", "kind"),
+                [
+                    (paths[a], paths[b], f"{c:.6f}", side[a], side[b], names[y[a]], names[y[b]], k)
+                    for a, b, c, k in zip(i, j, cosine, kinds)
+                ],
+            ),
+            encoding="utf-8",
+        )
+        (stage / OUTLIERS_CSV).write_text(
+            _csv(
+                ("path", "label", "split", "score"),
+                [(paths[r], names[y[r]], side[r], f"{scores[r]:.4g}") for r in outliers],
+            ),
+            encoding="utf-8",
+        )
         plot_learning_curve(curve, stage / LEARNING_CURVE_PNG)
         plot_class_balance(balance, stage / CLASS_BALANCE_PNG)
         report["seconds"] = round(time.perf_counter() - started, 2)
@@ -431,12 +515,20 @@ def _count(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def label_issues_line(label: dict[str, Any], ranked: np.ndarray, suggested: np.ndarray, labels: np.ndarray,
-                      names: Sequence[str], paths: Sequence[str]) -> str:
+def label_issues_line(
+    label: dict[str, Any],
+    ranked: np.ndarray,
+    suggested: np.ndarray,
+    labels: np.ndarray,
+    names: Sequence[str],
+    paths: Sequence[str],
+) -> str:
     """The label issues in one sentence: how many, cleanlab's estimate, the most suspicious image."""
-    line = (f"label issues: {_count(label['count'], 'image')} whose label looks wrong to the out-of-fold model; "
-            f"cleanlab estimates {label['estimated_mislabelled']} "
-            f"{'is' if label['estimated_mislabelled'] == 1 else 'are'} mislabelled")
+    line = (
+        f"label issues: {_count(label['count'], 'image')} whose label looks wrong to the out-of-fold model; "
+        f"cleanlab estimates {label['estimated_mislabelled']} "
+        f"{'is' if label['estimated_mislabelled'] == 1 else 'are'} mislabelled"
+    )
     if len(ranked):
         top = ranked[0]
         line += f" (most suspicious: {paths[top]}, given {names[labels[top]]}, looks like {names[suggested[top]]})"
@@ -446,30 +538,46 @@ def label_issues_line(label: dict[str, Any], ranked: np.ndarray, suggested: np.n
 def near_duplicates_line(near: dict[str, Any]) -> str:
     """The near-duplicate pairs in one sentence, by kind (cross_split is leakage)."""
     kinds = near["by_kind"]
-    return (f"near-duplicates (cosine >= {near['threshold']:g}, {near['search']} search): {near['count']} pairs: "
-            f"{kinds['cross_split']} cross_split (leakage: a test image with a near-copy in training), "
-            f"{kinds['conflicting_labels']} conflicting_labels, {kinds['same_side']} same_side")
+    return (
+        f"near-duplicates (cosine >= {near['threshold']:g}, {near['search']} search): {near['count']} pairs: "
+        f"{kinds['cross_split']} cross_split (leakage: a test image with a near-copy in training), "
+        f"{kinds['conflicting_labels']} conflicting_labels, {kinds['same_side']} same_side"
+    )
 
 
-def _summary(report: dict[str, Any], cache: Any, ranked: np.ndarray, suggested: np.ndarray,
-             head: str | os.PathLike | None, head_metrics: dict | None) -> list[str]:
+def _summary(
+    report: dict[str, Any],
+    cache: Any,
+    ranked: np.ndarray,
+    suggested: np.ndarray,
+    head: str | os.PathLike | None,
+    head_metrics: dict | None,
+) -> list[str]:
     names, paths, y = cache.class_names, cache.paths, cache.labels
     balance = report["class_balance"]
     duplicates = report["duplicates"]
-    lines = [f"{report['n_images']} images, {len(names)} classes ({min(balance.values())} to "
-             f"{max(balance.values())} per class); {_count(duplicates['byte_identical_groups'], 'group')} of "
-             f"byte-identical files ({duplicates['files_in_groups']} files)"]
+    lines = [
+        f"{report['n_images']} images, {len(names)} classes ({min(balance.values())} to "
+        f"{max(balance.values())} per class); {_count(duplicates['byte_identical_groups'], 'group')} of "
+        f"byte-identical files ({duplicates['files_in_groups']} files)"
+    ]
     if head_metrics is not None:
         from .tables import ci_text
 
-        lines.append(f"head {head}: test accuracy {ci_text(head_metrics, 'accuracy')} on "
-                     f"{head_metrics.get('n_test', '?')} images (95% interval)")
-    lines.append(label_issues_line(report["label_issues"], ranked, suggested, y, names, paths)
-                 + f" -> {LABEL_ISSUES_CSV}")
+        lines.append(
+            f"head {head}: test accuracy {ci_text(head_metrics, 'accuracy')} on "
+            f"{head_metrics.get('n_test', '?')} images (95% interval)"
+        )
+    lines.append(
+        label_issues_line(report["label_issues"], ranked, suggested, y, names, paths) + f" -> {LABEL_ISSUES_CSV}"
+    )
     lines.append(near_duplicates_line(report["near_duplicates"]) + f" -> {NEAR_DUPLICATES_CSV}")
-    lines.append(f"outliers: {_count(report['outliers']['count'], 'image')} far from the rest of their class "
-                 f"-> {OUTLIERS_CSV}")
+    lines.append(
+        f"outliers: {_count(report['outliers']['count'], 'image')} far from the rest of their class -> {OUTLIERS_CSV}"
+    )
     curve = report["learning_curve"]
-    lines.append(f"learning curve: CV accuracy {curve['cv_accuracy'][0]:.3f} at {curve['per_class'][0]} images "
-                 f"per class, {curve['cv_accuracy'][-1]:.3f} at {curve['per_class'][-1]}; {curve['answer']}")
+    lines.append(
+        f"learning curve: CV accuracy {curve['cv_accuracy'][0]:.3f} at {curve['per_class'][0]} images "
+        f"per class, {curve['cv_accuracy'][-1]:.3f} at {curve['per_class'][-1]}; {curve['answer']}"
+    )
     return lines

@@ -78,9 +78,16 @@ APPLICATIONS: dict[str, Application] = {
 }
 ALPHA_MODELS = ("MobileNet", "MobileNetV2", "MobileNetV3Small", "MobileNetV3Large")
 POOLINGS = ("avg", "max")
-define(backbone=[str], weights=[str], layer=[str, None], pooling=[Options(POOLINGS)],
-       image_size=[Interval(32, 1024, integer=True), None], resize=[Options(tuple(RESIZE_METHODS))],
-       alpha=[Interval(0.1, 2.0), None], keras_version=[str, None])
+define(
+    backbone=[str],
+    weights=[str],
+    layer=[str, None],
+    pooling=[Options(POOLINGS)],
+    image_size=[Interval(32, 1024, integer=True), None],
+    resize=[Options(tuple(RESIZE_METHODS))],
+    alpha=[Interval(0.1, 2.0), None],
+    keras_version=[str, None],
+)
 DEFAULT_BACKBONE = "MobileNetV2"
 # weights="none" is a random initialisation: seeded, so that it is a reproducible configuration.
 RANDOM_WEIGHTS_SEED = 0
@@ -143,15 +150,17 @@ class BackboneConfig:
     # one stands, so a head's configuration still names its conversion and matches its features.
     keras_version: str | None = None
 
-    def resolved(self) -> "BackboneConfig":
+    def resolved(self) -> BackboneConfig:
         """Check every option (no TensorFlow needed) and fill in defaults; raise UserError if invalid."""
         check_params(asdict(self))
         backbone, weights, size = self.backbone, self.weights, self.image_size
         if is_model_file(backbone):
             path = Path(backbone).expanduser()
             if not path.is_file():
-                raise UserError(f"backbone file {path} does not exist; give a saved Keras model "
-                                "(.keras) or a Keras Applications name (see `cnncodes backbones`).")
+                raise UserError(
+                    f"backbone file {path} does not exist; give a saved Keras model "
+                    "(.keras) or a Keras Applications name (see `cnncodes backbones`)."
+                )
             if self.alpha is not None:
                 raise ParamError("{} applies to MobileNet models only, not to a model file.", "alpha")
             fixed = saved_input_size(path)
@@ -161,8 +170,10 @@ class BackboneConfig:
         if backbone not in APPLICATIONS:
             near = difflib.get_close_matches(backbone, APPLICATIONS, n=3, cutoff=0.5)
             hint = f" Did you mean {', '.join(near)}?" if near else ""
-            raise UserError(f"unknown backbone {backbone!r}.{hint} `cnncodes backbones` lists them; "
-                            "a path to a .keras file also works.")
+            raise UserError(
+                f"unknown backbone {backbone!r}.{hint} `cnncodes backbones` lists them; "
+                "a path to a .keras file also works."
+            )
         if self.alpha is not None and backbone not in ALPHA_MODELS:
             raise ParamError(f"{{}} applies to {', '.join(ALPHA_MODELS)}, not to {backbone}.", "alpha")
         if weights.lower() in ("imagenet", "none"):
@@ -170,11 +181,15 @@ class BackboneConfig:
         elif Path(weights).expanduser().is_file():
             weights = str(Path(weights).expanduser().resolve())
         else:
-            raise ParamError(f"weights file {weights} does not exist; use {{}} imagenet, none, "
-                             "or the path of a Keras weights file (.h5 / .weights.h5).", "weights")
+            raise ParamError(
+                f"weights file {weights} does not exist; use {{}} imagenet, none, "
+                "or the path of a Keras weights file (.h5 / .weights.h5).",
+                "weights",
+            )
         keras_version = (library_version("keras") or self.keras_version or "") if weights == "imagenet" else None
-        return replace(self, weights=weights, image_size=size or APPLICATIONS[backbone].size,
-                       keras_version=keras_version)
+        return replace(
+            self, weights=weights, image_size=size or APPLICATIONS[backbone].size, keras_version=keras_version
+        )
 
     def identity(self) -> dict[str, Any]:
         """What the features depend on, for a resolved config: the cache key's contents."""
@@ -186,9 +201,16 @@ class BackboneConfig:
             backbone, weights = self.backbone, f"none (random, seed {RANDOM_WEIGHTS_SEED})"
         else:
             backbone, weights = self.backbone, file_identity(self.weights)
-        return {"backbone": backbone, "weights": weights, "layer": self.layer or "",
-                "pooling": self.pooling, "image_size": self.image_size or 0, "resize": self.resize,
-                "alpha": self.alpha or 0.0, "decoder": DECODER}
+        return {
+            "backbone": backbone,
+            "weights": weights,
+            "layer": self.layer or "",
+            "pooling": self.pooling,
+            "image_size": self.image_size or 0,
+            "resize": self.resize,
+            "alpha": self.alpha or 0.0,
+            "decoder": DECODER,
+        }
 
     def fingerprint(self) -> str:
         """Short hash of the identity: equal exactly when the features are interchangeable."""
@@ -215,8 +237,12 @@ def temp_seed(seed: int) -> Iterator[None]:
     from tensorflow.python.eager import context
 
     keys = ("global_random_seed", seed_generator.GLOBAL_SEED_GENERATOR)
-    saved = (random.getstate(), np.random.get_state(), context.global_seed(),
-             [global_state.get_global_attribute(k) for k in keys])
+    saved = (
+        random.getstate(),
+        np.random.get_state(),
+        context.global_seed(),
+        [global_state.get_global_attribute(k) for k in keys],
+    )
     keras.utils.set_random_seed(seed)
     try:
         yield
@@ -234,7 +260,8 @@ def keras_weights_error(exc: Exception, config: BackboneConfig) -> UserError:
     return UserError(
         f"could not load ImageNet weights for {config.backbone} ({type(exc).__name__}: {exc}). "
         f"Offline? Put the Keras weight file under {keras_home}/models (set KERAS_HOME), "
-        "or pass --weights PATH, or --weights none for a random initialisation.")
+        "or pass --weights PATH, or --weights none for a random initialisation."
+    )
 
 
 @functools.cache
@@ -264,8 +291,10 @@ def _layer_error(model: Any, layer: str, source: str) -> UserError:
     names = [l.name for l in model.layers]
     near = difflib.get_close_matches(layer, names, n=3, cutoff=0.4)
     hint = f" Did you mean {', '.join(near)}?" if near else ""
-    return UserError(f"{source} has no layer {layer!r}.{hint} Its last layers are: "
-                     f"{', '.join(names[-8:])} (`cnncodes backbones --layers {source}` lists all).")
+    return UserError(
+        f"{source} has no layer {layer!r}.{hint} Its last layers are: "
+        f"{', '.join(names[-8:])} (`cnncodes backbones --layers {source}` lists all)."
+    )
 
 
 def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
@@ -286,8 +315,8 @@ def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
         try:
             with temp_seed(RANDOM_WEIGHTS_SEED) if weights is None else contextlib.nullcontext():
                 model = getattr(keras.applications, config.backbone)(
-                    include_top=False, weights=weights, input_shape=(config.image_size, config.image_size, 3),
-                    **kwargs)
+                    include_top=False, weights=weights, input_shape=(config.image_size, config.image_size, 3), **kwargs
+                )
         except ValueError as exc:
             raise UserError(f"{config.backbone} cannot be built this way: {exc}") from None
         except Exception as exc:  # download failures surface as URL, HTTP or OS errors
@@ -319,8 +348,9 @@ def _pooled(x: Any, pooling: str, name: str, layer: str | None) -> Any:
         pool = keras.layers.GlobalAveragePooling2D if pooling == "avg" else keras.layers.GlobalMaxPooling2D
         return pool(name=name)(x)
     if len(x.shape) != 2:
-        raise UserError(f"layer {layer} has output shape {tuple(x.shape)}; pick a convolutional "
-                        "(4-D) or pooled (2-D) layer.")
+        raise UserError(
+            f"layer {layer} has output shape {tuple(x.shape)}; pick a convolutional (4-D) or pooled (2-D) layer."
+        )
     return x
 
 

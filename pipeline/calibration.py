@@ -40,8 +40,9 @@ def fit_temperature(proba: np.ndarray, y: np.ndarray) -> float:
     if len(y) == 0:
         return 1.0
     low, high = np.log(TEMPERATURE_RANGE[0]), np.log(TEMPERATURE_RANGE[1])
-    found = minimize_scalar(lambda t: _nll(proba, y, float(np.exp(t))), bounds=(low, high), method="bounded",
-                            options={"xatol": 1e-4})
+    found = minimize_scalar(
+        lambda t: _nll(proba, y, float(np.exp(t))), bounds=(low, high), method="bounded", options={"xatol": 1e-4}
+    )
     return float(np.exp(found.x))
 
 
@@ -55,8 +56,11 @@ def reliability(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> dict[
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_conf = np.bincount(which, confidence, bins) / count
         accuracy = np.bincount(which, correct.astype(float), bins) / count
-    return {"confidence": np.nan_to_num(mean_conf).tolist(), "accuracy": np.nan_to_num(accuracy).tolist(),
-            "count": count.astype(int).tolist()}
+    return {
+        "confidence": np.nan_to_num(mean_conf).tolist(),
+        "accuracy": np.nan_to_num(accuracy).tolist(),
+        "count": count.astype(int).tolist(),
+    }
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = ECE_BINS) -> float:

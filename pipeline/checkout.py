@@ -36,8 +36,10 @@ class Checkout:
     def summary(self) -> dict[str, float]:
         """Mean over classes of the per-class mean top-1 probability and mean entropy."""
         values = list(self.likeness.values())
-        return {"mean_top1": float(np.mean([v["mean_top1"] for v in values])),
-                "mean_entropy": float(np.mean([v["mean_entropy"] for v in values]))}
+        return {
+            "mean_top1": float(np.mean([v["mean_top1"] for v in values])),
+            "mean_entropy": float(np.mean([v["mean_entropy"] for v in values])),
+        }
 
 
 def imagenet_classifier(config: BackboneConfig) -> Any:
@@ -50,21 +52,26 @@ def imagenet_classifier(config: BackboneConfig) -> Any:
         except Exception as exc:  # Keras raises many kinds for unreadable files
             raise UserError(f"{Path(config.backbone).name} could not be loaded ({type(exc).__name__})") from None
         if model.output_shape[-1] != IMAGENET_CLASSES or len(model.output_shape) != 2:
-            raise UserError(f"{Path(config.backbone).name} ends in {model.output_shape[-1]} outputs, not the "
-                            f"{IMAGENET_CLASSES} ImageNet classes")
+            raise UserError(
+                f"{Path(config.backbone).name} ends in {model.output_shape[-1]} outputs, not the "
+                f"{IMAGENET_CLASSES} ImageNet classes"
+            )
         return model
     if config.weights != "imagenet":
         raise UserError(f"weights {config.weights!r} are not ImageNet's: no ImageNet classifier")
     app = APPLICATIONS[config.backbone]
     if config.image_size != app.size:
-        raise UserError(f"the ImageNet classifier of {config.backbone} takes {app.size} px, "
-                        f"the study uses {config.image_size} px")
+        raise UserError(
+            f"the ImageNet classifier of {config.backbone} takes {app.size} px, the study uses {config.image_size} px"
+        )
     kwargs = {"alpha": config.alpha} if config.alpha is not None else {}
     try:
         top = getattr(keras.applications, config.backbone)(include_top=True, weights="imagenet", **kwargs)
     except Exception as exc:  # offline downloads fail with URL, HTTP or OS errors; bad alphas with ValueError
-        raise UserError(f"its ImageNet classifier (with top) could not be loaded: {type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+        raise UserError(
+            f"its ImageNet classifier (with top) could not be loaded: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}"
+        ) from None
     inputs = keras.Input((app.size, app.size, 3))
     return keras.Model(inputs, top(preprocess_layer_class()(app.module)(inputs)))
 
@@ -85,8 +92,10 @@ def decode_top5(proba: np.ndarray) -> list[list[tuple[str, float]]]:
     try:
         decoded = decode_predictions(proba, top=5)
     except Exception as exc:  # offline without the class index file: a download error of some kind
-        raise UserError(f"the ImageNet class index could not be read ({type(exc).__name__}); offline, link "
-                        "imagenet_class_index.json into $KERAS_HOME/models") from None
+        raise UserError(
+            f"the ImageNet class index could not be read ({type(exc).__name__}); offline, link "
+            "imagenet_class_index.json into $KERAS_HOME/models"
+        ) from None
     return [[(label, float(p)) for _, label, p in row] for row in decoded]
 
 
@@ -100,8 +109,15 @@ def sample_files(files: Sequence[ImageFile], n_classes: int, per_class: int, see
     return chosen
 
 
-def checkout(files: Sequence[ImageFile], class_names: Sequence[str], config: BackboneConfig, *,
-             per_class: int = LIKENESS_PER_CLASS, shown: int = SHOWN_PER_CLASS, seed: int = 0) -> Checkout:
+def checkout(
+    files: Sequence[ImageFile],
+    class_names: Sequence[str],
+    config: BackboneConfig,
+    *,
+    per_class: int = LIKENESS_PER_CLASS,
+    shown: int = SHOWN_PER_CLASS,
+    seed: int = 0,
+) -> Checkout:
     """Run the backbone's ImageNet classifier on a seeded sample of each class of a scanned dataset."""
     from .runtime import KerasRuntime
 
@@ -115,16 +131,24 @@ def checkout(files: Sequence[ImageFile], class_names: Sequence[str], config: Bac
             continue  # an unusable file: extract lists it; the sample is one smaller
     if not kept:
         raise UserError("none of the sampled images could be read")
-    proba = np.concatenate([_probabilities(runtime(np.stack(images[k:k + 32]))) for k in range(0, len(images), 32)])
+    proba = np.concatenate([_probabilities(runtime(np.stack(images[k : k + 32]))) for k in range(0, len(images), 32)])
     top5 = decode_top5(proba)
     entropy = -(proba * np.log(np.clip(proba, 1e-12, None))).sum(axis=1)
     labels = np.array([f.label for f in kept])
-    likeness = {name: {"mean_top1": float(proba[labels == c].max(axis=1).mean()),
-                       "mean_entropy": float(entropy[labels == c].mean()), "n": int((labels == c).sum())}
-                for c, name in enumerate(class_names) if (labels == c).any()}
+    likeness = {
+        name: {
+            "mean_top1": float(proba[labels == c].max(axis=1).mean()),
+            "mean_entropy": float(entropy[labels == c].mean()),
+            "n": int((labels == c).sum()),
+        }
+        for c, name in enumerate(class_names)
+        if (labels == c).any()
+    }
     picked = [k for c in range(len(class_names)) for k in np.flatnonzero(labels == c)[:shown]]
-    samples = [{"path": kept[k].relpath, "class": class_names[labels[k]],
-                "top5": [[label, p] for label, p in top5[k]]} for k in picked]
+    samples = [
+        {"path": kept[k].relpath, "class": class_names[labels[k]], "top5": [[label, p] for label, p in top5[k]]}
+        for k in picked
+    ]
     return Checkout(likeness, samples, grid_figure([images[k] for k in picked], samples), per_class)
 
 

@@ -14,17 +14,32 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (COMPARE_JSON, COMPARE_MD, COMPARE_PNG, HEAD_MODEL, PREDICTIONS_CSV, RUN_MODEL, Predictions, folder_kind, output_dir, paired_outcomes,
-                        read_predictions, sample_images, staged_folder, write_json, write_text)
+from .artifacts import (
+    COMPARE_JSON,
+    COMPARE_MD,
+    COMPARE_PNG,
+    HEAD_MODEL,
+    PREDICTIONS_CSV,
+    RUN_MODEL,
+    Predictions,
+    folder_kind,
+    output_dir,
+    paired_outcomes,
+    read_predictions,
+    sample_images,
+    staged_folder,
+    write_json,
+    write_text,
+)
 from .errors import UserError
 from .heads import load_head
 from .images import ImageFile
 from .metrics import load_metrics
 from .plots import plot_compare
-from .tables import compare_markdown
 from .runtime import KerasRuntime, load_model_file
 from .sources import build_feature_model, head_sources
 from .stream import stream_features
+from .tables import compare_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +60,25 @@ def describe(path: str | os.PathLike, timing: int = TIMING_IMAGES) -> tuple[dict
     path = Path(path)
     kind = folder_kind(path)
     if kind not in ("head", "run"):
-        raise UserError(f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras) "
-                        "with its metrics.json.")
+        raise UserError(
+            f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras) with its metrics.json."
+        )
     metrics = load_metrics(path)
     predictions = read_predictions(path / PREDICTIONS_CSV)
-    row = {key: metrics.get(key) for key in ("method", "accuracy", "accuracy_ci", "balanced_accuracy",
-                                             "balanced_accuracy_ci", "macro_f1", "macro_f1_ci",
-                                             "train_seconds", "n_test")}
+    row = {
+        key: metrics.get(key)
+        for key in (
+            "method",
+            "accuracy",
+            "accuracy_ci",
+            "balanced_accuracy",
+            "balanced_accuracy_ci",
+            "macro_f1",
+            "macro_f1_ci",
+            "train_seconds",
+            "n_test",
+        )
+    }
     row["path"] = str(path)
     if kind == "head":
         head = load_head(path)
@@ -88,8 +115,9 @@ def paired_tests(rows: list[dict[str, Any]], predictions: list[Predictions]) -> 
         row["paired_verdict"] = paired_verdict(row["method"], rows[best]["method"], a, b)
 
 
-def compare(paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None,
-            log: Callable[[str], None] = logger.info) -> tuple[list[dict[str, Any]], Path]:
+def compare(
+    paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info
+) -> tuple[list[dict[str, Any]], Path]:
     """Rows for every head or run, with paired tests; writes compare.md, compare.json and compare.png in out."""
     rows, predictions = [], []
     for path in paths:

@@ -28,8 +28,21 @@ import numpy as np
 from .errors import UserError, install_hint
 from .runtime import TFLiteRuntime, tflite_from_bytes
 from .storage import is_url
-from .stream import (HASH, PATH, RUNTIME, FeatureMapper, FeatureSink, RunResult, RuntimeFactory, StorageOptions, Task,
-                     decode_columns, progress_bar, read_columns, task_columns)
+from .stream import (
+    HASH,
+    PATH,
+    RUNTIME,
+    FeatureMapper,
+    FeatureSink,
+    RunResult,
+    RuntimeFactory,
+    StorageOptions,
+    Task,
+    decode_columns,
+    progress_bar,
+    read_columns,
+    task_columns,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -48,9 +61,11 @@ def require_ray(ray_address: str | None = None) -> Any:
         raise UserError(f"--engine ray needs Ray Data, which is not installed: {RAY_INSTALL}.") from None
     if ray_address and ray_address.startswith("ray://"):
         # Ray Data's executor needs a real driver (ray-project/ray#48682); Ray Client has no core worker
-        raise UserError(f"--ray-address {ray_address}: Ray Data does not run through Ray Client (ray://). Run "
-                        "extract on a node of the cluster with --ray-address auto (or HEAD_IP:6379), for "
-                        "instance with `ray job submit -- cnncodes extract ... --engine ray --ray-address auto`.")
+        raise UserError(
+            f"--ray-address {ray_address}: Ray Data does not run through Ray Client (ray://). Run "
+            "extract on a node of the cluster with --ray-address auto (or HEAD_IP:6379), for "
+            "instance with `ray job submit -- cnncodes extract ... --engine ray --ray-address auto`."
+        )
     return ray
 
 
@@ -69,8 +84,10 @@ def connect(ray_address: str | None) -> bool:
             # two CPUs at least, one for the actor and one for decoding, even on a one-core machine
             ray.init(address="local", num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False, **quiet)
     except ConnectionError as exc:
-        raise UserError(f"--ray-address {ray_address}: no Ray cluster answered ({exc}). Start one with "
-                        "`ray start --head`, or omit --ray-address for a local one.") from None
+        raise UserError(
+            f"--ray-address {ray_address}: no Ray cluster answered ({exc}). Start one with "
+            "`ray start --head`, or omit --ray-address for a local one."
+        ) from None
     return True
 
 
@@ -94,8 +111,11 @@ def probe(make_runtime: RuntimeFactory, gpus_per_actor: float) -> tuple[str, int
         return (*ray.get(remote.remote(make_runtime)), make_runtime)
     runtime = make_runtime()
     if isinstance(runtime, TFLiteRuntime):
-        return runtime.name, runtime.image_size, functools.partial(tflite_from_bytes, runtime.path.read_bytes(),
-                                                                    runtime.threads)
+        return (
+            runtime.name,
+            runtime.image_size,
+            functools.partial(tflite_from_bytes, runtime.path.read_bytes(), runtime.threads),
+        )
     return runtime.name, runtime.image_size, make_runtime
 
 
@@ -109,14 +129,18 @@ def inference_actors(actors: int | None, gpus_per_actor: float) -> int:
     resources = ray.cluster_resources()
     cpus, gpus = int(resources.get("CPU", 0)), resources.get("GPU", 0)
     if gpus_per_actor and gpus < gpus_per_actor:
-        raise UserError(f"--gpus-per-actor {gpus_per_actor:g}, but the Ray cluster has {gpus:g} GPU(s); "
-                        "use --gpus-per-actor 0 for CPU actors.")
+        raise UserError(
+            f"--gpus-per-actor {gpus_per_actor:g}, but the Ray cluster has {gpus:g} GPU(s); "
+            "use --gpus-per-actor 0 for CPU actors."
+        )
     if actors is None:
         nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1)
         actors = max(1, min(int(gpus // gpus_per_actor) if gpus_per_actor else nodes, cpus - 1))
     if actors + 1 > cpus:
-        raise UserError(f"--actors {actors}: each inference actor reserves a CPU and decoding needs one more, "
-                        f"but the Ray cluster has {cpus} CPUs; use --actors {max(1, cpus - 1)} or fewer.")
+        raise UserError(
+            f"--actors {actors}: each inference actor reserves a CPU and decoding needs one more, "
+            f"but the Ray cluster has {cpus} CPUs; use --actors {max(1, cpus - 1)} or fewer."
+        )
     return actors
 
 
@@ -131,9 +155,18 @@ def on_this_node(ray: Any, map_batches: Callable[..., Any]) -> dict[str, Any]:
     return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
 
-def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, resize: str, batch_size: int,
-             actors: int, gpus_per_actor: float, workers: int | None, storage_options: StorageOptions = None,
-             read_on_driver_node: bool = False) -> Any:
+def pipeline(
+    tasks: Sequence[Task],
+    make_runtime: RuntimeFactory,
+    size: int,
+    resize: str,
+    batch_size: int,
+    actors: int,
+    gpus_per_actor: float,
+    workers: int | None,
+    storage_options: StorageOptions = None,
+    read_on_driver_node: bool = False,
+) -> Any:
     """The Ray Data dataset: task rows [-> read tasks on the driver's node] -> decode tasks -> inference actors
     (lazy until iterated)."""
     ray = require_ray()
@@ -144,28 +177,51 @@ def pipeline(tasks: Sequence[Task], make_runtime: RuntimeFactory, size: int, res
     dataset = ray.data.from_items(items, override_num_blocks=n_blocks)
     if read_on_driver_node:
         # no CPU asked: reading waits on the disk, and the driver's node may have no CPU to give (num_cpus=0)
-        dataset = dataset.map_batches(read_columns, batch_size=None, fn_kwargs={"storage_options": storage_options},
-                                      compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)), num_cpus=0,
-                                      **on_this_node(ray, dataset.map_batches))
+        dataset = dataset.map_batches(
+            read_columns,
+            batch_size=None,
+            fn_kwargs={"storage_options": storage_options},
+            compute=ray.data.TaskPoolStrategy(size=min(READ_TASKS, n_blocks)),
+            num_cpus=0,
+            **on_this_node(ray, dataset.map_batches),
+        )
     # A decode worker's footprint (Python, Pillow, its block's bytes and images); asking for it also keeps
     # the stage out of the actors (Ray fuses a task stage into the next actor stage when resources are equal).
     memory = DECODE_WORKER_MEMORY + 2 * block * size * size * 3
-    return (dataset
-            .map_batches(decode_columns, batch_size=None, compute=ray.data.TaskPoolStrategy(size=workers),
-                         fn_kwargs={"size": size, "resize": resize, "verify_hash": True,
-                                    "storage_options": storage_options},
-                         num_cpus=1, memory=memory)
-            .map_batches(FeatureMapper, batch_size=batch_size, fn_constructor_args=(make_runtime, resize),
-                         compute=ray.data.ActorPoolStrategy(size=actors), num_cpus=1,
-                         num_gpus=gpus_per_actor or None,
-                         # TensorFlow takes a whole GPU's memory by default; actors sharing one must not
-                         runtime_env={"env_vars": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}} if gpus_per_actor else None))
+    return dataset.map_batches(
+        decode_columns,
+        batch_size=None,
+        compute=ray.data.TaskPoolStrategy(size=workers),
+        fn_kwargs={"size": size, "resize": resize, "verify_hash": True, "storage_options": storage_options},
+        num_cpus=1,
+        memory=memory,
+    ).map_batches(
+        FeatureMapper,
+        batch_size=batch_size,
+        fn_constructor_args=(make_runtime, resize),
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=1,
+        num_gpus=gpus_per_actor or None,
+        # TensorFlow takes a whole GPU's memory by default; actors sharing one must not
+        runtime_env={"env_vars": {"TF_FORCE_GPU_ALLOW_GROWTH": "true"}} if gpus_per_actor else None,
+    )
 
 
-def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
-            batch_size: int = 32, workers: int | None = None, progress: bool = True,
-            log: Callable[[str], None] = logger.info, ray_address: str | None = None, actors: int | None = None,
-            gpus_per_actor: float = 0.0, storage_options: StorageOptions = None) -> RunResult:
+def run_ray(
+    tasks: Sequence[Task],
+    make_runtime: RuntimeFactory,
+    sink: FeatureSink,
+    *,
+    resize: str = "bilinear",
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = logger.info,
+    ray_address: str | None = None,
+    actors: int | None = None,
+    gpus_per_actor: float = 0.0,
+    storage_options: StorageOptions = None,
+) -> RunResult:
     """Extract every task on a Ray cluster (a local one unless ray_address), writing through sink in this process.
 
     workers caps the decoding tasks running at once (default: as many as the cluster's CPUs allow);
@@ -188,14 +244,26 @@ def run_ray(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSi
         name, size, actor_runtime = probe(make_runtime, gpus_per_actor)
         per_actor = f" with {gpus_per_actor:g} GPU each" if gpus_per_actor else ""
         where = f"the Ray cluster at {ray_address}" if ray_address else "a local Ray cluster"
-        log(f"extracting {len(tasks)} new images with {name} on {where}: {n_actors} inference "
+        log(
+            f"extracting {len(tasks)} new images with {name} on {where}: {n_actors} inference "
             f"actor{'s' if n_actors > 1 else ''}{per_actor} and decoding tasks on "
-            f"{ray.cluster_resources().get('CPU', 0):g} CPUs")
+            f"{ray.cluster_resources().get('CPU', 0):g} CPUs"
+        )
         # a cluster this run started on this machine shares its disk; any other may have nodes that do not
         ship = not started_ray or bool(ray_address)
         local_input = not any(is_url(t.file.path) for t in tasks)
-        dataset = pipeline(tasks, actor_runtime, size, resize, batch_size, n_actors, gpus_per_actor, workers,
-                           storage_options, read_on_driver_node=ship and local_input)
+        dataset = pipeline(
+            tasks,
+            actor_runtime,
+            size,
+            resize,
+            batch_size,
+            n_actors,
+            gpus_per_actor,
+            workers,
+            storage_options,
+            read_on_driver_node=ship and local_input,
+        )
         result, done = _write_all(dataset, sink, len(tasks), progress)
     finally:
         context.enable_progress_bars = saved[0]

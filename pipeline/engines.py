@@ -16,8 +16,12 @@ from .stream import RunResult
 # name -> "module:function" of its runner (imported lazily: Ray is an optional, heavy dependency)
 RUNNERS = {"local": "pipeline.stream:run_local", "ray": "pipeline.engine_ray:run_ray"}
 ENGINES = ("auto", *RUNNERS)
-define(engine=[Options(ENGINES)], ray_address=[str, None], actors=[Interval(1, 4096, integer=True), None],
-       gpus_per_actor=[Interval(0, 64)])
+define(
+    engine=[Options(ENGINES)],
+    ray_address=[str, None],
+    actors=[Interval(1, 4096, integer=True), None],
+    gpus_per_actor=[Interval(0, 64)],
+)
 # `auto` runs on a named Ray cluster from this many new images: below it, joining the cluster and starting its
 # actors (3-6 s) costs more than a second node saves at about 90 images/s per node (see docs/scale-out.md)
 RAY_MIN_IMAGES = 2000
@@ -40,8 +44,9 @@ def choose(engine: str, n_new: int, ray_address: str | None) -> tuple[str, str]:
     if address is None:
         return "local", "no Ray cluster named (--ray-address or RAY_ADDRESS)"
     if n_new < RAY_MIN_IMAGES:
-        return "local", (f"{n_new} new images, under the {RAY_MIN_IMAGES} where the cluster at {named_by} "
-                         "pays for its start-up")
+        return "local", (
+            f"{n_new} new images, under the {RAY_MIN_IMAGES} where the cluster at {named_by} pays for its start-up"
+        )
     return "ray", f"{named_by} names a cluster and there are {n_new} new images"
 
 
@@ -54,8 +59,15 @@ def runner(engine: str) -> Callable[..., Any]:
     return getattr(importlib.import_module(module), function)
 
 
-def run(tasks: Sequence[Any], make_runtime: Callable[[], Any], sink: Any, *, engine: str = "local",
-        engine_options: Mapping[str, Any] | None = None, **options: Any) -> RunResult:
+def run(
+    tasks: Sequence[Any],
+    make_runtime: Callable[[], Any],
+    sink: Any,
+    *,
+    engine: str = "local",
+    engine_options: Mapping[str, Any] | None = None,
+    **options: Any,
+) -> RunResult:
     """Extract every task into the sink with the named engine; options as pipeline.stream.run_local takes them,
     engine_options the engine's own (run_ray's ray_address, actors, gpus_per_actor)."""
     if not tasks:

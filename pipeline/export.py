@@ -88,8 +88,10 @@ def build_classifier(head: Head) -> Any:
     and the unknown score as a second output when the head has a detector."""
     clf = head.meta["options"]["clf"]
     if clf not in LINEAR_HEADS:
-        raise UserError(f"head {head.folder} is a {clf} head; only linear heads export ({', '.join(LINEAR_HEADS)}). "
-                        "Fit one with `fit-head --clf logreg` or `--clf svm`.")
+        raise UserError(
+            f"head {head.folder} is a {clf} head; only linear heads export ({', '.join(LINEAR_HEADS)}). "
+            "Fit one with `fit-head --clf logreg` or `--clf svm`."
+        )
     import keras
 
     backbone = build_feature_model(head_sources(head.meta))  # one backbone, or a branch per backbone
@@ -105,8 +107,9 @@ def build_classifier(head: Head) -> Any:
     return model
 
 
-def calibrated_model(inputs: Any, features: Any, log_probabilities: Any, temperature: float | None, detector: Any,
-                     name: str) -> Any:
+def calibrated_model(
+    inputs: Any, features: Any, log_probabilities: Any, temperature: float | None, detector: Any, name: str
+) -> Any:
     """The Keras model from log-probabilities up to a constant (logits): softmax(logits / temperature), and the
     detector's unknown score (on the features) as a second output when there is a detector."""
     import keras
@@ -115,8 +118,9 @@ def calibrated_model(inputs: Any, features: Any, log_probabilities: Any, tempera
     if temperature is not None:
         x = keras.layers.Rescaling(1.0 / temperature, name="temperature")(x)
     probabilities = keras.layers.Activation("softmax", name="probabilities")(x)
-    outputs = probabilities if detector is None else \
-        [probabilities, unknown_score_output(features, probabilities, detector)]
+    outputs = (
+        probabilities if detector is None else [probabilities, unknown_score_output(features, probabilities, detector)]
+    )
     model = keras.Model(inputs, outputs, name=name)
     if detector is not None and detector.method != "msp":
         model.get_layer("unknown_train_features").set_weights([detector.train_unit.T.astype(np.float32)])
@@ -129,13 +133,23 @@ def sidecar_entries(temperature: float | None, detector: Any) -> dict[str, Any]:
     if temperature is not None:
         extra["calibration"] = {"method": "temperature", "temperature": temperature}
     if detector is not None:
-        extra["unknown"] = {"threshold": detector.threshold, "accept": detector.accept, "method": detector.method,
-                            "rule": "unknown when unknown_score > threshold"}
+        extra["unknown"] = {
+            "threshold": detector.threshold,
+            "accept": detector.accept,
+            "method": detector.method,
+            "rule": "unknown when unknown_score > threshold",
+        }
     return extra
 
 
-def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: str = "keras",
-                quantize: str = "none", verify: int = 64) -> tuple[Path, dict[str, float]]:
+def export_head(
+    head_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    format: str = "keras",
+    quantize: str = "none",
+    verify: int = 64,
+) -> tuple[Path, dict[str, float]]:
     """Write the head with its backbone as one .keras or .tflite file (+ sidecar JSON), then check it.
 
     The check runs the written file on up to `verify` of the head's test images (from its
@@ -146,8 +160,12 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
     if format == "keras" and quantize != "none":
         raise ParamError("{} applies to {} tflite only.", "quantize", "format")
     if Path(out).suffix != f".{format}":
-        raise ParamError(f"{{}} {out} does not end in .{format}; with {{}} {format} write a .{format} "
-                         "file (predict --model tells the format by the suffix).", "out", "format")
+        raise ParamError(
+            f"{{}} {out} does not end in .{format}; with {{}} {format} write a .{format} "
+            "file (predict --model tells the format by the suffix).",
+            "out",
+            "format",
+        )
     head = load_head(head_dir)
     test = read_predictions(Path(head_dir) / PREDICTIONS_CSV) if verify else None
     model = build_classifier(head)
@@ -158,9 +176,14 @@ def export_head(head_dir: str | os.PathLike, out: str | os.PathLike, *, format: 
     else:
         convert_to_tflite(model, out, quantize=quantize)
     config = {**head.meta["backbone_config"], "image_size": int(model.input_shape[1])}
-    extra = {"head": str(Path(head_dir).resolve()), "format": format, "quantize": quantize,
-             "kind": "exported head", "dataset_root": head.meta["dataset_root"],
-             **sidecar_entries(head.temperature, head.detector)}
+    extra = {
+        "head": str(Path(head_dir).resolve()),
+        "format": format,
+        "quantize": quantize,
+        "kind": "exported head",
+        "dataset_root": head.meta["dataset_root"],
+        **sidecar_entries(head.temperature, head.detector),
+    }
     write_sidecar(out, head.classes, config, extra)
     check = verify_export(load_model_file(out)[0], head, test, verify) if test is not None else {}
     return out, check
@@ -182,10 +205,14 @@ def verify_export(model_runtime: Any, head: Head, test: Predictions, max_images:
             scores.append(batch.outputs[1].reshape(-1))
         rows += [row_of[f.relpath] for f in batch.files]
     a, b, truth = np.concatenate(exported), test.proba[rows], test.y_true[rows]
-    check = {"images": len(a), "max_abs_prob_diff": float(np.abs(a - b).max()),
-             "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
-             "export_accuracy": float((a.argmax(1) == truth).mean()),
-             "head_accuracy": float((b.argmax(1) == truth).mean()), "n_test": len(test)}
+    check = {
+        "images": len(a),
+        "max_abs_prob_diff": float(np.abs(a - b).max()),
+        "top1_agreement": float((a.argmax(1) == b.argmax(1)).mean()),
+        "export_accuracy": float((a.argmax(1) == truth).mean()),
+        "head_accuracy": float((b.argmax(1) == truth).mean()),
+        "n_test": len(test),
+    }
     if scores:
         check.update(compare_unknown(head, np.concatenate(scores), [test.content_hash[r] for r in rows]))
     return check
@@ -202,10 +229,12 @@ def compare_unknown(head: Head, exported_scores: np.ndarray, hashes: list[str]) 
     features = np.stack([known[h] for h in hashes])
     head_scores = head.unknown_scores(features, head.predict_proba(features))
     threshold = head.detector.threshold
-    return {"unknown_agreement": float(np.mean((exported_scores > threshold) == (head_scores > threshold))),
-            "max_abs_score_diff": float(np.abs(exported_scores - head_scores).max()),
-            "unknown_export": int((exported_scores > threshold).sum()),
-            "unknown_head": int((head_scores > threshold).sum())}
+    return {
+        "unknown_agreement": float(np.mean((exported_scores > threshold) == (head_scores > threshold))),
+        "max_abs_score_diff": float(np.abs(exported_scores - head_scores).max()),
+        "unknown_export": int((exported_scores > threshold).sum()),
+        "unknown_head": int((head_scores > threshold).sum()),
+    }
 
 
 def verify_lines(check: dict[str, float], asked: int) -> list[str]:
@@ -214,10 +243,16 @@ def verify_lines(check: dict[str, float], asked: int) -> list[str]:
         return []
     if not check:
         return ["check skipped: none of the head's test images is on disk under its dataset root."]
-    return [f"check on {check['images']} of the head's {check['n_test']} test images: max |p_export - p_head| "
-            f"{check['max_abs_prob_diff']:.2e}, top-1 agreement {check['top1_agreement']:.4f}",
-            f"test accuracy on those images: exported {check['export_accuracy']:.4f}, "
-            f"head {check['head_accuracy']:.4f}"] + (
-        [f"unknown decisions: exported and head agree on {check['unknown_agreement']:.4f} of them "
-         f"({check['unknown_export']} vs {check['unknown_head']} unknown); max |score difference| "
-         f"{check['max_abs_score_diff']:.2e}"] if "unknown_agreement" in check else [])
+    return [
+        f"check on {check['images']} of the head's {check['n_test']} test images: max |p_export - p_head| "
+        f"{check['max_abs_prob_diff']:.2e}, top-1 agreement {check['top1_agreement']:.4f}",
+        f"test accuracy on those images: exported {check['export_accuracy']:.4f}, head {check['head_accuracy']:.4f}",
+    ] + (
+        [
+            f"unknown decisions: exported and head agree on {check['unknown_agreement']:.4f} of them "
+            f"({check['unknown_export']} vs {check['unknown_head']} unknown); max |score difference| "
+            f"{check['max_abs_score_diff']:.2e}"
+        ]
+        if "unknown_agreement" in check
+        else []
+    )

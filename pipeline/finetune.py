@@ -26,24 +26,36 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import (HISTORY_CSV, LEARNING_CURVES_PNG, PREDICTIONS_CSV, RUN_JSON, RUN_MODEL, UNKNOWN_NPZ,
-                        atomic_path, output_dir, atomic_write, chain_fingerprint, predictions_from_rows,
-                        staged_folder, write_json, write_predictions)
+from .artifacts import (
+    HISTORY_CSV,
+    LEARNING_CURVES_PNG,
+    PREDICTIONS_CSV,
+    RUN_JSON,
+    RUN_MODEL,
+    UNKNOWN_NPZ,
+    atomic_path,
+    atomic_write,
+    chain_fingerprint,
+    output_dir,
+    predictions_from_rows,
+    staged_folder,
+    write_json,
+    write_predictions,
+)
 from .backbones import BackboneConfig, build_backbone, temp_seed
 from .cache import load
-from .errors import UserError
-from .extract import extract
 from .calibration import apply_temperature
+from .errors import UserError
 from .export import calibrated_model, linear_weights, sidecar_entries
-from .heads import (NEAR_DUPLICATES, calibration_metrics, fit_unknown, load_head, near_duplicate_hash_pairs,
-                    rows_digest)
-from .openset import DEFAULT_ACCEPT, save_detector
-from .splits import finetune_parts, rows_of_hash_pairs
+from .extract import extract
+from .heads import NEAR_DUPLICATES, calibration_metrics, fit_unknown, load_head, near_duplicate_hash_pairs, rows_digest
 from .images import decode_image
-from .params import Interval, Matches, Options, ParamError, as_number, check_params, define
 from .metrics import classification_metrics, save_metrics
+from .openset import DEFAULT_ACCEPT, save_detector
+from .params import Interval, Matches, Options, ParamError, as_number, check_params, define
 from .plots import new_figure, save_figure, write_confusion_png
 from .runtime import write_sidecar
+from .splits import finetune_parts, rows_of_hash_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +63,18 @@ AUGMENTATIONS = ("none", "light", "strong")
 OPTIMIZERS = ("adam", "sgd")
 HISTORY_FIELDS = ["phase", "epoch", "seconds", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"]
 MEMORY_CACHE_BYTES = 1 << 30  # decoded images are kept in memory across epochs below this size
-define(epochs=[Interval(0, 1000, integer=True)], head_epochs=[Interval(0, 1000, integer=True), None],
-       lr=[Interval(1e-8, 1.0)], head_lr=[Interval(1e-8, 1.0)], optimizer=[Options(OPTIMIZERS)],
-       augment=[Options(AUGMENTATIONS)], dropout=[Interval(0.0, 0.95)], patience=[Interval(1, 1000, integer=True)],
-       val_size=[Interval(0.01, 0.9)], unfreeze=[Options(("all",)), Matches(r"[0-9]+", "a number of layers")])
+define(
+    epochs=[Interval(0, 1000, integer=True)],
+    head_epochs=[Interval(0, 1000, integer=True), None],
+    lr=[Interval(1e-8, 1.0)],
+    head_lr=[Interval(1e-8, 1.0)],
+    optimizer=[Options(OPTIMIZERS)],
+    augment=[Options(AUGMENTATIONS)],
+    dropout=[Interval(0.0, 0.95)],
+    patience=[Interval(1, 1000, integer=True)],
+    val_size=[Interval(0.01, 0.9)],
+    unfreeze=[Options(("all",)), Matches(r"[0-9]+", "a number of layers")],
+)
 
 
 def augmentation(kind: str) -> list[Any]:
@@ -64,15 +84,18 @@ def augmentation(kind: str) -> list[Any]:
     if kind == "none":
         return []
     strong = kind == "strong"
-    return [keras.layers.RandomFlip("horizontal"),
-            keras.layers.RandomRotation(0.15 if strong else 0.05),
-            keras.layers.RandomTranslation(0.1 if strong else 0.05, 0.1 if strong else 0.05),
-            keras.layers.RandomZoom(0.2 if strong else 0.1),
-            keras.layers.RandomContrast(0.3 if strong else 0.1)]
+    return [
+        keras.layers.RandomFlip("horizontal"),
+        keras.layers.RandomRotation(0.15 if strong else 0.05),
+        keras.layers.RandomTranslation(0.1 if strong else 0.05, 0.1 if strong else 0.05),
+        keras.layers.RandomZoom(0.2 if strong else 0.1),
+        keras.layers.RandomContrast(0.3 if strong else 0.1),
+    ]
 
 
-def build_model(config: BackboneConfig, n_classes: int, augment: str = "light", dropout: float = 0.2,
-                init_head: Any = None) -> Any:
+def build_model(
+    config: BackboneConfig, n_classes: int, augment: str = "light", dropout: float = 0.2, init_head: Any = None
+) -> Any:
     """pixels -> [augmentation] -> backbone (preprocessing, chosen layer, pooling) -> [L2] -> dropout -> softmax."""
     import keras
 
@@ -87,8 +110,11 @@ def build_model(config: BackboneConfig, n_classes: int, augment: str = "light", 
     if init_head is not None:
         weights, bias, activation, l2 = linear_weights(init_head)
         if activation != "softmax":
-            raise ParamError(f"{{}} {init_head.folder} is not a logistic-regression head; "
-                             "fit one with `cnncodes fit-head --clf logreg`.", "init_head")
+            raise ParamError(
+                f"{{}} {init_head.folder} is not a logistic-regression head; "
+                "fit one with `cnncodes fit-head --clf logreg`.",
+                "init_head",
+            )
         if l2:
             x = keras.layers.UnitNormalization(axis=-1, name="l2_normalize")(x)
         init = [weights, bias]
@@ -122,8 +148,10 @@ def set_trainable(model: Any, unfreeze: str | int, from_layer: str | None = None
     names = [layer.name for layer in base.layers]
     if from_layer is not None:
         if from_layer not in names:
-            raise UserError(f"--from-layer {from_layer!r} is not a layer of the backbone "
-                            f"(its last layers: {', '.join(names[-6:])}).")
+            raise UserError(
+                f"--from-layer {from_layer!r} is not a layer of the backbone "
+                f"(its last layers: {', '.join(names[-6:])})."
+            )
         first = names.index(from_layer)
     elif unfreeze == "all":
         first = 0
@@ -142,8 +170,9 @@ def freeze_backbone(model: Any) -> None:
     backbone_base(model).trainable = False
 
 
-def image_dataset(paths: list[str], labels: np.ndarray, size: int, resize: str, batch_size: int,
-                  shuffle: bool, seed: int) -> Any:
+def image_dataset(
+    paths: list[str], labels: np.ndarray, size: int, resize: str, batch_size: int, shuffle: bool, seed: int
+) -> Any:
     """tf.data: decode (as extract does) in parallel, keep decoded images in memory when small, batch, prefetch."""
     import tensorflow as tf
 
@@ -151,8 +180,11 @@ def image_dataset(paths: list[str], labels: np.ndarray, size: int, resize: str, 
         return decode_image(path.decode(), size, resize)
 
     ds = tf.data.Dataset.from_tensor_slices((paths, labels.astype(np.int32)))
-    ds = ds.map(lambda p, y: (tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), (size, size, 3)), y),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(
+        lambda p, y: (tf.ensure_shape(tf.numpy_function(decode, [p], tf.uint8), (size, size, 3)), y),
+        num_parallel_calls=tf.data.AUTOTUNE,
+        deterministic=True,
+    )
     if len(paths) * size * size * 3 < MEMORY_CACHE_BYTES:
         ds = ds.cache()
     if shuffle:
@@ -173,7 +205,7 @@ class _Interrupt:
         self.requested = False
         self._previous: Any = None
 
-    def __enter__(self) -> "_Interrupt":
+    def __enter__(self) -> _Interrupt:
         self._previous = signal.signal(signal.SIGINT, self._handle)
         return self
 
@@ -184,8 +216,16 @@ class _Interrupt:
         signal.signal(signal.SIGINT, self._previous)
 
 
-def _callbacks(model: Any, phase: int, history: list[dict], best: dict, checkpoint: Path,
-               interrupt: _Interrupt, patience: int, log: Callable[[str], None]) -> list[Any]:
+def _callbacks(
+    model: Any,
+    phase: int,
+    history: list[dict],
+    best: dict,
+    checkpoint: Path,
+    interrupt: _Interrupt,
+    patience: int,
+    log: Callable[[str], None],
+) -> list[Any]:
     import keras
 
     class Progress(keras.callbacks.Callback):
@@ -200,21 +240,26 @@ def _callbacks(model: Any, phase: int, history: list[dict], best: dict, checkpoi
 
         def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
             logs = logs or {}
-            row = {"phase": phase, "epoch": len(history) + 1, "seconds": time.perf_counter() - self.started,
-                   **{k: float(logs[k]) for k in HISTORY_FIELDS[3:7] if k in logs},
-                   "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))}
+            row = {
+                "phase": phase,
+                "epoch": len(history) + 1,
+                "seconds": time.perf_counter() - self.started,
+                **{k: float(logs[k]) for k in HISTORY_FIELDS[3:7] if k in logs},
+                "learning_rate": float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate)),
+            }
             history.append(row)
             improved = row.get("val_loss", np.inf) < best["val_loss"]
             if improved:
                 best.update(val_loss=row["val_loss"], weights=self.model.get_weights(), epoch=row["epoch"])
                 with atomic_path(checkpoint) as tmp:
                     self.model.save(tmp)
-            log(f"phase {phase} epoch {row['epoch']:3d}  {row['seconds']:6.1f} s  loss {row.get('loss', 0):.4f}  "
+            log(
+                f"phase {phase} epoch {row['epoch']:3d}  {row['seconds']:6.1f} s  loss {row.get('loss', 0):.4f}  "
                 f"acc {row.get('accuracy', 0):.4f}  val_loss {row.get('val_loss', 0):.4f}  "
-                f"val_acc {row.get('val_accuracy', 0):.4f}{'  *' if improved else ''}")
+                f"val_acc {row.get('val_accuracy', 0):.4f}{'  *' if improved else ''}"
+            )
 
-    return [Progress(), keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience,
-                                                      restore_best_weights=True)]
+    return [Progress(), keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)]
 
 
 def plot_learning_curves(history: list[dict], path: Path) -> None:
@@ -261,15 +306,32 @@ def default_run_dir(cache_path: Path) -> Path:
     return output_dir("runs") / f"{Path(cache_path).stem}-finetune"
 
 
-def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfig(), *,
-             init_head: str | os.PathLike | None = None, unfreeze: str = "20", from_layer: str | None = None,
-             epochs: int = 10, head_epochs: int | None = None, batch_size: int = 32, lr: float = 1e-4,
-             head_lr: float = 1e-3, optimizer: str = "adam", augment: str = "light", dropout: float = 0.2,
-             patience: int = 3, test_size: float = 0.2, val_size: float = 0.15, seed: int = 0,
-             cache: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None,
-             out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info,
-             near_pairs: Sequence[tuple[str, str]] | None = None,
-             accept: float | str | None = DEFAULT_ACCEPT) -> FinetuneResult:
+def finetune(
+    data_dir: str | os.PathLike,
+    config: BackboneConfig = BackboneConfig(),
+    *,
+    init_head: str | os.PathLike | None = None,
+    unfreeze: str = "20",
+    from_layer: str | None = None,
+    epochs: int = 10,
+    head_epochs: int | None = None,
+    batch_size: int = 32,
+    lr: float = 1e-4,
+    head_lr: float = 1e-3,
+    optimizer: str = "adam",
+    augment: str = "light",
+    dropout: float = 0.2,
+    patience: int = 3,
+    test_size: float = 0.2,
+    val_size: float = 0.15,
+    seed: int = 0,
+    cache: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    log: Callable[[str], None] = logger.info,
+    near_pairs: Sequence[tuple[str, str]] | None = None,
+    accept: float | str | None = DEFAULT_ACCEPT,
+) -> FinetuneResult:
     """Train the head, then the top of the backbone, on the cache's split; evaluate on its untouched test part.
 
     After training, a temperature calibrates the model and an unknown detector whose threshold accepts `accept`
@@ -277,9 +339,24 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
     near_pairs: content-hash pairs of near-duplicates kept together (default: found as fit-head finds them).
     """
     accept = as_number("accept", accept)
-    check_params(dict(epochs=epochs, head_epochs=head_epochs, batch_size=batch_size, lr=lr, head_lr=head_lr,
-                      optimizer=optimizer, augment=augment, dropout=dropout, patience=patience,
-                      test_size=test_size, val_size=val_size, seed=seed, unfreeze=unfreeze, accept=accept))
+    check_params(
+        dict(
+            epochs=epochs,
+            head_epochs=head_epochs,
+            batch_size=batch_size,
+            lr=lr,
+            head_lr=head_lr,
+            optimizer=optimizer,
+            augment=augment,
+            dropout=dropout,
+            patience=patience,
+            test_size=test_size,
+            val_size=val_size,
+            seed=seed,
+            unfreeze=unfreeze,
+            accept=accept,
+        )
+    )
     config = config.resolved()
     head = load_head(init_head) if init_head is not None else None
     if head is not None:
@@ -294,11 +371,24 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         near_pairs = near_duplicate_hash_pairs(rows.features, rows.content_hash, NEAR_DUPLICATES)
     parts = finetune_parts(rows, test_size, val_size, seed, rows_of_hash_pairs(rows.content_hash, near_pairs))
     head_epochs = (0 if head is not None else 5) if head_epochs is None else head_epochs
-    options = {"unfreeze": unfreeze, "from_layer": from_layer, "augment": augment, "dropout": dropout,
-               "optimizer": optimizer, "head_epochs": head_epochs, "epochs": epochs, "batch_size": batch_size,
-               "lr": lr, "head_lr": head_lr, "patience": patience, "test_size": test_size, "val_size": val_size,
-               "seed": seed, "init_head": head.meta["fingerprint"] if head is not None else None,
-               "accept": accept}
+    options = {
+        "unfreeze": unfreeze,
+        "from_layer": from_layer,
+        "augment": augment,
+        "dropout": dropout,
+        "optimizer": optimizer,
+        "head_epochs": head_epochs,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "lr": lr,
+        "head_lr": head_lr,
+        "patience": patience,
+        "test_size": test_size,
+        "val_size": val_size,
+        "seed": seed,
+        "init_head": head.meta["fingerprint"] if head is not None else None,
+        "accept": accept,
+    }
     n_classes, root = len(rows.class_names), Path(rows.attrs["dataset_root"])
     folder = Path(out) if out else default_run_dir(summary.cache_path)
     history: list[dict] = []
@@ -311,8 +401,15 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         size = int(model.input_shape[1])
 
         def data(idx: np.ndarray, shuffle: bool) -> Any:
-            return image_dataset([str(root / rows.paths[i]) for i in idx], rows.labels[idx], size, config.resize,
-                                 batch_size, shuffle, seed)
+            return image_dataset(
+                [str(root / rows.paths[i]) for i in idx],
+                rows.labels[idx],
+                size,
+                config.resize,
+                batch_size,
+                shuffle,
+                seed,
+            )
 
         train, val, test = data(parts.train, True), data(parts.val, False), data(parts.test, False)
         checkpoint = stage / RUN_MODEL
@@ -327,10 +424,19 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
                     log(f"note: unfreeze {unfreeze} is more than the backbone's {n_layers} layers: all of them train")
                 n_trainable = set_trainable(model, unfreeze, from_layer)
                 log(f"fine-tuning: {n_trainable} backbone layers with weights are trainable (BatchNorm frozen)")
-            model.compile(optimizer=_optimizer(optimizer, head_lr if phase == 1 else lr),
-                          loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-            model.fit(train, validation_data=val, epochs=n_epochs, verbose=0, shuffle=False,  # tf.data shuffles
-                      callbacks=_callbacks(model, phase, history, best, checkpoint, interrupt, patience, log))
+            model.compile(
+                optimizer=_optimizer(optimizer, head_lr if phase == 1 else lr),
+                loss="sparse_categorical_crossentropy",
+                metrics=["accuracy"],
+            )
+            model.fit(
+                train,
+                validation_data=val,
+                epochs=n_epochs,
+                verbose=0,
+                shuffle=False,  # tf.data shuffles
+                callbacks=_callbacks(model, phase, history, best, checkpoint, interrupt, patience, log),
+            )
         if best["weights"] is not None:
             model.set_weights(best["weights"])
         train_seconds = time.perf_counter() - started
@@ -347,8 +453,9 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         # A run has no out-of-fold predictions: its validation part, never trained on (it only chose the best
         # epoch), stands in for them, for the temperature and for the detector's threshold; the training
         # features are the detector's reference. The test part stays for evaluation only.
-        temperature, detector = fit_unknown(train_features, None, rows.labels[parts.val], raw_val, accept,
-                                            held_out_features=val_features)
+        temperature, detector = fit_unknown(
+            train_features, None, rows.labels[parts.val], raw_val, accept, held_out_features=val_features
+        )
         unknown_seconds = time.perf_counter() - unknown_started
         y_test = rows.labels[parts.test]
         calibration = calibration_metrics(temperature, detector, raw_test, y_test, test_features, unknown_seconds)
@@ -357,45 +464,98 @@ def finetune(data_dir: str | os.PathLike, config: BackboneConfig = BackboneConfi
         if detector is not None:
             calibration["unknown"]["fitted_on"] = fitted_on
         # the detector's reference is the training part, its known scores the validation part's
-        described = {**detector.describe(), "n_train": int(len(parts.train)), "n_val": int(len(parts.val))} \
-            if detector is not None else None
+        described = (
+            {**detector.describe(), "n_train": int(len(parts.train)), "n_val": int(len(parts.val))}
+            if detector is not None
+            else None
+        )
         metrics = classification_metrics(y_test, proba.argmax(1), rows.class_names, seed=seed)
-        fingerprint = chain_fingerprint(rows.attrs["fingerprint"], kind="finetune", options=options,
-                                        rows=rows_digest(rows, np.concatenate([parts.train, parts.val, parts.test])),
-                                        temperature=temperature, **({"unknown": described} if described else {}))
-        metrics.update({
-            "method": "fine-tune" + (" (from logreg)" if head is not None else ""), "clf": "finetune",
-            "best_params": {"unfreeze": unfreeze if from_layer is None else f"from {from_layer}", "lr": lr,
-                            "best_epoch": best["epoch"]},
-            "cv_score": None, "fit_seconds": train_seconds, "train_seconds": train_seconds,
-            "inference_ms": inference_ms, "n_train": int(len(parts.train)), "n_val": int(len(parts.val)),
-            "split": parts.source, "split_notes": [], "seed": seed, "epochs_run": len(history),
-            "trainable_layers": n_trainable, "interrupted": interrupt.requested, "options": options,
-            "fingerprint": fingerprint, **calibration,
-        })
+        fingerprint = chain_fingerprint(
+            rows.attrs["fingerprint"],
+            kind="finetune",
+            options=options,
+            rows=rows_digest(rows, np.concatenate([parts.train, parts.val, parts.test])),
+            temperature=temperature,
+            **({"unknown": described} if described else {}),
+        )
+        metrics.update(
+            {
+                "method": "fine-tune" + (" (from logreg)" if head is not None else ""),
+                "clf": "finetune",
+                "best_params": {
+                    "unfreeze": unfreeze if from_layer is None else f"from {from_layer}",
+                    "lr": lr,
+                    "best_epoch": best["epoch"],
+                },
+                "cv_score": None,
+                "fit_seconds": train_seconds,
+                "train_seconds": train_seconds,
+                "inference_ms": inference_ms,
+                "n_train": int(len(parts.train)),
+                "n_val": int(len(parts.val)),
+                "split": parts.source,
+                "split_notes": [],
+                "seed": seed,
+                "epochs_run": len(history),
+                "trainable_layers": n_trainable,
+                "interrupted": interrupt.requested,
+                "options": options,
+                "fingerprint": fingerprint,
+                **calibration,
+            }
+        )
         deployable_model(model, temperature, detector).save(checkpoint)
         backbone_config = {**json.loads(rows.attrs["config_json"]), "image_size": size}
-        write_sidecar(checkpoint, rows.class_names, backbone_config,
-                      {"kind": "fine-tuned model", "identity": rows.identity, "fingerprint": fingerprint,
-                       "dataset_root": str(root), **sidecar_entries(temperature, detector)})
-        extra = {"calibration": {"method": "temperature", "temperature": temperature, "fitted_on": fitted_on,
-                                 "ece_uncalibrated": calibration["ece_uncalibrated"], "ece": calibration["ece"]}}
+        write_sidecar(
+            checkpoint,
+            rows.class_names,
+            backbone_config,
+            {
+                "kind": "fine-tuned model",
+                "identity": rows.identity,
+                "fingerprint": fingerprint,
+                "dataset_root": str(root),
+                **sidecar_entries(temperature, detector),
+            },
+        )
+        extra = {
+            "calibration": {
+                "method": "temperature",
+                "temperature": temperature,
+                "fitted_on": fitted_on,
+                "ece_uncalibrated": calibration["ece_uncalibrated"],
+                "ece": calibration["ece"],
+            }
+        }
         if described is not None:
             extra["unknown"] = {**described, "file": UNKNOWN_NPZ, "fitted_on": fitted_on}
             save_detector(detector, stage / UNKNOWN_NPZ)
-        write_json(stage / RUN_JSON, {"kind": "finetune", "fingerprint": fingerprint,
-                                      "cache_fingerprint": rows.attrs["fingerprint"], "dataset_root": str(root),
-                                      "cache_path": str(Path(summary.cache_path).resolve()),
-                                      "classes": rows.class_names, "backbone_config": backbone_config,
-                                      "options": options, **extra})
+        write_json(
+            stage / RUN_JSON,
+            {
+                "kind": "finetune",
+                "fingerprint": fingerprint,
+                "cache_fingerprint": rows.attrs["fingerprint"],
+                "dataset_root": str(root),
+                "cache_path": str(Path(summary.cache_path).resolve()),
+                "classes": rows.class_names,
+                "backbone_config": backbone_config,
+                "options": options,
+                **extra,
+            },
+        )
         with atomic_write(stage / HISTORY_CSV, "w", newline="") as handle:
             writer = csv.DictWriter(handle, HISTORY_FIELDS)
             writer.writeheader()
             writer.writerows(history)
         if history:
             plot_learning_curves(history, stage / LEARNING_CURVES_PNG)
-        write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(
-            parts.test, proba, rows.paths, rows.content_hash, rows.split, rows.labels, rows.class_names))
+        write_predictions(
+            stage / PREDICTIONS_CSV,
+            predictions_from_rows(
+                parts.test, proba, rows.paths, rows.content_hash, rows.split, rows.labels, rows.class_names
+            ),
+        )
         save_metrics(metrics, stage)
         write_confusion_png(metrics, stage)
     return FinetuneResult(folder, metrics, history, interrupt.requested)

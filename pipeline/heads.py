@@ -31,12 +31,23 @@ HEAD_FORMAT_VERSION = 2  # 2: head.skops; 1: head.joblib (a pickle)
 # What head.json must hold, key -> (the JSON type, required); load_head checks it before anything else.
 # Keys not named here are allowed (later versions add their own: calibration, an unknown detector).
 HEAD_SCHEMA: dict[str, tuple[type, bool]] = {
-    "format_version": (int, True), "classes": (list, True), "backbone_config": (dict, True),
-    "identity": (dict, True), "feature_dim": (int, True), "options": (dict, True), "cache_path": (str, True),
-    "dataset_root": (str, True), "fingerprint": (str, True), "cache_fingerprint": (str, False),
-    "kind": (str, False), "metrics": (dict, False), "versions": (dict, False), "written_at": (str, False),
+    "format_version": (int, True),
+    "classes": (list, True),
+    "backbone_config": (dict, True),
+    "identity": (dict, True),
+    "feature_dim": (int, True),
+    "options": (dict, True),
+    "cache_path": (str, True),
+    "dataset_root": (str, True),
+    "fingerprint": (str, True),
+    "cache_fingerprint": (str, False),
+    "kind": (str, False),
+    "metrics": (dict, False),
+    "versions": (dict, False),
+    "written_at": (str, False),
     # sha256 of head.skops and of the class names, one per line (heads saved before them have neither)
-    "model_sha256": (str, False), "classes_sha256": (str, False),
+    "model_sha256": (str, False),
+    "classes_sha256": (str, False),
 }
 # The hyper-parameter each classifier sweeps, and its grid (log-spaced; for knn, the neighbour count k).
 GRIDS: dict[str, tuple[str, list[float]]] = {
@@ -45,8 +56,12 @@ GRIDS: dict[str, tuple[str, list[float]]] = {
     "rbf-svm": ("clf__C", np.logspace(-1, 3, 9).tolist()),
     "knn": ("clf__n_neighbors", [1, 3, 5, 7, 9, 15, 21, 31]),
 }
-define(clf=[Options(CLASSIFIERS)], class_weight=[Options(("balanced",)), None],
-       group_near_duplicates=[Interval(0, 0), Interval(0.5, 1.0), None], accept=[Interval(0.01, 1.0), None])
+define(
+    clf=[Options(CLASSIFIERS)],
+    class_weight=[Options(("balanced",)), None],
+    group_near_duplicates=[Interval(0, 0), Interval(0.5, 1.0), None],
+    accept=[Interval(0.01, 1.0), None],
+)
 # fit-head and study keep near-duplicates on one side of the split by default: the audit's whitened
 # cosine at its threshold (see pipeline/neighbours.py); 0 or None turns the grouping off.
 NEAR_DUPLICATES = 0.55
@@ -145,8 +160,18 @@ def svm_kernel_matrices(clf: str, train_x: np.ndarray, val_x: np.ndarray) -> tup
     return rbf_kernel(a, a, gamma=gamma), rbf_kernel(b, a, gamma=gamma)
 
 
-def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: np.ndarray, grid: list[float],
-                n_classes: int, l2_normalize: bool, class_weight: str | None, seed: int) -> list[np.ndarray]:
+def _fold_sweep(
+    clf: str,
+    X: np.ndarray,
+    y: np.ndarray,
+    train: np.ndarray,
+    val: np.ndarray,
+    grid: list[float],
+    n_classes: int,
+    l2_normalize: bool,
+    class_weight: str | None,
+    seed: int,
+) -> list[np.ndarray]:
     """One fold: the transform fitted once, then every grid value; returns, per value, the validation
     probabilities (n_val, n_classes) for logreg and knn, or for SVMs the predicted labels (n_val,) and
     decision values (for the out-of-fold probabilities that calibration and the unknown detector need).
@@ -179,18 +204,22 @@ def _fold_sweep(clf: str, X: np.ndarray, y: np.ndarray, train: np.ndarray, val: 
     return outputs
 
 
-def _report_convergence(caught: Sequence[warnings.WarningMessage], n_sweep: int, clf: str,
-                        log: Callable[[str], None]) -> None:
+def _report_convergence(
+    caught: Sequence[warnings.WarningMessage], n_sweep: int, clf: str, log: Callable[[str], None]
+) -> None:
     """Say when the solver stopped before converging: in how many CV fits, and whether in the final fit."""
     from sklearn.exceptions import ConvergenceWarning
 
     flags = [issubclass(w.category, ConvergenceWarning) for w in caught]
     in_sweep, in_refit = sum(flags[:n_sweep]), any(flags[n_sweep:])
     if in_sweep or in_refit:
-        where = " and ".join(part for part, hit in ((f"{in_sweep} CV fit(s)", in_sweep),
-                                                    ("the final fit", in_refit)) if hit)
-        log(f"warning: the {clf} solver stopped before converging in {where}; its scores may be slightly off "
-            "(unscaled or nearly separable features usually cause it).")
+        where = " and ".join(
+            part for part, hit in ((f"{in_sweep} CV fit(s)", in_sweep), ("the final fit", in_refit)) if hit
+        )
+        log(
+            f"warning: the {clf} solver stopped before converging in {where}; its scores may be slightly off "
+            "(unscaled or nearly separable features usually cause it)."
+        )
 
 
 def sigmoid_calibrated_proba(calibrated: Any, decision: np.ndarray, n_classes: int) -> np.ndarray:
@@ -206,10 +235,22 @@ def sigmoid_calibrated_proba(calibrated: Any, decision: np.ndarray, n_classes: i
     return np.divide(proba, total, out=np.full_like(proba, 1 / n_classes), where=total != 0)
 
 
-def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Sequence[str], clf: str = "logreg",
-               *, cv: int = 5, n_jobs: int = -1, class_weight: str | None = None, seed: int = 0,
-               l2_normalize: bool = True, accept: float | None = 0.95, scored: np.ndarray | None = None,
-               log: Callable[[str], None] = logger.info) -> FittedHead:
+def fit_arrays(
+    X: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    class_names: Sequence[str],
+    clf: str = "logreg",
+    *,
+    cv: int = 5,
+    n_jobs: int = -1,
+    class_weight: str | None = None,
+    seed: int = 0,
+    l2_normalize: bool = True,
+    accept: float | None = 0.95,
+    scored: np.ndarray | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> FittedHead:
     """Choose C (or k) by grouped, stratified CV on (X, y), then refit on all of it. No file is touched.
 
     groups: rows of one group (identical files, near-duplicates, an image's augmented views) stay in one fold.
@@ -246,7 +287,8 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
         warnings.simplefilter("always")
         per_fold = Parallel(n_jobs=workers, prefer="threads")(
             delayed(_fold_sweep)(clf, X, y, tr, va, grid, n_classes, l2_normalize, class_weight, seed)
-            for tr, va in folds)
+            for tr, va in folds
+        )
         scores = np.zeros((len(folds), len(grid)))
         log_loss = np.zeros((len(folds), len(grid)))
         for f, ((_, va), outputs) in enumerate(zip(folds, per_fold)):
@@ -268,20 +310,39 @@ def fit_arrays(X: np.ndarray, y: np.ndarray, groups: np.ndarray, class_names: Se
     _report_convergence(caught, n_sweep_warnings, clf, log)
     cv_proba = np.zeros((len(y), n_classes))
     for (_, va), outputs in zip(folds, per_fold):
-        cv_proba[va] = outputs[best] if has_proba else \
-            sigmoid_calibrated_proba(model.steps[-1][1], outputs[best][1], n_classes)
+        cv_proba[va] = (
+            outputs[best] if has_proba else sigmoid_calibrated_proba(model.steps[-1][1], outputs[best][1], n_classes)
+        )
     unknown_started = time.perf_counter()
     rows = scored if scored is not None else np.ones(len(y), bool)  # augmented views have no OOF predictions
     temperature, detector = fit_unknown(X[rows], groups[rows], y[rows], cv_proba[rows], accept)
     options = dict(clf=clf, l2_normalize=l2_normalize, class_weight=class_weight, seed=seed, cv=cv)
     ended = time.perf_counter()
-    return FittedHead(model, clf, options, {param.split("__")[-1]: grid[best]}, float(scores.mean(0)[best]),
-                      "balanced_accuracy" if balanced else "accuracy", len(folds), [float(v) for v in grid],
-                      cv_proba, ended - started, temperature, detector, ended - unknown_started)
+    return FittedHead(
+        model,
+        clf,
+        options,
+        {param.split("__")[-1]: grid[best]},
+        float(scores.mean(0)[best]),
+        "balanced_accuracy" if balanced else "accuracy",
+        len(folds),
+        [float(v) for v in grid],
+        cv_proba,
+        ended - started,
+        temperature,
+        detector,
+        ended - unknown_started,
+    )
 
 
-def fit_unknown(X: np.ndarray | None, groups: np.ndarray | None, y: np.ndarray, oof_proba: np.ndarray,
-                accept: float | None, held_out_features: np.ndarray | None = None) -> tuple[float, Any]:
+def fit_unknown(
+    X: np.ndarray | None,
+    groups: np.ndarray | None,
+    y: np.ndarray,
+    oof_proba: np.ndarray,
+    accept: float | None,
+    held_out_features: np.ndarray | None = None,
+) -> tuple[float, Any]:
     """The temperature fitted on out-of-fold probabilities, and the unknown detector (None if accept is None).
 
     The one place a head, the study's winner and a fine-tuning run get both. A fine-tuning run has no
@@ -318,8 +379,9 @@ def default_head_dir(cache_path: Path, clf: str) -> Path:
     return output_dir("heads") / f"{Path(cache_path).stem}-{clf}"
 
 
-def near_duplicate_hash_pairs(features: np.ndarray, content_hash: Sequence[str],
-                              threshold: float | None) -> list[tuple[str, str]]:
+def near_duplicate_hash_pairs(
+    features: np.ndarray, content_hash: Sequence[str], threshold: float | None
+) -> list[tuple[str, str]]:
     """Content-hash pairs of images whose features are near-duplicates (the audit's whitened cosine >= threshold);
     none when threshold is 0 or None, or the features are narrower than NEAR_DUPLICATE_MIN_WIDTH. As hashes, the
     pairs apply to any other features of the same images."""
@@ -328,8 +390,9 @@ def near_duplicate_hash_pairs(features: np.ndarray, content_hash: Sequence[str],
     from .neighbours import near_duplicate_pairs
 
     i, j, _ = near_duplicate_pairs(features, threshold)
-    return [(content_hash[a], content_hash[b]) for a, b in zip(i.tolist(), j.tolist())
-            if content_hash[a] != content_hash[b]]
+    return [
+        (content_hash[a], content_hash[b]) for a, b in zip(i.tolist(), j.tolist()) if content_hash[a] != content_hash[b]
+    ]
 
 
 def near_duplicate_note(threshold: float | None, split: Split, width: int) -> str:
@@ -338,14 +401,20 @@ def near_duplicate_note(threshold: float | None, split: Split, width: int) -> st
         return "near-duplicates not grouped (--group-near-duplicates 0): the test score may be optimistic."
     if width < NEAR_DUPLICATE_MIN_WIDTH:
         return f"near-duplicates not searched: {width} features are too few to tell them from chance."
-    where = "left as the folders put them (see LEAKAGE)" if split.source.startswith("folders") else \
-        "kept on one side of the split and of every CV fold"
-    return (f"near-duplicates (whitened cosine >= {threshold:g}): {split.near_duplicate_groups} groups {where}; "
-            "--group-near-duplicates 0 turns this off.")
+    where = (
+        "left as the folders put them (see LEAKAGE)"
+        if split.source.startswith("folders")
+        else "kept on one side of the split and of every CV fold"
+    )
+    return (
+        f"near-duplicates (whitened cosine >= {threshold:g}): {split.near_duplicate_groups} groups {where}; "
+        "--group-near-duplicates 0 turns this off."
+    )
 
 
-def split_with_test(cache: FeatureCache, test_size: float, seed: int,
-                    near_pairs: Sequence[tuple[str, str]] = ()) -> Split:
+def split_with_test(
+    cache: FeatureCache, test_size: float, seed: int, near_pairs: Sequence[tuple[str, str]] = ()
+) -> Split:
     """The train/test split fit-head and the study use (near-duplicate pairs kept on one side); UserError when
     no image is left to test on."""
     split = split_rows(cache, test_size, seed, rows_of_hash_pairs(cache.content_hash, near_pairs))
@@ -354,25 +423,60 @@ def split_with_test(cache: FeatureCache, test_size: float, seed: int,
     return split
 
 
-def fit_on_split(cache: FeatureCache, split: Split, clf: str, views: np.ndarray | None = None, *, cv: int,
-                 n_jobs: int, seed: int, class_weight: str | None = None, l2_normalize: bool = True,
-                 accept: float | None = 0.95, log: Callable[[str], None] = logger.info) -> FittedHead:
+def fit_on_split(
+    cache: FeatureCache,
+    split: Split,
+    clf: str,
+    views: np.ndarray | None = None,
+    *,
+    cv: int,
+    n_jobs: int,
+    seed: int,
+    class_weight: str | None = None,
+    l2_normalize: bool = True,
+    accept: float | None = 0.95,
+    log: Callable[[str], None] = logger.info,
+) -> FittedHead:
     """The head of fit-head and of each study row: CV on the training part (with its augmented views, an
     (n_train, K, D) array, when given), calibration and the unknown detector; out-of-fold rows of the clean
     training images only."""
     X_fit, y_fit, g_fit, scored = training_rows(cache.features, cache.labels, split.group, split.train, views)
-    fitted = fit_arrays(X_fit, y_fit, g_fit, cache.class_names, clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight,
-                        seed=seed, l2_normalize=l2_normalize, accept=accept, scored=scored, log=log)
+    fitted = fit_arrays(
+        X_fit,
+        y_fit,
+        g_fit,
+        cache.class_names,
+        clf,
+        cv=cv,
+        n_jobs=n_jobs,
+        class_weight=class_weight,
+        seed=seed,
+        l2_normalize=l2_normalize,
+        accept=accept,
+        scored=scored,
+        log=log,
+    )
     if fitted.cv_proba is not None:
-        fitted.cv_proba = fitted.cv_proba[:len(split.train)]
+        fitted.cv_proba = fitted.cv_proba[: len(split.train)]
     return fitted
 
 
-def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: str = "logreg", *, cv: int = 5,
-             n_jobs: int = -1, class_weight: str | None = None, seed: int = 0, test_size: float = 0.2,
-             l2_normalize: bool = True, group_near_duplicates: float | None = NEAR_DUPLICATES, views: bool = False,
-             accept: float | str | None = 0.95, out: str | os.PathLike | None = None,
-             log: Callable[[str], None] = logger.info) -> HeadResult:
+def fit_head(
+    cache_path: str | os.PathLike | Sequence[str | os.PathLike],
+    clf: str = "logreg",
+    *,
+    cv: int = 5,
+    n_jobs: int = -1,
+    class_weight: str | None = None,
+    seed: int = 0,
+    test_size: float = 0.2,
+    l2_normalize: bool = True,
+    group_near_duplicates: float | None = NEAR_DUPLICATES,
+    views: bool = False,
+    accept: float | str | None = 0.95,
+    out: str | os.PathLike | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> HeadResult:
     """Choose the classifier's C (or k) by grouped CV on the training part, refit, evaluate on the test part.
 
     cache_path: one cache, or several (their rows joined by content hash, see pipeline.sources).
@@ -384,8 +488,18 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
     calibrated either way).
     """
     accept = as_number("accept", accept)
-    check_params(dict(clf=clf, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed, test_size=test_size,
-                      group_near_duplicates=group_near_duplicates, accept=accept))
+    check_params(
+        dict(
+            clf=clf,
+            cv=cv,
+            n_jobs=n_jobs,
+            class_weight=class_weight,
+            seed=seed,
+            test_size=test_size,
+            group_near_duplicates=group_near_duplicates,
+            accept=accept,
+        )
+    )
     from .sources import join_caches
 
     paths = [cache_path] if isinstance(cache_path, (str, os.PathLike)) else list(cache_path)
@@ -393,7 +507,7 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
     if len(cache) == 0:
         raise UserError(f"{paths[0]} holds no features; run extract on a folder with readable images.")
     threshold = group_near_duplicates or 0.0
-    pairs = near_duplicate_hash_pairs(cache.features[:, :sources[0].feature_dim], cache.content_hash, threshold)
+    pairs = near_duplicate_hash_pairs(cache.features[:, : sources[0].feature_dim], cache.content_hash, threshold)
     split = split_with_test(cache, test_size, seed, pairs)
     split.notes.append(near_duplicate_note(threshold, split, sources[0].feature_dim))
     block, recipe = None, None
@@ -401,39 +515,69 @@ def fit_head(cache_path: str | os.PathLike | Sequence[str | os.PathLike], clf: s
         from .views import load_view_features
 
         block, recipe = load_view_features(paths, [cache.content_hash[i] for i in split.train])
-        split.notes.append(f"augmented views: {recipe.k} per training image ({recipe.k * len(split.train)} rows) "
-                           "trained on, each in its image's CV fold; CV and test scores on the clean images only.")
-    fitted = fit_on_split(cache, split, clf, block, cv=cv, n_jobs=n_jobs, class_weight=class_weight, seed=seed,
-                          l2_normalize=l2_normalize, accept=accept, log=log)
-    fitted.options.update(test_size=test_size, group_near_duplicates=threshold,
-                          **({"views": recipe.k, "views_recipe": recipe.to_json()} if recipe else {}))
+        split.notes.append(
+            f"augmented views: {recipe.k} per training image ({recipe.k * len(split.train)} rows) "
+            "trained on, each in its image's CV fold; CV and test scores on the clean images only."
+        )
+    fitted = fit_on_split(
+        cache,
+        split,
+        clf,
+        block,
+        cv=cv,
+        n_jobs=n_jobs,
+        class_weight=class_weight,
+        seed=seed,
+        l2_normalize=l2_normalize,
+        accept=accept,
+        log=log,
+    )
+    fitted.options.update(
+        test_size=test_size,
+        group_near_duplicates=threshold,
+        **({"views": recipe.k, "views_recipe": recipe.to_json()} if recipe else {}),
+    )
     X = cache.features
     test_proba = fitted.model.predict_proba(X[split.test])
     name = "+".join(Path(p).stem for p in paths)
     folder = Path(out) if out else default_head_dir(Path(name), clf)
-    metrics = save_head(folder, fitted, cache, split, test_proba,
-                        {**near_duplicate_metrics(threshold, pairs, split), "views": recipe.k if recipe else 0},
-                        test_features=X[split.test], sources=sources)
+    metrics = save_head(
+        folder,
+        fitted,
+        cache,
+        split,
+        test_proba,
+        {**near_duplicate_metrics(threshold, pairs, split), "views": recipe.k if recipe else 0},
+        test_features=X[split.test],
+        sources=sources,
+    )
     return HeadResult(folder, metrics, split)
 
 
-def training_rows(X: np.ndarray, y: np.ndarray, group: np.ndarray, train: np.ndarray,
-                  views: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
+def training_rows(
+    X: np.ndarray, y: np.ndarray, group: np.ndarray, train: np.ndarray, views: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]:
     """(X, y, groups, scored) to fit on: the training rows, then, with views (n_train, K, D) of those rows,
     each view as a row in its image's group (one side of the split, one CV fold); scored marks the clean rows."""
     if views is None:
         return X[train], y[train], group[train], None
     k = views.shape[1]
     scored = np.concatenate([np.ones(len(train), bool), np.zeros(len(train) * k, bool)])
-    return (np.vstack([X[train], views.reshape(len(train) * k, -1)]),
-            np.concatenate([y[train], np.repeat(y[train], k)]),
-            np.concatenate([group[train], np.repeat(group[train], k)]), scored)
+    return (
+        np.vstack([X[train], views.reshape(len(train) * k, -1)]),
+        np.concatenate([y[train], np.repeat(y[train], k)]),
+        np.concatenate([group[train], np.repeat(group[train], k)]),
+        scored,
+    )
 
 
 def near_duplicate_metrics(threshold: float, pairs: Sequence[tuple[str, str]], split: Split) -> dict[str, Any]:
     """What metrics.json records of the near-duplicate grouping."""
-    return {"near_duplicate_threshold": threshold, "near_duplicate_links": len(pairs),
-            "near_duplicate_groups": split.near_duplicate_groups}
+    return {
+        "near_duplicate_threshold": threshold,
+        "near_duplicate_links": len(pairs),
+        "near_duplicate_groups": split.near_duplicate_groups,
+    }
 
 
 # -- persistence ----------------------------------------------------------------------------------
@@ -451,84 +595,149 @@ def rows_digest(cache: FeatureCache, rows: np.ndarray) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def calibration_metrics(temperature: float | None, detector: Any, raw_test_proba: np.ndarray, y_test: np.ndarray,
-                        test_features: np.ndarray | None, unknown_seconds: float = 0.0) -> dict[str, Any]:
+def calibration_metrics(
+    temperature: float | None,
+    detector: Any,
+    raw_test_proba: np.ndarray,
+    y_test: np.ndarray,
+    test_features: np.ndarray | None,
+    unknown_seconds: float = 0.0,
+) -> dict[str, Any]:
     """ECE before and after calibration, the reliability table, and the unknown rate on the test part."""
     from .calibration import apply_temperature, expected_calibration_error, reliability
 
     proba = raw_test_proba if temperature is None else apply_temperature(raw_test_proba, temperature)
     out: dict[str, Any] = {
         "ece_uncalibrated": expected_calibration_error(raw_test_proba, y_test),
-        "ece": expected_calibration_error(proba, y_test), "temperature": temperature,
-        "reliability": reliability(proba, y_test), "reliability_uncalibrated": reliability(raw_test_proba, y_test),
+        "ece": expected_calibration_error(proba, y_test),
+        "temperature": temperature,
+        "reliability": reliability(proba, y_test),
+        "reliability_uncalibrated": reliability(raw_test_proba, y_test),
     }
     if detector is not None and test_features is not None:
         unknown = detector.score(test_features, proba) > detector.threshold
         correct = proba.argmax(1) == y_test
-        out["unknown"] = {"method": detector.method, "accept": detector.accept,
-                          "threshold": detector.threshold, "test_unknown_rate": float(unknown.mean()),
-                          "n_unknown": int(unknown.sum()), "n_accepted": int((~unknown).sum()),
-                          "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0}
+        out["unknown"] = {
+            "method": detector.method,
+            "accept": detector.accept,
+            "threshold": detector.threshold,
+            "test_unknown_rate": float(unknown.mean()),
+            "n_unknown": int(unknown.sum()),
+            "n_accepted": int((~unknown).sum()),
+            "accepted_accuracy": float(correct[~unknown].mean()) if (~unknown).any() else 0.0,
+        }
         out["unknown_seconds"] = unknown_seconds
     return out
 
 
-def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache, split: Split,
-              test_proba: np.ndarray, extra_metrics: dict[str, Any] | None = None,
-              test_features: np.ndarray | None = None, sources: Sequence[Any] = ()) -> dict[str, Any]:
+def save_head(
+    folder: str | os.PathLike,
+    fitted: FittedHead,
+    cache: FeatureCache,
+    split: Split,
+    test_proba: np.ndarray,
+    extra_metrics: dict[str, Any] | None = None,
+    test_features: np.ndarray | None = None,
+    sources: Sequence[Any] = (),
+) -> dict[str, Any]:
     """Write a head folder whole (staged, then swapped in): head.json, head.skops, metrics.json, the
     per-image test predictions, the out-of-fold training predictions, the unknown detector's arrays.
 
     test_proba is the model's own; what is written is calibrated. sources: the pipeline.sources.Source list
     of a head on several caches (head.json lists them; the single-source keys then describe the first).
     Returns the metrics."""
-    from .artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ,
-                            chain_fingerprint, predictions_from_rows, staged_folder, write_json, write_predictions)
+    from .artifacts import (
+        CV_PREDICTIONS_CSV,
+        HEAD_JSON,
+        HEAD_MODEL,
+        PREDICTIONS_CSV,
+        UNKNOWN_NPZ,
+        chain_fingerprint,
+        predictions_from_rows,
+        staged_folder,
+        write_json,
+        write_predictions,
+    )
     from .images import file_sha256
 
     y_test = cache.labels[split.test]
-    calibration = calibration_metrics(fitted.temperature, fitted.detector, test_proba, y_test, test_features,
-                                      fitted.unknown_seconds)
+    calibration = calibration_metrics(
+        fitted.temperature, fitted.detector, test_proba, y_test, test_features, fitted.unknown_seconds
+    )
     test_proba = fitted.calibrate(test_proba)
     metrics = classification_metrics(y_test, test_proba.argmax(1), cache.class_names, seed=fitted.options["seed"])
-    metrics.update({
-        "method": f"{fitted.clf} head", "clf": fitted.clf, "best_params": fitted.best_params,
-        "cv_score": fitted.cv_score, "cv_scoring": fitted.cv_scoring, "cv_folds": fitted.cv_folds,
-        "cv_grid": fitted.cv_grid, "fit_seconds": fitted.fit_seconds, "train_seconds": fitted.fit_seconds,
-        "n_train": int(len(split.train)), "split": split.source, "split_notes": split.notes,
-        "duplicate_groups": split.duplicate_groups, "leaked_groups": split.leaked_groups,
-        "seed": fitted.options["seed"], **calibration, **(extra_metrics or {}),
-    })
+    metrics.update(
+        {
+            "method": f"{fitted.clf} head",
+            "clf": fitted.clf,
+            "best_params": fitted.best_params,
+            "cv_score": fitted.cv_score,
+            "cv_scoring": fitted.cv_scoring,
+            "cv_folds": fitted.cv_folds,
+            "cv_grid": fitted.cv_grid,
+            "fit_seconds": fitted.fit_seconds,
+            "train_seconds": fitted.fit_seconds,
+            "n_train": int(len(split.train)),
+            "split": split.source,
+            "split_notes": split.notes,
+            "duplicate_groups": split.duplicate_groups,
+            "leaked_groups": split.leaked_groups,
+            "seed": fitted.options["seed"],
+            **calibration,
+            **(extra_metrics or {}),
+        }
+    )
     cache_fingerprint = cache.attrs["fingerprint"]
     detector = fitted.detector.describe() if fitted.detector is not None else None
-    fingerprint = chain_fingerprint(cache_fingerprint, options=fitted.options,
-                                    rows=rows_digest(cache, np.concatenate([split.train, split.test])),
-                                    **({"temperature": fitted.temperature} if fitted.temperature else {}),
-                                    **({"unknown": detector} if detector else {}))
+    fingerprint = chain_fingerprint(
+        cache_fingerprint,
+        options=fitted.options,
+        rows=rows_digest(cache, np.concatenate([split.train, split.test])),
+        **({"temperature": fitted.temperature} if fitted.temperature else {}),
+        **({"unknown": detector} if detector else {}),
+    )
     metrics["fingerprint"] = fingerprint
     meta = {
-        "format_version": HEAD_FORMAT_VERSION, "kind": "head", "fingerprint": fingerprint,
-        "cache_fingerprint": cache_fingerprint, "classes": cache.class_names, "identity": cache.identity,
+        "format_version": HEAD_FORMAT_VERSION,
+        "kind": "head",
+        "fingerprint": fingerprint,
+        "cache_fingerprint": cache_fingerprint,
+        "classes": cache.class_names,
+        "identity": cache.identity,
         "backbone_config": json.loads(cache.attrs["config_json"]),
-        "feature_dim": int(cache.features.shape[1]), "cache_path": str(Path(cache.path).resolve()),
-        "dataset_root": cache.attrs.get("dataset_root", ""), "options": fitted.options,
-        "metrics": {k: metrics[k] for k in ("accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1",
-                                            "cv_score", "best_params")},
-        "versions": _versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "feature_dim": int(cache.features.shape[1]),
+        "cache_path": str(Path(cache.path).resolve()),
+        "dataset_root": cache.attrs.get("dataset_root", ""),
+        "options": fitted.options,
+        "metrics": {
+            k: metrics[k]
+            for k in ("accuracy", "accuracy_ci", "balanced_accuracy", "macro_f1", "cv_score", "best_params")
+        },
+        "versions": _versions(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     # optional keys: heads written before them load as uncalibrated and without a detector
     if fitted.temperature is not None:
-        meta["calibration"] = {"method": "temperature", "temperature": fitted.temperature,
-                               "fitted_on": "out-of-fold predictions of the training part",
-                               "ece_uncalibrated": calibration["ece_uncalibrated"], "ece": calibration["ece"]}
+        meta["calibration"] = {
+            "method": "temperature",
+            "temperature": fitted.temperature,
+            "fitted_on": "out-of-fold predictions of the training part",
+            "ece_uncalibrated": calibration["ece_uncalibrated"],
+            "ece": calibration["ece"],
+        }
     if detector is not None:
         meta["unknown"] = {**detector, "file": UNKNOWN_NPZ}
     if len(sources) > 1:
         from .sources import SOURCES_KEY
 
         meta.update(cache_path=sources[0].cache_path, **{SOURCES_KEY: [s.to_json() for s in sources]})
-    rows = dict(paths=cache.paths, content_hash=cache.content_hash, split=cache.split, labels=cache.labels,
-                class_names=cache.class_names)
+    rows = dict(
+        paths=cache.paths,
+        content_hash=cache.content_hash,
+        split=cache.split,
+        labels=cache.labels,
+        class_names=cache.class_names,
+    )
     skops_io = import_skops_io()
     with staged_folder(folder) as stage:
         skops_io.dump(fitted.model, stage / HEAD_MODEL)
@@ -536,8 +745,10 @@ def save_head(folder: str | os.PathLike, fitted: FittedHead, cache: FeatureCache
         write_json(stage / HEAD_JSON, meta)
         write_predictions(stage / PREDICTIONS_CSV, predictions_from_rows(split.test, test_proba, **rows))
         if fitted.cv_proba is not None:
-            write_predictions(stage / CV_PREDICTIONS_CSV,
-                              predictions_from_rows(split.train, fitted.calibrate(fitted.cv_proba), **rows))
+            write_predictions(
+                stage / CV_PREDICTIONS_CSV,
+                predictions_from_rows(split.train, fitted.calibrate(fitted.cv_proba), **rows),
+            )
         if fitted.detector is not None:
             from .openset import save_detector
 
@@ -566,8 +777,10 @@ class Head:
             differences = describe_mismatch(self.meta["identity"], identity)
             if dim != self.meta["feature_dim"]:
                 differences = f"feature width: {self.meta['feature_dim']} -> {dim}; " + differences
-            raise UserError(f"head {self.folder} was trained on other features than {source} "
-                            f"({differences.rstrip('; ')}). Fit a head on a cache of this configuration.")
+            raise UserError(
+                f"head {self.folder} was trained on other features than {source} "
+                f"({differences.rstrip('; ')}). Fit a head on a cache of this configuration."
+            )
 
     @property
     def temperature(self) -> float | None:
@@ -589,8 +802,9 @@ class Head:
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (calibrated when the head has a temperature), after checking the feature width."""
         if features.ndim != 2 or features.shape[1] != self.meta["feature_dim"]:
-            raise UserError(f"head {self.folder} expects {self.meta['feature_dim']} features per image, "
-                            f"got shape {features.shape}.")
+            raise UserError(
+                f"head {self.folder} expects {self.meta['feature_dim']} features per image, got shape {features.shape}."
+            )
         proba = self.model.predict_proba(features)
         if self.temperature is None:
             return proba
@@ -605,15 +819,24 @@ class Head:
 
 
 # Every type a head pipeline may hold; a head.skops asking for anything else is refused unread.
-TRUSTED_TYPES = frozenset({
-    "sklearn.pipeline.Pipeline", "sklearn.preprocessing._data.Normalizer",
-    "sklearn.preprocessing._data.StandardScaler", "sklearn.linear_model._logistic.LogisticRegression",
-    "sklearn.multiclass.OneVsRestClassifier", "sklearn.svm._classes.SVC",
-    "sklearn.neighbors._classification.KNeighborsClassifier", "sklearn.calibration.CalibratedClassifierCV",
-    "sklearn.calibration._CalibratedClassifier", "sklearn.calibration._SigmoidCalibration",
-    "sklearn.preprocessing._label.LabelBinarizer", "sklearn.neighbors._kd_tree.KDTree",
-    "sklearn.neighbors._ball_tree.BallTree", "builtins.slice",
-})
+TRUSTED_TYPES = frozenset(
+    {
+        "sklearn.pipeline.Pipeline",
+        "sklearn.preprocessing._data.Normalizer",
+        "sklearn.preprocessing._data.StandardScaler",
+        "sklearn.linear_model._logistic.LogisticRegression",
+        "sklearn.multiclass.OneVsRestClassifier",
+        "sklearn.svm._classes.SVC",
+        "sklearn.neighbors._classification.KNeighborsClassifier",
+        "sklearn.calibration.CalibratedClassifierCV",
+        "sklearn.calibration._CalibratedClassifier",
+        "sklearn.calibration._SigmoidCalibration",
+        "sklearn.preprocessing._label.LabelBinarizer",
+        "sklearn.neighbors._kd_tree.KDTree",
+        "sklearn.neighbors._ball_tree.BallTree",
+        "builtins.slice",
+    }
+)
 
 
 def _load_skops(path: Path) -> Any:
@@ -621,23 +844,34 @@ def _load_skops(path: Path) -> Any:
     try:
         untrusted = skops_io.get_untrusted_types(file=path)
     except Exception as exc:  # a damaged or foreign file: skops raises zip, JSON and key errors
-        raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {exc}); fit the head again.") \
-            from None
+        raise UserError(
+            f"{path} is not a readable skops head ({type(exc).__name__}: {exc}); fit the head again."
+        ) from None
     refused = sorted(set(untrusted) - TRUSTED_TYPES)
     if refused:
-        raise UserError(f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
-                        "Fit the head again with `fit-head`.")
+        raise UserError(
+            f"{path} asks to load types a head never holds ({', '.join(refused)}); refused. "
+            "Fit the head again with `fit-head`."
+        )
     try:
         return skops_io.load(path, trusted=sorted(untrusted))
     except Exception as exc:  # noqa: BLE001 (e.g. an object array in a .npy member: numpy refuses, as it should)
         reason = str(exc).splitlines()[0] if str(exc) else ""
-        raise UserError(f"{path} is not a readable skops head ({type(exc).__name__}: {reason}); fit the head "
-                        "again.") from None
+        raise UserError(
+            f"{path} is not a readable skops head ({type(exc).__name__}: {reason}); fit the head again."
+        ) from None
 
 
 def _json_type(value: Any) -> str:
-    return {dict: "an object", list: "a list", str: "a string", bool: "true/false", int: "an integer",
-            float: "a number", type(None): "null"}.get(type(value), type(value).__name__)
+    return {
+        dict: "an object",
+        list: "a list",
+        str: "a string",
+        bool: "true/false",
+        int: "an integer",
+        float: "a number",
+        type(None): "null",
+    }.get(type(value), type(value).__name__)
 
 
 def check_head_meta(meta: Any, path: Path) -> None:
@@ -645,8 +879,7 @@ def check_head_meta(meta: Any, path: Path) -> None:
     from .backbones import BackboneConfig
 
     def refuse(problem: str) -> UserError:
-        return UserError(f"{path} is not a head description ({problem}); fit the head again with `cnncodes "
-                         "fit-head`.")
+        return UserError(f"{path} is not a head description ({problem}); fit the head again with `cnncodes fit-head`.")
 
     if not isinstance(meta, dict):
         raise refuse(f"it holds {_json_type(meta)}, not an object")
@@ -685,13 +918,17 @@ def _check_binding(meta: dict[str, Any], model_path: Path, meta_path: Path) -> N
 
     recorded = meta.get("model_sha256")
     if recorded is not None and file_sha256(model_path) != recorded:
-        raise UserError(f"{model_path} is not the model {meta_path} was saved with (its sha256 differs from "
-                        "model_sha256); restore the head folder or fit the head again.")
+        raise UserError(
+            f"{model_path} is not the model {meta_path} was saved with (its sha256 differs from "
+            "model_sha256); restore the head folder or fit the head again."
+        )
     recorded = meta.get("classes_sha256")
     if recorded is not None and classes_digest(meta["classes"]) != recorded:
-        raise UserError(f"the class names in {meta_path} were changed after the head was fitted (they no longer "
-                        "match classes_sha256), so predictions would be mislabelled; restore head.json or fit "
-                        "the head again.")
+        raise UserError(
+            f"the class names in {meta_path} were changed after the head was fitted (they no longer "
+            "match classes_sha256), so predictions would be mislabelled; restore head.json or fit "
+            "the head again."
+        )
 
 
 def load_head(folder: str | os.PathLike, trust_pickle: bool | None = None) -> Head:
@@ -712,8 +949,10 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool | None = None) -> He
         model_path = folder / LEGACY_HEAD_MODEL
         if not trust_pickle:
             offer = ", or pass --trust-pickle if you made it yourself" if trust_pickle is False else ""
-            raise UserError(f"{folder} is an old head saved as a pickle ({LEGACY_HEAD_MODEL}), which can run "
-                            f"code when loaded. Fit it again with `cnncodes fit-head`{offer}.")
+            raise UserError(
+                f"{folder} is an old head saved as a pickle ({LEGACY_HEAD_MODEL}), which can run "
+                f"code when loaded. Fit it again with `cnncodes fit-head`{offer}."
+            )
     elif version == HEAD_FORMAT_VERSION:
         model_path = folder / HEAD_MODEL
     elif isinstance(meta, dict) and "format_version" in meta:
@@ -724,8 +963,11 @@ def load_head(folder: str | os.PathLike, trust_pickle: bool | None = None) -> He
     _check_binding(meta, model_path, meta_path)
     trained_with = meta.get("versions", {}).get("scikit-learn")
     if trained_with and trained_with != _versions()["scikit-learn"]:
-        warnings.warn(f"head {folder} was saved with scikit-learn {trained_with}, this is "
-                      f"{_versions()['scikit-learn']}; predictions may differ or fail.", stacklevel=2)
+        warnings.warn(
+            f"head {folder} was saved with scikit-learn {trained_with}, this is "
+            f"{_versions()['scikit-learn']}; predictions may differ or fail.",
+            stacklevel=2,
+        )
     if version == 1:
         import joblib
 

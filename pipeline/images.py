@@ -126,17 +126,20 @@ def scan_dataset(root: str | os.PathLike, storage_options: Mapping[str, Any] | N
     raise UserError if unusable."""
     root, tree = _list(root, storage_options)
     if not tree.files and not tree.dirs:
-        raise UserError(f"{root} is empty or is not a folder; expected DATA_DIR/CLASS/*.jpg "
-                        "(one sub-folder per class).")
+        raise UserError(
+            f"{root} is empty or is not a folder; expected DATA_DIR/CLASS/*.jpg (one sub-folder per class)."
+        )
     top = tree.children("")
     split_layout = bool(top) and all(name.lower() in SPLIT_FOLDERS for name in top)
     # (split, class folder) pairs
-    groups = [(SPLIT_FOLDERS[s.lower()], c) for s in top for c in tree.children(s)] if split_layout \
+    groups = (
+        [(SPLIT_FOLDERS[s.lower()], c) for s in top for c in tree.children(s)]
+        if split_layout
         else [("", c) for c in top]
+    )
     class_names = sorted({c.rsplit("/", 1)[-1] for _, c in groups})
     if not class_names:
-        raise UserError(f"{root} has no class folders; expected DATA_DIR/CLASS/*.jpg "
-                        "or DATA_DIR/train/CLASS/*.jpg.")
+        raise UserError(f"{root} has no class folders; expected DATA_DIR/CLASS/*.jpg or DATA_DIR/train/CLASS/*.jpg.")
     index = {name: i for i, name in enumerate(class_names)}
     under: dict[str, list[str]] = {}  # class folder -> the files under it, in walk order
     depth = 2 if split_layout else 1
@@ -154,18 +157,20 @@ def scan_dataset(root: str | os.PathLike, storage_options: Mapping[str, Any] | N
         images = [rel for rel in inside if is_image_name(rel.rsplit("/", 1)[-1])]
         ignored += [rel for rel in inside if not is_image_name(rel.rsplit("/", 1)[-1])]
         if not images:
-            raise UserError(f"class folder {_join(root, folder)} has no images ({len(inside) - len(images)} other "
-                            "files); add images (.jpg .jpeg .png .bmp .gif .webp) or remove the folder.")
+            raise UserError(
+                f"class folder {_join(root, folder)} has no images ({len(inside) - len(images)} other "
+                "files); add images (.jpg .jpeg .png .bmp .gif .webp) or remove the folder."
+            )
         label = index[folder.rsplit("/", 1)[-1]]
         files += [ImageFile(_join(root, rel), rel, label, split) for rel in images]
     if len(class_names) < 2:
-        raise UserError(f"{root} has one class ({class_names[0]}); a classifier needs at least two "
-                        "class folders.")
+        raise UserError(f"{root} has one class ({class_names[0]}); a classifier needs at least two class folders.")
     return Dataset(root, class_names, files, ignored)
 
 
-def scan_paths(paths: list[str | os.PathLike],
-               storage_options: Mapping[str, Any] | None = None) -> tuple[list[ImageFile], list[str]]:
+def scan_paths(
+    paths: list[str | os.PathLike], storage_options: Mapping[str, Any] | None = None
+) -> tuple[list[ImageFile], list[str]]:
     """Image files named directly or found under folders, local or object-store URLs (for predict), and the
     paths ignored."""
     files: list[ImageFile] = []
@@ -214,9 +219,15 @@ DEEP_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 # The float32 working set of one band of rows while a deep image is scaled and box-reduced.
 BAND_BYTES = 8 << 20
 # EXIF orientation -> the transpose that shows the image upright (ImageOps.exif_transpose's table).
-ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
-                5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
-                8: Image.Transpose.ROTATE_90}
+ORIENTATIONS = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 def _reduce_factors(width: int, height: int, size: int, resize: str) -> tuple[int, int]:
@@ -245,7 +256,7 @@ def _deep_to_grey(img: Image.Image, size: int, resize: str) -> Image.Image:
             band = band.reshape((bottom - top) // fy, fy, out_w, fx).mean(axis=(1, 3), dtype=np.float32)
         band /= scale
         np.clip(band, 0, 255, out=band)
-        out[top // fy:bottom // fy] = band.astype(np.uint8)
+        out[top // fy : bottom // fy] = band.astype(np.uint8)
     return Image.fromarray(out, "L")
 
 
@@ -269,8 +280,13 @@ def _byte_count(source: str | os.PathLike | IO[bytes]) -> int:
     return end - start
 
 
-def decode_image(path: str | os.PathLike | bytes | IO[bytes], size: int, resize: str = "bilinear",
-                 draft: bool = True, max_pixels: int | None = None) -> np.ndarray:
+def decode_image(
+    path: str | os.PathLike | bytes | IO[bytes],
+    size: int,
+    resize: str = "bilinear",
+    draft: bool = True,
+    max_pixels: int | None = None,
+) -> np.ndarray:
     """Decode one file (a path, or its bytes or a binary stream, e.g. an upload) to a (size, size, 3)
     uint8 RGB array, or raise ImageError with the reason (whatever went wrong inside the decoder).
 
@@ -299,16 +315,16 @@ def decode_image(path: str | os.PathLike | bytes | IO[bytes], size: int, resize:
                 img = img.transpose(transpose)
             if img.size != (size, size):
                 downscale = img.width > size and img.height > size
-                img = img.resize((size, size), RESIZE_METHODS[resize],
-                                 reducing_gap=REDUCING_GAP if downscale else None)
+                img = img.resize((size, size), RESIZE_METHODS[resize], reducing_gap=REDUCING_GAP if downscale else None)
             return np.asarray(img if img.mode == "RGB" else img.convert("RGB"), dtype=np.uint8)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
         raise ImageError(f"refused: {exc}") from None
     except UnidentifiedImageError:
-        raise ImageError("not an image in a format read here (" + ", ".join(ALLOWED_FORMATS)
-                         + "), or a corrupt one") from None
+        raise ImageError(
+            "not an image in a format read here (" + ", ".join(ALLOWED_FORMATS) + "), or a corrupt one"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(f"corrupt or truncated image: {exc}") from None
     except Exception as exc:  # noqa: BLE001 (a plugin's bug on hostile bytes is this file's problem, not a crash)

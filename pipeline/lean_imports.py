@@ -102,7 +102,7 @@ def write_snapshot() -> Path:
         raise RuntimeError("skops.io._trusted_types is loaded already; call write_snapshot in a fresh process")
     import skops.io._trusted_types as own
 
-    SNAPSHOT.write_text(json.dumps({"versions": _versions(), "lists": trusted_type_lists(own)}, indent=1) + "\n",
-                        encoding="utf-8")
+    SNAPSHOT.write_text(
+        json.dumps({"versions": _versions(), "lists": trusted_type_lists(own)}, indent=1) + "\n", encoding="utf-8"
+    )
     return SNAPSHOT
-

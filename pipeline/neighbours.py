@@ -20,6 +20,7 @@ BLOCK_ROWS = 2048  # rows per block of the exact search: two blocks' product is 
 EXACT_LIMIT = 50_000  # above this many rows an HNSW index (faiss, when installed) replaces the exact search
 HNSW_NEIGHBOURS = 32  # neighbours per image the index returns: an image with more near-copies loses some
 
+
 def unit_rows(features: np.ndarray) -> np.ndarray:
     """Rows scaled to unit length (float32); all-zero rows stay zero."""
     x = np.asarray(features, dtype=np.float32)
@@ -44,7 +45,7 @@ def comparable_rows(features: np.ndarray, block: int = BLOCK_ROWS) -> np.ndarray
     centred = unit - unit.mean(axis=0)
     covariance = np.zeros((unit.shape[1], unit.shape[1]))
     for start in range(0, len(centred), block):
-        part = centred[start:start + block].astype(np.float64)
+        part = centred[start : start + block].astype(np.float64)
         covariance += part.T @ part
     # float32 is ample: the shrinkage swamps the error of the small eigenvalues, at a quarter of the time
     variance, directions = np.linalg.eigh(covariance.astype(np.float32))
@@ -58,7 +59,7 @@ def _exact_pairs(unit: np.ndarray, threshold: float, block: int) -> tuple[np.nda
     n = len(unit)
     for a in range(0, n, block):
         for b in range(a, n, block):
-            sims = unit[a:a + block] @ unit[b:b + block].T
+            sims = unit[a : a + block] @ unit[b : b + block].T
             rows, cols = np.nonzero(sims >= threshold)
             i, j = rows + a, cols + b
             keep = i < j
@@ -84,25 +85,32 @@ def _hnsw_pairs(unit: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndar
     return i[first], j[first], sims[keep][first]
 
 
-def pairs_above(unit: np.ndarray, threshold: float, block: int = BLOCK_ROWS,
-                exact_limit: int = EXACT_LIMIT) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
+def pairs_above(
+    unit: np.ndarray, threshold: float, block: int = BLOCK_ROWS, exact_limit: int = EXACT_LIMIT
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Pairs (i < j) of unit rows with cosine >= threshold, most similar first, and how they were found:
     'exact', or 'hnsw (faiss)' beyond exact_limit rows."""
     method = "exact"
     if len(unit) > exact_limit:
         try:
             import faiss  # noqa: F401
+
             method = "hnsw (faiss)"
         except ImportError:
             method = "exact (faiss not installed)"
     i, j, cosine = _hnsw_pairs(unit, threshold) if method.startswith("hnsw") else _exact_pairs(unit, threshold, block)
     order = np.lexsort((j, i, -cosine))
-    return (i[order].astype(np.int64), j[order].astype(np.int64),
-            np.minimum(cosine[order].astype(np.float64), 1.0), method)
+    return (
+        i[order].astype(np.int64),
+        j[order].astype(np.int64),
+        np.minimum(cosine[order].astype(np.float64), 1.0),
+        method,
+    )
 
 
-def near_duplicate_pairs(features: np.ndarray, threshold: float, block: int = BLOCK_ROWS,
-                         exact_limit: int = EXACT_LIMIT) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def near_duplicate_pairs(
+    features: np.ndarray, threshold: float, block: int = BLOCK_ROWS, exact_limit: int = EXACT_LIMIT
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row pairs (i < j) whose features are nearly identical, most similar first: cosine of
     comparable_rows >= threshold (DEFAULT_THRESHOLD is 0.55; exact copies score 1).
 

@@ -41,8 +41,13 @@ SPREAD_FLOOR = {"msp": 0.1, "knn": 1e-3}
 BLOCK_ROWS = 2048  # query rows per product with the training features (2048 x n floats at a time)
 
 
-def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int, groups_q: np.ndarray | None = None,
-                 groups_ref: np.ndarray | None = None) -> np.ndarray:
+def knn_distance(
+    queries: np.ndarray,
+    reference: np.ndarray,
+    k: int,
+    groups_q: np.ndarray | None = None,
+    groups_ref: np.ndarray | None = None,
+) -> np.ndarray:
     """Cosine distance from each unit query row to its k-th nearest unit reference row.
 
     With groups, a reference row of the query's own group (itself, its identical copies) is skipped:
@@ -52,11 +57,11 @@ def knn_distance(queries: np.ndarray, reference: np.ndarray, k: int, groups_q: n
     out = np.empty(len(queries), dtype=np.float64)
     ref = np.asarray(reference, dtype=np.float32)
     for start in range(0, len(queries), BLOCK_ROWS):
-        sims = np.asarray(queries[start:start + BLOCK_ROWS], dtype=np.float32) @ ref.T
+        sims = np.asarray(queries[start : start + BLOCK_ROWS], dtype=np.float32) @ ref.T
         if groups_q is not None:
-            sims[groups_q[start:start + BLOCK_ROWS, None] == groups_ref[None, :]] = -np.inf
+            sims[groups_q[start : start + BLOCK_ROWS, None] == groups_ref[None, :]] = -np.inf
         kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
-        out[start:start + BLOCK_ROWS] = 1.0 - kth
+        out[start : start + BLOCK_ROWS] = 1.0 - kth
     return out
 
 
@@ -110,9 +115,15 @@ class Detector:
 
     def describe(self) -> dict[str, Any]:
         """The head.json entry: method, threshold, accept rate and normalisation (arrays live in their file)."""
-        return {"method": self.method, "k": self.k, "accept": self.accept, "threshold": self.threshold,
-                "norm": {name: list(v) for name, v in self.norm.items()}, "n_train": len(self.oof_scores),
-                "digest": self.digest()}
+        return {
+            "method": self.method,
+            "k": self.k,
+            "accept": self.accept,
+            "threshold": self.threshold,
+            "norm": {name: list(v) for name, v in self.norm.items()},
+            "n_train": len(self.oof_scores),
+            "digest": self.digest(),
+        }
 
 
 def combine(z: dict[str, np.ndarray], method: str) -> np.ndarray:
@@ -126,8 +137,15 @@ def _norm(values: np.ndarray, signal: str) -> tuple[float, float]:
     return float(np.mean(values)), max(float(np.std(values)), SPREAD_FLOOR[signal])
 
 
-def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.ndarray, *,
-                 accept: float = DEFAULT_ACCEPT, method: str = DEFAULT_METHOD, k: int = DEFAULT_K) -> Detector:
+def fit_detector(
+    train_features: np.ndarray,
+    groups: np.ndarray,
+    oof_proba: np.ndarray,
+    *,
+    accept: float = DEFAULT_ACCEPT,
+    method: str = DEFAULT_METHOD,
+    k: int = DEFAULT_K,
+) -> Detector:
     """Fit the detector on the training part: its features, groups and calibrated out-of-fold probabilities."""
     unit = unit_rows(train_features)
     raw = {"msp": confidence_score(oof_proba)}
@@ -138,9 +156,15 @@ def fit_detector(train_features: np.ndarray, groups: np.ndarray, oof_proba: np.n
     return _fitted(unit, raw, accept, method, k)
 
 
-def fit_detector_held_out(train_features: np.ndarray, held_features: np.ndarray, held_proba: np.ndarray, *,
-                          accept: float = DEFAULT_ACCEPT, method: str = DEFAULT_METHOD,
-                          k: int = DEFAULT_K) -> Detector:
+def fit_detector_held_out(
+    train_features: np.ndarray,
+    held_features: np.ndarray,
+    held_proba: np.ndarray,
+    *,
+    accept: float = DEFAULT_ACCEPT,
+    method: str = DEFAULT_METHOD,
+    k: int = DEFAULT_K,
+) -> Detector:
     """Fit the detector from known images kept out of training (a fine-tuning run's validation part): the
     training features are the reference, the held-out images' signals (their calibrated probabilities, their
     distance to the training features, as a new image's) set the z-scores and the threshold."""
@@ -156,15 +180,17 @@ def _fitted(unit: np.ndarray, raw: dict[str, np.ndarray], accept: float, method:
     norm = {name: _norm(values, name) for name, values in raw.items()}
     known = combine({name: (values - norm[name][0]) / norm[name][1] for name, values in raw.items()}, method)
     stored = unit.astype(np.float16) if method != "msp" else np.zeros((0, unit.shape[1]), np.float16)
-    return Detector(method, k, accept, accept_threshold(known, accept), norm, stored.astype(np.float32),
-                    known.astype(np.float32))
+    return Detector(
+        method, k, accept, accept_threshold(known, accept), norm, stored.astype(np.float32), known.astype(np.float32)
+    )
 
 
 def save_detector(detector: Detector, path: Path) -> None:
     """The arrays to an .npz file (training features in float16: half the size, cosines to 1e-3)."""
     with open(path, "wb") as handle:
-        np.savez(handle, train_unit=detector.train_unit.astype(np.float16),
-                 oof_scores=detector.oof_scores.astype(np.float32))
+        np.savez(
+            handle, train_unit=detector.train_unit.astype(np.float16), oof_scores=detector.oof_scores.astype(np.float32)
+        )
 
 
 def load_detector(entry: dict[str, Any], path: Path) -> Detector:
@@ -176,8 +202,15 @@ def load_detector(entry: dict[str, Any], path: Path) -> Detector:
             train_unit, oof = arrays["train_unit"].astype(np.float32), arrays["oof_scores"].astype(np.float32)
     except (OSError, KeyError, ValueError) as exc:
         raise UserError(f"{path} is missing or damaged ({exc}); fit the head again.") from None
-    detector = Detector(entry["method"], int(entry["k"]), float(entry["accept"]), float(entry["threshold"]),
-                        {name: (float(v[0]), float(v[1])) for name, v in entry["norm"].items()}, train_unit, oof)
+    detector = Detector(
+        entry["method"],
+        int(entry["k"]),
+        float(entry["accept"]),
+        float(entry["threshold"]),
+        {name: (float(v[0]), float(v[1])) for name, v in entry["norm"].items()},
+        train_unit,
+        oof,
+    )
     if entry.get("digest") and detector.digest() != entry["digest"]:
         raise UserError(f"{path} does not match its head.json (digest differs); fit the head again.")
     return detector

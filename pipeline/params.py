@@ -99,9 +99,16 @@ def define(**constraints: list) -> None:
             raise ValueError(f"option {name!r} is defined twice, differently")  # a bug, not a user mistake
 
 
-define(seed=[SEED], cv=[Interval(2, 50, integer=True)], n_jobs=N_JOBS, test_size=[Interval(0.01, 0.9)],
-       batch_size=[Interval(1, 4096, integer=True)], workers=[Interval(1, 256, integer=True), None],
-       threads=[Interval(1, 256, integer=True), None], top_k=[Interval(1, 1000, integer=True)])
+define(
+    seed=[SEED],
+    cv=[Interval(2, 50, integer=True)],
+    n_jobs=N_JOBS,
+    test_size=[Interval(0.01, 0.9)],
+    batch_size=[Interval(1, 4096, integer=True)],
+    workers=[Interval(1, 256, integer=True), None],
+    threads=[Interval(1, 256, integer=True), None],
+    top_k=[Interval(1, 1000, integer=True)],
+)
 
 
 def _accepts(constraint: Any, value: Any) -> bool:

@@ -52,8 +52,9 @@ class UnknownRule:
         return [(bool(s > self.threshold), float(s)) for s in scores]
 
 
-def unknown_rule(detector: Any, accept: float | None = None, threshold: float | None = None,
-                 enabled: bool = True) -> UnknownRule:
+def unknown_rule(
+    detector: Any, accept: float | None = None, threshold: float | None = None, enabled: bool = True
+) -> UnknownRule:
     """The threshold to use: --unknown-threshold, else the one accepting --accept of known images, else the
     head's own (fitted at its accept rate); none without a detector or with --no-unknown."""
     if detector is None or not enabled:
@@ -74,8 +75,13 @@ def check_unknown_options(accept: Any, unknown_threshold: Any, no_unknown: bool)
     return accept, unknown_threshold
 
 
-def _top_k(path: str, proba: np.ndarray, classes: Sequence[str], k: int,
-           unknown: tuple[bool | None, float | None] = (None, None)) -> Prediction:
+def _top_k(
+    path: str,
+    proba: np.ndarray,
+    classes: Sequence[str],
+    k: int,
+    unknown: tuple[bool | None, float | None] = (None, None),
+) -> Prediction:
     order = np.argsort(-proba, kind="stable")[:k]
     return Prediction(path, [classes[i] for i in order], [float(proba[i]) for i in order], "", *unknown)
 
@@ -88,9 +94,18 @@ def _head_rows(head: Head, rule: UnknownRule, paths: list[str], features: np.nda
     return [_top_k(path, p, head.classes, top_k, d) for path, p, d in zip(paths, proba, decisions)]
 
 
-def _head_predictions(head: Head, rule: UnknownRule, files: list[ImageFile], top_k: int, batch_size: int,
-                      workers: int | None, runtime: str, threads: int | None,
-                      log: Callable[[str], None], storage_options: dict[str, Any]) -> Iterator[Prediction]:
+def _head_predictions(
+    head: Head,
+    rule: UnknownRule,
+    files: list[ImageFile],
+    top_k: int,
+    batch_size: int,
+    workers: int | None,
+    runtime: str,
+    threads: int | None,
+    log: Callable[[str], None],
+    storage_options: dict[str, Any],
+) -> Iterator[Prediction]:
     """Features from the head's caches where they all hold the image, from the backbones otherwise."""
     hashes = hash_files([f.path for f in files], workers, storage_options)
     sources = head_sources(head.meta)
@@ -101,8 +116,9 @@ def _head_predictions(head: Head, rule: UnknownRule, files: list[ImageFile], top
         if isinstance(hash_of[id(file)], Exception):
             yield Prediction(file.relpath, error=f"unreadable: {hash_of[id(file)]}")
     if cached:
-        yield from _head_rows(head, rule, [f.relpath for f in cached],
-                              np.stack([known[hash_of[id(f)]] for f in cached]), top_k)
+        yield from _head_rows(
+            head, rule, [f.relpath for f in cached], np.stack([known[hash_of[id(f)]] for f in cached]), top_k
+        )
     rest = [f for f in files if isinstance(hash_of[id(f)], str) and hash_of[id(f)] not in known]
     if not rest:
         return
@@ -114,25 +130,34 @@ def _head_predictions(head: Head, rule: UnknownRule, files: list[ImageFile], top
             yield from _head_rows(head, rule, [f.relpath for f in batch.files], batch.features, top_k)
 
 
-def model_unknown_rule(sidecar: dict[str, Any], accept: float | None, threshold: float | None,
-                       enabled: bool) -> UnknownRule:
+def model_unknown_rule(
+    sidecar: dict[str, Any], accept: float | None, threshold: float | None, enabled: bool
+) -> UnknownRule:
     """The threshold for an exported model: its sidecar's unknown entry (no --accept: no training scores)."""
     entry = sidecar.get("unknown")
     if entry is None or not enabled:
         return UnknownRule(None)
     if accept is not None:
-        raise UserError("--accept needs the head's training scores; with --model give --unknown-threshold "
-                        f"(the model's own is {entry['threshold']:.4f}, accepting {entry['accept']:.0%} of knowns).")
+        raise UserError(
+            "--accept needs the head's training scores; with --model give --unknown-threshold "
+            f"(the model's own is {entry['threshold']:.4f}, accepting {entry['accept']:.0%} of knowns)."
+        )
     return UnknownRule(float(threshold) if threshold is not None else float(entry["threshold"]))
 
 
-def _model_predictions(model: str | os.PathLike, rule: UnknownRule, files: list[ImageFile], top_k: int,
-                       batch_size: int, workers: int | None, storage_options: dict[str, Any]) -> Iterator[Prediction]:
+def _model_predictions(
+    model: str | os.PathLike,
+    rule: UnknownRule,
+    files: list[ImageFile],
+    top_k: int,
+    batch_size: int,
+    workers: int | None,
+    storage_options: dict[str, Any],
+) -> Iterator[Prediction]:
     """An exported or fine-tuned model file: pixels in, probabilities (and its unknown score) out."""
     runtime, meta = load_model_file(model)
     classes = meta["classes"]
-    for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers,
-                                 storage_options):
+    for batch in stream_features(files, runtime, meta.get("resize", "bilinear"), batch_size, workers, storage_options):
         yield from (Prediction(f.relpath, error=reason) for f, reason in batch.failed)
         proba, scores = split_outputs(batch.outputs)
         decisions = rule.decide(scores) if scores is not None else [(None, None)] * len(batch.files)
@@ -145,13 +170,24 @@ def split_outputs(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray
     return np.asarray(outputs[0]), (np.asarray(outputs[1]).reshape(-1) if len(outputs) > 1 else None)
 
 
-def predict(paths: Sequence[str | os.PathLike], head: str | os.PathLike | None = None, *,
-            model: str | os.PathLike | None = None, top_k: int = 3,
-            out: str | os.PathLike | None = None, batch_size: int = 32, workers: int | None = None,
-            runtime: str = "auto", threads: int | None = None, trust_pickle: bool = False,
-            accept: float | str | None = None, unknown_threshold: float | str | None = None,
-            no_unknown: bool = False, log: Callable[[str], None] = logger.info,
-            storage_options: str | dict[str, Any] | None = None) -> list[Prediction]:
+def predict(
+    paths: Sequence[str | os.PathLike],
+    head: str | os.PathLike | None = None,
+    *,
+    model: str | os.PathLike | None = None,
+    top_k: int = 3,
+    out: str | os.PathLike | None = None,
+    batch_size: int = 32,
+    workers: int | None = None,
+    runtime: str = "auto",
+    threads: int | None = None,
+    trust_pickle: bool = False,
+    accept: float | str | None = None,
+    unknown_threshold: float | str | None = None,
+    no_unknown: bool = False,
+    log: Callable[[str], None] = logger.info,
+    storage_options: str | dict[str, Any] | None = None,
+) -> list[Prediction]:
     """Classify image files or folders (local, or object-store URLs: see pipeline.storage) with a fitted head or
     a model file; write a CSV when out is given.
 
@@ -195,8 +231,11 @@ def write_csv(predictions: Sequence[Prediction], out: str | os.PathLike, top_k: 
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["path"] + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "prob")]
-                        + ["unknown", "unknown_score", "error"])
+        writer.writerow(
+            ["path"]
+            + [f"{kind}_{i}" for i in range(1, top_k + 1) for kind in ("class", "prob")]
+            + ["unknown", "unknown_score", "error"]
+        )
         for p in predictions:
             cells = [c for pair in zip(p.classes, (f"{q:.6f}" for q in p.probabilities)) for c in pair]
             unknown = "" if p.unknown is None else str(p.unknown).lower()
@@ -208,14 +247,20 @@ def prediction_lines(predictions: Sequence[Prediction], limit: int = 50) -> list
     """Human-readable lines: path, then the top classes with probabilities; errors last."""
     good = [p for p in predictions if not p.error]
     bad = [p for p in predictions if p.error]
-    lines = [f"{p.path}: " + ("UNKNOWN (not one of the classes; closest: " if p.unknown else "")
-             + ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities)) + (")" if p.unknown else "")
-             for p in good[:limit]]
+    lines = [
+        f"{p.path}: "
+        + ("UNKNOWN (not one of the classes; closest: " if p.unknown else "")
+        + ", ".join(f"{c} {q:.3f}" for c, q in zip(p.classes, p.probabilities))
+        + (")" if p.unknown else "")
+        for p in good[:limit]
+    ]
     if len(good) > limit:
         lines.append(f"... {len(good) - limit} more (use --out FILE.csv for all)")
     n_unknown = sum(bool(p.unknown) for p in good)
-    lines.append(f"{len(good)} images classified, {len(bad)} skipped"
-                 + (f", {n_unknown} unknown" if any(p.unknown is not None for p in good) else ""))
+    lines.append(
+        f"{len(good)} images classified, {len(bad)} skipped"
+        + (f", {n_unknown} unknown" if any(p.unknown is not None for p in good) else "")
+    )
     lines += [f"  skipped {p.path}: {p.error}" for p in bad]
     return lines
 
@@ -237,8 +282,9 @@ class Classifier:
         """(n, n_classes + 1): the probabilities of a uint8 batch (n, image_size, image_size, 3), then its
         unknown score in the last column (NaN without a detector). One array, so a batch splits by rows."""
         if images.shape[1:] != (self.image_size, self.image_size, 3):
-            raise ValueError(f"expected images of shape (n, {self.image_size}, {self.image_size}, 3), "
-                             f"got {images.shape}")
+            raise ValueError(
+                f"expected images of shape (n, {self.image_size}, {self.image_size}, 3), got {images.shape}"
+            )
         proba, scores = self.run(images)
         scores = np.full(len(proba), np.nan) if scores is None or self.unknown_threshold is None else scores
         return np.column_stack([np.asarray(proba, dtype=np.float64), scores])
@@ -248,10 +294,15 @@ class Classifier:
         return self.predict_scored(images)[:, :-1]
 
 
-def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None,
-                    runtime: str = "auto", threads: int | None = None, *,
-                    scratch_dir: str | os.PathLike | None = None,
-                    log: Callable[[str], None] = logger.info) -> Classifier:
+def load_classifier(
+    head: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    runtime: str = "auto",
+    threads: int | None = None,
+    *,
+    scratch_dir: str | os.PathLike | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> Classifier:
     """Load a head (and the backbone recorded in it) or a .keras/.tflite model file, once.
 
     A head's backbone converted to TFLite is reused from beside its cache, as predict does; when it
@@ -262,11 +313,16 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     if model is not None:
         engine, meta = load_model_file(model)
-        name = BackboneConfig(**meta["backbone_config"]).short_name if meta.get("backbone_config") \
-            else Path(model).name
+        name = BackboneConfig(**meta["backbone_config"]).short_name if meta.get("backbone_config") else Path(model).name
         threshold = meta["unknown"]["threshold"] if "unknown" in meta else None
-        return Classifier(list(meta["classes"]), engine.image_size, meta.get("resize", "bilinear"), name,
-                          lambda images: split_outputs(as_outputs(engine(images))), threshold)
+        return Classifier(
+            list(meta["classes"]),
+            engine.image_size,
+            meta.get("resize", "bilinear"),
+            name,
+            lambda images: split_outputs(as_outputs(engine(images))),
+            threshold,
+        )
     loaded = load_head(head)
     sources = head_sources(loaded.meta)
     engine = SourcesRuntime(sources, runtime, threads=threads, scratch_dir=scratch_dir, log=log)
@@ -278,5 +334,11 @@ def load_classifier(head: str | os.PathLike | None = None, model: str | os.PathL
         return proba, loaded.unknown_scores(features, proba)
 
     detector = loaded.detector
-    return Classifier(loaded.classes, engine.image_size, engine.resize, name, run,
-                      detector.threshold if detector is not None else None)
+    return Classifier(
+        loaded.classes,
+        engine.image_size,
+        engine.resize,
+        name,
+        run,
+        detector.threshold if detector is not None else None,
+    )

@@ -20,10 +20,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from .artifacts import atomic_write
+from .artifacts import atomic_write, output_dir
 from .backbones import BackboneConfig, build_backbone, preprocess_layer_class
 from .errors import UserError, install_hint
-from .artifacts import output_dir
 from .params import Options, check_params, define
 
 logger = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ class KerasRuntime:
         self.dims = [int(output.shape[-1]) for output in model.outputs]
         self.dim = self.dims[0]
         spec = tf.TensorSpec((None, self.image_size, self.image_size, 3), tf.uint8)
-        self._run = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False),
-                                input_signature=[spec])
+        self._run = tf.function(lambda x: model(tf.cast(x, tf.float32), training=False), input_signature=[spec])
         self(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in the first batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray | list[np.ndarray]:
@@ -122,8 +120,7 @@ class TFLiteRuntime:
         return results if len(results) > 1 else results[0]
 
 
-def convert_to_tflite(model: Any, path: str | os.PathLike, quantize: str = "none",
-                      input_dtype: str = "uint8") -> Path:
+def convert_to_tflite(model: Any, path: str | os.PathLike, quantize: str = "none", input_dtype: str = "uint8") -> Path:
     """Write a Keras model as a TFLite file (batch dimension resizable), atomically.
 
     The model is exported as a SavedModel endpoint first: converting a traced function directly
@@ -138,6 +135,7 @@ def convert_to_tflite(model: Any, path: str | os.PathLike, quantize: str = "none
     with tempfile.TemporaryDirectory() as saved:
         archive = keras.export.ExportArchive()
         archive.track(model)
+
         def serve(x: Any) -> Any:
             outputs = model(tf.cast(x, tf.float32), training=False)
             if isinstance(outputs, (list, tuple)):  # named, so TFLiteRuntime can restore their order
@@ -166,8 +164,12 @@ def gpu_possible() -> bool:
     if not os.path.exists("/proc"):  # not Linux (a Mac's Metal plugin, say): only TensorFlow can tell
         return True
     # NVIDIA's driver, ROCm's compute device, and WSL2's GPU paravirtualisation
-    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.isdir("/proc/driver/nvidia/gpus")
-                or os.path.exists("/dev/kfd") or os.path.exists("/dev/dxg"))
+    return bool(
+        glob.glob("/dev/nvidia[0-9]*")
+        or os.path.isdir("/proc/driver/nvidia/gpus")
+        or os.path.exists("/dev/kfd")
+        or os.path.exists("/dev/dxg")
+    )
 
 
 def has_gpu() -> bool:
@@ -189,20 +191,26 @@ def tflite_from_bytes(model: bytes, threads: int | None = None) -> TFLiteRuntime
     return TFLiteRuntime(path, threads)
 
 
-def tflite_path(config: BackboneConfig, folder: str | os.PathLike,
-                layers: Sequence[str | None] | None = None) -> Path:
+def tflite_path(config: BackboneConfig, folder: str | os.PathLike, layers: Sequence[str | None] | None = None) -> Path:
     """Where the converted backbone of this configuration is cached: named by its fingerprint
     (built for several layers: by the fingerprints of all of them, in order)."""
     if layers is None:
         return Path(folder) / f"{config.short_name}-{config.fingerprint()}.tflite"
     blob = json.dumps([replace(config, layer=layer).fingerprint() for layer in layers]).encode()
-    return Path(folder) / (f"{replace(config, layer=None).short_name}-{len(layers)}layers-"
-                           f"{hashlib.sha256(blob).hexdigest()[:16]}.tflite")
+    return Path(folder) / (
+        f"{replace(config, layer=None).short_name}-{len(layers)}layers-{hashlib.sha256(blob).hexdigest()[:16]}.tflite"
+    )
 
 
-def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str | os.PathLike | None = None,
-                 threads: int | None = None, log: Callable[[str], None] = logger.info,
-                 layers: Sequence[str | None] | None = None) -> Runtime:
+def make_runtime(
+    config: BackboneConfig,
+    kind: str = "auto",
+    *,
+    tflite_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+    log: Callable[[str], None] = logger.info,
+    layers: Sequence[str | None] | None = None,
+) -> Runtime:
     """The runtime for a resolved config: `auto` is TFLite on a machine without a GPU, Keras otherwise.
 
     With layers, one model with an output per layer (see build_backbone), converted and cached as one.
@@ -225,8 +233,10 @@ def make_runtime(config: BackboneConfig, kind: str = "auto", *, tflite_dir: str 
         return TFLiteRuntime(path, threads)
     except Exception as exc:  # the converter raises many kinds for unsupported ops
         if kind == "tflite":
-            raise UserError(f"{config.backbone} could not be converted to TFLite ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}); use --runtime keras.") from None
+            raise UserError(
+                f"{config.backbone} could not be converted to TFLite ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); use --runtime keras."
+            ) from None
         log(f"note: TFLite conversion failed ({type(exc).__name__}); using the Keras runtime.")
         return KerasRuntime(model)
 
@@ -238,14 +248,20 @@ def sidecar_path(model_path: str | os.PathLike) -> Path:
     return Path(model_path).with_name(Path(model_path).name + SIDECAR_SUFFIX)
 
 
-def write_sidecar(model_path: Path, classes: list[str], backbone_config: dict[str, Any],
-                  extra: dict[str, Any]) -> Path:
+def write_sidecar(model_path: Path, classes: list[str], backbone_config: dict[str, Any], extra: dict[str, Any]) -> Path:
     """Class names, input size and resize filter beside the model file."""
     from .artifacts import write_json
 
-    return write_json(sidecar_path(model_path), {"classes": classes, "image_size": backbone_config.get("image_size"),
-                                                 "resize": backbone_config.get("resize", "bilinear"),
-                                                 "backbone_config": backbone_config, **extra})
+    return write_json(
+        sidecar_path(model_path),
+        {
+            "classes": classes,
+            "image_size": backbone_config.get("image_size"),
+            "resize": backbone_config.get("resize", "bilinear"),
+            "backbone_config": backbone_config,
+            **extra,
+        },
+    )
 
 
 def read_sidecar(model_path: str | os.PathLike) -> dict[str, Any]:

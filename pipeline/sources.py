@@ -46,16 +46,28 @@ class Source:
 
 def source_of(cache: FeatureCache) -> Source:
     """The source a loaded cache provides."""
-    return Source(str(Path(cache.path).resolve()), cache.attrs["fingerprint"], json.loads(cache.attrs["config_json"]),
-                  cache.identity, int(cache.features.shape[1]))
+    return Source(
+        str(Path(cache.path).resolve()),
+        cache.attrs["fingerprint"],
+        json.loads(cache.attrs["config_json"]),
+        cache.identity,
+        int(cache.features.shape[1]),
+    )
 
 
 def head_sources(meta: dict[str, Any]) -> list[Source]:
     """The sources a head.json names: its `sources` list, or the single source of a one-cache head."""
     if SOURCES_KEY in meta:
         return [Source(**s) for s in meta[SOURCES_KEY]]
-    return [Source(meta.get("cache_path", ""), meta.get("cache_fingerprint", ""), meta.get("backbone_config", {}),
-                   meta.get("identity", {}), int(meta.get("feature_dim", 0)))]
+    return [
+        Source(
+            meta.get("cache_path", ""),
+            meta.get("cache_fingerprint", ""),
+            meta.get("backbone_config", {}),
+            meta.get("identity", {}),
+            int(meta.get("feature_dim", 0)),
+        )
+    ]
 
 
 def combined_fingerprint(fingerprints: Sequence[str]) -> str:
@@ -75,8 +87,9 @@ def combine(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.asarray(parts[0]) if len(parts) == 1 else np.hstack([unit_rows(p) for p in parts])
 
 
-def join_caches(paths: Sequence[str | os.PathLike], log: Callable[[str], None] = logger.info) -> tuple[FeatureCache,
-                                                                                                   list[Source]]:
+def join_caches(
+    paths: Sequence[str | os.PathLike], log: Callable[[str], None] = logger.info
+) -> tuple[FeatureCache, list[Source]]:
     """The caches at paths loaded and joined (see join)."""
     return join([load(p) for p in paths], log)
 
@@ -93,28 +106,40 @@ def join(caches: Sequence[FeatureCache], log: Callable[[str], None] = logger.inf
     first = caches[0]
     for other in caches[1:]:
         if other.class_names != first.class_names:
-            raise UserError(f"{other.path} has classes {other.class_names}, {first.path} has {first.class_names}; "
-                            "give caches of one dataset (extract each backbone or layer on the same folder).")
+            raise UserError(
+                f"{other.path} has classes {other.class_names}, {first.path} has {first.class_names}; "
+                "give caches of one dataset (extract each backbone or layer on the same folder)."
+            )
     rows_of = [{h: i for i, h in enumerate(c.content_hash)} for c in caches[1:]]
     rows = np.array([i for i, h in enumerate(first.content_hash) if all(h in r for r in rows_of)], np.int64)
     every = set(first.content_hash).union(*(c.content_hash for c in caches[1:]))
     kept = {first.content_hash[i] for i in rows}
     if len(rows) == 0:
-        raise UserError(f"no image is in all of {', '.join(str(c.path) for c in caches)}; give caches of one "
-                        "dataset.")
-    log(f"joined {len(caches)} feature sources: {len(kept)} images in all of them, "
-        f"{len(every) - len(kept)} dropped (not in every cache)")
+        raise UserError(f"no image is in all of {', '.join(str(c.path) for c in caches)}; give caches of one dataset.")
+    log(
+        f"joined {len(caches)} feature sources: {len(kept)} images in all of them, "
+        f"{len(every) - len(kept)} dropped (not in every cache)"
+    )
     hashes = [first.content_hash[i] for i in rows]
     parts = [first.features[rows]] + [c.features[[r[h] for h in hashes]] for c, r in zip(caches[1:], rows_of)]
     attrs = {**first.attrs, "fingerprint": combined_fingerprint([s.cache_fingerprint for s in sources])}
-    joined = replace(first, path=Path("+".join(Path(c.path).stem for c in caches)), features=combine(parts),
-                     labels=first.labels[rows], paths=[first.paths[i] for i in rows], content_hash=hashes,
-                     split=[first.split[i] for i in rows], runtime=[first.runtime[i] for i in rows], attrs=attrs)
+    joined = replace(
+        first,
+        path=Path("+".join(Path(c.path).stem for c in caches)),
+        features=combine(parts),
+        labels=first.labels[rows],
+        paths=[first.paths[i] for i in rows],
+        content_hash=hashes,
+        split=[first.split[i] for i in rows],
+        runtime=[first.runtime[i] for i in rows],
+        attrs=attrs,
+    )
     return joined, sources
 
 
-def cached_features(sources: Sequence[Source], hashes: Sequence[str],
-                    log: Callable[[str], None] = logger.info) -> dict[str, np.ndarray]:
+def cached_features(
+    sources: Sequence[Source], hashes: Sequence[str], log: Callable[[str], None] = logger.info
+) -> dict[str, np.ndarray]:
     """Combined features of the images that every source's cache holds (the caches only save work: a cache
     that moved, broke or changed is passed over, and its images go through the backbones)."""
     found: list[dict[str, np.ndarray]] = []
@@ -143,9 +168,11 @@ def _backbones(sources: Sequence[Source]) -> list[tuple[Any, list[int]]]:
         config = BackboneConfig(**source.backbone_config).resolved()
         identity = config.identity()
         if identity != source.identity:
-            raise UserError(f"the head was trained on other features than backbone {config.backbone} gives "
-                            f"({describe_mismatch(source.identity, identity)}; source {source.cache_path}). "
-                            "Fit a head on a cache of this configuration.")
+            raise UserError(
+                f"the head was trained on other features than backbone {config.backbone} gives "
+                f"({describe_mismatch(source.identity, identity)}; source {source.cache_path}). "
+                "Fit a head on a cache of this configuration."
+            )
         key = replace(config, layer=None).fingerprint()
         groups.setdefault(key, (config, []))[1].append(k)
     return list(groups.values())
@@ -169,8 +196,15 @@ class SourcesRuntime:
     """Raw pixels to a head's features: each backbone once per batch (all of its layers from one forward pass),
     fed a resized copy where its input is smaller than the head's; sources combined as at fit time."""
 
-    def __init__(self, sources: Sequence[Source], kind: str = "auto", *, threads: int | None = None,
-                 scratch_dir: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info) -> None:
+    def __init__(
+        self,
+        sources: Sequence[Source],
+        kind: str = "auto",
+        *,
+        threads: int | None = None,
+        scratch_dir: str | os.PathLike | None = None,
+        log: Callable[[str], None] = logger.info,
+    ) -> None:
         from .runtime import make_runtime, tflite_path
 
         self.sources = list(sources)
@@ -225,8 +259,13 @@ def build_feature_model(sources: Sequence[Source]) -> Any:
         layers = [sources[k].backbone_config.get("layer") for k in members]
         inner = build_backbone(replace(config, layer=None), layers)
         branch = keras.Model(inner.inputs, inner.outputs, name=f"backbone_{g}")
-        x = inputs if config.image_size == size else keras.layers.Resizing(
-            config.image_size, config.image_size, interpolation=interpolation, name=f"resize_{g}")(inputs)
+        x = (
+            inputs
+            if config.image_size == size
+            else keras.layers.Resizing(
+                config.image_size, config.image_size, interpolation=interpolation, name=f"resize_{g}"
+            )(inputs)
+        )
         outputs = branch(x)
         for k, features in zip(members, outputs if isinstance(outputs, (list, tuple)) else [outputs]):
             out[k] = keras.layers.UnitNormalization(axis=-1, name=f"source_{k}_l2")(features)

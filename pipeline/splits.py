@@ -91,8 +91,9 @@ def grouped_stratified_split(labels: np.ndarray, group: np.ndarray, fraction: fl
     return np.isin(group, held_out)
 
 
-def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
-               near_duplicates: Sequence[tuple[int, int]] = ()) -> Split:
+def split_rows(
+    cache: FeatureCache, test_size: float = 0.2, seed: int = 0, near_duplicates: Sequence[tuple[int, int]] = ()
+) -> Split:
     """Folder splits when the cache has them, else a stratified split by seed over duplicate groups.
 
     near_duplicates: pairs of rows to keep together as well (fit-head --group-near-duplicates).
@@ -111,8 +112,10 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
     notes = []
     conflicts = [rows for rows in duplicates.values() if len(set(labels[rows])) > 1]
     if conflicts:
-        notes.append(f"{len(conflicts)} groups of identical files carry different labels, e.g. "
-                     + " | ".join(cache.paths[r] for r in conflicts[0]))
+        notes.append(
+            f"{len(conflicts)} groups of identical files carry different labels, e.g. "
+            + " | ".join(cache.paths[r] for r in conflicts[0])
+        )
     test_name = "test" if (split == "test").any() else "val" if (split == "val").any() else ""
     if test_name:
         train = np.flatnonzero((split != test_name) & (split != ""))
@@ -120,21 +123,39 @@ def split_rows(cache: FeatureCache, test_size: float = 0.2, seed: int = 0,
         leaked = [rows for rows in duplicates.values() if len({s == test_name for s in split[rows]}) > 1]
         source = f"folders ({test_name} is the test part)"
         if leaked:
-            notes.append(f"LEAKAGE: {len(leaked)} groups of {kind} files span the {test_name} folder and "
-                         "the training folders, e.g. "
-                         + " | ".join(cache.paths[r] for r in leaked[0]) + "; fix the folders to trust the test score.")
+            notes.append(
+                f"LEAKAGE: {len(leaked)} groups of {kind} files span the {test_name} folder and "
+                "the training folders, e.g. "
+                + " | ".join(cache.paths[r] for r in leaked[0])
+                + "; fix the folders to trust the test score."
+            )
         return Split(train, test, source, group, notes, n_exact, len(leaked), n_near)
     in_test = grouped_stratified_split(labels, group, test_size, seed)
     if duplicates:
-        notes.append(f"{len(duplicates)} groups of {kind} files "
-                     f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split.")
-    return Split(np.flatnonzero(~in_test), np.flatnonzero(in_test),
-                 f"stratified by class, test_size {test_size}, seed {seed}, duplicates grouped",
-                 group, notes, n_exact, 0, n_near)
+        notes.append(
+            f"{len(duplicates)} groups of {kind} files "
+            f"({sum(len(r) for r in duplicates.values())} files) kept on one side of the split."
+        )
+    return Split(
+        np.flatnonzero(~in_test),
+        np.flatnonzero(in_test),
+        f"stratified by class, test_size {test_size}, seed {seed}, duplicates grouped",
+        group,
+        notes,
+        n_exact,
+        0,
+        n_near,
+    )
 
 
-def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, class_names: Sequence[str],
-              log: Callable[[str], None] = logger.info) -> list[tuple[np.ndarray, np.ndarray]]:
+def cv_splits(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    n_splits: int,
+    seed: int,
+    class_names: Sequence[str],
+    log: Callable[[str], None] = logger.info,
+) -> list[tuple[np.ndarray, np.ndarray]]:
     """Stratified, duplicate-grouped K-fold over the training part; fewer folds if a class is small."""
     from sklearn.model_selection import StratifiedGroupKFold
 
@@ -143,18 +164,24 @@ def cv_splits(labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int, 
     if len(present) < 2:
         raise UserError("the training part holds one class only; a classifier needs at least two.")
     if missing:
-        raise UserError(f"class {', '.join(missing)} has no training images (only test images, or none "
-                        "readable); add training images or remove the class folder.")
+        raise UserError(
+            f"class {', '.join(missing)} has no training images (only test images, or none "
+            "readable); add training images or remove the class folder."
+        )
     # folds split groups of identical files, so what limits them is distinct images per class
     distinct = {c: len(np.unique(groups[labels == c])) for c in present}
     smallest_class = min(distinct, key=distinct.get)
     smallest = distinct[smallest_class]
     if smallest < 2:
-        raise UserError(f"class {class_names[smallest_class]} has {smallest} distinct training image; "
-                        "cross-validation needs at least 2 per class: add images or remove the class folder.")
+        raise UserError(
+            f"class {class_names[smallest_class]} has {smallest} distinct training image; "
+            "cross-validation needs at least 2 per class: add images or remove the class folder."
+        )
     if smallest < n_splits:
-        log(f"note: class {class_names[smallest_class]} has {smallest} distinct training images, so CV uses "
-            f"{smallest} folds instead of {n_splits}.")
+        log(
+            f"note: class {class_names[smallest_class]} has {smallest} distinct training images, so CV uses "
+            f"{smallest} folds instead of {n_splits}."
+        )
         n_splits = smallest
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels, groups))
@@ -170,15 +197,24 @@ class Parts:
     source: str
 
 
-def finetune_parts(cache: FeatureCache, test_size: float, val_size: float, seed: int,
-                   near_duplicates: Sequence[tuple[int, int]] = ()) -> Parts:
+def finetune_parts(
+    cache: FeatureCache, test_size: float, val_size: float, seed: int, near_duplicates: Sequence[tuple[int, int]] = ()
+) -> Parts:
     """fit-head's train/test split (near_duplicates: row pairs kept together, as fit-head's); validation is the
     `val` folder, or carved from training by seed."""
     split = split_rows(cache, test_size, seed, near_duplicates)
     folders = np.asarray(cache.split)
     if split.source.startswith("folders") and (folders == "val").any() and (folders == "test").any():
-        return Parts(np.flatnonzero(folders == "train"), np.flatnonzero(folders == "val"), split.test,
-                     split.source + "; val folder validates")
+        return Parts(
+            np.flatnonzero(folders == "train"),
+            np.flatnonzero(folders == "val"),
+            split.test,
+            split.source + "; val folder validates",
+        )
     held = grouped_stratified_split(cache.labels[split.train], split.group[split.train], val_size, seed)
-    return Parts(split.train[~held], split.train[held], split.test,
-                 split.source + f"; validation carved from training (val_size {val_size})")
+    return Parts(
+        split.train[~held],
+        split.train[held],
+        split.test,
+        split.source + f"; validation carved from training (val_size {val_size})",
+    )

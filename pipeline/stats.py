@@ -6,11 +6,11 @@ every score carries a 95% interval, and two methods are compared on the same ima
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from typing import Callable
 
 import numpy as np
 
-Metric = Union[str, Callable[[np.ndarray, np.ndarray], float]]
+Metric = str | Callable[[np.ndarray, np.ndarray], float]
 VECTOR_METRICS = ("accuracy", "balanced_accuracy", "macro_f1")
 
 
@@ -81,8 +81,15 @@ def _percentiles(values: np.ndarray, confidence: float) -> list[float]:
     return [float(low), float(high)]
 
 
-def bootstrap_interval(y_true: np.ndarray, y_pred: np.ndarray, metric: Metric, n_resamples: int = 1000,
-                       seed: int = 0, confidence: float = 0.95, n_classes: int | None = None) -> list[float]:
+def bootstrap_interval(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    metric: Metric,
+    n_resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_classes: int | None = None,
+) -> list[float]:
     """Percentile bootstrap interval of metric over test images resampled with replacement.
 
     metric: "accuracy", "balanced_accuracy" or "macro_f1" (vectorised over resamples), or any
@@ -102,8 +109,14 @@ def bootstrap_interval(y_true: np.ndarray, y_pred: np.ndarray, metric: Metric, n
     return _percentiles(values, confidence)
 
 
-def metric_intervals(y_true: np.ndarray, y_pred: np.ndarray, n_classes: int, seed: int = 0,
-                     confidence: float = 0.95, n_resamples: int = 1000) -> dict[str, list[float]]:
+def metric_intervals(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    n_classes: int,
+    seed: int = 0,
+    confidence: float = 0.95,
+    n_resamples: int = 1000,
+) -> dict[str, list[float]]:
     """95% intervals for metrics.json: Wilson for accuracy, one shared bootstrap for the other two."""
     y_true, y_pred = np.asarray(y_true, dtype=np.int64), np.asarray(y_pred, dtype=np.int64)
     correct = int((y_true == y_pred).sum())
@@ -137,8 +150,7 @@ def format_p(p_value: float) -> str:
     return f"{p_value:.2f}" if p_value >= 0.01 else f"{p_value:.2g}"
 
 
-def paired_verdict(name_a: str, name_b: str, correct_a: np.ndarray, correct_b: np.ndarray,
-                   alpha: float = 0.05) -> str:
+def paired_verdict(name_a: str, name_b: str, correct_a: np.ndarray, correct_b: np.ndarray, alpha: float = 0.05) -> str:
     """One line: 'fine-tune vs logreg: +1 image of 193, p = 1.00: no evidence'."""
     test = mcnemar_exact(correct_a, correct_b)
     gain = test["a_only"] - test["b_only"]

@@ -18,9 +18,15 @@ from .errors import UserError
 
 STORAGE_OPTIONS_ENV = "CNNCODES_STORAGE_OPTIONS"
 # (package, what to pip install) for each protocol's fsspec implementation; the project's extra where it has one
-PROTOCOL_INSTALL = {"s3": ("s3fs", "cnncodes[s3]"), "s3a": ("s3fs", "cnncodes[s3]"), "gs": ("gcsfs", "gcsfs"),
-                    "gcs": ("gcsfs", "gcsfs"), "az": ("adlfs", "adlfs"), "abfs": ("adlfs", "adlfs"),
-                    "abfss": ("adlfs", "adlfs")}
+PROTOCOL_INSTALL = {
+    "s3": ("s3fs", "cnncodes[s3]"),
+    "s3a": ("s3fs", "cnncodes[s3]"),
+    "gs": ("gcsfs", "gcsfs"),
+    "gcs": ("gcsfs", "gcsfs"),
+    "az": ("adlfs", "adlfs"),
+    "abfs": ("adlfs", "adlfs"),
+    "abfss": ("adlfs", "adlfs"),
+}
 # objects fetched at once: an object store answers each request after a round trip, not a disk seek
 FETCH_BATCH = 64
 IO_THREADS = 16  # threads that wait on object reads (they hold no core while they wait)
@@ -58,8 +64,10 @@ def storage_options(given: str | Mapping[str, Any] | None = None) -> dict[str, A
     try:
         options = json.loads(text)
     except json.JSONDecodeError as exc:  # the position only: the text may hold a secret
-        raise UserError(f"{where} is not valid JSON (at character {exc.pos}); give a JSON object such as "
-                        '\'{"endpoint_url": "http://127.0.0.1:9000"}\'.') from None
+        raise UserError(
+            f"{where} is not valid JSON (at character {exc.pos}); give a JSON object such as "
+            '\'{"endpoint_url": "http://127.0.0.1:9000"}\'.'
+        ) from None
     if not isinstance(options, dict):
         raise UserError(f"{where} must be a JSON object of fsspec options, not a {type(options).__name__}.")
     return options
@@ -79,16 +87,21 @@ def filesystem(url: str, options: Mapping[str, Any] | None = None) -> tuple[Any,
         return fsspec.core.url_to_fs(url, **storage_options(options))
     except ImportError:
         package, install = PROTOCOL_INSTALL.get(scheme, (f"the fsspec package for {scheme}://", scheme))
-        raise UserError(f"{url}: reading {scheme}:// needs {package}, which is not installed: "
-                        f"pip install '{install}'.") from None
+        raise UserError(
+            f"{url}: reading {scheme}:// needs {package}, which is not installed: pip install '{install}'."
+        ) from None
     except ValueError as exc:
         if "protocol" in str(exc).lower():
-            raise UserError(f"{url}: unknown storage protocol {scheme}://; use a local path or s3://, gs://, "
-                            "az:// (see docs/scale-out.md).") from None
+            raise UserError(
+                f"{url}: unknown storage protocol {scheme}://; use a local path or s3://, gs://, "
+                "az:// (see docs/scale-out.md)."
+            ) from None
         raise UserError(f"{url}: not a usable URL ({exc}).") from None
     except TypeError as exc:  # an option the filesystem's constructor does not take
-        raise UserError(f"{url}: the storage options are not accepted by {scheme}:// ({exc}); see "
-                        f"--storage-options and ${STORAGE_OPTIONS_ENV}.") from None
+        raise UserError(
+            f"{url}: the storage options are not accepted by {scheme}:// ({exc}); see "
+            f"--storage-options and ${STORAGE_OPTIONS_ENV}."
+        ) from None
 
 
 def access_error(url: str, exc: BaseException) -> UserError:
@@ -96,15 +109,21 @@ def access_error(url: str, exc: BaseException) -> UserError:
     if isinstance(exc, UserError):
         return exc
     if isinstance(exc, FileNotFoundError):
-        return UserError(f"{url} does not exist (no such bucket, or nothing under that prefix); check the URL and, "
-                         "for another S3 endpoint, AWS_ENDPOINT_URL or the storage option endpoint_url.")
+        return UserError(
+            f"{url} does not exist (no such bucket, or nothing under that prefix); check the URL and, "
+            "for another S3 endpoint, AWS_ENDPOINT_URL or the storage option endpoint_url."
+        )
     if isinstance(exc, PermissionError):
-        return UserError(f"{url}: access denied ({exc.__class__.__name__}); check the credentials (for s3://: "
-                         f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or --storage-options, "
-                         f"${STORAGE_OPTIONS_ENV}).")
+        return UserError(
+            f"{url}: access denied ({exc.__class__.__name__}); check the credentials (for s3://: "
+            f"AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE, or --storage-options, "
+            f"${STORAGE_OPTIONS_ENV})."
+        )
     reason = str(exc).splitlines()[0][:200] if str(exc) else ""
-    return UserError(f"{url}: the object store could not be read ({type(exc).__name__}: {reason}); check the URL, "
-                     "the endpoint (AWS_ENDPOINT_URL or storage option endpoint_url) and the network.")
+    return UserError(
+        f"{url}: the object store could not be read ({type(exc).__name__}: {reason}); check the URL, "
+        "the endpoint (AWS_ENDPOINT_URL or storage option endpoint_url) and the network."
+    )
 
 
 def open_binary(path: Location, options: Mapping[str, Any] | None = None) -> IO[bytes]:
@@ -123,13 +142,15 @@ def read_bytes(path: Location, options: Mapping[str, Any] | None = None) -> byte
     return local_path(path).read_bytes()
 
 
-def read_many(paths: Sequence[Location], options: Mapping[str, Any] | None = None,
-              threads: int = 1) -> Iterator[bytes | OSError]:
+def read_many(
+    paths: Sequence[Location], options: Mapping[str, Any] | None = None, threads: int = 1
+) -> Iterator[bytes | OSError]:
     """The bytes of each path, in order (an OSError in place of one that cannot be read).
 
     Objects are fetched FETCH_BATCH at a time concurrently (one round trip each, overlapped); local files
     are read on `threads` threads.
     """
+
     def one(path: Location) -> bytes | OSError:
         try:
             return read_bytes(path, options)
@@ -146,7 +167,7 @@ def read_many(paths: Sequence[Location], options: Mapping[str, Any] | None = Non
         return
     fs, _ = filesystem(remote[0], options)
     for start in range(0, len(paths), FETCH_BATCH):
-        batch = [os.fspath(p) for p in paths[start:start + FETCH_BATCH]]
+        batch = [os.fspath(p) for p in paths[start : start + FETCH_BATCH]]
         if not all(is_url(p) for p in batch):
             yield from map(one, batch)
             continue
@@ -173,8 +194,9 @@ def list_tree(url: str, options: Mapping[str, Any] | None = None) -> tuple[str, 
     try:
         found = fs.find(root, withdirs=True, detail=True)
         if not found and fs.isfile(root):
-            raise UserError(f"{url} is an object, not a folder; expected DATA_DIR/CLASS/*.jpg "
-                            "(one sub-folder per class).")
+            raise UserError(
+                f"{url} is an object, not a folder; expected DATA_DIR/CLASS/*.jpg (one sub-folder per class)."
+            )
     except Exception as exc:  # noqa: BLE001 (the first request: any failure of the store is the user's to fix)
         raise access_error(url, exc) from None
     files, dirs = [], set()
@@ -183,7 +205,7 @@ def list_tree(url: str, options: Mapping[str, Any] | None = None) -> tuple[str, 
         name = name.rstrip("/")
         if not name.startswith(prefix):
             continue
-        rel = name[len(prefix):]
+        rel = name[len(prefix) :]
         if info.get("type") == "directory":
             dirs.add(rel)
         else:

@@ -53,12 +53,15 @@ def default_workers(remote: bool = False) -> int:
     return max(os.cpu_count() or 2, IO_THREADS if remote else 1)
 
 
-def hash_files(paths: Sequence[Path | str], workers: int | None = None,
-               storage_options: StorageOptions = None) -> list[str | Exception]:
+def hash_files(
+    paths: Sequence[Path | str], workers: int | None = None, storage_options: StorageOptions = None
+) -> list[str | Exception]:
     """sha256 of each file or object, in parallel; an unreadable one gives its exception instead."""
     if any(is_url(p) for p in paths):  # objects come whole, many at once: hash the bytes that came
-        return [hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else data
-                for data in read_many(paths, storage_options)]
+        return [
+            hashlib.sha256(data).hexdigest() if isinstance(data, bytes) else data
+            for data in read_many(paths, storage_options)
+        ]
 
     def one(path: Path | str) -> str | Exception:
         try:
@@ -70,8 +73,9 @@ def hash_files(paths: Sequence[Path | str], workers: int | None = None,
         return list(pool.map(one, paths))
 
 
-def decode_file(source: str | os.PathLike | bytes, size: int, resize: str,
-                storage_options: StorageOptions = None) -> np.ndarray | str:
+def decode_file(
+    source: str | os.PathLike | bytes, size: int, resize: str, storage_options: StorageOptions = None
+) -> np.ndarray | str:
     """One file (a path, an object's URL or the bytes) through the project's decoder: uint8 (size, size, 3), or
     the reason it failed (never raises)."""
     if isinstance(source, (str, os.PathLike)) and is_url(source):
@@ -111,9 +115,14 @@ class Batch:
         return self.outputs[0]
 
 
-def stream_features(files: Iterable[ImageFile], runtime: Runtime, resize: str = "bilinear",
-                    batch_size: int = 32, workers: int | None = None,
-                    storage_options: StorageOptions = None) -> Iterator[Batch]:
+def stream_features(
+    files: Iterable[ImageFile],
+    runtime: Runtime,
+    resize: str = "bilinear",
+    batch_size: int = 32,
+    workers: int | None = None,
+    storage_options: StorageOptions = None,
+) -> Iterator[Batch]:
     """Decode files on a thread pool (a few batches ahead) while the runtime infers the current batch."""
     size = runtime.image_size
     empty = [np.empty((0, d), np.float32) for d in output_dims(runtime)]
@@ -123,6 +132,7 @@ def stream_features(files: Iterable[ImageFile], runtime: Runtime, resize: str = 
     source = chain([first] if first is not None else [], source)
     buffer = np.empty((batch_size, size, size, 3), np.uint8)
     with ThreadPoolExecutor(workers or default_workers(first is not None and is_url(first.path))) as pool:
+
         def submit(items: Iterable[ImageFile]) -> None:
             pending.extend((f, pool.submit(decode_file, f.path, size, resize, storage_options)) for f in items)
 
@@ -140,7 +150,7 @@ def stream_features(files: Iterable[ImageFile], runtime: Runtime, resize: str = 
                     batch.files.append(file)
                 if len(batch.files) == batch_size or not pending:
                     if batch.files:
-                        batch.outputs = as_outputs(runtime(buffer[:len(batch.files)]))
+                        batch.outputs = as_outputs(runtime(buffer[: len(batch.files)]))
                     yield batch
                     batch = Batch([], empty)
         finally:
@@ -181,8 +191,9 @@ def checked_decode(data: bytes | OSError, content_hash: str, size: int, resize: 
     return decode_file(data, size, resize)
 
 
-def read_and_decode(path: str, content_hash: str, size: int, resize: str,
-                    storage_options: StorageOptions = None) -> np.ndarray | str:
+def read_and_decode(
+    path: str, content_hash: str, size: int, resize: str, storage_options: StorageOptions = None
+) -> np.ndarray | str:
     """Decode the bytes of path (a file or an object) if they still hash to content_hash; else the reason.
 
     For a worker that reads a file later than the scan hashed it (a Ray task, maybe on another node):
@@ -195,13 +206,22 @@ def read_columns(columns: dict[str, np.ndarray], storage_options: StorageOptions
     """{HASH, PATH} in; {HASH, PATH, BYTES, ERROR (why BYTES is empty)} out: the files read where they are, for
     decoders on machines that cannot read them."""
     data = list(read_many([str(p) for p in columns[PATH]], storage_options))
-    return {HASH: np.asarray(columns[HASH]).astype(str), PATH: np.asarray(columns[PATH]).astype(str),
-            BYTES: np.array([d if isinstance(d, bytes) else b"" for d in data], dtype=object),
-            ERROR: np.array([str(d) if isinstance(d, OSError) else "" for d in data], dtype=str)}
+    return {
+        HASH: np.asarray(columns[HASH]).astype(str),
+        PATH: np.asarray(columns[PATH]).astype(str),
+        BYTES: np.array([d if isinstance(d, bytes) else b"" for d in data], dtype=object),
+        ERROR: np.array([str(d) if isinstance(d, OSError) else "" for d in data], dtype=str),
+    }
 
 
-def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, workers: int | None = 1,
-                   verify_hash: bool = False, storage_options: StorageOptions = None) -> dict[str, np.ndarray]:
+def decode_columns(
+    columns: dict[str, np.ndarray],
+    size: int,
+    resize: str,
+    workers: int | None = 1,
+    verify_hash: bool = False,
+    storage_options: StorageOptions = None,
+) -> dict[str, np.ndarray]:
     """The mapper's decode half: {HASH, PATH[, BYTES, ERROR]} in; {HASH, ERROR ('' when fine), IMAGE (zeros
     where ERROR)} out.
 
@@ -229,8 +249,7 @@ def decode_columns(columns: dict[str, np.ndarray], size: int, resize: str, worke
     for k, image in enumerate(decoded):
         if not isinstance(image, str):
             images[k] = image
-    return {HASH: hashes, ERROR: np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str),
-            IMAGE: images}
+    return {HASH: hashes, ERROR: np.array([d if isinstance(d, str) else "" for d in decoded], dtype=str), IMAGE: images}
 
 
 class FeatureMapper:
@@ -261,9 +280,12 @@ class FeatureMapper:
         if ok.any():
             for out, values in zip(outputs, as_outputs(self.runtime(np.asarray(columns[IMAGE])[ok]))):
                 out[ok] = values
-        return {HASH: np.asarray(columns[HASH]).astype(str), ERROR: errors,
-                RUNTIME: np.full(len(errors), self.runtime.name),
-                **{features_column(k): out for k, out in enumerate(outputs)}}
+        return {
+            HASH: np.asarray(columns[HASH]).astype(str),
+            ERROR: errors,
+            RUNTIME: np.full(len(errors), self.runtime.name),
+            **{features_column(k): out for k, out in enumerate(outputs)},
+        }
 
 
 # -- WRITER ----------------------------------------------------------------------------------------
@@ -309,8 +331,11 @@ class FeatureSink:
         ok = np.array([not e for e in errors], bool)
         if ok.any():
             runtime = str(np.asarray(columns[RUNTIME])[ok][0])
-            self.write([h for h, good in zip(hashes, ok) if good],
-                       [np.asarray(columns[features_column(k)])[ok] for k in range(len(self.writers))], runtime)
+            self.write(
+                [h for h, good in zip(hashes, ok) if good],
+                [np.asarray(columns[features_column(k)])[ok] for k in range(len(self.writers))],
+                runtime,
+            )
         return len(hashes)
 
 
@@ -333,9 +358,18 @@ def progress_bar(total: int, enabled: bool) -> Any:
     return tqdm(total=total, unit="img", disable=not enabled, dynamic_ncols=True)
 
 
-def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: FeatureSink, *, resize: str = "bilinear",
-              batch_size: int = 32, workers: int | None = None, progress: bool = True,
-              log: Callable[[str], None] = logger.info, storage_options: StorageOptions = None) -> RunResult:
+def run_local(
+    tasks: Sequence[Task],
+    make_runtime: RuntimeFactory,
+    sink: FeatureSink,
+    *,
+    resize: str = "bilinear",
+    batch_size: int = 32,
+    workers: int | None = None,
+    progress: bool = True,
+    log: Callable[[str], None] = logger.info,
+    storage_options: StorageOptions = None,
+) -> RunResult:
     """One runtime in this process, decoding on a thread pool a few batches ahead of it."""
     runtime = make_runtime()
     log(f"extracting {len(tasks)} new images with {runtime.name}")
@@ -359,4 +393,3 @@ def run_local(tasks: Sequence[Task], make_runtime: RuntimeFactory, sink: Feature
         bar.close()
         result.seconds = time.perf_counter() - started
     return result
-

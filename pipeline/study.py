@@ -17,13 +17,27 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .artifacts import PREDICTIONS_CSV, output_dir, paired_outcomes, predictions_from_rows, read_predictions, staged_folder
+from .artifacts import (
+    PREDICTIONS_CSV,
+    output_dir,
+    paired_outcomes,
+    predictions_from_rows,
+    read_predictions,
+    staged_folder,
+)
 from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
 from .extract import extract_layers
-from .heads import (CLASSIFIERS, NEAR_DUPLICATES, fit_on_split, near_duplicate_hash_pairs, near_duplicate_metrics,
-                    save_head, split_with_test)
+from .heads import (
+    CLASSIFIERS,
+    NEAR_DUPLICATES,
+    fit_on_split,
+    near_duplicate_hash_pairs,
+    near_duplicate_metrics,
+    save_head,
+    split_with_test,
+)
 from .images import Dataset, scan_dataset
 from .params import Interval, Options, ParamError, check_params, define
 from .sources import join
@@ -60,9 +74,18 @@ class Outcome:
     near_duplicates: dict[str, Any] = field(default_factory=dict)  # what metrics.json records of the grouping
 
 
-def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int, test_size: float,
-               log: Callable[[str], None], near_pairs: Sequence[tuple[str, str]] = (),
-               views_of: Callable[[list[str]], np.ndarray] | None = None) -> Outcome:
+def fit_config(
+    cache: FeatureCache,
+    clf: str,
+    *,
+    cv: int,
+    n_jobs: int,
+    seed: int,
+    test_size: float,
+    log: Callable[[str], None],
+    near_pairs: Sequence[tuple[str, str]] = (),
+    views_of: Callable[[list[str]], np.ndarray] | None = None,
+) -> Outcome:
     """fit-head on one feature set: C chosen by grouped CV on the training part, then the test score.
 
     near_pairs: content-hash pairs of near-duplicates to keep on one side (found once per study).
@@ -77,11 +100,19 @@ def fit_config(cache: FeatureCache, clf: str, *, cv: int, n_jobs: int, seed: int
     proba = fitted.model.predict_proba(X[split.test])
     head_ms = 1000 * (time.perf_counter() - start) / len(split.test)
     correct = int((proba.argmax(1) == y[split.test]).sum())
-    row = {"head": clf, "cv_accuracy": fitted.cv_score, "cv_folds": fitted.cv_folds,
-           "best_params": fitted.best_params, "test_accuracy": correct / len(split.test),
-           "test_ci": list(wilson_interval(correct, len(split.test))), "n_train": int(len(split.train)),
-           "n_test": int(len(split.test)), "fit_seconds": fitted.fit_seconds, "feature_dim": int(X.shape[1]),
-           "cache": str(cache.path)}
+    row = {
+        "head": clf,
+        "cv_accuracy": fitted.cv_score,
+        "cv_folds": fitted.cv_folds,
+        "best_params": fitted.best_params,
+        "test_accuracy": correct / len(split.test),
+        "test_ci": list(wilson_interval(correct, len(split.test))),
+        "n_train": int(len(split.train)),
+        "n_test": int(len(split.test)),
+        "fit_seconds": fitted.fit_seconds,
+        "feature_dim": int(X.shape[1]),
+        "cache": str(cache.path),
+    }
     return Outcome(row, fitted, cache, split, proba, head_ms)
 
 
@@ -91,23 +122,39 @@ def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
     eligible = [k for k, r in enumerate(rows) if r.get("cv_accuracy") is not None]
     if not eligible:
         return None
-    return min(eligible, key=lambda k: (-round(rows[k]["cv_accuracy"], 12), rows[k]["infer_ms_per_image"],
-                                        rows[k]["model_mb"], k))
+    return min(
+        eligible,
+        key=lambda k: (-round(rows[k]["cv_accuracy"], 12), rows[k]["infer_ms_per_image"], rows[k]["model_mb"], k),
+    )
 
 
 def save_outcome(folder: Path, outcome: Outcome) -> None:
     """A configuration as a normal head folder (predict, export and compare take it as it is)."""
-    save_head(folder, outcome.fitted, outcome.cache, outcome.split, outcome.test_proba,
-              {"selected_by": "cnncodes study: CV accuracy on the training part", **outcome.near_duplicates},
-              test_features=outcome.cache.features[outcome.split.test], sources=outcome.sources)
+    save_head(
+        folder,
+        outcome.fitted,
+        outcome.cache,
+        outcome.split,
+        outcome.test_proba,
+        {"selected_by": "cnncodes study: CV accuracy on the training part", **outcome.near_duplicates},
+        test_features=outcome.cache.features[outcome.split.test],
+        sources=outcome.sources,
+    )
 
 
 def paired_test(winner: Outcome, folder: Path) -> tuple[dict[str, Any], str]:
     """A fine-tuning run vs the winner head on the test images both scored."""
     run = read_predictions(folder / PREDICTIONS_CSV)
     cache = winner.cache
-    head = predictions_from_rows(winner.split.test, winner.test_proba, cache.paths, cache.content_hash,
-                                 cache.split, cache.labels, cache.class_names)
+    head = predictions_from_rows(
+        winner.split.test,
+        winner.test_proba,
+        cache.paths,
+        cache.content_hash,
+        cache.split,
+        cache.labels,
+        cache.class_names,
+    )
     a, b = paired_outcomes(run, head)
     return mcnemar_exact(a, b), paired_verdict("fine-tune", "winner head", a, b)
 
@@ -168,10 +215,25 @@ class StudyResult:
 class Study:
     """The state of one study run: plans, rows so far, the budget; run() does the work in cost order."""
 
-    def __init__(self, dataset: Dataset, plans: list[Plan], tokens: list[str], clfs: list[str], *,
-                 budget_minutes: float | None, seed: int, test_size: float, cv: int, n_jobs: int, runtime: str,
-                 cache_dir: str | Path | None, log: Callable[[str], None], near_duplicates: float = NEAR_DUPLICATES,
-                 ensembles: bool = False, views: ViewRecipe | None = None) -> None:
+    def __init__(
+        self,
+        dataset: Dataset,
+        plans: list[Plan],
+        tokens: list[str],
+        clfs: list[str],
+        *,
+        budget_minutes: float | None,
+        seed: int,
+        test_size: float,
+        cv: int,
+        n_jobs: int,
+        runtime: str,
+        cache_dir: str | Path | None,
+        log: Callable[[str], None],
+        near_duplicates: float = NEAR_DUPLICATES,
+        ensembles: bool = False,
+        views: ViewRecipe | None = None,
+    ) -> None:
         self.dataset, self.plans, self.tokens, self.clfs = dataset, plans, tokens, clfs
         self.near_threshold, self.ensembles, self.views = near_duplicates or 0.0, ensembles, views
         self.near_pairs: list[tuple[str, str]] | None = None  # found once, on the first features fitted
@@ -197,20 +259,22 @@ class Study:
             return 0.0
         conversion = 0.0 if self.runtime == "keras" else CONVERSION_SECONDS
         passes = 1 + (self.views.k if self.views else 0)  # the clean image and each of its views
-        return passes * len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 \
-            + conversion
+        return (
+            passes * len(self.dataset.files) * plan.ms["top" if "top" in plan.ms else max(plan.ms)] / 1000 + conversion
+        )
 
     def _fit_cost(self, clf: str, dim: int) -> float:
         factor, power = FIT_COST[clf]
-        return self.scale[clf] * factor * self.n_train ** power * dim
+        return self.scale[clf] * factor * self.n_train**power * dim
 
     def cost(self, task: Task) -> float:
         """Estimated seconds: extraction if the backbone still needs it, plus the fit (or the checkout)."""
         top_ms = max(task.plan.ms.values())
         if not task.layers:
             return 3.0 + len(self.dataset.class_names) * LIKENESS_PER_CLASS * top_ms / 1000
-        return (sum(self._extraction_cost(p) for p in task.backbones)
-                + self._fit_cost(task.clf, sum(p.dims[k] for p, k in task.pieces)))
+        return sum(self._extraction_cost(p) for p in task.backbones) + self._fit_cost(
+            task.clf, sum(p.dims[k] for p, k in task.pieces)
+        )
 
     def tier(self, task: Task) -> int:
         """Each backbone's top layer with the first head first, then the checkouts, then the rest."""
@@ -237,9 +301,16 @@ class Study:
         """Every layer of one backbone into its normal cache, out of one forward pass."""
         labels = list(plan.layers)
         self.log(f"extracting {plan.label}: {', '.join(labels)} (one forward pass)")
-        summaries = extract_layers(self.dataset.root, plan.config, [plan.layers[k] for k in labels],
-                                   cache_dir=self.cache_dir, runtime=self.runtime, progress=False, log=self.log,
-                                   views=self.views)
+        summaries = extract_layers(
+            self.dataset.root,
+            plan.config,
+            [plan.layers[k] for k in labels],
+            cache_dir=self.cache_dir,
+            runtime=self.runtime,
+            progress=False,
+            log=self.log,
+            views=self.views,
+        )
         if any(s.interrupted for s in summaries):
             raise KeyboardInterrupt
         plan.caches = {k: s.cache_path for k, s in zip(labels, summaries)}
@@ -260,14 +331,25 @@ class Study:
         if self.near_pairs is None:
             first = self.features(pieces[0][0].caches[pieces[0][1]])
             self.near_pairs = near_duplicate_hash_pairs(first.features, first.content_hash, self.near_threshold)
-            self.log(f"near-duplicates (whitened cosine >= {self.near_threshold:g} on {task.name.rsplit(' ', 1)[0]}): "
-                     f"{len(self.near_pairs)} pairs, kept on one side of the split and of every fold"
-                     if self.near_threshold else "near-duplicates not grouped (--group-near-duplicates 0)")
+            self.log(
+                f"near-duplicates (whitened cosine >= {self.near_threshold:g} on {task.name.rsplit(' ', 1)[0]}): "
+                f"{len(self.near_pairs)} pairs, kept on one side of the split and of every fold"
+                if self.near_threshold
+                else "near-duplicates not grouped (--group-near-duplicates 0)"
+            )
         self.log(f"fitting {task.name}")
         paths = [p.caches[k] for p, k in pieces]
-        outcome = fit_config(cache, task.clf, cv=self.cv, n_jobs=self.n_jobs, seed=self.seed,
-                             test_size=self.test_size, log=self.log, near_pairs=self.near_pairs,
-                             views_of=(lambda hashes: load_view_features(paths, hashes)[0]) if self.views else None)
+        outcome = fit_config(
+            cache,
+            task.clf,
+            cv=self.cv,
+            n_jobs=self.n_jobs,
+            seed=self.seed,
+            test_size=self.test_size,
+            log=self.log,
+            near_pairs=self.near_pairs,
+            views_of=(lambda hashes: load_view_features(paths, hashes)[0]) if self.views else None,
+        )
         outcome.sources = sources
         if self.views:
             outcome.fitted.options["views_recipe"] = self.views.to_json()
@@ -277,14 +359,20 @@ class Study:
         self.scale[task.clf] = row["fit_seconds"] / max(self._fit_cost(task.clf, row["feature_dim"]), 1e-9)
         backbones = task.backbones
         kind = "ensemble" if task.partner else "layer" if len(task.layers) == 1 else "hypercolumn"
-        outcome.row = {"backbone": "+".join(p.label for p in backbones),
-                       "layer": "+".join(k for _, k in pieces), "kind": kind, **row,
-                       "extract_images_per_s": min(p.images_per_s for p in backbones),
-                       # each backbone runs once, to its deepest layer; the parameters up to it count once
-                       "infer_ms_per_image": sum(max(p.ms[k] for q, k in pieces if q is p) for p in backbones)
-                       + outcome.head_ms,
-                       "model_mb": (sum(max(p.params[k] for q, k in pieces if q is p) for p in backbones) * 4
-                                    + len(pickle.dumps(outcome.fitted.model))) / 1e6}
+        outcome.row = {
+            "backbone": "+".join(p.label for p in backbones),
+            "layer": "+".join(k for _, k in pieces),
+            "kind": kind,
+            **row,
+            "extract_images_per_s": min(p.images_per_s for p in backbones),
+            # each backbone runs once, to its deepest layer; the parameters up to it count once
+            "infer_ms_per_image": sum(max(p.ms[k] for q, k in pieces if q is p) for p in backbones) + outcome.head_ms,
+            "model_mb": (
+                sum(max(p.params[k] for q, k in pieces if q is p) for p in backbones) * 4
+                + len(pickle.dumps(outcome.fitted.model))
+            )
+            / 1e6,
+        }
         self.rows.append(outcome.row)
         self.outcomes.append(outcome)
         self.log(f"  CV accuracy {row['cv_accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
@@ -293,8 +381,9 @@ class Study:
         """The backbone's ImageNet classifier on sample images; skipped with the reason when there is none."""
         self.log(f"checkout {plan.label}")
         try:
-            self.checkouts[plan.label] = checkout(self.dataset.files, self.dataset.class_names, plan.config,
-                                                  seed=self.seed)
+            self.checkouts[plan.label] = checkout(
+                self.dataset.files, self.dataset.class_names, plan.config, seed=self.seed
+            )
         except UserError as exc:
             self.skipped.append({"config": f"{plan.label} checkout", "reason": str(exc)})
 
@@ -317,8 +406,12 @@ class Study:
             if row["kind"] == "layer":
                 best.setdefault(row["backbone"], row["layer"])
         plans = [p for p in self.plans if p.label in best and not p.failed]
-        return [Task(a, (best[a.label],), c, (b, best[b.label]))
-                for i, a in enumerate(plans) for b in plans[i + 1:] for c in self.clfs]
+        return [
+            Task(a, (best[a.label],), c, (b, best[b.label]))
+            for i, a in enumerate(plans)
+            for b in plans[i + 1 :]
+            for c in self.clfs
+        ]
 
     def _run_tasks(self, tasks: list[Task]) -> None:
         while tasks:
@@ -327,8 +420,12 @@ class Study:
             if task.plan.failed:
                 continue
             if self.cost(task) > self.left():
-                self.skipped.append({"config": task.name, "reason": f"over budget: estimated {self.cost(task):.0f} s, "
-                                                                    f"{max(self.left(), 0):.0f} s left"})
+                self.skipped.append(
+                    {
+                        "config": task.name,
+                        "reason": f"over budget: estimated {self.cost(task):.0f} s, {max(self.left(), 0):.0f} s left",
+                    }
+                )
             elif not task.layers:
                 self.checkout(task.plan)
             else:
@@ -347,56 +444,108 @@ class Study:
         from .finetune import finetune
 
         if self.rows[winner]["kind"] != "layer":  # fine-tuning trains one backbone: the best single layer
-            winner = max((k for k, r in enumerate(self.rows) if r["kind"] == "layer"),
-                         key=lambda k: self.rows[k]["cv_accuracy"])
+            winner = max(
+                (k for k, r in enumerate(self.rows) if r["kind"] == "layer"), key=lambda k: self.rows[k]["cv_accuracy"]
+            )
         row, outcome = self.rows[winner], self.outcomes[winner]
         plan = next(p for p in self.plans if p.label == row["backbone"])
         estimate = (FINETUNE_PASSES * self.n_train + len(self.dataset.files)) * plan.ms[row["layer"]] / 1000
         if estimate > self.left():
-            self.skipped.append({"config": f"{plan.label} {row['layer']} finetune",
-                                 "reason": f"over budget: estimated {estimate:.0f} s, {max(self.left(), 0):.0f} s left"})
+            self.skipped.append(
+                {
+                    "config": f"{plan.label} {row['layer']} finetune",
+                    "reason": f"over budget: estimated {estimate:.0f} s, {max(self.left(), 0):.0f} s left",
+                }
+            )
             return None
         init = stage / "winner" if row["head"] == "logreg" else None
-        same = [k for k, r in enumerate(self.rows) if (r["backbone"], r["layer"], r["head"]) ==
-                (row["backbone"], row["layer"], "logreg")]
+        same = [
+            k
+            for k, r in enumerate(self.rows)
+            if (r["backbone"], r["layer"], r["head"]) == (row["backbone"], row["layer"], "logreg")
+        ]
         if init is None and same:  # fine-tuning starts from a logistic regression: the winner's layer's one
             init = stage / "heads" / slug(f"{row['backbone']}-{row['layer']}-logreg")
             save_outcome(init, self.outcomes[same[0]])
             self.rows[same[0]]["head_dir"] = str(init.relative_to(stage))
         self.log(f"fine-tuning {plan.label} {row['layer']}" + (f" from {init.relative_to(stage)}" if init else ""))
-        result = finetune(self.dataset.root, replace(plan.config, layer=plan.layers[row["layer"]]), init_head=init,
-                          test_size=self.test_size, seed=self.seed, cache=outcome.cache.path,
-                          out=stage / "finetune", log=self.log, near_pairs=self.near_pairs)
+        result = finetune(
+            self.dataset.root,
+            replace(plan.config, layer=plan.layers[row["layer"]]),
+            init_head=init,
+            test_size=self.test_size,
+            seed=self.seed,
+            cache=outcome.cache.path,
+            out=stage / "finetune",
+            log=self.log,
+            near_pairs=self.near_pairs,
+        )
         test, verdict = paired_test(outcome, stage / "finetune")
         m = result.metrics
         n_classes = len(self.dataset.class_names)
         tuned_row = {
-            "backbone": plan.label, "layer": row["layer"], "kind": "finetune", "head": "finetune",
-            "cv_accuracy": None, "test_accuracy": m["accuracy"], "n_test": m["n_test"],
+            "backbone": plan.label,
+            "layer": row["layer"],
+            "kind": "finetune",
+            "head": "finetune",
+            "cv_accuracy": None,
+            "test_accuracy": m["accuracy"],
+            "n_test": m["n_test"],
             "test_ci": m.get("accuracy_ci") or list(wilson_interval(round(m["accuracy"] * m["n_test"]), m["n_test"])),
-            "fit_seconds": m["train_seconds"], "extract_images_per_s": None,
+            "fit_seconds": m["train_seconds"],
+            "extract_images_per_s": None,
             "infer_ms_per_image": plan.ms[row["layer"]],
             "model_mb": (plan.params[row["layer"]] + (plan.dims[row["layer"]] + 1) * n_classes) * 4 / 1e6,
-            "head_dir": "finetune"}
+            "head_dir": "finetune",
+        }
         worth = test["p_value"] < 0.05 and test["a_only"] > test["b_only"]
-        return {"row": tuned_row, "paired_test": test, "verdict": verdict, "worth_it": worth,
-                "init_head": str(init.relative_to(stage)) if init else None, "epochs_run": m.get("epochs_run"),
-                "interrupted": result.interrupted}
+        return {
+            "row": tuned_row,
+            "paired_test": test,
+            "verdict": verdict,
+            "worth_it": worth,
+            "init_head": str(init.relative_to(stage)) if init else None,
+            "epochs_run": m.get("epochs_run"),
+            "interrupted": result.interrupted,
+        }
 
 
-def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DEFAULT_LAYERS,
-          heads: str = DEFAULT_HEADS, *, finetune: bool = False, budget_minutes: float | None = None,
-          seed: int = 0, test_size: float = 0.2, cv: int = 5, n_jobs: int = -1, runtime: str = "auto",
-          cache_dir: str | Path | None = None, out: str | Path | None = None, ensembles: bool = False,
-          group_near_duplicates: float | None = NEAR_DUPLICATES, views: int = 0,
-          log: Callable[[str], None] = logger.info) -> StudyResult:
+def study(
+    data_dir: str | Path,
+    backbones: str = "MobileNetV2",
+    layers: str = DEFAULT_LAYERS,
+    heads: str = DEFAULT_HEADS,
+    *,
+    finetune: bool = False,
+    budget_minutes: float | None = None,
+    seed: int = 0,
+    test_size: float = 0.2,
+    cv: int = 5,
+    n_jobs: int = -1,
+    runtime: str = "auto",
+    cache_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    ensembles: bool = False,
+    group_near_duplicates: float | None = NEAR_DUPLICATES,
+    views: int = 0,
+    log: Callable[[str], None] = logger.info,
+) -> StudyResult:
     """Extract, fit and compare every backbone x layer x head on one split; save the CV winner as a head.
 
     ensembles: also each pair of backbones, each with its best layer. group_near_duplicates: as fit-head's.
     views: cache K augmented views of every image and train every head on them too (as fit-head --views).
     """
-    check_params(dict(budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv, n_jobs=n_jobs,
-                      runtime=runtime, group_near_duplicates=group_near_duplicates))
+    check_params(
+        dict(
+            budget_minutes=budget_minutes,
+            seed=seed,
+            test_size=test_size,
+            cv=cv,
+            n_jobs=n_jobs,
+            runtime=runtime,
+            group_near_duplicates=group_near_duplicates,
+        )
+    )
     clfs = split_list(heads, "heads")
     for clf in clfs:
         check_params(dict(heads=clf))
@@ -409,9 +558,23 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
         raise ParamError(f"{{}} {backbones!r} names one backbone twice.", "backbones")
     dataset = scan_dataset(data_dir)
     out = Path(out) if out else output_dir("studies") / dataset.root.name
-    run = Study(dataset, plans, tokens, clfs, budget_minutes=budget_minutes, seed=seed, test_size=test_size, cv=cv,
-                n_jobs=n_jobs, runtime=runtime, cache_dir=cache_dir, log=log, near_duplicates=group_near_duplicates,
-                ensembles=ensembles, views=view_recipe(views, seed))
+    run = Study(
+        dataset,
+        plans,
+        tokens,
+        clfs,
+        budget_minutes=budget_minutes,
+        seed=seed,
+        test_size=test_size,
+        cv=cv,
+        n_jobs=n_jobs,
+        runtime=runtime,
+        cache_dir=cache_dir,
+        log=log,
+        near_duplicates=group_near_duplicates,
+        ensembles=ensembles,
+        views=view_recipe(views, seed),
+    )
     interrupted, tuned = False, None
     with staged_folder(out) as stage:
         try:
@@ -429,22 +592,46 @@ def study(data_dir: str | Path, backbones: str = "MobileNetV2", layers: str = DE
                     run.rows.append(tuned["row"])
                     interrupted = tuned.pop("interrupted")
         data = {
-            "dataset_root": str(dataset.root), "n_images": len(dataset.files),
-            "images_per_class": {name: sum(f.label == c for f in dataset.files)
-                                 for c, name in enumerate(dataset.class_names)},
-            "seed": seed, "test_size": test_size, "cv": cv, "heads": clfs, "layers": tokens,
+            "dataset_root": str(dataset.root),
+            "n_images": len(dataset.files),
+            "images_per_class": {
+                name: sum(f.label == c for f in dataset.files) for c, name in enumerate(dataset.class_names)
+            },
+            "seed": seed,
+            "test_size": test_size,
+            "cv": cv,
+            "heads": clfs,
+            "layers": tokens,
             "near_duplicates": {"threshold": run.near_threshold, "pairs": len(run.near_pairs or [])},
-            "ensembles": ensembles, "views": views,
-            "backbones": {p.label: {"config": p.config.__dict__, "layers": p.layers, "notes": p.notes,
-                                    "backbone_ms": p.ms, "failed": p.failed} for p in plans},
-            "rows": run.rows, "winner": run.rows[winner] if winner is not None else None,
-            "checkout": {label: {"likeness": c.likeness, "summary": c.summary(), "samples": c.samples,
-                                 "per_class": c.per_class, "grid_png": checkout_png(label)}
-                         for label, c in run.checkouts.items()},
-            "finetune": tuned, "skipped": run.skipped, "interrupted": interrupted,
+            "ensembles": ensembles,
+            "views": views,
+            "backbones": {
+                p.label: {
+                    "config": p.config.__dict__,
+                    "layers": p.layers,
+                    "notes": p.notes,
+                    "backbone_ms": p.ms,
+                    "failed": p.failed,
+                }
+                for p in plans
+            },
+            "rows": run.rows,
+            "winner": run.rows[winner] if winner is not None else None,
+            "checkout": {
+                label: {
+                    "likeness": c.likeness,
+                    "summary": c.summary(),
+                    "samples": c.samples,
+                    "per_class": c.per_class,
+                    "grid_png": checkout_png(label),
+                }
+                for label, c in run.checkouts.items()
+            },
+            "finetune": tuned,
+            "skipped": run.skipped,
+            "interrupted": interrupted,
             "seconds": time.perf_counter() - run.started,
         }
         data["advice"] = advice(data)
         markdown = write_outputs(stage, data, {label: c.figure for label, c in run.checkouts.items()})
     return StudyResult(out, data, markdown)
-

@@ -29,14 +29,23 @@ def parse_backbone(spec: str) -> tuple[str, BackboneConfig]:
     for option in options:
         key, sep, value = option.partition("=")
         if not sep or key not in SPEC_KEYS:
-            raise UserError(f"--backbones: {option!r} in {spec!r} is not one of "
-                            f"{', '.join(k + '=...' for k in SPEC_KEYS)} (e.g. MobileNet:alpha=0.25).")
+            raise UserError(
+                f"--backbones: {option!r} in {spec!r} is not one of "
+                f"{', '.join(k + '=...' for k in SPEC_KEYS)} (e.g. MobileNet:alpha=0.25)."
+            )
         try:
             values[key] = SPEC_KEYS[key](value)
         except ValueError:
             raise UserError(f"--backbones: {key}={value!r} in {spec!r} is not a {SPEC_KEYS[key].__name__}.") from None
-    config = BackboneConfig(name, values.get("weights", "imagenet"), None, values.get("pooling", "avg"),
-                            values.get("size"), "bilinear", values.get("alpha")).resolved()
+    config = BackboneConfig(
+        name,
+        values.get("weights", "imagenet"),
+        None,
+        values.get("pooling", "avg"),
+        values.get("size"),
+        "bilinear",
+        values.get("alpha"),
+    ).resolved()
     return ":".join([Path(name).stem if is_model_file(name) else name, *options]), config
 
 
@@ -54,8 +63,11 @@ def earlier_stages(layers: Sequence[tuple[str, str]], count: int = AUTO_STAGES) 
     layers: (name, output shape without batch) in model order, as backbones.layer_names gives them.
     A resolution held by fewer than three layers is a padding step, not a stage.
     """
-    spatial = [(name, shape[0]) for name, shape in ((n, ast.literal_eval(s)) for n, s in layers)
-               if len(shape) == 3 and shape[0] is not None]
+    spatial = [
+        (name, shape[0])
+        for name, shape in ((n, ast.literal_eval(s)) for n, s in layers)
+        if len(shape) == 3 and shape[0] is not None
+    ]
     if not spatial:
         return []
     top_size = spatial[-1][1]
@@ -87,8 +99,11 @@ def plan_layers(plan: Plan, tokens: Sequence[str], skipped: list[dict[str, str]]
     shapes = dict(layer_names(plan.config)) if any(t != "top" for t in tokens) else {}
     auto = earlier_stages(list(shapes.items())) if wants_auto else []
     if wants_auto:
-        plan.notes.append("auto: top, " + ", ".join(f"{n} {shapes[n]}" for n in auto) if auto else
-                          "auto: no earlier stage found, the top only")
+        plan.notes.append(
+            "auto: top, " + ", ".join(f"{n} {shapes[n]}" for n in auto)
+            if auto
+            else "auto: no earlier stage found, the top only"
+        )
 
     def resolve(token: str) -> tuple[str, str | None] | None:
         if token == "top":
@@ -102,8 +117,11 @@ def plan_layers(plan: Plan, tokens: Sequence[str], skipped: list[dict[str, str]]
         parts = [resolve(p) for p in (["top", *auto] if token == "auto" else token.split("+"))]
         if None in parts:
             missing = [p for p, r in zip(token.split("+"), parts) if r is None]
-            reason = ("no earlier stage found for auto" if missing == ["auto"] else
-                      f"{plan.label} has no layer {missing[0]!r} (`cnncodes backbones --layers` lists them)")
+            reason = (
+                "no earlier stage found for auto"
+                if missing == ["auto"]
+                else f"{plan.label} has no layer {missing[0]!r} (`cnncodes backbones --layers` lists them)"
+            )
             skipped.append({"config": f"{plan.label} {token}", "reason": reason})
             continue
         plan.layers.update(dict(parts))
@@ -130,6 +148,7 @@ def probe(plan: Plan, images: dict[int, np.ndarray]) -> None:
 
 def timing_images(dataset: Dataset, size: int, n: int = TIMING_IMAGES) -> np.ndarray:
     """n of the dataset's images, decoded at size (grey where a file cannot be read: the time is what counts)."""
+
     def one(path: Path) -> np.ndarray:
         try:
             return decode_image(path, size)
@@ -138,5 +157,3 @@ def timing_images(dataset: Dataset, size: int, n: int = TIMING_IMAGES) -> np.nda
 
     picks = np.linspace(0, len(dataset.files) - 1, min(n, len(dataset.files))).astype(int)
     return np.stack([one(dataset.files[k].path) for k in picks])
-
-

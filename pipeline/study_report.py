@@ -20,20 +20,27 @@ LARGE_PER_CLASS = 1000  # images per class (median) from which CS231n's "large d
 # EfficientNet-Lite0/2, whose label-smoothed softmax is never very confident; the layer comparison decides ties.
 IMAGENET_LIKE_TOP1 = 0.3
 CV_MARGIN = 0.01  # an earlier layer beats the top when its CV accuracy is at least this much higher
-COLUMNS = [("backbone", "backbone", "{}"), ("layer", "layer", "{}"), ("head", "head", "{}"),
-           ("cv_accuracy", "CV acc", "{:.4f}"), ("test_accuracy", "test acc", "{:.4f}"),
-           ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"), ("extract_images_per_s", "extract img/s", "{:.0f}"),
-           ("fit_seconds", "fit s", "{:.1f}"), ("infer_ms_per_image", "infer ms/img", "{:.2f}"),
-           ("model_mb", "model MB", "{:.2f}")]
+COLUMNS = [
+    ("backbone", "backbone", "{}"),
+    ("layer", "layer", "{}"),
+    ("head", "head", "{}"),
+    ("cv_accuracy", "CV acc", "{:.4f}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
+    ("extract_images_per_s", "extract img/s", "{:.0f}"),
+    ("fit_seconds", "fit s", "{:.1f}"),
+    ("infer_ms_per_image", "infer ms/img", "{:.2f}"),
+    ("model_mb", "model MB", "{:.2f}"),
+]
 RECOMMENDATIONS = {
     "small & similar": "train a linear classifier on the top layer's CNN codes; with this few images "
-                       "fine-tuning is likely to overfit.",
+    "fine-tuning is likely to overfit.",
     "small & different": "train a linear classifier on an earlier layer's codes: the top layer is specific "
-                         "to ImageNet's classes, earlier layers hold more generic features.",
+    "to ImageNet's classes, earlier layers hold more generic features.",
     "large & similar": "fine-tune the upper layers: with this many images per class it should pay off with "
-                       "little risk of overfitting.",
+    "little risk of overfitting.",
     "large & different": "fine-tune much of the network (`finetune --unfreeze all`), or train from scratch: "
-                         "there is enough data, and ImageNet's features transfer less.",
+    "there is enough data, and ImageNet's features transfer less.",
 }
 
 
@@ -63,8 +70,15 @@ def layer_evidence(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         earlier = {k: v for k, v in best.items() if k != "top"}
         if "top" in best and earlier:
             layer = max(earlier, key=earlier.get)
-            evidence.append({"backbone": backbone, "top_cv": best["top"], "layer": layer,
-                             "layer_cv": earlier[layer], "delta": earlier[layer] - best["top"]})
+            evidence.append(
+                {
+                    "backbone": backbone,
+                    "top_cv": best["top"],
+                    "layer": layer,
+                    "layer_cv": earlier[layer],
+                    "delta": earlier[layer] - best["top"],
+                }
+            )
     return evidence
 
 
@@ -73,8 +87,10 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
     counts = list(data["images_per_class"].values())
     median = float(np.median(counts))
     size = "large" if median >= LARGE_PER_CLASS else "small"
-    text = [f"Size: {median:.0f} images per class (median; {min(counts)} to {max(counts)}): {size} "
-            f"(large from {LARGE_PER_CLASS} per class)."]
+    text = [
+        f"Size: {median:.0f} images per class (median; {min(counts)} to {max(counts)}): {size} "
+        f"(large from {LARGE_PER_CLASS} per class)."
+    ]
     votes: dict[str, str] = {}
     summaries = {label: c["summary"] for label, c in data["checkout"].items()}
     likeness = None
@@ -83,16 +99,23 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
         entropy = float(np.mean([s["mean_entropy"] for s in summaries.values()]))
         votes["likeness"] = "similar" if top1 >= IMAGENET_LIKE_TOP1 else "different"
         likeness = {"mean_top1": top1, "mean_entropy": entropy, "backbones": list(summaries)}
-        text.append(f"ImageNet likeness ({', '.join(summaries)}): mean top-1 probability {top1:.2f}, mean entropy "
-                    f"{entropy:.2f} nats (a uniform guess: {MAX_ENTROPY:.2f}): "
-                    + ("ImageNet-like" if votes["likeness"] == "similar" else "unlike ImageNet")
-                    + f" (ImageNet-like from a mean top-1 of {IMAGENET_LIKE_TOP1}).")
+        text.append(
+            f"ImageNet likeness ({', '.join(summaries)}): mean top-1 probability {top1:.2f}, mean entropy "
+            f"{entropy:.2f} nats (a uniform guess: {MAX_ENTROPY:.2f}): "
+            + ("ImageNet-like" if votes["likeness"] == "similar" else "unlike ImageNet")
+            + f" (ImageNet-like from a mean top-1 of {IMAGENET_LIKE_TOP1})."
+        )
     else:
         text.append("ImageNet likeness: not measured (no backbone with its ImageNet classifier; see Skipped).")
     evidence = layer_evidence(data["rows"])
     for e in evidence:
-        verdict = ("these images are unlike ImageNet; the earlier layer transfers better" if e["delta"] >= CV_MARGIN
-                   else "the top layer transfers better" if e["delta"] <= -CV_MARGIN else "no clear difference")
+        verdict = (
+            "these images are unlike ImageNet; the earlier layer transfers better"
+            if e["delta"] >= CV_MARGIN
+            else "the top layer transfers better"
+            if e["delta"] <= -CV_MARGIN
+            else "no clear difference"
+        )
         text.append(f"{e['layer']} CV {e['layer_cv']:.3f} vs top {e['top_cv']:.3f} ({e['backbone']}): {verdict}.")
     earlier_wins = sum(e["delta"] >= CV_MARGIN for e in evidence)
     top_wins = sum(e["delta"] <= -CV_MARGIN for e in evidence)
@@ -108,19 +131,31 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
     text.append(f"Quadrant: {quadrant} ({reason}). CS231n's advice: {RECOMMENDATIONS[quadrant]}")
     winner = data["winner"]
     if winner is not None:
-        text.append(f"The winner, {config_name(winner)}, has CV accuracy {winner['cv_accuracy']:.4f} and test "
-                    f"accuracy {winner['test_accuracy']:.4f} [{winner['test_ci'][0]:.3f}, {winner['test_ci'][1]:.3f}].")
+        text.append(
+            f"The winner, {config_name(winner)}, has CV accuracy {winner['cv_accuracy']:.4f} and test "
+            f"accuracy {winner['test_accuracy']:.4f} [{winner['test_ci'][0]:.3f}, {winner['test_ci'][1]:.3f}]."
+        )
     tuned = data.get("finetune")
     if tuned:
         row = tuned["row"]
-        text.append(f"Fine-tuning {row['backbone']} {row['layer']}: test accuracy {row['test_accuracy']:.4f} in "
-                    f"{row['fit_seconds']:.0f} s against the winner's {winner['test_accuracy']:.4f} in "
-                    f"{winner['fit_seconds']:.1f} s; {tuned['verdict']}: fine-tuning "
-                    + ("is worth it here." if tuned["worth_it"] else "is not worth it here."))
+        text.append(
+            f"Fine-tuning {row['backbone']} {row['layer']}: test accuracy {row['test_accuracy']:.4f} in "
+            f"{row['fit_seconds']:.0f} s against the winner's {winner['test_accuracy']:.4f} in "
+            f"{winner['fit_seconds']:.1f} s; {tuned['verdict']}: fine-tuning "
+            + ("is worth it here." if tuned["worth_it"] else "is not worth it here.")
+        )
     elif size == "large" and winner is not None:
         text.append("With this much data, try `--finetune` to measure what fine-tuning adds.")
-    return {"quadrant": quadrant, "size": size, "similarity": similarity, "images_per_class_median": median,
-            "likeness": likeness, "layer_evidence": evidence, "votes": votes, "text": text}
+    return {
+        "quadrant": quadrant,
+        "size": size,
+        "similarity": similarity,
+        "images_per_class_median": median,
+        "likeness": likeness,
+        "layer_evidence": evidence,
+        "votes": votes,
+        "text": text,
+    }
 
 
 def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
@@ -131,8 +166,10 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
 def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows by CV accuracy (fine-tuning last), the winner starred."""
     ordered = sorted(rows, key=lambda r: (r["cv_accuracy"] is None, -(r["cv_accuracy"] or 0)))
-    lines = ["| | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-             "| --- | " + " | ".join("---:" if "{:" in fmt else "---" for _, _, fmt in COLUMNS) + " |"]
+    lines = [
+        "| | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+        "| --- | " + " | ".join("---:" if "{:" in fmt else "---" for _, _, fmt in COLUMNS) + " |",
+    ]
     for r in ordered:
         mark = "**winner**" if r.get("head_dir") == "winner" else ""
         lines.append(f"| {mark} | " + " | ".join(_cell(r, k, fmt) for k, _, fmt in COLUMNS) + " |")
@@ -143,28 +180,44 @@ def study_markdown(data: dict[str, Any]) -> str:
     """study.md: the table, how the winner was chosen, the advice, the checkout, what was skipped."""
     counts = list(data["images_per_class"].values())
     root = Path(data["dataset_root"])
-    out = [f"# Study of {root.name}", "",
-           f"{data['n_images']} images in {len(counts)} classes ({min(counts)} to {max(counts)} per class), "
-           f"`{root}`. Split: fit-head's (test_size {data['test_size']}, seed {data['seed']}, duplicates grouped"
-           + (f", near-duplicates too (whitened cosine >= {near['threshold']:g}, {near['pairs']} pairs)"
-              if (near := data.get("near_duplicates") or {}).get("threshold") else "") + "); "
-           f"{data['cv']}-fold grouped CV on the training part. {data['seconds']:.0f} s in all.", ""]
+    out = [
+        f"# Study of {root.name}",
+        "",
+        f"{data['n_images']} images in {len(counts)} classes ({min(counts)} to {max(counts)} per class), "
+        f"`{root}`. Split: fit-head's (test_size {data['test_size']}, seed {data['seed']}, duplicates grouped"
+        + (
+            f", near-duplicates too (whitened cosine >= {near['threshold']:g}, {near['pairs']} pairs)"
+            if (near := data.get("near_duplicates") or {}).get("threshold")
+            else ""
+        )
+        + "); "
+        f"{data['cv']}-fold grouped CV on the training part. {data['seconds']:.0f} s in all.",
+        "",
+    ]
     if data["interrupted"]:
         out += ["**Interrupted**: the table holds what was finished.", ""]
     winner = data["winner"]
     if winner is not None:
-        out += [f"**Winner: {config_name(winner)}**, saved in `winner/`: a normal head folder that predict, "
-                "export and compare take.", ""]
-    out += ["The winner was picked by CV accuracy on the training part alone, before the test part was looked "
-            "at: the test column reports, it did not choose. CV ties go to the faster, then the smaller "
-            "configuration. Every kind can win: a layer, a hypercolumn (A+B: two layers of one backbone side by "
-            "side) or an ensemble (two backbones, each with its best layer); a winner on several caches is a "
-            "head on several sources, which predict, serve and export take as they take any head.", "",
-            table_markdown(data["rows"]), "",
-            "Test accuracy carries a 95% Wilson interval. extract img/s: the extraction run (all layers of a "
-            "backbone in one pass), or the probe's rate when the cache was already complete. infer ms/img: the "
-            "backbone up to that layer (Keras, batch of decoded images) plus the head. model MB: float32 backbone "
-            "parameters up to that layer plus the pickled head.", ""]
+        out += [
+            f"**Winner: {config_name(winner)}**, saved in `winner/`: a normal head folder that predict, "
+            "export and compare take.",
+            "",
+        ]
+    out += [
+        "The winner was picked by CV accuracy on the training part alone, before the test part was looked "
+        "at: the test column reports, it did not choose. CV ties go to the faster, then the smaller "
+        "configuration. Every kind can win: a layer, a hypercolumn (A+B: two layers of one backbone side by "
+        "side) or an ensemble (two backbones, each with its best layer); a winner on several caches is a "
+        "head on several sources, which predict, serve and export take as they take any head.",
+        "",
+        table_markdown(data["rows"]),
+        "",
+        "Test accuracy carries a 95% Wilson interval. extract img/s: the extraction run (all layers of a "
+        "backbone in one pass), or the probe's rate when the cache was already complete. infer ms/img: the "
+        "backbone up to that layer (Keras, batch of decoded images) plus the head. model MB: float32 backbone "
+        "parameters up to that layer plus the pickled head.",
+        "",
+    ]
     for label, info in data["backbones"].items():
         for note in info["notes"]:
             out.append(f"- {label}: {note}")
@@ -172,19 +225,31 @@ def study_markdown(data: dict[str, Any]) -> str:
     out += [f"- {line}" for line in data["advice"]["text"]]
     if data["finetune"]:
         test = data["finetune"]["paired_test"]
-        out += ["", "## Fine-tuning", "",
-                f"From `{data['finetune']['init_head'] or 'a new softmax layer'}`, "
-                f"{data['finetune']['epochs_run']} epochs; run folder `finetune/`. Paired test on the "
-                f"{test['n']} common test images (exact McNemar): fine-tune right where the head is wrong on "
-                f"{test['a_only']}, the reverse on {test['b_only']}, p = {test['p_value']:.3g}."]
+        out += [
+            "",
+            "## Fine-tuning",
+            "",
+            f"From `{data['finetune']['init_head'] or 'a new softmax layer'}`, "
+            f"{data['finetune']['epochs_run']} epochs; run folder `finetune/`. Paired test on the "
+            f"{test['n']} common test images (exact McNemar): fine-tune right where the head is wrong on "
+            f"{test['a_only']}, the reverse on {test['b_only']}, p = {test['p_value']:.3g}.",
+        ]
     for label, check in data["checkout"].items():
-        out += ["", f"## ImageNet checkout: {label}", "",
-                f"The backbone's own ImageNet classifier on {check['per_class']} images per class (seeded).", "",
-                "| class | mean top-1 | mean entropy (nats) |", "| --- | ---: | ---: |"]
+        out += [
+            "",
+            f"## ImageNet checkout: {label}",
+            "",
+            f"The backbone's own ImageNet classifier on {check['per_class']} images per class (seeded).",
+            "",
+            "| class | mean top-1 | mean entropy (nats) |",
+            "| --- | ---: | ---: |",
+        ]
         out += [f"| {name} | {v['mean_top1']:.3f} | {v['mean_entropy']:.2f} |" for name, v in check["likeness"].items()]
         out += ["", f"![ImageNet top-5 of sample images]({check['grid_png']})", ""]
-        out += [f"- `{s['path']}` ({s['class']}): " + ", ".join(f"{label} {p:.2f}" for label, p in s["top5"])
-                for s in check["samples"]]
+        out += [
+            f"- `{s['path']}` ({s['class']}): " + ", ".join(f"{label} {p:.2f}" for label, p in s["top5"])
+            for s in check["samples"]
+        ]
     if data["skipped"]:
         out += ["", "## Skipped", ""] + [f"- {s['config']}: {s['reason']}" for s in data["skipped"]]
     return "\n".join(out) + "\n"
@@ -219,14 +284,31 @@ def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
     for kind, marker in markers.items():
         idx = [k for k, r in enumerate(rows) if r["kind"] == kind]
         if idx:
-            ax.scatter(x[idx], y[idx], s=20 + 400 * size[idx] / max(size.max(), 1e-9), marker=marker, alpha=0.7,
-                       c=[colours[rows[k]["backbone"]] for k in idx], edgecolors="black", linewidths=0.5, zorder=2)
+            ax.scatter(
+                x[idx],
+                y[idx],
+                s=20 + 400 * size[idx] / max(size.max(), 1e-9),
+                marker=marker,
+                alpha=0.7,
+                c=[colours[rows[k]["backbone"]] for k in idx],
+                edgecolors="black",
+                linewidths=0.5,
+                zorder=2,
+            )
     front = pareto_front(list(zip(x, y)))
     ax.step(x[front], y[front], where="post", color="gray", linestyle="--", label="Pareto front (test)", zorder=1)
     winner = [k for k, r in enumerate(rows) if r.get("head_dir") == "winner"]
     if winner:
-        ax.scatter(x[winner], y[winner], s=300, marker="*", color="gold", edgecolors="black", zorder=3,
-                   label=f"winner (by CV): {config_name(rows[winner[0]])}")
+        ax.scatter(
+            x[winner],
+            y[winner],
+            s=300,
+            marker="*",
+            color="gold",
+            edgecolors="black",
+            zorder=3,
+            label=f"winner (by CV): {config_name(rows[winner[0]])}",
+        )
     for backbone, colour in colours.items():
         ax.scatter([], [], color=colour, label=backbone)
     ax.scatter([], [], marker="s", color="gray", label="hypercolumn")

@@ -17,11 +17,14 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     width = max(12, *(len(n) for n in metrics["per_class"]))
     lines = [f"{'class':<{width}} {'precision':>9} {'recall':>7} {'f1':>6} {'support':>8}"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"{name:<{width}} {row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:6.3f} "
-                     f"{row['support']:8d}")
-    lines.append(f"test accuracy {ci_text(metrics, 'accuracy')}   balanced accuracy "
-                 f"{ci_text(metrics, 'balanced_accuracy')}   macro F1 {ci_text(metrics, 'macro_f1')}   "
-                 f"({metrics['n_test']} test images)   [95% intervals]")
+        lines.append(
+            f"{name:<{width}} {row['precision']:9.3f} {row['recall']:7.3f} {row['f1']:6.3f} {row['support']:8d}"
+        )
+    lines.append(
+        f"test accuracy {ci_text(metrics, 'accuracy')}   balanced accuracy "
+        f"{ci_text(metrics, 'balanced_accuracy')}   macro F1 {ci_text(metrics, 'macro_f1')}   "
+        f"({metrics['n_test']} test images)   [95% intervals]"
+    )
     return "\n".join(lines)
 
 
@@ -54,13 +57,17 @@ def unknown_lines(metrics: dict[str, Any]) -> list[str]:
     """Calibration and the unknown detector in words, as fit-head prints them (empty for older metrics)."""
     lines = []
     if "ece" in metrics:
-        lines.append(f"calibration: temperature {metrics['temperature']:.3f}; ECE (15 bins) on the test part "
-                     f"{metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f}")
+        lines.append(
+            f"calibration: temperature {metrics['temperature']:.3f}; ECE (15 bins) on the test part "
+            f"{metrics['ece_uncalibrated']:.4f} -> {metrics['ece']:.4f}"
+        )
     unknown = metrics.get("unknown")
     if unknown:
-        lines.append(f"unknown detector ({unknown['method']}): threshold {unknown['threshold']:.3f} accepts "
-                     f"{unknown['accept']:.0%} of {unknown.get('fitted_on', 'known training images (out of fold)')}; "
-                     f"on the test part "
-                     f"{unknown['n_unknown']} of {unknown['n_unknown'] + unknown['n_accepted']} called unknown "
-                     f"({unknown['test_unknown_rate']:.1%}), accuracy on the accepted {unknown['accepted_accuracy']:.4f}")
+        lines.append(
+            f"unknown detector ({unknown['method']}): threshold {unknown['threshold']:.3f} accepts "
+            f"{unknown['accept']:.0%} of {unknown.get('fitted_on', 'known training images (out of fold)')}; "
+            f"on the test part "
+            f"{unknown['n_unknown']} of {unknown['n_unknown'] + unknown['n_accepted']} called unknown "
+            f"({unknown['test_unknown_rate']:.1%}), accuracy on the accepted {unknown['accepted_accuracy']:.4f}"
+        )
     return lines

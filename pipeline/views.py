@@ -119,15 +119,19 @@ def load_views(cache_path: str | os.PathLike, hashes: Sequence[str]) -> tuple[np
 
     path = views_path(cache_path)
     if not path.is_file():
-        raise UserError(f"{cache_path} has no augmented views ({path} is missing); run `cnncodes extract "
-                        "DATA_DIR --views K` with the same options first, or drop --views.")
+        raise UserError(
+            f"{cache_path} has no augmented views ({path} is missing); run `cnncodes extract "
+            "DATA_DIR --views K` with the same options first, or drop --views."
+        )
     attrs = read_attrs(path)
     recipe = recipe_from_attrs(attrs)
     found = lookup(path, hashes)
     missing = [h for h in dict.fromkeys(hashes) if h not in found]
     if missing:
-        raise UserError(f"{path} lacks the views of {len(missing)} images of {cache_path}; run `cnncodes extract "
-                        "DATA_DIR --views K` again to bring it up to date.")
+        raise UserError(
+            f"{path} lacks the views of {len(missing)} images of {cache_path}; run `cnncodes extract "
+            "DATA_DIR --views K` again to bring it up to date."
+        )
     block = np.stack([found[h] for h in hashes])
     return block.reshape(len(hashes), recipe.k, -1), recipe
 
@@ -138,8 +142,9 @@ def recipe_from_attrs(attrs: dict[str, Any]) -> ViewRecipe:
     return ViewRecipe(**{**values, "scale": tuple(values["scale"]), "ratio": tuple(values["ratio"])})
 
 
-def load_view_features(cache_paths: Sequence[str | os.PathLike],
-                       hashes: Sequence[str]) -> tuple[np.ndarray, ViewRecipe]:
+def load_view_features(
+    cache_paths: Sequence[str | os.PathLike], hashes: Sequence[str]
+) -> tuple[np.ndarray, ViewRecipe]:
     """(n, K, D) views of these images for a head on these caches: each view's sources combined as the clean
     features are (pipeline.sources.combine); every cache's views must follow one recipe."""
     from .sources import combine
@@ -147,8 +152,10 @@ def load_view_features(cache_paths: Sequence[str | os.PathLike],
     loaded = [load_views(p, hashes) for p in cache_paths]
     recipes = {recipe for _, recipe in loaded}
     if len(recipes) > 1:
-        raise UserError(f"the views of {', '.join(map(str, cache_paths))} follow different recipes; extract them "
-                        "with the same --views and --flip options.")
+        raise UserError(
+            f"the views of {', '.join(map(str, cache_paths))} follow different recipes; extract them "
+            "with the same --views and --flip options."
+        )
     recipe = loaded[0][1]
     return np.stack([combine([block[:, v] for block, _ in loaded]) for v in range(recipe.k)], axis=1), recipe
 

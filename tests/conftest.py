@@ -23,7 +23,6 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 from pipeline.runtime import make_runtime as _REAL_MAKE_RUNTIME  # noqa: E402 (imports no TensorFlow)
 
-
 # Class name -> base colour; each image adds its own noise so that no two files share bytes.
 CLASS_COLOURS = {"apple": (200, 40, 40), "grass": (40, 180, 60), "sky": (50, 80, 210)}
 IMAGE_WH = (40, 30)  # width, height
@@ -58,6 +57,7 @@ def requires_shared(*parts: str) -> Path:
 
 # -- image generators -----------------------------------------------------------------------------
 
+
 def pixels(colour: tuple[int, int, int], seed: int, wh: tuple[int, int] = IMAGE_WH) -> np.ndarray:
     """An (h, w, 3) uint8 image: a base colour, a stripe pattern depending on seed, a little noise."""
     w, h = wh
@@ -80,8 +80,14 @@ def save_image(path: Path, array: np.ndarray, mode: str | None = None, **kwargs)
     return path
 
 
-def make_dataset(root: Path, per_class: int = 4, classes: dict | None = None, seed: int = 0,
-                 wh: tuple[int, int] = IMAGE_WH, split: str | None = None) -> Path:
+def make_dataset(
+    root: Path,
+    per_class: int = 4,
+    classes: dict | None = None,
+    seed: int = 0,
+    wh: tuple[int, int] = IMAGE_WH,
+    split: str | None = None,
+) -> Path:
     """root/CLASS/img_K.{png,jpg} (alternating), or root/SPLIT/CLASS/... when split is given."""
     classes = classes or CLASS_COLOURS
     base = root / split if split else root
@@ -96,8 +102,10 @@ def make_dataset(root: Path, per_class: int = 4, classes: dict | None = None, se
 def add_images(root: Path, cls: str, count: int, start: int, seed: int = 77) -> list[Path]:
     """Add count new (byte-distinct) PNG images to one class folder."""
     colour = CLASS_COLOURS.get(cls, (128, 128, 128))
-    return [save_image(root / cls / f"new_{start + k:04d}.png", pixels(colour, seed + 10_000 + start + k))
-            for k in range(count)]
+    return [
+        save_image(root / cls / f"new_{start + k:04d}.png", pixels(colour, seed + 10_000 + start + k))
+        for k in range(count)
+    ]
 
 
 def exif_rotated_jpeg(path: Path) -> Path:
@@ -157,8 +165,12 @@ def add_broken(root: Path, cls: str = "apple", other_cls: str = "grass") -> dict
     (folder / "whole.jpg").unlink()
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
     (folder / "text.png").write_text("this is not a PNG, just text with an image extension\n")
-    return {f"{cls}/zero.jpg": "empty", f"{other_cls}/also_zero.jpg": "empty",
-            f"{cls}/truncated.jpg": "truncated", f"{cls}/text.png": "not an image"}
+    return {
+        f"{cls}/zero.jpg": "empty",
+        f"{other_cls}/also_zero.jpg": "empty",
+        f"{cls}/truncated.jpg": "truncated",
+        f"{cls}/text.png": "not an image",
+    }
 
 
 def add_ignored(root: Path, cls: str = "sky") -> list[str]:
@@ -169,6 +181,7 @@ def add_ignored(root: Path, cls: str = "sky") -> list[str]:
 
 
 # -- fixtures -------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def dataset(tmp_path: Path) -> Path:

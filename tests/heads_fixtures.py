@@ -29,8 +29,9 @@ def fake_hash(key: object) -> str:
     return hashlib.sha256(repr(key).encode()).hexdigest()
 
 
-def blobs(n_classes: int = 3, per_class: int | Sequence[int] = 30, dim: int = 16, sep: float = 3.0,
-          seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def blobs(
+    n_classes: int = 3, per_class: int | Sequence[int] = 30, dim: int = 16, sep: float = 3.0, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian blobs with unit noise around random centres drawn with standard deviation sep per
     dimension: sep=3 puts the centres about 17 noise standard deviations apart (every dimension
     separates the classes, so standardising the features keeps them separable)."""
@@ -50,9 +51,16 @@ def noise(n_classes: int = 3, per_class: int = 30, dim: int = 16, seed: int = 0)
     return X, y
 
 
-def write_cache(path: Path, X: np.ndarray, y: Sequence[int], class_names: Sequence[str] | None = None,
-                split: Sequence[str] | None = None, hashes: Sequence[str] | None = None,
-                paths: Sequence[str] | None = None, config: BackboneConfig = SYNTH_CONFIG) -> Path:
+def write_cache(
+    path: Path,
+    X: np.ndarray,
+    y: Sequence[int],
+    class_names: Sequence[str] | None = None,
+    split: Sequence[str] | None = None,
+    hashes: Sequence[str] | None = None,
+    paths: Sequence[str] | None = None,
+    config: BackboneConfig = SYNTH_CONFIG,
+) -> Path:
     """Write a cache through CacheWriter, as extract would; rows sharing a hash share their features
     (the first row's vector is the one kept, as for byte-identical files)."""
     path = Path(path)
@@ -61,8 +69,11 @@ def write_cache(path: Path, X: np.ndarray, y: Sequence[int], class_names: Sequen
     class_names = list(class_names or [f"class{c}" for c in range(max(y, default=-1) + 1)])
     split = list(split) if split is not None else [""] * n
     hashes = list(hashes) if hashes is not None else [fake_hash(("row", path.name, i)) for i in range(n)]
-    paths = list(paths) if paths is not None else [
-        "/".join(p for p in (split[i], class_names[y[i]], f"img_{i:04d}.png") if p) for i in range(n)]
+    paths = (
+        list(paths)
+        if paths is not None
+        else ["/".join(p for p in (split[i], class_names[y[i]], f"img_{i:04d}.png") if p) for i in range(n)]
+    )
     resolved = config.resolved()
     writer = CacheWriter(path, resolved.identity(), resolved.fingerprint())
     seen: set[str] = set()

@@ -139,8 +139,16 @@ def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
     cache = root / "tiny.h5"
     copy_cache(world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
     messages: list[str] = []
-    result = finetune(world.data, TINY_CONFIG, epochs=1, head_epochs=1, batch_size=8, cache=cache,
-                      out=root / "run", log=quiet(messages))
+    result = finetune(
+        world.data,
+        TINY_CONFIG,
+        epochs=1,
+        head_epochs=1,
+        batch_size=8,
+        cache=cache,
+        out=root / "run",
+        log=quiet(messages),
+    )
     return result, messages
 
 

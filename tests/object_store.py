@@ -37,10 +37,15 @@ class S3:
     @contextmanager
     def checking_credentials(self) -> Iterator[None]:
         """Requests with unknown credentials are refused (403) inside the block, as a real S3 does."""
+
         def reset_auth(count: str) -> None:
             # text/plain: a form body would be parsed away before moto reads the count
-            request = urllib.request.Request(f"{self.endpoint}/moto-api/reset-auth", data=count.encode(),
-                                             headers={"Content-Type": "text/plain"}, method="POST")
+            request = urllib.request.Request(
+                f"{self.endpoint}/moto-api/reset-auth",
+                data=count.encode(),
+                headers={"Content-Type": "text/plain"},
+                method="POST",
+            )
             urllib.request.urlopen(request, timeout=10).close()
 
         reset_auth("0")
@@ -69,4 +74,3 @@ def start_s3() -> Iterator[S3]:
         fs.mkdir(BUCKET)
         yield S3(endpoint, fs)
     server.stop()
-

@@ -14,11 +14,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from heads_fixtures import CLASS_NAMES3, blobs, write_cache
-from pipeline.artifacts import (HEAD_JSON, HEAD_MODEL, LEGACY_HEAD_MODEL, METRICS_JSON, PREDICTIONS_CSV,
-                                Predictions, atomic_write, chain_fingerprint, paired_outcomes, read_json,
-                                read_predictions, staged_folder, write_predictions)
+
+from pipeline.artifacts import (
+    HEAD_JSON,
+    HEAD_MODEL,
+    LEGACY_HEAD_MODEL,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    Predictions,
+    atomic_write,
+    chain_fingerprint,
+    paired_outcomes,
+    read_json,
+    read_predictions,
+    staged_folder,
+    write_predictions,
+)
 from pipeline.errors import UserError
 from pipeline.heads import fit_head, load_head
 
@@ -189,8 +201,7 @@ def test_kill_during_save_leaves_old_head_whole(tmp_path: Path, fallback: bool) 
     X, y = blobs()
     cache = write_cache(tmp_path / "cache" / "blobs.h5", X, y, CLASS_NAMES3)
     head, marker = tmp_path / "head", tmp_path / "marker"
-    code = KILL_DRIVER.format(root=str(ROOT), cache=str(cache), head=str(head), marker=str(marker),
-                              fallback=fallback)
+    code = KILL_DRIVER.format(root=str(ROOT), cache=str(cache), head=str(head), marker=str(marker), fallback=fallback)
     child = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path)
     deadline = time.monotonic() + 120
     while not marker.exists():
@@ -215,8 +226,14 @@ def test_kill_during_save_leaves_old_head_whole(tmp_path: Path, fallback: bool) 
 def _predictions(rows: list[tuple[str, str, bool]]) -> Predictions:
     """Two-class predictions: (path, content hash, right?) for each image, the true class always 0."""
     proba = np.array([[0.9, 0.1] if right else [0.1, 0.9] for _, _, right in rows])
-    return Predictions([p for p, _, _ in rows], [h for _, h, _ in rows], ["test"] * len(rows),
-                       np.zeros(len(rows), np.int64), proba, ["a", "b"])
+    return Predictions(
+        [p for p, _, _ in rows],
+        [h for _, h, _ in rows],
+        ["test"] * len(rows),
+        np.zeros(len(rows), np.int64),
+        proba,
+        ["a", "b"],
+    )
 
 
 def test_paired_outcomes_keep_byte_identical_test_images_apart():

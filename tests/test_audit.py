@@ -10,20 +10,31 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, requires_shared
+from heads_fixtures import SYNTH_CONFIG, blobs, fake_hash, write_cache
 from typer.testing import CliRunner
 
 import cli
-from conftest import ROOT, requires_shared
-from heads_fixtures import SYNTH_CONFIG, blobs, fake_hash, write_cache
-from pipeline.audit import (ASSUMED_EXPONENT, OUTLIER_CUTOFF, audit, doubling_gain, fit_power_law,
-                            kth_neighbour_distance, learning_curve_answer, outlier_scores, pair_kinds, power_law)
-from pipeline.neighbours import DEFAULT_THRESHOLD, comparable_rows, near_duplicate_pairs, pairs_above
+from pipeline.audit import (
+    ASSUMED_EXPONENT,
+    OUTLIER_CUTOFF,
+    audit,
+    doubling_gain,
+    fit_power_law,
+    kth_neighbour_distance,
+    learning_curve_answer,
+    outlier_scores,
+    pair_kinds,
+    power_law,
+)
 from pipeline.errors import UserError
+from pipeline.neighbours import DEFAULT_THRESHOLD, comparable_rows, near_duplicate_pairs, pairs_above
 
 NAMES = ["ant", "bee", "cat"]
 
 
 # -- near-duplicates on synthetic features ---------------------------------------------------------
+
 
 def features_with_copies(n: int = 300, dim: int = 64, seed: int = 0):
     """Non-negative features (like ReLU codes) with 10 planted near-copies (small noise) appended."""
@@ -77,6 +88,7 @@ def test_pair_kinds():
 
 # -- outliers ----------------------------------------------------------------------------------------
 
+
 def test_outlier_is_the_image_far_from_its_class():
     X, y = blobs(n_classes=3, per_class=40, dim=32, seed=2)
     X[5] = X[y == 2][:3].mean(0)  # an image of class 0 that looks like class 2
@@ -93,12 +105,13 @@ def test_outlier_scores_in_tiny_classes():
 
 # -- learning curve ------------------------------------------------------------------------------------
 
+
 def test_power_law_fit_recovers_the_curve():
     n = np.array([5, 10, 20, 40, 80])
     fit = fit_power_law(n, power_law(n, 0.5, 0.6, 0.95))
     assert fit == pytest.approx({"a": 0.5, "b": 0.6, "c": 0.95}, abs=1e-3)
     gain = doubling_gain(fit, 80)
-    assert gain == pytest.approx(100 * 0.5 * 80 ** -0.6 * (1 - 2 ** -0.6), rel=1e-3)
+    assert gain == pytest.approx(100 * 0.5 * 80**-0.6 * (1 - 2**-0.6), rel=1e-3)
     _, text = learning_curve_answer(n.tolist(), power_law(n, 0.5, 0.6, 0.95).tolist(), fit)
     assert text.startswith(f"doubling the images per class (from 80 to 160) would add about {gain:.1f} points")
 
@@ -116,6 +129,7 @@ def test_power_law_falls_back_with_few_points():
 
 # -- the audit on a synthetic cache -------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """3 well-separated classes with folder splits, 3 flipped labels, near-copies of each kind, one byte copy."""
@@ -129,8 +143,12 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for r in flipped:
         y[r] = (y[r] + 1) % 3
     kinds = {}
-    for source, kind, label in [(0, "cross_split", 0), (40, "cross_split", 1), (3, "same_side", 0),
-                                (84, "conflicting_labels", 0)]:  # 84: a class-2 image, its copy labelled 0
+    for source, kind, label in [
+        (0, "cross_split", 0),
+        (40, "cross_split", 1),
+        (3, "same_side", 0),
+        (84, "conflicting_labels", 0),
+    ]:  # 84: a class-2 image, its copy labelled 0
         X = np.vstack([X, X[source] + rng.normal(0, 0.05, X.shape[1]).astype(np.float32)])
         y = np.append(y, label)
         split.append("train")
@@ -155,12 +173,31 @@ def read_csv(path: Path) -> tuple[list[str], list[dict]]:
 
 def test_audit_folder_and_json(planted):
     out, report = planted["out"], planted["result"].report
-    assert {p.name for p in out.iterdir()} == {"audit.json", "label_issues.csv", "near_duplicates.csv",
-                                               "outliers.csv", "learning_curve.png", "class_balance.png"}
+    assert {p.name for p in out.iterdir()} == {
+        "audit.json",
+        "label_issues.csv",
+        "near_duplicates.csv",
+        "outliers.csv",
+        "learning_curve.png",
+        "class_balance.png",
+    }
     on_disk = json.loads((out / "audit.json").read_text())
     assert on_disk["near_duplicates"] == report["near_duplicates"]
-    for key in ("cache", "cache_fingerprint", "dataset_root", "n_images", "class_names", "class_balance",
-                "duplicates", "label_issues", "near_duplicates", "outliers", "learning_curve", "summary", "seconds"):
+    for key in (
+        "cache",
+        "cache_fingerprint",
+        "dataset_root",
+        "n_images",
+        "class_names",
+        "class_balance",
+        "duplicates",
+        "label_issues",
+        "near_duplicates",
+        "outliers",
+        "learning_curve",
+        "summary",
+        "seconds",
+    ):
         assert key in on_disk, key
     assert on_disk["n_images"] == 125 and on_disk["class_names"] == NAMES
     assert on_disk["duplicates"] == {"byte_identical_groups": 1, "files_in_groups": 2}
@@ -196,7 +233,10 @@ def test_near_duplicates_csv_has_each_planted_pair_with_its_kind(planted):
     cosines = [float(r["cosine"]) for r in rows]
     assert cosines == sorted(cosines, reverse=True)
     assert planted["result"].report["near_duplicates"]["by_kind"] == {
-        "cross_split": 2, "conflicting_labels": 1, "same_side": 1}
+        "cross_split": 2,
+        "conflicting_labels": 1,
+        "same_side": 1,
+    }
 
 
 def test_outliers_csv(planted):
@@ -222,13 +262,18 @@ def test_head_split_is_the_heads_test_part(planted, tmp_path):
     assert result.report["split"] == f"the test images of head {head}"
     assert result.report["near_duplicates"]["by_kind"] == planted["result"].report["near_duplicates"]["by_kind"]
     assert any(line.startswith(f"head {head}: test accuracy") for line in result.summary)
-    other = write_cache(tmp_path / "other.h5", *blobs(seed=5), NAMES,
-                        config=SYNTH_CONFIG.__class__(**{**SYNTH_CONFIG.__dict__, "image_size": 48}))
+    other = write_cache(
+        tmp_path / "other.h5",
+        *blobs(seed=5),
+        NAMES,
+        config=SYNTH_CONFIG.__class__(**{**SYNTH_CONFIG.__dict__, "image_size": 48}),
+    )
     with pytest.raises(UserError, match="fitted on another cache"):
         audit(other, head, tmp_path / "x", cv=3, n_jobs=1, log=lambda m: None)
 
 
 # -- bad input -------------------------------------------------------------------------------------
+
 
 def assert_cli_error(args: list, *fragments: str) -> None:
     result = CliRunner().invoke(cli.app, [str(a) for a in args])
@@ -247,33 +292,40 @@ def test_one_class_cache(tmp_path):
 
 def test_cache_too_small_for_folds(tmp_path):
     X, y = blobs(n_classes=2, per_class=[6, 2])
-    cache = write_cache(tmp_path / "small.h5", X, y, ["big", "tiny"],
-                        hashes=[fake_hash(k) for k in range(6)] + [fake_hash("same")] * 2)
-    assert_cli_error(["audit", cache, "--out", tmp_path / "a"], "class tiny", "1 distinct image",
-                     "at least 2 per class")
+    cache = write_cache(
+        tmp_path / "small.h5", X, y, ["big", "tiny"], hashes=[fake_hash(k) for k in range(6)] + [fake_hash("same")] * 2
+    )
+    assert_cli_error(
+        ["audit", cache, "--out", tmp_path / "a"], "class tiny", "1 distinct image", "at least 2 per class"
+    )
 
 
-@pytest.mark.parametrize("args, fragment", [(["--threshold", "1.5"], "--threshold is 1.5"),
-                                            (["--cv", "1"], "--cv is 1")])
+@pytest.mark.parametrize(
+    "args, fragment", [(["--threshold", "1.5"], "--threshold is 1.5"), (["--cv", "1"], "--cv is 1")]
+)
 def test_bad_options(planted, tmp_path, args, fragment):
     assert_cli_error(["audit", planted["cache"], "--out", tmp_path / "a", *args], fragment)
 
 
 def test_missing_head_folder(planted, tmp_path):
-    assert_cli_error(["audit", planted["cache"], "--head", tmp_path / "nohead", "--out", tmp_path / "a"],
-                     "head.json is missing")
+    assert_cli_error(
+        ["audit", planted["cache"], "--head", tmp_path / "nohead", "--out", tmp_path / "a"], "head.json is missing"
+    )
 
 
 # -- no TensorFlow -----------------------------------------------------------------------------------
 
+
 def test_audit_command_never_imports_tensorflow(planted, tmp_path):
-    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-            "from typer.testing import CliRunner\nimport cli\n"
-            f"r = CliRunner().invoke(cli.app, ['audit', {str(planted['cache'])!r}, '--out', {str(tmp_path / 'a')!r}, "
-            "'--cv', '3', '--n-jobs', '1'])\n"
-            "assert r.exit_code == 0, (r.output, r.exception)\n"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-            "assert not bad, bad[:5]\nprint(r.stdout)\n")
+    code = (
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from typer.testing import CliRunner\nimport cli\n"
+        f"r = CliRunner().invoke(cli.app, ['audit', {str(planted['cache'])!r}, '--out', {str(tmp_path / 'a')!r}, "
+        "'--cv', '3', '--n-jobs', '1'])\n"
+        "assert r.exit_code == 0, (r.output, r.exception)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+        "assert not bad, bad[:5]\nprint(r.stdout)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "label issues:" in out.stdout and "audited in" in out.stdout
@@ -282,6 +334,7 @@ def test_audit_command_never_imports_tensorflow(planted, tmp_path):
 
 # -- planted faults in real images (Lite0) -----------------------------------------------------------
 
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_planted_faults_in_flowers(tmp_path):
@@ -289,8 +342,21 @@ def test_planted_faults_in_flowers(tmp_path):
     re-encoded into training. Most moved images must lead the label issues, nearly every copy be found."""
     requires_shared("datasets", "oxford_flowers12")
     requires_shared("keras-models", "efficientnet_lite0_imagenet.keras")
-    out = subprocess.run([sys.executable, str(ROOT / "bench" / "audit.py"), "--classes", "4", "--runtime", "keras",
-                          "--work", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "audit.py"),
+            "--classes",
+            "4",
+            "--runtime",
+            "keras",
+            "--work",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     print(out.stdout)
     figures = json.loads(out.stdout.strip().splitlines()[-1])["planted"]

@@ -10,16 +10,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, TINY
-from pipeline.backbones import (APPLICATIONS, BackboneConfig, build_backbone, layer_names, saved_input_size)
+
+from pipeline.backbones import APPLICATIONS, BackboneConfig, build_backbone, layer_names, saved_input_size
 from pipeline.errors import UserError
 from pipeline.images import DECODER
 
 # -- resolved(): checked without TensorFlow --------------------------------------------------------
 
-@pytest.mark.parametrize("name, suggestion", [("MobileNetv2", "MobileNetV2"), ("resnet50", "ResNet50"),
-                                              ("EfficientNetB9", "EfficientNetB")])
+
+@pytest.mark.parametrize(
+    "name, suggestion", [("MobileNetv2", "MobileNetV2"), ("resnet50", "ResNet50"), ("EfficientNetB9", "EfficientNetB")]
+)
 def test_unknown_backbone_suggests_close_names(name: str, suggestion: str) -> None:
     with pytest.raises(UserError, match=f"unknown backbone '{name}'. Did you mean .*{suggestion}") as info:
         BackboneConfig(name).resolved()
@@ -47,9 +49,17 @@ def test_alpha_on_a_model_without_alpha() -> None:
         BackboneConfig("ResNet50", alpha=0.5).resolved()
 
 
-@pytest.mark.parametrize("field, value", [
-    ("pooling", "mean"), ("image_size", 16), ("image_size", 33.5), ("resize", "fancy"), ("alpha", 5.0), ("layer", 3),
-])
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("pooling", "mean"),
+        ("image_size", 16),
+        ("image_size", 33.5),
+        ("resize", "fancy"),
+        ("alpha", 5.0),
+        ("layer", 3),
+    ],
+)
 def test_bad_option_values_name_the_argument(field: str, value) -> None:
     with pytest.raises(UserError, match=f"^{field} is {value!r}; it must be"):
         replace(BackboneConfig("MobileNetV2"), **{field: value}).resolved()
@@ -71,11 +81,25 @@ def test_fingerprint_stable_and_sensitive(tmp_path: Path) -> None:
     base = BackboneConfig(**TINY).resolved()
     assert base.fingerprint() == BackboneConfig(**TINY).resolved().fingerprint()
     assert len(base.fingerprint()) == 16 and int(base.fingerprint(), 16) >= 0
-    assert base.identity() == {"backbone": "MobileNetV2", "weights": "none (random, seed 0)", "layer": "",
-                               "pooling": "avg", "image_size": 32, "resize": "bilinear", "alpha": 0.35,
-                               "decoder": DECODER}
-    changes = [dict(layer="block_3_expand_relu"), dict(image_size=48), dict(pooling="max"), dict(alpha=0.5),
-               dict(resize="bicubic"), dict(weights="imagenet"), dict(backbone="MobileNet")]
+    assert base.identity() == {
+        "backbone": "MobileNetV2",
+        "weights": "none (random, seed 0)",
+        "layer": "",
+        "pooling": "avg",
+        "image_size": 32,
+        "resize": "bilinear",
+        "alpha": 0.35,
+        "decoder": DECODER,
+    }
+    changes = [
+        dict(layer="block_3_expand_relu"),
+        dict(image_size=48),
+        dict(pooling="max"),
+        dict(alpha=0.5),
+        dict(resize="bicubic"),
+        dict(weights="imagenet"),
+        dict(backbone="MobileNet"),
+    ]
     prints = {base.fingerprint()}
     for change in changes:
         prints.add(replace(BackboneConfig(**TINY), **change).resolved().fingerprint())
@@ -110,16 +134,19 @@ def test_fingerprint_follows_weights_file_content(tmp_path: Path) -> None:
 
 def test_options_checked_without_tensorflow() -> None:
     """resolved(), identity and fingerprint, and importing extract, never import TensorFlow or Keras."""
-    code = ("import sys; from pipeline.backbones import BackboneConfig; import pipeline.extract, pipeline.cache\n"
-            "c = BackboneConfig('ResNet50').resolved(); c.fingerprint()\n"
-            "try:\n    BackboneConfig('Nope').resolved()\nexcept Exception as e:\n    print(type(e).__name__)\n"
-            "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))")
+    code = (
+        "import sys; from pipeline.backbones import BackboneConfig; import pipeline.extract, pipeline.cache\n"
+        "c = BackboneConfig('ResNet50').resolved(); c.fingerprint()\n"
+        "try:\n    BackboneConfig('Nope').resolved()\nexcept Exception as e:\n    print(type(e).__name__)\n"
+        "print(sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["UserError", "[]"]
 
 
 # -- model files ------------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def tiny_keras(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -210,6 +237,7 @@ def test_model_file_with_flexible_input_needs_image_size(tmp_path: Path) -> None
 
 # -- Keras Applications (tiny, random weights) -------------------------------------------------------
 
+
 def test_tiny_config_builds(tiny_model) -> None:
     assert tiny_model.input_shape == (None, 32, 32, 3)
     assert tiny_model.output_shape == (None, APPLICATIONS["MobileNetV2"].width)  # 1280 whatever alpha <= 1
@@ -251,6 +279,9 @@ def test_offline_imagenet_weights_give_a_user_error(monkeypatch: pytest.MonkeyPa
 
     monkeypatch.setattr(keras.applications, "MobileNetV3Small", offline)
     monkeypatch.setenv("KERAS_HOME", "/somewhere/keras")
-    with pytest.raises(UserError, match=r"could not load ImageNet weights for MobileNetV3Small.*Offline\? "
-                                        r"Put the Keras weight file under /somewhere/keras/models"):
+    with pytest.raises(
+        UserError,
+        match=r"could not load ImageNet weights for MobileNetV3Small.*Offline\? "
+        r"Put the Keras weight file under /somewhere/keras/models",
+    ):
         build_backbone(BackboneConfig("MobileNetV3Small", image_size=32).resolved())

@@ -18,19 +18,28 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import ROOT, SHARED
 from model_fixtures import pattern
 
 CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 FLOWERS = SHARED / "datasets" / "oxford_flowers12"
 LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
 FLOWER_CLASSES = ("bluebell", "daisy", "sunflower")
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium")]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason=f"{CHROMIUM} is missing: apt-get install chromium"),
+]
 sync_api = pytest.importorskip("playwright.sync_api", reason="Playwright is not installed: pip install playwright")
 
 
@@ -69,8 +78,12 @@ def running_server(head: Path, log_path: Path) -> Iterator[str]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([sys.executable, "cli.py", "serve", "--head", str(head), "--port", str(port),
-                                   "--runtime", "keras"], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "cli.py", "serve", "--head", str(head), "--port", str(port), "--runtime", "keras"],
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 300
         while True:
@@ -109,8 +122,9 @@ def served_head(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path
             for image in sorted((FLOWERS / cls).glob("*.jpg"))[:10]:
                 shutil.copy(image, root / "data" / cls / image.name)
         config = BackboneConfig(str(LITE0), "imagenet", "avg_pool")
-        summary = extract(root / "data", config, cache=root / "flowers3.h5", runtime="keras", progress=False,
-                          log=lambda m: None)
+        summary = extract(
+            root / "data", config, cache=root / "flowers3.h5", runtime="keras", progress=False, log=lambda m: None
+        )
         head = fit_head(summary.cache_path, "logreg", cv=3, n_jobs=1, out=root / "head", log=lambda m: None).folder
         held_out = sorted((FLOWERS / "daisy").glob("*.jpg"))[-1]
         return head, held_out, "daisy"
@@ -182,8 +196,10 @@ def test_serve_page_classifies_an_uploaded_image(page, browser, served_head, tmp
         assert httpx.get(url + "health").status_code == 200
         calls = httpx.get(url + "health").json()["model_calls"]
         # another site's page posts a form with an image to the server (a CORS 'simple request'): refused, unrun
-        form = (f'<form id="f" method="post" enctype="multipart/form-data" action="{url}predict">'
-                '<input type="file" name="files" id="files"></form>')
+        form = (
+            f'<form id="f" method="post" enctype="multipart/form-data" action="{url}predict">'
+            '<input type="file" name="files" id="files"></form>'
+        )
         with other_site(form) as site:
             context = browser.new_context()
             hostile = context.new_page()
@@ -200,8 +216,13 @@ def test_serve_page_classifies_an_uploaded_image(page, browser, served_head, tmp
 def test_report_opens_from_disk_and_its_cells_open_their_images(page, report_world, tmp_path: Path) -> None:
     from pipeline.web.report import build_report
 
-    report = build_report([report_world.heads["logreg"], report_world.heads["knn"]], report_world.audit,
-                          tmp_path / "report.html", projection="pca", log=lambda m: None)
+    report = build_report(
+        [report_world.heads["logreg"], report_world.heads["knn"]],
+        report_world.audit,
+        tmp_path / "report.html",
+        projection="pca",
+        log=lambda m: None,
+    )
     # anything but the file itself and its inline data is refused (and recorded)
     refused: list[str] = []
 
@@ -248,8 +269,9 @@ def test_serve_page_shows_a_bank_note_as_unknown(page, served_head, tmp_path: Pa
     notes = SHARED / "datasets" / "usd_bills_kaggle" / "1_dollar"
     if not notes.is_dir():
         pytest.skip(f"{notes} is absent")
-    note = min((p for p in notes.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")),
-               key=lambda p: p.stat().st_size)
+    note = min(
+        (p for p in notes.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=lambda p: p.stat().st_size
+    )
     with running_server(head, tmp_path / "serve.log") as url:
         health = httpx.get(url + "health").json()
         assert health["unknown_detector"] is True

@@ -11,11 +11,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from heads_fixtures import SYNTH_CONFIG, fake_hash, write_cache
 
 import pipeline.cache.shards as cache_shards
-from heads_fixtures import SYNTH_CONFIG, fake_hash, write_cache
-from pipeline.cache import (CacheWriter, Row, compact, copy_cache, layout, load, lookup, read_attrs,
-                            shards_dir)
+from pipeline.cache import CacheWriter, Row, compact, copy_cache, layout, load, lookup, read_attrs, shards_dir
 from pipeline.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,8 +28,13 @@ def rows_for(n: int, start: int = 0, step: int = 1) -> tuple[list[str], np.ndarr
     return [fake_hash(("row", i)) for i in ids], X
 
 
-def write(path: Path, ids: list[int], chunk_size: int = 256, compact_now: bool = False,
-          extra: dict[str, np.ndarray] | None = None) -> CacheWriter:
+def write(
+    path: Path,
+    ids: list[int],
+    chunk_size: int = 256,
+    compact_now: bool = False,
+    extra: dict[str, np.ndarray] | None = None,
+) -> CacheWriter:
     """Commit rows with these ids (in this order), adding the features of those the cache lacks."""
     config = SYNTH_CONFIG.resolved()
     writer = CacheWriter(path, config.identity(), config.fingerprint(), chunk_size)
@@ -130,9 +134,18 @@ def test_moving_the_cache_folder_keeps_it_readable(tmp_path: Path) -> None:
     moved = tmp_path / "b" / "elsewhere"
     shutil.move(str(tmp_path / "a"), str(moved))
     assert_rows(moved / "c.h5", list(range(25)))
-    out = subprocess.run([sys.executable, "-c", "import h5py, sys; f = h5py.File(sys.argv[1]); "
-                          "print(int(f['features'][()][:, 0].sum()))", "elsewhere/c.h5"],
-                         cwd=moved.parent, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import h5py, sys; f = h5py.File(sys.argv[1]); print(int(f['features'][()][:, 0].sum()))",
+            "elsewhere/c.h5",
+        ],
+        cwd=moved.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.strip() == str(sum(range(25))), out.stderr  # opened by a relative path from another folder
 
     lonely = tmp_path / "lonely" / "c.h5"  # the index alone: refused, naming the missing shard
@@ -162,9 +175,16 @@ def write_format_1(path: Path, ids: list[int]) -> None:
     config = SYNTH_CONFIG.resolved()
     string = h5py.string_dtype("utf-8")
     with h5py.File(path, "w") as f:
-        f.attrs.update({**config.identity(), "fingerprint": config.fingerprint(), "format_version": 1,
-                        "feature_dim": DIM, "dataset_root": str(path.parent),
-                        "config_json": json.dumps(config.__dict__)})
+        f.attrs.update(
+            {
+                **config.identity(),
+                "fingerprint": config.fingerprint(),
+                "format_version": 1,
+                "feature_dim": DIM,
+                "dataset_root": str(path.parent),
+                "config_json": json.dumps(config.__dict__),
+            }
+        )
         f["features"] = np.array([[i] + [i / 7] * (DIM - 1) for i in ids], np.float32)
         f["labels"] = np.array([i % 2 for i in ids], np.int32)
         f.create_dataset("class_names", data=["c0", "c1"], dtype=string)
@@ -229,8 +249,13 @@ def test_compact_refuses_an_unfinished_journal_and_cli_prints_the_layout(tmp_pat
     path = write_cache(tmp_path / "synth.h5", np.ones((6, DIM), np.float32), [0, 1] * 3)
     write(tmp_path / "c.h5", list(range(10)))
     write(tmp_path / "c.h5", list(range(5)))
-    done = subprocess.run([sys.executable, "cli.py", "compact", str(tmp_path / "c.h5")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "cli.py", "compact", str(tmp_path / "c.h5")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     before, after = done.stdout.split(" -> ")
     assert "5 rows in 1 shard (1 runs, 5 unreferenced rows" in before  # rows 5..9 were deleted

@@ -35,8 +35,10 @@ def cluster():
     pytest.importorskip("ray.data", reason=NO_RAY)
     from ray.cluster_utils import Cluster
 
-    nodes = Cluster(initialize_head=True,
-                    head_node_args={"num_cpus": 2, "object_store_memory": 100 << 20, "include_dashboard": False})
+    nodes = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "object_store_memory": 100 << 20, "include_dashboard": False},
+    )
     worker = nodes.add_node(num_cpus=1, object_store_memory=100 << 20)
     ray.init(address=nodes.address, logging_level="ERROR", log_to_driver=False)
     nodes.wait_for_nodes()
@@ -61,8 +63,9 @@ def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def reference(data: Path, caches: Path) -> Path:
     """The local engine's cache (the backbone is converted to TFLite here, once)."""
-    return extract(data, TINY_CONFIG, cache=caches / "local.h5", runtime=RUNTIME, engine="local", progress=False,
-                   log=quiet()).cache_path
+    return extract(
+        data, TINY_CONFIG, cache=caches / "local.h5", runtime=RUNTIME, engine="local", progress=False, log=quiet()
+    ).cache_path
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +75,25 @@ def url(s3: S3, data: Path) -> str:
 
 def ray_extract(source, cache: Path, s3: S3, messages: list[str] | None = None, **options):
     # the endpoint travels as a storage option; the workers' environment would do as well
-    return extract(source, TINY_CONFIG, cache=cache, runtime=RUNTIME, engine="ray", batch_size=BATCH,
-                   chunk_size=BATCH, actors=1, progress=False, log=quiet(messages),
-                   storage_options={"endpoint_url": s3.endpoint}, **options)
+    return extract(
+        source,
+        TINY_CONFIG,
+        cache=cache,
+        runtime=RUNTIME,
+        engine="ray",
+        batch_size=BATCH,
+        chunk_size=BATCH,
+        actors=1,
+        progress=False,
+        log=quiet(messages),
+        storage_options={"endpoint_url": s3.endpoint},
+        **options,
+    )
 
 
-def test_two_nodes_from_the_object_store_equal_the_local_engine(cluster, s3: S3, url: str, reference: Path,
-                                                                caches: Path) -> None:
+def test_two_nodes_from_the_object_store_equal_the_local_engine(
+    cluster, s3: S3, url: str, reference: Path, caches: Path
+) -> None:
     ray, _, _ = cluster
     assert len([n for n in ray.nodes() if n["Alive"]]) == 2
     context, log = ray.data.DataContext.get_current(), logging.getLogger("ray.data")
@@ -90,34 +105,38 @@ def test_two_nodes_from_the_object_store_equal_the_local_engine(cluster, s3: S3,
     assert (context.enable_progress_bars, log.level) == before  # the caller's cluster as it was
 
 
-def test_two_nodes_from_local_files_equal_the_local_engine(cluster, s3: S3, data: Path, reference: Path,
-                                                           caches: Path) -> None:
+def test_two_nodes_from_local_files_equal_the_local_engine(
+    cluster, s3: S3, data: Path, reference: Path, caches: Path
+) -> None:
     summary = ray_extract(data, caches / "disk.h5", s3)
     assert summary.engine == "ray"
     assert_same_cache(summary.cache_path, reference)
 
 
-def test_auto_engine_takes_the_named_cluster(cluster, s3: S3, data: Path, reference: Path, caches: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_engine_takes_the_named_cluster(
+    cluster, s3: S3, data: Path, reference: Path, caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline import engines
 
     _, nodes, _ = cluster
     messages: list[str] = []
     monkeypatch.setenv("RAY_ADDRESS", nodes.address)
-    small = extract(data, TINY_CONFIG, cache=caches / "auto-small.h5", runtime=RUNTIME, progress=False,
-                    log=quiet(messages))
+    small = extract(
+        data, TINY_CONFIG, cache=caches / "auto-small.h5", runtime=RUNTIME, progress=False, log=quiet(messages)
+    )
     assert small.engine == "local"
     assert any(f"under the {engines.RAY_MIN_IMAGES}" in m for m in messages), messages
     monkeypatch.setattr(engines, "RAY_MIN_IMAGES", 10)
-    big = extract(data, TINY_CONFIG, cache=caches / "auto-big.h5", runtime=RUNTIME, actors=1, progress=False,
-                  log=quiet(messages))
+    big = extract(
+        data, TINY_CONFIG, cache=caches / "auto-big.h5", runtime=RUNTIME, actors=1, progress=False, log=quiet(messages)
+    )
     assert big.engine == "ray" and any(m.startswith(f"engine: ray (RAY_ADDRESS={nodes.address}") for m in messages)
     assert_same_cache(big.cache_path, reference)
 
 
-def test_killed_worker_node_leaves_a_clean_cache_that_a_rerun_completes(cluster, s3: S3, url: str,
-                                                                        reference: Path, caches: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_worker_node_leaves_a_clean_cache_that_a_rerun_completes(
+    cluster, s3: S3, url: str, reference: Path, caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import test_ray
 
     from pipeline import engine_ray
@@ -136,15 +155,18 @@ def test_killed_worker_node_leaves_a_clean_cache_that_a_rerun_completes(cluster,
 
     driver = threading.Thread(target=run)
     driver.start()
-    test_ray.wait_until(lambda: test_ray.journal_chunks(cache) >= 1 or not driver.is_alive(),
-                        what="the first journal chunk")
+    test_ray.wait_until(
+        lambda: test_ray.journal_chunks(cache) >= 1 or not driver.is_alive(), what="the first journal chunk"
+    )
     assert driver.is_alive(), f"the run ended before the kill: {outcome}"
     chunks, killed_at = test_ray.journal_chunks(cache), time.monotonic()
     nodes.remove_node(worker, allow_graceful=False)  # its raylet, object store and workers die at once
     driver.join(timeout=400)
     assert not driver.is_alive(), "the run hung after the worker node died"
-    print(f"worker node killed with {chunks} chunks written; the run ended {time.monotonic() - killed_at:.1f} s "
-          f"later: {'finished' if 'summary' in outcome else repr(outcome.get('error'))[:200]}")
+    print(
+        f"worker node killed with {chunks} chunks written; the run ended {time.monotonic() - killed_at:.1f} s "
+        f"later: {'finished' if 'summary' in outcome else repr(outcome.get('error'))[:200]}"
+    )
     monkeypatch.undo()
     rerun = ray_extract(url, cache, s3)
     total = load(reference).features.shape[0]

@@ -9,14 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_fixtures import World, quiet
+
 from pipeline.artifacts import HEAD_MODEL
 from pipeline.compare import compare
 from pipeline.errors import UserError
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
-              pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
+]
 
 NUMBERS = ("accuracy", "balanced_accuracy", "macro_f1", "train_seconds", "inference_ms", "size_mb")
 

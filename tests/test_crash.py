@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, RUNTIME, TINY_ARGS, make_dataset
+
 from pipeline.cache import load
 from pipeline.extract import extract
 
@@ -31,8 +31,22 @@ CHUNK, BATCH = 16, 8
 def cli_args(data: Path, cache: Path) -> list[str]:
     # --runtime keras: TFLite would first convert the model (about 20 s) and then finish 300 tiny images
     # in a blink, too fast to stop it half way; the journal and the commit do not depend on the runtime.
-    return [sys.executable, "cli.py", "extract", str(data), *TINY_ARGS, "--cache", str(cache),
-            "--chunk-size", str(CHUNK), "--batch-size", str(BATCH), "--runtime", RUNTIME, "--no-progress"]
+    return [
+        sys.executable,
+        "cli.py",
+        "extract",
+        str(data),
+        *TINY_ARGS,
+        "--cache",
+        str(cache),
+        "--chunk-size",
+        str(CHUNK),
+        "--batch-size",
+        str(BATCH),
+        "--runtime",
+        RUNTIME,
+        "--no-progress",
+    ]
 
 
 def env() -> dict[str, str]:
@@ -47,8 +61,14 @@ def _default_sigint() -> None:
 
 def start(data: Path, cache: Path, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen(cli_args(data, cache), cwd=ROOT, env=env(), stdout=open(logs / "stdout", "w"),
-                            stderr=open(logs / "stderr", "w"), preexec_fn=_default_sigint)
+    return subprocess.Popen(
+        cli_args(data, cache),
+        cwd=ROOT,
+        env=env(),
+        stdout=open(logs / "stdout", "w"),
+        stderr=open(logs / "stderr", "w"),
+        preexec_fn=_default_sigint,
+    )
 
 
 def wait_for_chunks(proc: subprocess.Popen, partial: Path, count: int, logs: Path, timeout: float = 180) -> int:
@@ -59,8 +79,10 @@ def wait_for_chunks(proc: subprocess.Popen, partial: Path, count: int, logs: Pat
         if found >= count:
             return found
         if proc.poll() is not None:
-            pytest.fail(f"extract ended (exit {proc.returncode}) before {count} journal chunks were written; "
-                        f"stderr: {(logs / 'stderr').read_text()[-2000:]}")
+            pytest.fail(
+                f"extract ended (exit {proc.returncode}) before {count} journal chunks were written; "
+                f"stderr: {(logs / 'stderr').read_text()[-2000:]}"
+            )
         time.sleep(0.005)
     proc.kill()
     pytest.fail(f"no {count} journal chunks in {partial} after {timeout} s")
@@ -90,8 +112,9 @@ def big(tmp_path_factory: pytest.TempPathFactory, tiny_config):
             (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, subset / path.parent.name / path.name)
     reference = base / "reference" / "all.h5"
-    summary = extract(full, tiny_config, cache=reference, batch_size=32, runtime=RUNTIME, progress=False,
-                      log=lambda m: None)
+    summary = extract(
+        full, tiny_config, cache=reference, batch_size=32, runtime=RUNTIME, progress=False, log=lambda m: None
+    )
     assert summary.n_rows == 3 * PER_CLASS
     return full, subset, load(reference)
 
@@ -116,8 +139,7 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config
     np.testing.assert_array_equal(still.features, old.features)
     assert not list(cache.parent.glob("*.tmp*"))
 
-    resumed = subprocess.run(cli_args(full, cache), cwd=ROOT, env=env(), capture_output=True, text=True,
-                             timeout=300)
+    resumed = subprocess.run(cli_args(full, cache), cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     counts = re.search(r"new (\d+), already cached (\d+), resumed from an interrupted run (\d+)", resumed.stdout)
     assert counts, resumed.stdout

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from model_fixtures import CLASSES2, CLASSES3, World
 from typer.testing import CliRunner
 
-from model_fixtures import CLASSES2, CLASSES3, World
 from pipeline.artifacts import PREDICTIONS_CSV, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
@@ -65,6 +65,7 @@ def exported(world: World, tmp_path_factory: pytest.TempPathFactory) -> dict[tup
 
 # -- round trip -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("fmt", ["keras", "tflite"])
 @pytest.mark.parametrize("clf", ["logreg", "svm"])
 def test_export_reproduces_head(world: World, exported, clf: str, fmt: str) -> None:
@@ -100,8 +101,9 @@ def test_l2_normalised_export_reproduces_head(cnn_world: World, clf: str, tmp_pa
 
 
 @pytest.mark.parametrize("fmt", ["keras", "tflite"])
-def test_export_returns_calibrated_probabilities_and_the_unknown_score(cnn_world: World, fmt: str,
-                                                                       tmp_path: Path) -> None:
+def test_export_returns_calibrated_probabilities_and_the_unknown_score(
+    cnn_world: World, fmt: str, tmp_path: Path
+) -> None:
     """The second output is the head's own unknown score; the sidecar gives the threshold; predict --model and
     export's check agree with the head's decisions."""
     w = cnn_world
@@ -138,8 +140,18 @@ def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> N
     head = load_head(w.heads["logreg"])
     test = read_predictions(w.heads["logreg"] / PREDICTIONS_CSV)
     check = verify_export(runtime, head, test, 64)
-    assert set(check) == {"images", "max_abs_prob_diff", "top1_agreement", "export_accuracy", "head_accuracy",
-                          "n_test", "unknown_agreement", "max_abs_score_diff", "unknown_export", "unknown_head"}
+    assert set(check) == {
+        "images",
+        "max_abs_prob_diff",
+        "top1_agreement",
+        "export_accuracy",
+        "head_accuracy",
+        "n_test",
+        "unknown_agreement",
+        "max_abs_score_diff",
+        "unknown_export",
+        "unknown_head",
+    }
     assert check["images"] == check["n_test"] == len(test) > 0
     assert 0.9 <= check["top1_agreement"] <= 1.0
     assert check["head_accuracy"] == pytest.approx(float(test.correct.mean()))
@@ -160,6 +172,7 @@ def test_verify_export_reports_exact_agreement(world: World, exported) -> None:
 
 
 # -- refusals -------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("clf", ["knn", "rbf-svm"])
 def test_non_linear_heads_do_not_export(world: World, clf: str, tmp_path: Path) -> None:
@@ -187,8 +200,9 @@ def test_keras_export_with_wrong_extension_is_user_error(world: World, tmp_path:
 
 
 @pytest.mark.parametrize("name, fmt", [("m.h5", "keras"), ("m.keras", "tflite")])
-def test_export_suffix_must_match_format(world: World, exported, tmp_path: Path, name: str, fmt: str,
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_export_suffix_must_match_format(
+    world: World, exported, tmp_path: Path, name: str, fmt: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.export as export_module
 
     def fake_convert(model, path, quantize="none", input_dtype="uint8"):  # a real conversion takes ~15 s
@@ -232,13 +246,15 @@ def test_export_works_without_the_cache_and_refuses_bad_verify(world: World, tmp
     (tmp_path / "head" / "head.json").write_text(json.dumps({**head, "cache_path": str(moved)}))
     path, check = export_head(tmp_path / "head", tmp_path / "m.keras", verify=100)
     assert path.is_file() and check["top1_agreement"] == 1.0
-    result = CliRunner().invoke(cli.app, ["export", str(tmp_path / "head"), "--out", str(tmp_path / "n.keras"),
-                                          "--verify", "-1"])
+    result = CliRunner().invoke(
+        cli.app, ["export", str(tmp_path / "head"), "--out", str(tmp_path / "n.keras"), "--verify", "-1"]
+    )
     assert result.exit_code == 2 and result.stderr.startswith("error: --verify is -1")
     assert "Traceback" not in result.output and not (tmp_path / "n.keras").exists()
 
 
 # -- predict --model ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("fmt", ["keras", "tflite"])
 def test_predict_with_model_file(world: World, exported, fmt: str, tmp_path: Path) -> None:
@@ -265,7 +281,7 @@ def test_missing_sidecar_is_user_error(world: World, exported, tmp_path: Path) -
     for fmt in ("keras", "tflite"):
         lonely = tmp_path / f"lonely.{fmt}"
         shutil.copy(exported["logreg", fmt], lonely)
-        with pytest.raises(UserError, match=r"lonely\.%s\.json is missing" % fmt):
+        with pytest.raises(UserError, match=rf"lonely\.{fmt}\.json is missing"):
             load_model_file(lonely)
         with pytest.raises(UserError, match="missing"):
             predict([world.data], model=lonely, log=lambda m: None)

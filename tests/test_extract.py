@@ -11,10 +11,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+from conftest import (
+    CLASS_COLOURS,
+    RUNTIME,
+    add_broken,
+    add_ignored,
+    add_images,
+    add_modes,
+    make_dataset,
+    pixels,
+    save_image,
+)
 
 import pipeline.cache as cache_module
-from conftest import (CLASS_COLOURS, RUNTIME, add_broken, add_ignored, add_images, add_modes, make_dataset, pixels,
-                      save_image)
 from pipeline.backbones import BackboneConfig
 from pipeline.cache import CacheWriter, load
 from pipeline.errors import UserError
@@ -46,6 +55,7 @@ def cache_path(tmp_path: Path) -> Path:
 
 
 # -- one run over a messy dataset ------------------------------------------------------------------
+
 
 def test_broken_files_are_skipped_with_reasons(dataset: Path, tiny_config, cache_path, shared_runtime) -> None:
     broken = add_broken(dataset)
@@ -88,8 +98,9 @@ def test_cache_layout(dataset: Path, tiny_config, cache_path, shared_runtime) ->
     summary = run(dataset, tiny_config, cache_path)
     assert summary.cache_path == cache_path
     with h5py.File(cache_path, "r") as f:
-        assert {"features", "labels", "class_names", "paths", "content_hash", "split", "runtime",
-                "skipped"} <= set(f.keys())
+        assert {"features", "labels", "class_names", "paths", "content_hash", "split", "runtime", "skipped"} <= set(
+            f.keys()
+        )
         assert set(f["skipped"].keys()) == {"paths", "content_hash", "reasons"}
         assert f["features"].dtype == np.float32 and f["labels"].dtype == np.int32
     c = load(cache_path)
@@ -107,7 +118,12 @@ def test_cache_layout(dataset: Path, tiny_config, cache_path, shared_runtime) ->
     assert a["format_version"] == cache_module.FORMAT_VERSION == 2
     assert a["fingerprint"] == resolved.fingerprint()
     assert c.identity == resolved.identity()
-    assert (a["backbone"], a["weights"], a["layer"], a["pooling"]) == ("MobileNetV2", "none (random, seed 0)", "", "avg")
+    assert (a["backbone"], a["weights"], a["layer"], a["pooling"]) == (
+        "MobileNetV2",
+        "none (random, seed 0)",
+        "",
+        "avg",
+    )
     assert (a["image_size"], a["resize"], a["alpha"]) == (32, "bilinear", 0.35)
     assert a["decoder"].startswith("pillow") and a["feature_dim"] == 1280
     versions = json.loads(a["versions_json"])
@@ -145,6 +161,7 @@ def test_duplicate_files_share_one_extraction(dataset: Path, tiny_config, cache_
 
 
 # -- incremental runs ------------------------------------------------------------------------------
+
 
 def test_rerun_extracts_nothing(dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
     add_broken(dataset)
@@ -235,10 +252,15 @@ def test_other_config_same_cache_is_refused(dataset: Path, tiny_config, cache_pa
 
 
 def test_default_cache_names_differ_per_config(dataset: Path, tiny_config, tmp_path, shared_runtime) -> None:
-    a = extract(dataset, tiny_config, cache_dir=tmp_path / "c", runtime=RUNTIME, progress=False,
-                log=lambda m: None)
-    b = extract(dataset, replace(tiny_config, pooling="max"), cache_dir=tmp_path / "c", runtime=RUNTIME,
-                progress=False, log=lambda m: None)
+    a = extract(dataset, tiny_config, cache_dir=tmp_path / "c", runtime=RUNTIME, progress=False, log=lambda m: None)
+    b = extract(
+        dataset,
+        replace(tiny_config, pooling="max"),
+        cache_dir=tmp_path / "c",
+        runtime=RUNTIME,
+        progress=False,
+        log=lambda m: None,
+    )
     assert a.cache_path != b.cache_path and a.cache_path.parent == b.cache_path.parent == tmp_path / "c"
     assert a.cache_path.name.startswith("data-MobileNetV2-32-") and a.cache_path.suffix == ".h5"
     assert load(a.cache_path).attrs["pooling"] == "avg" and load(b.cache_path).attrs["pooling"] == "max"
@@ -263,6 +285,7 @@ def test_bad_run_options(dataset: Path, tiny_config, cache_path, bad) -> None:
 
 # -- the journal -----------------------------------------------------------------------------------
 
+
 def spy_on_commit(monkeypatch) -> list[list[str]]:
     """Record the journal files present when each commit starts."""
     seen: list[list[str]] = []
@@ -276,8 +299,9 @@ def spy_on_commit(monkeypatch) -> list[list[str]]:
     return seen
 
 
-def test_chunks_are_journalled_then_removed(dataset: Path, tiny_config, cache_path, shared_runtime,
-                                            monkeypatch) -> None:
+def test_chunks_are_journalled_then_removed(
+    dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch
+) -> None:
     seen = spy_on_commit(monkeypatch)
     summary = run(dataset, tiny_config, cache_path, chunk_size=3, batch_size=2)
     assert summary.n_rows == 12
@@ -303,8 +327,9 @@ def flaky_flush(monkeypatch, fail_after: int, exc: BaseException) -> list[int]:
     return written
 
 
-def test_crashed_run_resumes_from_the_journal(tmp_path: Path, tiny_config, cache_path, shared_runtime,
-                                              monkeypatch) -> None:
+def test_crashed_run_resumes_from_the_journal(
+    tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch
+) -> None:
     data = make_dataset(tmp_path / "data", per_class=6)
     add_broken(data)
     with monkeypatch.context() as mp:
@@ -328,8 +353,7 @@ def test_crashed_run_resumes_from_the_journal(tmp_path: Path, tiny_config, cache
     assert sorted(got.skipped) == sorted(want.skipped) and fresh.n_new == 18
 
 
-def test_resume_on_top_of_an_old_cache(dataset: Path, tiny_config, cache_path, shared_runtime,
-                                       monkeypatch) -> None:
+def test_resume_on_top_of_an_old_cache(dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
     run(dataset, tiny_config, cache_path)
     old = load(cache_path)
     add_images(dataset, "grass", 7, start=0)
@@ -344,8 +368,9 @@ def test_resume_on_top_of_an_old_cache(dataset: Path, tiny_config, cache_path, s
     assert (summary.n_reused, summary.n_resumed, summary.n_new, summary.n_rows) == (12, 3, 4, 19)
 
 
-def test_journal_of_another_config_is_ignored(dataset: Path, tiny_config, cache_path, shared_runtime,
-                                              monkeypatch) -> None:
+def test_journal_of_another_config_is_ignored(
+    dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch
+) -> None:
     other = replace(tiny_config, pooling="max")
     with monkeypatch.context() as mp:
         flaky_flush(mp, 1, RuntimeError("simulated crash"))
@@ -357,8 +382,9 @@ def test_journal_of_another_config_is_ignored(dataset: Path, tiny_config, cache_
     assert not cache_path.with_name(cache_path.name + ".partial").exists()
 
 
-def test_keyboard_interrupt_keeps_finished_rows(tmp_path: Path, tiny_config, cache_path, shared_runtime,
-                                                monkeypatch) -> None:
+def test_keyboard_interrupt_keeps_finished_rows(
+    tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch
+) -> None:
     data = make_dataset(tmp_path / "data", per_class=6)
     import pipeline.extract as extract_module
 
@@ -393,8 +419,10 @@ def test_keyboard_interrupt_keeps_finished_rows(tmp_path: Path, tiny_config, cac
 
 # -- disk full -------------------------------------------------------------------------------------
 
-def test_disk_full_keeps_the_old_cache_and_the_journal(dataset: Path, tiny_config, cache_path, shared_runtime,
-                                                       monkeypatch) -> None:
+
+def test_disk_full_keeps_the_old_cache_and_the_journal(
+    dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch
+) -> None:
     run(dataset, tiny_config, cache_path)
     old = load(cache_path)
     add_images(dataset, "sky", 3, start=0)
@@ -417,8 +445,7 @@ def test_disk_full_keeps_the_old_cache_and_the_journal(dataset: Path, tiny_confi
     assert not partial.exists()
 
 
-def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, shared_runtime,
-                                        monkeypatch) -> None:
+def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
     run(dataset, tiny_config, cache_path)
     before = cache_path.read_bytes()
     add_images(dataset, "apple", 2, start=0)
@@ -437,7 +464,10 @@ def test_enospc_while_writing_the_cache(dataset: Path, tiny_config, cache_path, 
             run(dataset, tiny_config, cache_path)
     assert cache_path.read_bytes() == before
     assert sorted(p.name for p in cache_path.parent.iterdir() if p.suffix != ".tflite") == [
-        "features.h5", "features.h5.partial", "features.h5.shards"]
+        "features.h5",
+        "features.h5.partial",
+        "features.h5.shards",
+    ]
     assert run(dataset, tiny_config, cache_path).n_resumed == 2
 
 
@@ -467,8 +497,7 @@ def test_unreadable_file_is_skipped_and_recorded(dataset: Path, tiny_config, cac
     assert [p for p, _ in load(cache_path).skipped] == ["sky/dangling.jpg"]
 
 
-def test_resume_after_files_were_deleted(tmp_path: Path, tiny_config, cache_path, shared_runtime,
-                                         monkeypatch) -> None:
+def test_resume_after_files_were_deleted(tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
     """Journalled rows of files deleted since the crash are not counted as resumed."""
     data = make_dataset(tmp_path / "data", per_class=4)
     with monkeypatch.context() as mp:
@@ -485,7 +514,9 @@ def test_resume_after_files_were_deleted(tmp_path: Path, tiny_config, cache_path
         p.unlink()
     summary = run(data, tiny_config, cache_path)
     assert (summary.n_files, summary.n_resumed, summary.n_reused, summary.n_new) == (9, 1, 0, 8)
-    assert summary.n_rows == 9 and not set(load(cache_path).content_hash) & (journalled - {file_sha256(p) for p in files if p.exists()})
+    assert summary.n_rows == 9 and not set(load(cache_path).content_hash) & (
+        journalled - {file_sha256(p) for p in files if p.exists()}
+    )
 
 
 def test_unicode_and_spaces_in_names(tmp_path: Path, tiny_config, cache_path, shared_runtime) -> None:
@@ -514,8 +545,9 @@ def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, s
         with pytest.raises(RuntimeError):
             run(data, tiny_config, cache_path, chunk_size=4, runtime="keras")
     messages: list[str] = []
-    summary = extract(data, tiny_config, cache=cache_path, batch_size=4, runtime="tflite", progress=False,
-                      log=messages.append)
+    summary = extract(
+        data, tiny_config, cache=cache_path, batch_size=4, runtime="tflite", progress=False, log=messages.append
+    )
     assert (summary.n_resumed, summary.n_new, summary.runtime) == (4, 14, "tflite")
     converted = cache_path.parent / f"MobileNetV2-32-{tiny_config.resolved().fingerprint()}.tflite"
     assert converted.is_file() and any("converting the backbone to TFLite" in m for m in messages)
@@ -531,7 +563,8 @@ def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, s
 
     monkeypatch.setattr(extract_module, "make_runtime", runtime_module.make_runtime)  # no memo: really load it
     messages.clear()  # a second cache in the same folder reuses the conversion
-    again = extract(data, tiny_config, cache=cache_path.with_name("other.h5"), runtime="tflite", progress=False,
-                    log=messages.append)
+    again = extract(
+        data, tiny_config, cache=cache_path.with_name("other.h5"), runtime="tflite", progress=False, log=messages.append
+    )
     assert again.n_new == 18 and not any("converting" in m for m in messages)
     assert_same_features(load(again.cache_path).features, load(reference.cache_path).features)

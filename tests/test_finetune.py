@@ -10,24 +10,49 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_fixtures import CLASSES3, TINY_CONFIG, World, quiet
+
 from pipeline.artifacts import PREDICTIONS_CSV, RUN_JSON, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
-from pipeline.finetune import (backbone_base, build_model, finetune, finetune_parts, freeze_backbone,
-                               set_trainable)
+from pipeline.finetune import backbone_base, build_model, finetune, finetune_parts, freeze_backbone, set_trainable
 from pipeline.heads import load_head
 from pipeline.splits import split_rows
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
-              pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
+]
 
-RUN_FILES = ["model.keras", "model.keras.json", "history.csv", "learning_curves.png", "metrics.json",
-             "confusion_matrix.png", "predictions.csv", "run.json"]
-FIT_HEAD_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "class_names",
-                 "n_test", "method", "clf", "best_params", "cv_score", "fit_seconds", "train_seconds",
-                 "n_train", "split", "split_notes", "seed"}
+RUN_FILES = [
+    "model.keras",
+    "model.keras.json",
+    "history.csv",
+    "learning_curves.png",
+    "metrics.json",
+    "confusion_matrix.png",
+    "predictions.csv",
+    "run.json",
+]
+FIT_HEAD_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "class_names",
+    "n_test",
+    "method",
+    "clf",
+    "best_params",
+    "cv_score",
+    "fit_seconds",
+    "train_seconds",
+    "n_train",
+    "split",
+    "split_notes",
+    "seed",
+}
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +73,7 @@ def is_batchnorm(layer) -> bool:
 
 
 # -- the model ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("augment", ["light", "strong"])
 def test_init_head_reproduces_logreg_before_training(world: World, data, augment: str) -> None:
@@ -148,8 +174,9 @@ def assert_training_flag_changes_nothing(model, batch: np.ndarray) -> None:
     f_infer = np.asarray(features(batch, training=False))
     f_train = np.asarray(features(batch, training=True))
     np.testing.assert_allclose(f_train, f_infer, rtol=1e-5, atol=1e-7 * np.abs(f_infer).max())
-    np.testing.assert_allclose(np.asarray(model(batch, training=True)), np.asarray(model(batch, training=False)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(model(batch, training=True)), np.asarray(model(batch, training=False)), atol=1e-6
+    )
     for bn, mean in zip(bns, before):
         np.testing.assert_array_equal(np.asarray(bn.moving_mean), mean, err_msg=bn.name)
 
@@ -174,9 +201,14 @@ def save_nested_bn_backbone(path: Path) -> Path:
     inputs = keras.Input((32, 32, 3))
     x = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
     x = keras.layers.Conv2D(8, 3, strides=2, name="stem")(x)
-    x = keras.Sequential([keras.layers.Conv2D(8, 3, padding="same", name="block_conv"),
-                          keras.layers.BatchNormalization(name="block_bn"), keras.layers.ReLU(name="block_relu")],
-                         name="block")(x)
+    x = keras.Sequential(
+        [
+            keras.layers.Conv2D(8, 3, padding="same", name="block_conv"),
+            keras.layers.BatchNormalization(name="block_bn"),
+            keras.layers.ReLU(name="block_relu"),
+        ],
+        name="block",
+    )(x)
     x = keras.layers.BatchNormalization(name="top_bn")(x)
     keras.Model(inputs, x, name="nested").save(path)
     return path
@@ -199,6 +231,7 @@ def test_set_trainable_freezes_nested_batchnorm(tmp_path: Path) -> None:
 
 # -- the split ------------------------------------------------------------------------------------
 
+
 def test_finetune_parts(world: World) -> None:
     cache = load(world.cache)
     for seed in (0, 1, 2):
@@ -218,6 +251,7 @@ def test_finetune_parts(world: World) -> None:
 
 
 # -- end to end -----------------------------------------------------------------------------------
+
 
 def test_finetune_end_to_end(world: World, finetune_run) -> None:
     result, messages = finetune_run
@@ -327,24 +361,38 @@ def test_finetune_cli_rejects_a_bad_accept(world: World, tmp_path: Path) -> None
 
     import cli
 
-    result = CliRunner().invoke(cli.app, ["finetune", str(world.data), "--accept", "1.5",
-                                          "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "c.h5")])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "finetune",
+            str(world.data),
+            "--accept",
+            "1.5",
+            "--out",
+            str(tmp_path / "run"),
+            "--cache",
+            str(tmp_path / "c.h5"),
+        ],
+    )
     assert result.exit_code == 2, (result.stdout, result.stderr, result.exception)
     assert result.stderr.startswith("error: ") and len(result.stderr.strip().splitlines()) == 1
     assert "accept" in result.stderr and not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("options, fragment", [
-    (dict(augment="heavy"), "augment"),
-    (dict(unfreeze="abc"), "^unfreeze is 'abc'"),
-    (dict(unfreeze="-3"), "^unfreeze is '-3'"),
-    (dict(optimizer="rmsprop"), "optimizer"),
-    (dict(epochs=-1), "epochs"),
-    (dict(batch_size=0), "^batch_size is 0"),
-    (dict(test_size=5), "^test_size is 5"),
-    (dict(accept=1.5), "^accept is 1.5"),
-    (dict(accept="abc"), "^accept is 'abc'"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (dict(augment="heavy"), "augment"),
+        (dict(unfreeze="abc"), "^unfreeze is 'abc'"),
+        (dict(unfreeze="-3"), "^unfreeze is '-3'"),
+        (dict(optimizer="rmsprop"), "optimizer"),
+        (dict(epochs=-1), "epochs"),
+        (dict(batch_size=0), "^batch_size is 0"),
+        (dict(test_size=5), "^test_size is 5"),
+        (dict(accept=1.5), "^accept is 1.5"),
+        (dict(accept="abc"), "^accept is 'abc'"),
+    ],
+)
 def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
         finetune(world.data, TINY_CONFIG, cache=tmp_path / "c.h5", out=tmp_path / "run", log=quiet(), **options)
@@ -352,6 +400,7 @@ def test_invalid_options(world: World, tmp_path: Path, options: dict, fragment: 
 
 
 # -- Ctrl-C ---------------------------------------------------------------------------------------
+
 
 def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(tmp_path: Path) -> None:
     """SIGINT during phase 2: exit code 130, every output written from the best epoch so far."""
@@ -365,15 +414,46 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(tmp_path: Path)
     for c in range(3):
         (tmp_path / "data" / f"c{c}").mkdir(parents=True)
         for i in range(8):
-            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / "data" / f"c{c}" / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(
+                tmp_path / "data" / f"c{c}" / f"{i}.png"
+            )
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-    command = [sys.executable, str(root / "cli.py"), "finetune", str(tmp_path / "data"), "--backbone", "MobileNetV2",
-               "--weights", "none", "--image-size", "32", "--alpha", "0.35", "--epochs", "500", "--head-epochs", "0",
-               "--patience", "500", "--batch-size", "4", "--cache", str(tmp_path / "c.h5"), "--out", str(out)]
-    proc = subprocess.Popen(command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    command = [
+        sys.executable,
+        str(root / "cli.py"),
+        "finetune",
+        str(tmp_path / "data"),
+        "--backbone",
+        "MobileNetV2",
+        "--weights",
+        "none",
+        "--image-size",
+        "32",
+        "--alpha",
+        "0.35",
+        "--epochs",
+        "500",
+        "--head-epochs",
+        "0",
+        "--patience",
+        "500",
+        "--batch-size",
+        "4",
+        "--cache",
+        str(tmp_path / "c.h5"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        command,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     lines = []
     for line in proc.stdout:
         lines.append(line)
@@ -389,6 +469,7 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(tmp_path: Path)
 
 
 # -- randomness is scoped -------------------------------------------------------------------------
+
 
 def test_seed_decides_the_new_layers_and_the_random_backbone_is_fixed(world: World) -> None:
     """A weights=None backbone is always the seed-0 one (it is the cache's configuration), it does not

@@ -10,18 +10,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from heads_fixtures import CLASS_NAMES3, ROOT, SYNTH_CONFIG, blobs, fake_hash, noise, write_cache  # noqa: F401
 from threadpoolctl import threadpool_limits
 
-from heads_fixtures import (CLASS_NAMES3, ROOT, SYNTH_CONFIG, blobs, fake_hash, noise,  # noqa: F401
-                            write_cache)
 from pipeline import heads
-from pipeline.artifacts import CV_PREDICTIONS_CSV, HEAD_MODEL, PREDICTIONS_CSV, UNKNOWN_NPZ, read_predictions
+from pipeline.artifacts import (
+    CV_PREDICTIONS_CSV,
+    HEAD_MODEL,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    UNKNOWN_NPZ,
+    read_predictions,
+)
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.heads import CLASSIFIERS, fit_head, load_head
-from pipeline.splits import cv_splits, split_rows
-from pipeline.artifacts import METRICS_JSON
 from pipeline.metrics import load_metrics
+from pipeline.splits import cv_splits, split_rows
 
 TIMING_KEYS = ("fit_seconds", "train_seconds", "unknown_seconds")
 
@@ -80,9 +85,11 @@ def scores(folder: Path) -> dict:
 
 # -- learning ------------------------------------------------------------------------------------
 
-TIES_BUG = ("heads.fit_head scores CV by accuracy, which ties at 1.0 over most of the C grid on separable "
-            "data; GridSearchCV keeps the first (smallest) C = 1e-4, so the logreg head is over-regularised and "
-            "its probabilities are near-uniform (mean top probability 0.34 for blobs ~17 sd apart)")
+TIES_BUG = (
+    "heads.fit_head scores CV by accuracy, which ties at 1.0 over most of the C grid on separable "
+    "data; GridSearchCV keeps the first (smallest) C = 1e-4, so the logreg head is over-regularised and "
+    "its probabilities are near-uniform (mean top probability 0.34 for blobs ~17 sd apart)"
+)
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -91,9 +98,6 @@ def test_separable_blobs_are_learned_by_every_head(fitted: dict, clf: str) -> No
     assert metrics["n_test"] == 18
     assert metrics["accuracy"] >= 0.95, (clf, metrics["accuracy"], metrics["best_params"])
     assert metrics["cv_score"] >= 0.95 and metrics["macro_f1"] >= 0.95
-
-
-
 
 
 @pytest.mark.parametrize("clf", ["logreg", "svm", "rbf-svm", "knn"])
@@ -106,8 +110,9 @@ def test_heads_are_confident_on_separable_blobs(fitted: dict, clf: str) -> None:
 
 @pytest.mark.parametrize("clf", ["svm", "rbf-svm"])
 @pytest.mark.parametrize("matrix_bytes", [heads.KERNEL_MATRIX_BYTES, 0], ids=["kernel-matrix", "libsvm-kernel"])
-def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(clf: str, matrix_bytes: int,
-                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_svm_sweep_on_a_precomputed_kernel_predicts_as_libsvm_does(
+    clf: str, matrix_bytes: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The sweep's kernel matrix stands in for libsvm's own kernel: same predictions at every C (and
     a training part too large for the matrix falls back to libsvm's kernel)."""
     monkeypatch.setattr(heads, "KERNEL_MATRIX_BYTES", matrix_bytes)
@@ -188,6 +193,7 @@ def test_knn_grid_never_exceeds_the_smallest_training_fold(tmp_path: Path) -> No
 
 # -- splits --------------------------------------------------------------------------------------
 
+
 def test_random_split_keeps_duplicates_on_one_side(tmp_path: Path) -> None:
     X, y = blobs()
     hashes = [fake_hash(("group", i // 3)) for i in range(90)]  # 30 groups of 3 identical files
@@ -199,7 +205,7 @@ def test_random_split_keeps_duplicates_on_one_side(tmp_path: Path) -> None:
         in_test = np.zeros(90, bool)
         in_test[split.test] = True
         for g in range(30):
-            assert len(set(in_test[3 * g:3 * g + 3])) == 1, (seed, g)
+            assert len(set(in_test[3 * g : 3 * g + 3])) == 1, (seed, g)
         # 10 groups per class, round(0.2 * 10) = 2 groups of 3 files in the test part per class
         assert np.bincount(y[split.test], minlength=3).tolist() == [6, 6, 6]
         assert split.duplicate_groups == 30 and split.leaked_groups == 0
@@ -236,9 +242,9 @@ def folder_split_cache(tmp_path: Path, name: str = "folders.h5", test_name: str 
     X, y = blobs(per_class=20)
     split = [("train" if i % 20 < 15 else test_name) for i in range(60)]
     hashes = [fake_hash(("f", i)) for i in range(60)]
-    hashes[15] = hashes[0]    # apple: train 0 == test 15
-    hashes[35] = hashes[20]   # bee: train 20 == test 35
-    hashes[41] = hashes[40]   # cat: two train files, identical
+    hashes[15] = hashes[0]  # apple: train 0 == test 15
+    hashes[35] = hashes[20]  # bee: train 20 == test 35
+    hashes[41] = hashes[40]  # cat: two train files, identical
     return write_cache(tmp_path / name, X, y, CLASS_NAMES3, split=split, hashes=hashes), y, split
 
 
@@ -296,6 +302,7 @@ def test_identical_files_with_different_labels_are_noted(tmp_path: Path) -> None
 
 # -- mistakes users make ---------------------------------------------------------------------------
 
+
 def test_one_class_in_the_training_part(tmp_path: Path) -> None:
     X, y = blobs(n_classes=2, per_class=10)
     split = ["train"] * 10 + ["test"] * 10  # every bee is a test image
@@ -347,10 +354,20 @@ def test_missing_and_foreign_cache_files(tmp_path: Path) -> None:
         fit(tmp_path / "junk.h5", tmp_path / "h")
 
 
-@pytest.mark.parametrize("option, value", [
-    ("clf", "tree"), ("cv", 1), ("cv", 2.5), ("test_size", 1.5), ("test_size", 0.0), ("class_weight", "foo"),
-    ("seed", -1), ("n_jobs", -2), ("n_jobs", 0),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("clf", "tree"),
+        ("cv", 1),
+        ("cv", 2.5),
+        ("test_size", 1.5),
+        ("test_size", 0.0),
+        ("class_weight", "foo"),
+        ("seed", -1),
+        ("n_jobs", -2),
+        ("n_jobs", 0),
+    ],
+)
 def test_invalid_options_name_the_argument(blob_cache: Path, tmp_path: Path, option: str, value) -> None:
     clf = value if option == "clf" else "logreg"
     kwargs = {} if option == "clf" else {option: value}
@@ -401,9 +418,28 @@ def test_copies_limit_the_folds(tmp_path: Path, clf: str, small_grids) -> None:
 
 # -- a head folder ------------------------------------------------------------------------------------
 
-METRIC_KEYS = {"accuracy", "balanced_accuracy", "macro_f1", "per_class", "confusion_matrix", "best_params",
-               "cv_score", "fit_seconds", "split_notes", "duplicate_groups", "leaked_groups", "n_test",
-               "n_train", "split", "cv_folds", "cv_scoring", "class_names", "clf", "method", "seed"}
+METRIC_KEYS = {
+    "accuracy",
+    "balanced_accuracy",
+    "macro_f1",
+    "per_class",
+    "confusion_matrix",
+    "best_params",
+    "cv_score",
+    "fit_seconds",
+    "split_notes",
+    "duplicate_groups",
+    "leaked_groups",
+    "n_test",
+    "n_train",
+    "split",
+    "cv_folds",
+    "cv_scoring",
+    "class_names",
+    "clf",
+    "method",
+    "seed",
+}
 
 
 @pytest.mark.parametrize("clf", CLASSIFIERS)
@@ -411,8 +447,14 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     result, blob_cache = fitted[clf], fitted["cache"]
     folder = result.folder
     assert folder.name == clf
-    assert {p.name for p in folder.iterdir()} == {HEAD_MODEL, "head.json", METRICS_JSON, PREDICTIONS_CSV,
-                                                  CV_PREDICTIONS_CSV, UNKNOWN_NPZ}
+    assert {p.name for p in folder.iterdir()} == {
+        HEAD_MODEL,
+        "head.json",
+        METRICS_JSON,
+        PREDICTIONS_CSV,
+        CV_PREDICTIONS_CSV,
+        UNKNOWN_NPZ,
+    }
 
     metrics = json.loads((folder / METRICS_JSON).read_text())
     assert METRIC_KEYS <= set(metrics), METRIC_KEYS - set(metrics)
@@ -443,7 +485,6 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
     assert meta["backbone_config"] == SYNTH_CONFIG.resolved().__dict__
     assert meta["metrics"]["accuracy"] == metrics["accuracy"]
 
-
     # predictions.csv holds every test image once; metrics.json is recomputed from it exactly
     predictions = read_predictions(folder / PREDICTIONS_CSV)
     assert sorted(predictions.paths) == sorted(cache.paths[i] for i in result.split.test)
@@ -461,8 +502,7 @@ def test_head_folder_contents(fitted: dict, clf: str) -> None:
         assert oof.correct.mean() == pytest.approx(metrics["cv_score"], abs=0.05)
 
 
-def test_default_head_folder(blob_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                             small_grids) -> None:
+def test_default_head_folder(blob_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_grids) -> None:
     monkeypatch.chdir(tmp_path)
     result = fit_head(blob_cache, "knn", cv=2, n_jobs=1, log=quiet)
     assert result.folder == Path("heads") / "blobs-knn"
@@ -529,22 +569,27 @@ def test_predict_proba_checks_the_width(head_dir: Path) -> None:
 
 # -- no TensorFlow -------------------------------------------------------------------------------------
 
-NO_TF = ("bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-         "assert not bad, bad[:5]\n")
+NO_TF = (
+    "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+    "assert not bad, bad[:5]\n"
+)
 
 
 def test_fit_head_and_cli_never_import_tensorflow(blob_cache: Path, tmp_path: Path) -> None:
     """In a fresh interpreter: fit_head, load_head and `fit-head` through the CLI leave TensorFlow unimported."""
     head, cli_head = tmp_path / "h", tmp_path / "cli-head"
-    code = (f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
-            "from pipeline.heads import fit_head, load_head\n"
-            f"r = fit_head({str(blob_cache)!r}, 'svm', cv=2, n_jobs=1, out={str(head)!r}, log=lambda m: None)\n"
-            f"load_head({str(head)!r}).predict_proba(r.split.test.reshape(-1, 1).repeat(16, 1) * 1.0)\n"
-            + NO_TF + "print('accuracy', r.metrics['accuracy'])\n"
-            "from typer.testing import CliRunner\nimport cli\n"
-            f"r = CliRunner().invoke(cli.app, ['fit-head', {str(blob_cache)!r}, '--clf', 'logreg', '--cv', '2', "
-            f"'--n-jobs', '1', '--out', {str(cli_head)!r}])\n"
-            "assert r.exit_code == 0, (r.output, r.exception)\n" + NO_TF + "print(r.stdout)\n")
+    code = (
+        f"import sys\nsys.path.insert(0, {str(ROOT)!r})\n"
+        "from pipeline.heads import fit_head, load_head\n"
+        f"r = fit_head({str(blob_cache)!r}, 'svm', cv=2, n_jobs=1, out={str(head)!r}, log=lambda m: None)\n"
+        f"load_head({str(head)!r}).predict_proba(r.split.test.reshape(-1, 1).repeat(16, 1) * 1.0)\n"
+        + NO_TF
+        + "print('accuracy', r.metrics['accuracy'])\n"
+        "from typer.testing import CliRunner\nimport cli\n"
+        f"r = CliRunner().invoke(cli.app, ['fit-head', {str(blob_cache)!r}, '--clf', 'logreg', '--cv', '2', "
+        f"'--n-jobs', '1', '--out', {str(cli_head)!r}])\n"
+        "assert r.exit_code == 0, (r.output, r.exception)\n" + NO_TF + "print(r.stdout)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "accuracy 1.0" in out.stdout
@@ -553,6 +598,7 @@ def test_fit_head_and_cli_never_import_tensorflow(blob_cache: Path, tmp_path: Pa
 
 
 # -- the command line ----------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def runner():
@@ -565,8 +611,9 @@ def test_cli_fit_head(blob_cache: Path, tmp_path: Path, runner, small_grids) -> 
     import cli
 
     out = tmp_path / "h"
-    result = runner.invoke(cli.app, ["fit-head", str(blob_cache), "--clf", "svm", "--cv", "3", "--n-jobs", "1",
-                                     "--out", str(out)])
+    result = runner.invoke(
+        cli.app, ["fit-head", str(blob_cache), "--clf", "svm", "--cv", "3", "--n-jobs", "1", "--out", str(out)]
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "test accuracy" in result.stdout
     assert "3-fold CV (accuracy) chose {'C':" in result.stdout
@@ -581,27 +628,41 @@ def test_cli_fit_head_balanced_and_notes(tmp_path: Path, runner, small_grids) ->
     import cli
 
     cache, _, _ = folder_split_cache(tmp_path)
-    result = runner.invoke(cli.app, ["fit-head", str(cache), "--class-weight", "balanced", "--cv", "3",
-                                     "--n-jobs", "1", "--out", str(tmp_path / "h")])
+    result = runner.invoke(
+        cli.app,
+        [
+            "fit-head",
+            str(cache),
+            "--class-weight",
+            "balanced",
+            "--cv",
+            "3",
+            "--n-jobs",
+            "1",
+            "--out",
+            str(tmp_path / "h"),
+        ],
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "(balanced_accuracy)" in result.stdout
     assert "LEAKAGE: 2 groups" in result.stdout
     assert load_metrics(tmp_path / "h")["cv_scoring"] == "balanced_accuracy"
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["MISSING"], "does not exist"),
-    (["CACHE", "--clf", "tree"], "--clf is 'tree'"),
-    (["CACHE", "--cv", "1"], "--cv is 1"),
-    (["CACHE", "--test-size", "1.5"], "--test-size is 1.5"),
-    (["CACHE", "--class-weight", "foo"], "--class-weight is 'foo'"),
-])
-def test_cli_fit_head_user_errors(blob_cache: Path, tmp_path: Path, runner, args: list[str],
-                                  fragment: str) -> None:
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["MISSING"], "does not exist"),
+        (["CACHE", "--clf", "tree"], "--clf is 'tree'"),
+        (["CACHE", "--cv", "1"], "--cv is 1"),
+        (["CACHE", "--test-size", "1.5"], "--test-size is 1.5"),
+        (["CACHE", "--class-weight", "foo"], "--class-weight is 'foo'"),
+    ],
+)
+def test_cli_fit_head_user_errors(blob_cache: Path, tmp_path: Path, runner, args: list[str], fragment: str) -> None:
     import cli
 
-    args = [str(blob_cache) if a == "CACHE" else str(tmp_path / "missing.h5") if a == "MISSING" else a
-            for a in args]
+    args = [str(blob_cache) if a == "CACHE" else str(tmp_path / "missing.h5") if a == "MISSING" else a for a in args]
     result = runner.invoke(cli.app, ["fit-head", *args, "--out", str(tmp_path / "h")])
     assert result.exit_code == 2, (result.output, result.exception)
     assert isinstance(result.exception, SystemExit)
@@ -635,6 +696,7 @@ def test_a_solver_that_did_not_converge_is_reported(monkeypatch: pytest.MonkeyPa
 
 # -- head files that cannot lie: a schema, hashes binding head.json to head.skops ---------------------
 
+
 def rewrite_meta(head_dir: Path, change) -> None:
     """Apply change(meta) -> new head.json value, and write it back."""
     meta = json.loads((head_dir / "head.json").read_text())
@@ -666,20 +728,34 @@ def object_array_member(head_dir: Path) -> None:
 MALFORMED_HEADS = {
     "json_list": (lambda d: (d / "head.json").write_text("[1, 2]"), "holds a list, not an object"),
     "no_backbone_config": (lambda d: rewrite_meta(d, lambda m: drop(m, "backbone_config")), "no 'backbone_config'"),
-    "classes_not_a_list": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": "ant,bee"}),
-                           "'classes' is a string, expected a list"),
-    "duplicate_classes": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["ant", "bee", "ant"]}),
-                          "class names listed twice: ant"),
-    "feature_dim_text": (lambda d: rewrite_meta(d, lambda m: {**m, "feature_dim": "16"}),
-                         "'feature_dim' is a string, expected an integer"),
-    "foreign_backbone_key": (lambda d: rewrite_meta(d, lambda m: {**m, "backbone_config": {"depth": 3}}),
-                             "'backbone_config' does not describe a backbone"),
-    "swapped_classes": (lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["bee", "ant", "cat"]}),
-                        "were changed after the head was fitted"),
-    "other_model": (lambda d: (d / HEAD_MODEL).write_bytes((d.parent / "svm" / HEAD_MODEL).read_bytes()),
-                    "is not the model"),
-    "object_array": (lambda d: (rewrite_meta(d, lambda m: drop(m, "model_sha256")), object_array_member(d)),
-                     "is not a readable skops head"),
+    "classes_not_a_list": (
+        lambda d: rewrite_meta(d, lambda m: {**m, "classes": "ant,bee"}),
+        "'classes' is a string, expected a list",
+    ),
+    "duplicate_classes": (
+        lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["ant", "bee", "ant"]}),
+        "class names listed twice: ant",
+    ),
+    "feature_dim_text": (
+        lambda d: rewrite_meta(d, lambda m: {**m, "feature_dim": "16"}),
+        "'feature_dim' is a string, expected an integer",
+    ),
+    "foreign_backbone_key": (
+        lambda d: rewrite_meta(d, lambda m: {**m, "backbone_config": {"depth": 3}}),
+        "'backbone_config' does not describe a backbone",
+    ),
+    "swapped_classes": (
+        lambda d: rewrite_meta(d, lambda m: {**m, "classes": ["bee", "ant", "cat"]}),
+        "were changed after the head was fitted",
+    ),
+    "other_model": (
+        lambda d: (d / HEAD_MODEL).write_bytes((d.parent / "svm" / HEAD_MODEL).read_bytes()),
+        "is not the model",
+    ),
+    "object_array": (
+        lambda d: (rewrite_meta(d, lambda m: drop(m, "model_sha256")), object_array_member(d)),
+        "is not a readable skops head",
+    ),
 }
 
 
@@ -711,8 +787,10 @@ def test_malformed_head_is_one_user_error(head_pair: Path, case: str) -> None:
 
 
 def test_heads_without_hashes_and_with_keys_of_later_versions_still_load(head_dir: Path) -> None:
-    rewrite_meta(head_dir, lambda m: {**drop(m, "model_sha256", "classes_sha256"),
-                                      "calibration": {"temperature": 1.5}, "unknown": None})
+    rewrite_meta(
+        head_dir,
+        lambda m: {**drop(m, "model_sha256", "classes_sha256"), "calibration": {"temperature": 1.5}, "unknown": None},
+    )
     assert load_head(head_dir).classes == CLASS_NAMES3
 
 
@@ -726,10 +804,10 @@ def test_pickle_head_refusal_offers_only_flags_the_command_has(head_dir: Path) -
 
 
 @pytest.mark.parametrize("command", ["predict", "serve", "export"])
-@pytest.mark.parametrize("case", ["json_list", "no_backbone_config", "swapped_classes", "other_model",
-                                  "object_array"])
-def test_cli_malformed_head_exits_2_with_one_line(head_pair: Path, tmp_path: Path, runner, command: str,
-                                                  case: str) -> None:
+@pytest.mark.parametrize("case", ["json_list", "no_backbone_config", "swapped_classes", "other_model", "object_array"])
+def test_cli_malformed_head_exits_2_with_one_line(
+    head_pair: Path, tmp_path: Path, runner, command: str, case: str
+) -> None:
     import socket
 
     from PIL import Image
@@ -744,9 +822,11 @@ def test_cli_malformed_head_exits_2_with_one_line(head_pair: Path, tmp_path: Pat
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    args = {"predict": ["predict", str(image), "--head", str(head_pair)],
-            "serve": ["serve", "--head", str(head_pair), "--port", str(port)],
-            "export": ["export", str(head_pair), "--out", str(tmp_path / "m.keras")]}[command]
+    args = {
+        "predict": ["predict", str(image), "--head", str(head_pair)],
+        "serve": ["serve", "--head", str(head_pair), "--port", str(port)],
+        "export": ["export", str(head_pair), "--out", str(tmp_path / "m.keras")],
+    }[command]
     result = runner.invoke(cli.app, args)
     assert result.exit_code == 2, (result.output, result.exception)
     lines = result.stderr.strip().splitlines()
@@ -782,9 +862,15 @@ def test_accept_sets_the_detector_and_enters_the_fingerprint(blob_cache: Path, t
     b = fit(blob_cache, tmp_path / "b", accept=0.8)
     none = fit(blob_cache, tmp_path / "none", accept=None)
     meta = {k: json.loads((tmp_path / k / HEAD_JSON).read_text()) for k in ("a", "b", "none")}
-    assert meta["b"]["unknown"]["accept"] == 0.8 and meta["b"]["unknown"]["threshold"] < meta["a"]["unknown"]["threshold"]
+    assert (
+        meta["b"]["unknown"]["accept"] == 0.8 and meta["b"]["unknown"]["threshold"] < meta["a"]["unknown"]["threshold"]
+    )
     assert len({a.metrics["fingerprint"], b.metrics["fingerprint"], none.metrics["fingerprint"]}) == 3
-    assert "unknown" not in meta["none"] and "calibration" in meta["none"] and not (tmp_path / "none" / UNKNOWN_NPZ).exists()
+    assert (
+        "unknown" not in meta["none"]
+        and "calibration" in meta["none"]
+        and not (tmp_path / "none" / UNKNOWN_NPZ).exists()
+    )
     assert load_head(tmp_path / "none").detector is None
     with pytest.raises(UserError, match="^accept is 1.5"):
         fit(blob_cache, tmp_path / "c", accept=1.5)

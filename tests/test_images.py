@@ -12,10 +12,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import (
+    CLASS_COLOURS,
+    ROOT,
+    add_broken,
+    add_ignored,
+    add_modes,
+    exif_rotated_jpeg,
+    make_dataset,
+    noise_jpeg,
+    pixels,
+    requires_shared,
+    save_image,
+)
 from PIL import Image
 
-from conftest import (CLASS_COLOURS, ROOT, add_broken, add_ignored, add_modes, exif_rotated_jpeg, make_dataset,
-                      noise_jpeg, pixels, requires_shared, save_image)
 from pipeline import images
 from pipeline.errors import UserError
 from pipeline.images import ImageError, decode_image, file_sha256, scan_dataset
@@ -24,6 +35,7 @@ SIZE = 32
 
 
 # -- scanning -------------------------------------------------------------------------------------
+
 
 def test_scan_class_folders(dataset: Path) -> None:
     ds = scan_dataset(dataset)
@@ -137,6 +149,7 @@ def test_scan_missing_folder_is_an_error(tmp_path: Path, exists_as_file: bool) -
 
 # -- hashing --------------------------------------------------------------------------------------
 
+
 def test_file_sha256(tmp_path: Path) -> None:
     data = np.random.default_rng(0).bytes((1 << 20) * 2 + 12345)  # spans several read blocks
     (tmp_path / "big.bin").write_bytes(data)
@@ -201,10 +214,10 @@ def test_decode_applies_exif_orientation(tmp_path: Path) -> None:
         out = decode_image(path, SIZE).astype(int)
     assert seen == [(30, 40)]  # ...decoded portrait, before the square resize
     # rotated 90 degrees clockwise: the left (red) half is now on top, the right (blue) half below
-    top, bottom = out[: SIZE // 2 - 2].reshape(-1, 3).mean(0), out[SIZE // 2 + 2:].reshape(-1, 3).mean(0)
+    top, bottom = out[: SIZE // 2 - 2].reshape(-1, 3).mean(0), out[SIZE // 2 + 2 :].reshape(-1, 3).mean(0)
     assert top[0] > 150 and top[2] < 80, top
     assert bottom[2] > 150 and bottom[0] < 80, bottom
-    left, right = out[:, : SIZE // 2].reshape(-1, 3).mean(0), out[:, SIZE // 2:].reshape(-1, 3).mean(0)
+    left, right = out[:, : SIZE // 2].reshape(-1, 3).mean(0), out[:, SIZE // 2 :].reshape(-1, 3).mean(0)
     assert abs(left[0] - right[0]) < 30  # no left/right split any more
 
 
@@ -230,10 +243,16 @@ def test_decode_is_deterministic(tmp_path: Path) -> None:
     assert np.array_equal(decode_image(path, SIZE), decode_image(path, SIZE))
 
 
-@pytest.mark.parametrize("kind, reason", [
-    ("zero", "empty file"), ("truncated", "truncated"), ("text", "not an image"), ("notes", "not an image"),
-    ("corrupt_png", "corrupt"),
-])
+@pytest.mark.parametrize(
+    "kind, reason",
+    [
+        ("zero", "empty file"),
+        ("truncated", "truncated"),
+        ("text", "not an image"),
+        ("notes", "not an image"),
+        ("corrupt_png", "corrupt"),
+    ],
+)
 def test_decode_broken_files_raise_image_error(tmp_path: Path, kind: str, reason: str) -> None:
     expected = add_broken(tmp_path / "data")
     paths = {"zero": "apple/zero.jpg", "truncated": "apple/truncated.jpg", "text": "apple/text.png"}
@@ -310,16 +329,18 @@ def test_huge_deep_and_bilevel_pngs_decode_in_bounded_memory(huge_pngs: dict[str
     assert path.stat().st_size < 1_000_000
     with Image.open(path) as img:
         assert img.size == (HUGE, HUGE) and img.mode == {"16-bit": "I;16", "1-bit": "1"}[kind]
-    done = subprocess.run([sys.executable, "-c", MEASURE, str(ROOT), str(path)], capture_output=True, text=True,
-                          timeout=120, check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(ROOT), str(path)], capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     growth_mb, shape = done.stdout.split(maxsplit=1)
     assert shape.startswith("(224, 224, 3)")
     assert float(growth_mb) < 300, f"{kind}: peak RSS grew by {growth_mb} MB"
 
 
-def test_deep_image_reduced_in_bands_matches_a_full_size_conversion(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_deep_image_reduced_in_bands_matches_a_full_size_conversion(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Box-reducing a 16-bit image before the 8-bit rounding (in bands) changes a pixel by a level or two."""
     ramp = np.random.default_rng(4).integers(0, 65536, (700, 900)).astype(np.uint16)
     path = save_image(tmp_path / "deep.png", ramp)
@@ -330,13 +351,13 @@ def test_deep_image_reduced_in_bands_matches_a_full_size_conversion(tmp_path: Pa
     assert np.abs(out - expected).max() <= 2
 
 
-GHOSTSCRIPT = "#!/bin/sh\ntouch \"$(dirname \"$0\")/gs-was-run\"\nexit 1\n"
-EPS = (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n"
-       b"newpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n")
+GHOSTSCRIPT = '#!/bin/sh\ntouch "$(dirname "$0")/gs-was-run"\nexit 1\n'
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\nnewpath 0 0 moveto 64 64 lineto stroke showpage\n%%EOF\n"
 
 
-def test_postscript_named_jpg_is_refused_without_running_ghostscript(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_postscript_named_jpg_is_refused_without_running_ghostscript(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A stand-in `gs` first on PATH leaves a marker when run: Pillow's EPS plugin would run it."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
@@ -367,10 +388,20 @@ def fuzz_seeds() -> list[bytes]:
     """One small valid image in each allowed format (and a few modes): what the mutator starts from."""
     rgb = pixels((180, 60, 40), 9, (12, 10))
     seeds = []
-    for fmt, mode, kwargs in [("JPEG", "RGB", {"quality": 80}), ("PNG", "RGB", {}), ("PNG", "I;16", {}),
-                              ("PNG", "P", {}), ("GIF", "P", {}), ("BMP", "RGB", {}), ("BMP", "1", {}),
-                              ("WEBP", "RGB", {}), ("TIFF", "RGB", {}), ("TIFF", "I;16", {}),
-                              ("TIFF", "RGB", {"compression": "tiff_lzw"}), ("TIFF", "F", {})]:
+    for fmt, mode, kwargs in [
+        ("JPEG", "RGB", {"quality": 80}),
+        ("PNG", "RGB", {}),
+        ("PNG", "I;16", {}),
+        ("PNG", "P", {}),
+        ("GIF", "P", {}),
+        ("BMP", "RGB", {}),
+        ("BMP", "1", {}),
+        ("WEBP", "RGB", {}),
+        ("TIFF", "RGB", {}),
+        ("TIFF", "I;16", {}),
+        ("TIFF", "RGB", {"compression": "tiff_lzw"}),
+        ("TIFF", "F", {}),
+    ]:
         img = Image.fromarray(rgb)
         if mode == "I;16":
             img = Image.fromarray(rgb[..., 0].astype(np.uint16) * 250)
@@ -393,14 +424,14 @@ def mutate(data: bytes, rng: np.random.Generator) -> bytes:
         if kind == 0:
             data[at] ^= 1 << int(rng.integers(0, 8))
         elif kind == 1:
-            data[at:at + 4] = bytes(rng.choice([0, 0xFF, 0x7F, 0x80], 4).astype(np.uint8))
+            data[at : at + 4] = bytes(rng.choice([0, 0xFF, 0x7F, 0x80], 4).astype(np.uint8))
         elif kind == 2:
             del data[at:]
         elif kind == 3:
-            run = data[at:at + int(rng.integers(1, 32))]
+            run = data[at : at + int(rng.integers(1, 32))]
             data[at:at] = run
         else:
-            del data[at:at + int(rng.integers(1, 16))]
+            del data[at : at + int(rng.integers(1, 16))]
         if not data:
             break
     return bytes(data)
@@ -421,8 +452,9 @@ def test_mutation_fuzz_raises_only_image_error() -> None:
         except ImageError:
             outcomes["refused"] += 1
         except Exception as exc:  # noqa: BLE001 (the failure this test exists for)
-            pytest.fail(f"input {k} (seed format {k % len(seeds)}) raised {type(exc).__name__}: {exc}; "
-                        f"bytes {data[:64]!r}")
+            pytest.fail(
+                f"input {k} (seed format {k % len(seeds)}) raised {type(exc).__name__}: {exc}; bytes {data[:64]!r}"
+            )
     seconds = time.perf_counter() - start
     assert seconds < 60, f"20,000 inputs took {seconds:.0f} s"
     assert min(outcomes.values()) > 1000, outcomes  # the mutations reach the decoders and past them
@@ -433,8 +465,10 @@ def test_mutation_fuzz_raises_only_image_error() -> None:
 # (JPEG at its size; a big JPEG, drafted and reduced; a 28 px RGBA PNG, upscaled; a grey JPEG.)
 GOLDEN = {
     "oxford_flowers12": ("bluebell/image_0241.jpg", "20449eeb17a7b80570a208263c5142d318aae88bf2096803fe9d593049f7a9ab"),
-    "usd_bills_kaggle": ("10_dollar/-10-dolares-2013-estados-unidos-hamilton-sc-10-dollars.jpg",
-                         "4ca34715492aaec643e0757d81a17057bc5bc1a322617a9c9ddf27cffc558340"),
+    "usd_bills_kaggle": (
+        "10_dollar/-10-dolares-2013-estados-unidos-hamilton-sc-10-dollars.jpg",
+        "4ca34715492aaec643e0757d81a17057bc5bc1a322617a9c9ddf27cffc558340",
+    ),
     "rps_moroney_28px": ("paper/paper01-000.png", "c428b2daff0dec9b09c334fdadd4c53f18fff961e477df9aeeb3ad4cef1fbfb9"),
     "brain_mri_tumor": ("no/1 no.jpeg", "96ca110c72c6938054ae4c26da1d2abaf71e3afbc71f0077eb2895d8b7f49aa3"),
 }

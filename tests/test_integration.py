@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, SHARED, requires_shared
+
 from pipeline.backbones import BackboneConfig, layer_names
 from pipeline.cache import load
 from pipeline.extract import extract
@@ -83,10 +83,32 @@ def test_mobilenet_alpha_025_imagenet_through_keras_home(tmp_path: Path) -> None
     (keras_home / "models").symlink_to(KERAS_MODELS)
     cache = tmp_path / "mobilenet.h5"
     env = {**os.environ, "KERAS_HOME": str(keras_home), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run([sys.executable, "cli.py", "extract", str(data), "--backbone", "MobileNet", "--alpha", "0.25",
-                          "--weights", "imagenet", "--image-size", "224", "--cache", str(cache), "--runtime", "keras",
-                          "--no-progress"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "cli.py",
+            "extract",
+            str(data),
+            "--backbone",
+            "MobileNet",
+            "--alpha",
+            "0.25",
+            "--weights",
+            "imagenet",
+            "--image-size",
+            "224",
+            "--cache",
+            str(cache),
+            "--runtime",
+            "keras",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"cache: {cache} (12 images)" in out.stdout
     c = load(cache)

@@ -18,10 +18,10 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
-
 from model_fixtures import CLASSES3, make_pattern_dataset, quiet, save_small_cnn
-from pipeline.backbones import BackboneConfig
+
 import pipeline.runtime as runtime_module
+from pipeline.backbones import BackboneConfig
 from pipeline.runtime import TFLiteRuntime, gpu_possible, tflite_path, write_sidecar
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,7 +53,7 @@ class Ran:
     def __init__(self, done: subprocess.CompletedProcess) -> None:
         lines = done.stdout.splitlines()
         assert lines and lines[-1].startswith("MODULES "), done.stdout[-2000:] + done.stderr[-3000:]
-        self.modules = set(json.loads(lines[-1][len("MODULES "):]))
+        self.modules = set(json.loads(lines[-1][len("MODULES ") :]))
         self.code = int(lines[-2].split()[1])
         self.out = "\n".join(lines[:-2])
         self.err = done.stderr
@@ -63,8 +63,14 @@ def run_fresh(code: str, blocked: tuple[str, ...] = ()) -> Ran:
     """Run python code in a fresh interpreter from the project root, as on a CPU machine (every GPU hidden)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": "-1"}
     body = "\n".join("    " + line for line in code.strip().splitlines())
-    done = subprocess.run([sys.executable, "-c", DRIVER.format(root=str(ROOT), blocked=list(blocked), code=body)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", DRIVER.format(root=str(ROOT), blocked=list(blocked), code=body)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     return Ran(done)
 
 
@@ -77,7 +83,9 @@ def run_cli(args: list[str], blocked: tuple[str, ...] = ()) -> Ran:
 def lean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A small CNN model file converted to TFLite once (cached beside its feature cache), a logreg
     head on that cache, new images, and a .tflite model file with its sidecar."""
-    pytest.importorskip("ai_edge_litert", reason="the LiteRT interpreter is the lite extra: pip install 'cnncodes[lite]'")
+    pytest.importorskip(
+        "ai_edge_litert", reason="the LiteRT interpreter is the lite extra: pip install 'cnncodes[lite]'"
+    )
     from pipeline.extract import extract
     from pipeline.heads import fit_head
 
@@ -95,8 +103,14 @@ def lean(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copy(converted, model)
     width = TFLiteRuntime(model).dim
     write_sidecar(model, [f"class{k:02d}" for k in range(width)], dict(config.__dict__), {})
-    return {"data": data, "new": make_pattern_dataset(root / "new", seed=1), "head": head,
-            "model": model, "backbone": Path(config.backbone), "caches": root / "caches"}
+    return {
+        "data": data,
+        "new": make_pattern_dataset(root / "new", seed=1),
+        "head": head,
+        "model": model,
+        "backbone": Path(config.backbone),
+        "caches": root / "caches",
+    }
 
 
 def assert_no_tensorflow(ran: Ran) -> None:
@@ -107,11 +121,14 @@ def assert_no_tensorflow(ran: Ran) -> None:
 
 # -- no TensorFlow import once the conversion is cached ----------------------------------------
 
+
 @pytest.mark.parametrize("kind, blocked", [("tflite", ()), ("auto", NO_TF)], ids=["full-install", "lean-install"])
 def test_extract_with_cached_conversion_imports_no_tensorflow(lean, kind: str, blocked: tuple[str, ...]) -> None:
     cache = lean["caches"] / f"new-{kind}-{len(blocked)}.h5"  # beside the cached conversion, cold itself
-    ran = run_cli(["extract", lean["new"], "--backbone", lean["backbone"], "--cache", cache, "--runtime", kind,
-                   "--no-progress"], blocked)
+    ran = run_cli(
+        ["extract", lean["new"], "--backbone", lean["backbone"], "--cache", cache, "--runtime", kind, "--no-progress"],
+        blocked,
+    )
     assert_no_tensorflow(ran)
     assert "new 24" in ran.out and "with tflite" in ran.out, ran.out
     assert "converting" not in ran.out + ran.err
@@ -142,7 +159,7 @@ import numpy as np
 from pipeline.predict import load_classifier
 from pipeline.runtime import has_gpu
 pixels = np.zeros((2, 32, 32, 3), np.uint8)
-for kind, path in (("model", {str(lean['model'])!r}), ("head", {str(lean['head'])!r})):
+for kind, path in (("model", {str(lean["model"])!r}), ("head", {str(lean["head"])!r})):
     classifier = load_classifier(**{{kind: path}}, log=print)
     print(kind, classifier.predict_proba(pixels).shape, len(classifier.classes))
 print("gpu", has_gpu())
@@ -153,8 +170,9 @@ print("gpu", has_gpu())
 
 
 @pytest.mark.integration
-def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """MobileNet 0.25 with ImageNet weights (KERAS_HOME): its features are keyed by the Keras release that
     made them. A lean install has no Keras to ask, yet finds the head's cached conversion and runs it."""
     from conftest import requires_shared
@@ -165,24 +183,40 @@ def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(tmp_pat
     monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
     cache, head = tmp_path / "caches" / "mobilenet.h5", tmp_path / "head"
     backbone = ["--backbone", "MobileNet", "--alpha", "0.25", "--weights", "imagenet"]
-    made = run_cli(["extract", make_pattern_dataset(tmp_path / "data"), *backbone, "--cache", cache,
-                    "--runtime", "tflite", "--no-progress"])
+    made = run_cli(
+        [
+            "extract",
+            make_pattern_dataset(tmp_path / "data"),
+            *backbone,
+            "--cache",
+            cache,
+            "--runtime",
+            "tflite",
+            "--no-progress",
+        ]
+    )
     assert made.code == 0 and "with tflite" in made.out, made.out + made.err[-3000:]
     assert len(list(cache.parent.glob("MobileNet-*.tflite"))) == 1  # the conversion, cached beside the cache
     assert run_cli(["fit-head", cache, "--out", head]).code == 0
     no_keras_metadata = "import pipeline.backbones\npipeline.backbones.library_version = lambda name: ''\n"
     new = make_pattern_dataset(tmp_path / "new", seed=1)
-    ran = run_fresh(no_keras_metadata + f"from cli import app\napp({['predict', str(new), '--head', str(head)]!r}, "
-                    "prog_name='cnncodes')", NO_TF)
+    ran = run_fresh(
+        no_keras_metadata + f"from cli import app\napp({['predict', str(new), '--head', str(head)]!r}, "
+        "prog_name='cnncodes')",
+        NO_TF,
+    )
     assert_no_tensorflow(ran)
     assert "24 images classified, 0 skipped" in ran.out and "converting" not in ran.out, ran.out
 
 
 # -- a lean install says what to install ---------------------------------------------------------
 
+
 def test_lean_install_without_a_cached_conversion_asks_for_tensorflow(lean, tmp_path: Path) -> None:
-    ran = run_cli(["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5",
-                   "--runtime", "auto"], NO_TF)
+    ran = run_cli(
+        ["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5", "--runtime", "auto"],
+        NO_TF,
+    )
     assert ran.code == 2, ran.out + ran.err
     assert "error: converting" in ran.err and "needs TensorFlow" in ran.err and "pip install 'cnncodes[cpu]'" in ran.err
     assert "Traceback" not in ran.err
@@ -190,8 +224,10 @@ def test_lean_install_without_a_cached_conversion_asks_for_tensorflow(lean, tmp_
 
 
 def test_lean_install_keras_runtime_asks_for_tensorflow(lean, tmp_path: Path) -> None:
-    ran = run_cli(["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5",
-                   "--runtime", "keras"], NO_TF)
+    ran = run_cli(
+        ["extract", lean["new"], "--backbone", lean["backbone"], "--cache", tmp_path / "c.h5", "--runtime", "keras"],
+        NO_TF,
+    )
     assert ran.code == 2 and "--runtime keras needs TensorFlow" in ran.err and "'cnncodes[cpu]'" in ran.err, ran.err
 
 
@@ -202,6 +238,7 @@ def test_without_litert_or_tensorflow_a_tflite_model_asks_for_the_lite_extra(lea
 
 
 # -- GPU detection without TensorFlow ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("devices", ["-1", "", " "])
 def test_cuda_visible_devices_hiding_every_gpu_means_no_gpu(monkeypatch: pytest.MonkeyPatch, devices: str) -> None:
@@ -234,6 +271,7 @@ def test_has_gpu_imports_no_tensorflow_on_a_machine_without_gpu() -> None:
 
 # -- the console command -----------------------------------------------------------------------
 
+
 def command_names(help_text: str) -> list[str]:
     """The command names of a Typer --help screen (the first word of each row of its Commands box)."""
     box = help_text.split("Commands", 1)[1]
@@ -249,10 +287,12 @@ def test_console_command_lists_the_same_commands_as_cli_py(tmp_path: Path) -> No
     assert script.is_file(), f"{script} missing: [project.scripts] did not install the console command"
     env = {**os.environ, "COLUMNS": "200"}
     # from another folder: the command must find cli.py through the installed package, not the cwd
-    installed = subprocess.run([str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
-                               timeout=120)
-    local = subprocess.run([sys.executable, "cli.py", "--help"], cwd=ROOT, env=env, capture_output=True,
-                           text=True, timeout=120)
+    installed = subprocess.run(
+        [str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    local = subprocess.run(
+        [sys.executable, "cli.py", "--help"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
     assert installed.returncode == local.returncode == 0, installed.stderr + local.stderr
     assert "Usage: cnncodes" in installed.stdout
     from cli import app

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
+
 from pipeline import lean_imports
 
 
@@ -21,18 +21,28 @@ def python(code: str) -> str:
 def test_the_snapshot_is_skops_own_lists() -> None:
     snapshot = json.loads(lean_imports.SNAPSHOT.read_text())
     if snapshot["versions"] != lean_imports._versions():
-        pytest.skip(f"installed {lean_imports._versions()}, snapshot of {snapshot['versions']}: import_skops_io takes "
-                    "skops' own (slow) path")
+        pytest.skip(
+            f"installed {lean_imports._versions()}, snapshot of {snapshot['versions']}: import_skops_io takes "
+            "skops' own (slow) path"
+        )
     # a process that never imports pipeline: skops computes its lists itself, importing every estimator
-    own = json.loads(python("import json, skops.io._trusted_types as t; "
-                            "print(json.dumps({k: v for k, v in vars(t).items() if k.endswith('_TYPE_NAMES')}))"))
+    own = json.loads(
+        python(
+            "import json, skops.io._trusted_types as t; "
+            "print(json.dumps({k: v for k, v in vars(t).items() if k.endswith('_TYPE_NAMES')}))"
+        )
+    )
     assert len(own) == 8 and own == snapshot["lists"], (
-        "skops' lists changed: run python -c 'from pipeline.lean_imports import write_snapshot; write_snapshot()'")
+        "skops' lists changed: run python -c 'from pipeline.lean_imports import write_snapshot; write_snapshot()'"
+    )
     # through import_skops_io skops holds the same lists, without having imported every estimator
-    seen = json.loads(python(
-        "import json, sys; from pipeline.lean_imports import import_skops_io, trusted_type_lists; "
-        "import_skops_io(); print(json.dumps([trusted_type_lists(sys.modules['skops.io._trusted_types']), "
-        "[m for m in ('sklearn.ensemble', 'sklearn.gaussian_process', 'sklearn.mixture') if m in sys.modules]]))"))
+    seen = json.loads(
+        python(
+            "import json, sys; from pipeline.lean_imports import import_skops_io, trusted_type_lists; "
+            "import_skops_io(); print(json.dumps([trusted_type_lists(sys.modules['skops.io._trusted_types']), "
+            "[m for m in ('sklearn.ensemble', 'sklearn.gaussian_process', 'sklearn.mixture') if m in sys.modules]]))"
+        )
+    )
     assert seen == [own, []]
 
 
@@ -62,9 +72,11 @@ print(json.dumps(["pandas" in sys.modules, fitted.best_params, proba.round(12).t
 
 
 def test_pandas_loaded_later_is_still_recognised() -> None:
-    out = python("import pipeline.lean_imports as lean; lean.install(); "
-                 "import pipeline.heads, sklearn.utils.validation as v, sys; print('pandas' in sys.modules); "
-                 "import pandas as pd; from sklearn.preprocessing import StandardScaler; "
-                 "s = StandardScaler().set_output(transform='pandas').fit(pd.DataFrame({'a': [1.0, 2.0]})); "
-                 "print(type(s.transform(pd.DataFrame({'a': [3.0]}))).__name__)")
+    out = python(
+        "import pipeline.lean_imports as lean; lean.install(); "
+        "import pipeline.heads, sklearn.utils.validation as v, sys; print('pandas' in sys.modules); "
+        "import pandas as pd; from sklearn.preprocessing import StandardScaler; "
+        "s = StandardScaler().set_output(transform='pandas').fit(pd.DataFrame({'a': [1.0, 2.0]})); "
+        "print(type(s.transform(pd.DataFrame({'a': [3.0]}))).__name__)"
+    )
     assert out.split() == ["False", "DataFrame"]

@@ -12,8 +12,14 @@ import pipeline
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "pipeline"
 # Presentation: text tables, figures, web pages. The model layer computes; it never formats or draws.
-PRESENTATION = {"pipeline.tables", "pipeline.plots", "pipeline.web.report", "pipeline.web.render",
-                "pipeline.web.serve", "pipeline.study_report"}
+PRESENTATION = {
+    "pipeline.tables",
+    "pipeline.plots",
+    "pipeline.web.report",
+    "pipeline.web.render",
+    "pipeline.web.serve",
+    "pipeline.study_report",
+}
 
 
 def test_every_public_name_resolves() -> None:
@@ -23,16 +29,34 @@ def test_every_public_name_resolves() -> None:
 
 def test_the_library_leaves_the_import_system_alone() -> None:
     """Only the cnncodes command puts lean_imports' finder in place; importing the library does not."""
-    ran = subprocess.run([sys.executable, "-c", "import sys, pipeline.heads, pipeline.train; "
-                          "print([type(f).__name__ for f in sys.meta_path if 'Sklearn' in type(f).__name__])"],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pipeline.heads, pipeline.train; "
+            "print([type(f).__name__ for f in sys.meta_path if 'Sklearn' in type(f).__name__])",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert ran.stdout.strip() == "[]"
 
 
 def test_importing_the_package_imports_no_library() -> None:
-    ran = subprocess.run([sys.executable, "-c", "import sys, pipeline; print(sorted(m for m in sys.modules if m in "
-                          "('numpy', 'h5py', 'sklearn', 'tensorflow', 'keras', 'PIL')))"],
-                         capture_output=True, text=True, cwd=ROOT, check=True)
+    ran = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, pipeline; print(sorted(m for m in sys.modules if m in "
+            "('numpy', 'h5py', 'sklearn', 'tensorflow', 'keras', 'PIL')))",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
     assert ran.stdout.strip() == "[]"
 
 
@@ -50,7 +74,7 @@ def _imports(path: Path) -> set[str]:
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
-                base = base[:len(base) - node.level + 1]
+                base = base[: len(base) - node.level + 1]
                 target = ".".join(base + ([node.module] if node.module else []))
             else:
                 target = node.module or ""
@@ -81,7 +105,7 @@ def test_no_import_cycle_among_pipeline_modules() -> None:
         state[node] = 1
         for child in sorted(graph.get(node, ())):
             if state.get(child) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(child):] + [child]))
+                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(child) :] + [child]))
             if child not in state:
                 visit(child, trail + [child])
         state[node] = 2
@@ -109,16 +133,19 @@ def test_one_version() -> None:
 
 def test_a_wheel_installs_only_the_pipeline_package(tmp_path: Path) -> None:
     """pip builds a wheel of the checkout: one top-level package and the cnncodes script (no `cli` module)."""
-    import zipfile
-
     import shutil
+    import zipfile
 
     source = tmp_path / "source"  # a copy: setuptools leaves build/ and *.egg-info where it builds
     shutil.copytree(ROOT / "pipeline", source / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy(ROOT / name, source / name)
-    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
-                           capture_output=True, text=True, timeout=600)
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if built.returncode != 0 and "Could not find a version" in built.stderr + built.stdout:
         import pytest
 
@@ -128,13 +155,23 @@ def test_a_wheel_installs_only_the_pipeline_package(tmp_path: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     top = {n.split("/")[0] for n in names}
     assert {t for t in top if not t.endswith(".dist-info")} == {"pipeline"}, top
-    assert {"pipeline/cache/writer.py", "pipeline/web/templates/serve.html", "pipeline/skops_trusted_types.json",
-            "pipeline/cli.py"} <= set(names)
+    assert {
+        "pipeline/cache/writer.py",
+        "pipeline/web/templates/serve.html",
+        "pipeline/skops_trusted_types.json",
+        "pipeline/cli.py",
+    } <= set(names)
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "cnncodes = pipeline.cli:app" in entry_points
 
 
 def test_the_command_runs_from_another_folder(tmp_path: Path) -> None:
-    ran = subprocess.run([sys.executable, "-m", "pipeline", "--help"], capture_output=True, text=True,
-                         cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    ran = subprocess.run(
+        [sys.executable, "-m", "pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT)},
+        timeout=120,
+    )
     assert ran.returncode == 0 and "train" in ran.stdout and "fit-head" in ran.stdout, ran.stderr

@@ -12,11 +12,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from conftest import CLASS_COLOURS, TINY, make_dataset, pixels, save_image
+from heads_fixtures import CLASS_NAMES3, blobs, write_cache
 from threadpoolctl import threadpool_limits
 from typer.testing import CliRunner
 
-from conftest import CLASS_COLOURS, TINY, make_dataset, pixels, save_image
-from heads_fixtures import CLASS_NAMES3, blobs, write_cache
 from pipeline import heads
 from pipeline.backbones import BackboneConfig
 from pipeline.cache import load
@@ -52,8 +52,9 @@ def real(tmp_path_factory: pytest.TempPathFactory):
         summary = extract(data, config, cache=root / "tiny.h5", progress=False, log=quiet)
         assert summary.n_rows == 18 and not summary.skipped
         result = fit_head(root / "tiny.h5", "logreg", cv=3, n_jobs=1, out=root / "head", log=quiet)
-    return SimpleNamespace(root=root, data=data, cache=root / "tiny.h5", head=root / "head", runtime=runtime,
-                           config=config, result=result)
+    return SimpleNamespace(
+        root=root, data=data, cache=root / "tiny.h5", head=root / "head", runtime=runtime, config=config, result=result
+    )
 
 
 @pytest.fixture
@@ -102,6 +103,7 @@ def expected_proba(real, path: Path) -> np.ndarray:
 
 # -- (a) everything from the cache -----------------------------------------------------------------
 
+
 def test_dataset_images_come_from_the_cache(real, no_backbone, tmp_path: Path) -> None:
     out = tmp_path / "preds.csv"
     lines: list[str] = []
@@ -147,8 +149,7 @@ def test_top_k_is_capped_at_the_number_of_classes(real, no_backbone, tmp_path: P
     assert read_csv(tmp_path / "p.csv")[0] == HEADER3
 
 
-@pytest.mark.parametrize("kwargs, fragment", [({"top_k": 0}, "^top_k is 0"),
-                                              ({"batch_size": 0}, "^batch_size is 0")])
+@pytest.mark.parametrize("kwargs, fragment", [({"top_k": 0}, "^top_k is 0"), ({"batch_size": 0}, "^batch_size is 0")])
 def test_bad_predict_options(real, kwargs: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment):
         predict([real.data], real.head, log=quiet, **kwargs)
@@ -167,10 +168,13 @@ def test_nothing_to_predict(real, tmp_path: Path) -> None:
 
 # -- (b) new images, broken files -------------------------------------------------------------------
 
+
 def test_new_and_broken_images(real, shared_backbone: list, tmp_path: Path) -> None:
     folder = tmp_path / "new"
-    new = [save_image(folder / "red.png", pixels(CLASS_COLOURS["apple"], 4242)),
-           save_image(folder / "blue.jpg", pixels(CLASS_COLOURS["sky"], 4343), quality=95)]
+    new = [
+        save_image(folder / "red.png", pixels(CLASS_COLOURS["apple"], 4242)),
+        save_image(folder / "blue.jpg", pixels(CLASS_COLOURS["sky"], 4343), quality=95),
+    ]
     (folder / "broken.jpg").write_text("not a JPEG at all")
     (folder / "zero.png").write_bytes(b"")
     (folder / "notes.txt").write_text("ignored")
@@ -187,8 +191,7 @@ def test_new_and_broken_images(real, shared_backbone: list, tmp_path: Path) -> N
         assert not p.error and len(p.classes) == 3
         proba = expected_proba(real, path)
         assert p.classes[0] == CLASSES[int(np.argmax(proba))]
-        assert sorted(p.probabilities, reverse=True) == pytest.approx(sorted(proba.tolist(), reverse=True),
-                                                                      abs=1e-5)
+        assert sorted(p.probabilities, reverse=True) == pytest.approx(sorted(proba.tolist(), reverse=True), abs=1e-5)
     assert "not an image" in by_name["broken.jpg"].error and by_name["broken.jpg"].classes == []
     assert "empty" in by_name["zero.png"].error and by_name["zero.png"].probabilities == []
     assert not by_name[cached.name].error
@@ -236,11 +239,16 @@ def test_backbone_rebuilt_from_the_head_gives_the_cached_features(real, tmp_path
 
 # -- (c) a head that contradicts itself -------------------------------------------------------------
 
-@pytest.mark.parametrize("edit, fragment", [
-    (lambda m: m["backbone_config"].update(image_size=64), "image_size: 32 -> 64"),
-    (lambda m: m["identity"].update(resize="bicubic"), "resize: 'bicubic' -> 'bilinear'"),
-    (lambda m: m["identity"].update(alpha=1.0), "alpha: 1.0 -> 0.35"),
-], ids=["config-image_size", "identity-resize", "identity-alpha"])
+
+@pytest.mark.parametrize(
+    "edit, fragment",
+    [
+        (lambda m: m["backbone_config"].update(image_size=64), "image_size: 32 -> 64"),
+        (lambda m: m["identity"].update(resize="bicubic"), "resize: 'bicubic' -> 'bilinear'"),
+        (lambda m: m["identity"].update(alpha=1.0), "alpha: 1.0 -> 0.35"),
+    ],
+    ids=["config-image_size", "identity-resize", "identity-alpha"],
+)
 def test_head_config_that_differs_from_its_identity(real, no_backbone, tmp_path: Path, edit, fragment: str) -> None:
     head = Path(shutil.copytree(real.head, tmp_path / "head"))
     meta = json.loads((head / "head.json").read_text())
@@ -268,12 +276,14 @@ def test_synthetic_head_with_a_foreign_backbone_config(tmp_path: Path, no_backbo
 
 # -- the command line -----------------------------------------------------------------------------
 
+
 def test_cli_predict(real, no_backbone, tmp_path: Path) -> None:
     import cli
 
     out = tmp_path / "preds.csv"
-    result = CliRunner().invoke(cli.app, ["predict", str(real.data), "--head", str(real.head), "--top-k", "2",
-                                          "--out", str(out)])
+    result = CliRunner().invoke(
+        cli.app, ["predict", str(real.data), "--head", str(real.head), "--top-k", "2", "--out", str(out)]
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "18 images classified, 0 skipped" in result.stdout
     assert f"predictions written to {out}" in result.stdout
@@ -282,14 +292,17 @@ def test_cli_predict(real, no_backbone, tmp_path: Path) -> None:
     assert len(rows) == 19 and {r[5] for r in rows[1:]} <= {"true", "false"}
 
 
-@pytest.mark.parametrize("args, fragment", [
-    (["--head", "NO_HEAD"], "head.json is missing"),
-    (["--head", "HEAD", "--top-k", "0"], "--top-k is 0"),
-    ([], "give exactly one of --head"),
-    (["--head", "HEAD", "--accept", "1.5"], "--accept is 1.5; it must be a number in [0.01, 1]"),
-    (["--head", "HEAD", "--unknown-threshold", "abc"], "--unknown-threshold is 'abc'; it must be a number"),
-    (["--head", "HEAD", "--accept", "0.9", "--unknown-threshold", "2"], "at most one of --accept"),
-])
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--head", "NO_HEAD"], "head.json is missing"),
+        (["--head", "HEAD", "--top-k", "0"], "--top-k is 0"),
+        ([], "give exactly one of --head"),
+        (["--head", "HEAD", "--accept", "1.5"], "--accept is 1.5; it must be a number in [0.01, 1]"),
+        (["--head", "HEAD", "--unknown-threshold", "abc"], "--unknown-threshold is 'abc'; it must be a number"),
+        (["--head", "HEAD", "--accept", "0.9", "--unknown-threshold", "2"], "at most one of --accept"),
+    ],
+)
 def test_cli_predict_user_errors(real, tmp_path: Path, args: list[str], fragment: str) -> None:
     import cli
 

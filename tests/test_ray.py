@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import ROOT, add_broken
 from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
+
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
@@ -40,8 +40,9 @@ def cluster():
     ray = pytest.importorskip("ray", reason=NO_RAY)
     pytest.importorskip("ray.data", reason=NO_RAY)
     # one GPU declared (there is none): Ray schedules GPU actors on it, and their runtime runs on the CPU
-    ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR",
-             log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=2, num_gpus=1, include_dashboard=False, logging_level="ERROR", log_to_driver=False
+    )
     # the slow runtimes below travel to the actors by value: the workers cannot import this test file
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield ray
@@ -72,8 +73,18 @@ def reference(data: Path, caches: Path) -> Path:
 
 
 def ray_extract(data: Path, cache: Path, **options):
-    return extract(data, TINY_CONFIG, cache=cache, runtime=RUNTIME, engine="ray", chunk_size=CHUNK,
-                   batch_size=BATCH, progress=False, log=quiet(), **options)
+    return extract(
+        data,
+        TINY_CONFIG,
+        cache=cache,
+        runtime=RUNTIME,
+        engine="ray",
+        chunk_size=CHUNK,
+        batch_size=BATCH,
+        progress=False,
+        log=quiet(),
+        **options,
+    )
 
 
 def journal_chunks(cache: Path) -> int:
@@ -141,8 +152,8 @@ def test_ray_client_address_is_refused_before_any_work(tmp_path: Path) -> None:
 
 
 def test_changed_file_is_not_decoded(tmp_path: Path) -> None:
-    from pipeline.stream import read_and_decode
     from pipeline.images import file_sha256
+    from pipeline.stream import read_and_decode
 
     image = shutil.copy(next(make_pattern_dataset(tmp_path / "d", per_class=1).rglob("*.png")), tmp_path / "a.png")
     digest = file_sha256(image)
@@ -168,8 +179,16 @@ def test_gpu_actors(cluster, data: Path, reference: Path, caches: Path) -> None:
     from pipeline.engine_ray import inference_actors
 
     messages: list[str] = []
-    summary = extract(data, TINY_CONFIG, cache=caches / "gpu.h5", runtime=RUNTIME, engine="ray",
-                      gpus_per_actor=1, progress=False, log=quiet(messages))
+    summary = extract(
+        data,
+        TINY_CONFIG,
+        cache=caches / "gpu.h5",
+        runtime=RUNTIME,
+        engine="ray",
+        gpus_per_actor=1,
+        progress=False,
+        log=quiet(messages),
+    )
     assert any("1 inference actor with 1 GPU each" in m for m in messages), messages
     assert summary.runtime == RUNTIME
     assert_same_cache(summary.cache_path, reference)
@@ -187,9 +206,9 @@ def test_actor_pool_must_leave_a_cpu_for_decoding(cluster) -> None:
 
 
 @pytest.mark.slow
-def test_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(cluster, data: Path, reference: Path,
-                                                                  caches: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(
+    cluster, data: Path, reference: Path, caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import pipeline.engine_ray as engine_ray
     import pipeline.extract as extract_module
 
@@ -212,8 +231,9 @@ def test_killed_actor_is_restarted_and_no_row_is_lost_or_doubled(cluster, data: 
     cluster.kill(cluster.get(registry.all.remote())[0], no_restart=False)
     worker.join(timeout=180)
     assert not worker.is_alive() and "error" not in outcome, outcome.get("error")
-    print(f"actor killed with {chunks} chunks written; the run finished "
-          f"{time.monotonic() - started:.1f} s after the kill")
+    print(
+        f"actor killed with {chunks} chunks written; the run finished {time.monotonic() - started:.1f} s after the kill"
+    )
     assert len(cluster.get(registry.all.remote())) == 2  # the killed actor came back and built its runtime again
     assert_same_cache(cache, reference)
     cluster.kill(registry)
@@ -237,11 +257,19 @@ extract_module.extract({data!r}, test_ray.TINY_CONFIG, cache={cache!r}, runtime=
 @pytest.mark.slow
 def test_killed_driver_resumes_from_its_chunks(cluster, data: Path, reference: Path, caches: Path) -> None:
     cache = caches / "driver_killed.h5"
-    script = DRIVER.format(tests=str(ROOT / "tests"), root=str(ROOT), data=str(data), cache=str(cache),
-                           runtime=RUNTIME, address=cluster.get_runtime_context().gcs_address, chunk=CHUNK)
+    script = DRIVER.format(
+        tests=str(ROOT / "tests"),
+        root=str(ROOT),
+        data=str(data),
+        cache=str(cache),
+        runtime=RUNTIME,
+        address=cluster.get_runtime_context().gcs_address,
+        chunk=CHUNK,
+    )
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    driver = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True)
+    driver = subprocess.Popen(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         wait_until(lambda: journal_chunks(cache) >= 1 or driver.poll() is not None, what="the first journal chunk")
         assert driver.poll() is None, f"the driver ended before the kill:\n{driver.communicate()[0][-3000:]}"

@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import heads_fixtures  # noqa: F401  (puts the project root on sys.path)
 import numpy as np
 import pytest
 
-import heads_fixtures  # noqa: F401  (puts the project root on sys.path)
 from pipeline.artifacts import CONFUSION_PNG, METRICS_JSON
 from pipeline.metrics import classification_metrics, load_metrics, save_metrics
-from pipeline.plots import (compare_figure, confusion_figure, plot_compare, plot_confusion_matrix,
-                            write_confusion_png)
+from pipeline.plots import compare_figure, confusion_figure, plot_compare, plot_confusion_matrix, write_confusion_png
 from pipeline.tables import compare_markdown, metrics_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -64,8 +63,10 @@ def test_metrics_table(metrics: dict) -> None:
     assert apple.split() == ["apple", "1.000", "0.667", "0.800", "3"]
     b, f = metrics["balanced_accuracy_ci"], metrics["macro_f1_ci"]
     assert metrics["accuracy_ci"] == pytest.approx([0.3000, 0.9032], abs=5e-4)  # Wilson, 4 of 6
-    assert lines[-1] == (f"test accuracy 0.6667 [0.300, 0.903]   balanced accuracy 0.7222 [{b[0]:.3f}, {b[1]:.3f}]   "
-                         f"macro F1 0.6556 [{f[0]:.3f}, {f[1]:.3f}]   (6 test images)   [95% intervals]")
+    assert lines[-1] == (
+        f"test accuracy 0.6667 [0.300, 0.903]   balanced accuracy 0.7222 [{b[0]:.3f}, {b[1]:.3f}]   "
+        f"macro F1 0.6556 [{f[0]:.3f}, {f[1]:.3f}]   (6 test images)   [95% intervals]"
+    )
 
 
 def test_metrics_table_long_class_names() -> None:
@@ -98,11 +99,25 @@ def test_confusion_figure_draws_every_count_and_names_the_classes(tmp_path: Path
 
 
 ROWS = [
-    {"method": "logreg head", "accuracy": 0.91234, "balanced_accuracy": 0.9, "macro_f1": 0.88,
-     "train_seconds": 1.26, "inference_ms": 0.5, "size_mb": 0.01},
+    {
+        "method": "logreg head",
+        "accuracy": 0.91234,
+        "balanced_accuracy": 0.9,
+        "macro_f1": 0.88,
+        "train_seconds": 1.26,
+        "inference_ms": 0.5,
+        "size_mb": 0.01,
+    },
     {"method": "svm head", "accuracy": 0.8, "balanced_accuracy": 0.75, "macro_f1": 0.7, "train_seconds": 3.0},
-    {"method": "fine-tuned", "accuracy": 0.95, "balanced_accuracy": 0.94, "macro_f1": 0.93,
-     "train_seconds": 120.0, "inference_ms": None, "size_mb": 9.5},
+    {
+        "method": "fine-tuned",
+        "accuracy": 0.95,
+        "balanced_accuracy": 0.94,
+        "macro_f1": 0.93,
+        "train_seconds": 120.0,
+        "inference_ms": None,
+        "size_mb": 9.5,
+    },
 ]
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from model_fixtures import TINY_CONFIG, World, quiet
+
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
@@ -44,12 +44,14 @@ def tflite_extract(world: World, tmp_path_factory: pytest.TempPathFactory):
     """The tiny dataset extracted again with runtime='tflite' (one conversion, cached beside the cache)."""
     folder = tmp_path_factory.mktemp("tflite_cache")
     messages: list[str] = []
-    summary = extract(world.data, TINY_CONFIG, cache=folder / "tiny.h5", runtime="tflite", progress=False,
-                      log=quiet(messages))
+    summary = extract(
+        world.data, TINY_CONFIG, cache=folder / "tiny.h5", runtime="tflite", progress=False, log=quiet(messages)
+    )
     return summary, messages, folder
 
 
 # -- equivalence ------------------------------------------------------------------------------------
+
 
 def test_tflite_features_match_keras_features(world: World, tflite_extract) -> None:
     summary, messages, folder = tflite_extract
@@ -70,8 +72,9 @@ def test_tflite_features_match_keras_features(world: World, tflite_extract) -> N
     assert centred.min() >= 0.999, centred
 
 
-def test_converted_file_is_named_by_fingerprint_and_reused(world: World, tflite_extract,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_converted_file_is_named_by_fingerprint_and_reused(
+    world: World, tflite_extract, monkeypatch: pytest.MonkeyPatch
+) -> None:
     summary, messages, folder = tflite_extract
     converted = tflite_path(world.config, folder)
     assert converted.name == f"MobileNetV2-32-{world.config.fingerprint()}.tflite"
@@ -104,17 +107,18 @@ def test_tflite_runtime_changing_batch_sizes(world: World, tflite_extract) -> No
     expected = cache.features[[row[r] for r in rel]]
     start = 0
     for n in (3, 5, 3, 1, 5):
-        out = rt(images[start:start + n])
+        out = rt(images[start : start + n])
         assert out.shape == (n, 1280) and out.dtype == np.float32
-        assert cosines(out, expected[start:start + n]).min() >= 0.9999
+        assert cosines(out, expected[start : start + n]).min() >= 0.9999
         start += n
     # the same images in another batch composition give the same rows
     whole = rt(images[:8])
     np.testing.assert_allclose(whole[3:8], rt(images[3:8]), rtol=1e-5, atol=0)
 
 
-def test_damaged_cached_file_is_converted_again(world: World, tflite_extract, tmp_path: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_damaged_cached_file_is_converted_again(
+    world: World, tflite_extract, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     _, _, folder = tflite_extract
     good = tflite_path(world.config, folder)
     damaged = tflite_path(world.config, tmp_path)
@@ -135,6 +139,7 @@ def test_damaged_cached_file_is_converted_again(world: World, tflite_extract, tm
 
 
 # -- failures -------------------------------------------------------------------------------------
+
 
 def _failing_convert(*args, **kwargs):
     raise RuntimeError("op not supported: FancyOp\nsecond line of converter noise")
@@ -182,6 +187,7 @@ def test_extract_refuses_unknown_runtime(world: World, tmp_path: Path) -> None:
 
 
 # -- real data ------------------------------------------------------------------------------------
+
 
 @pytest.mark.integration
 @pytest.mark.slow

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import noise_jpeg, pixels
 from PIL import Image
 
-from conftest import noise_jpeg, pixels
 from pipeline.errors import UserError
 from pipeline.images import MAX_PIXELS, ImageError, decode_image
 
@@ -51,8 +51,11 @@ class FakeClassifier:
             raise RuntimeError("the model broke")
         means = images.reshape(len(images), -1, 3).mean(1)
         e = np.exp(means / 25.0 - means.max(1, keepdims=True) / 25.0)
-        score = 1 - (means.max(1) - means.min(1)) / 100 if self.unknown_threshold is not None \
+        score = (
+            1 - (means.max(1) - means.min(1)) / 100
+            if self.unknown_threshold is not None
             else np.full(len(images), np.nan)
+        )
         return np.column_stack([e / e.sum(1, keepdims=True), score])
 
 
@@ -64,12 +67,14 @@ def image_bytes(colour: tuple[int, int, int], fmt: str = "PNG", seed: int = 0) -
 
 def huge_png_header(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height pixels (the pixel data never comes): refused before decoding."""
+
     def chunk(kind: bytes, data: bytes) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 @pytest.fixture
@@ -86,14 +91,16 @@ def open_client(app) -> TestClient:
 
 @pytest.fixture
 def client(fake: FakeClassifier):
-    with open_client(create_app(fake, ServeLimits(max_upload_mb=0.05, max_request_mb=0.5), top_k=5,
-                                source="fake")) as c:
+    with open_client(
+        create_app(fake, ServeLimits(max_upload_mb=0.05, max_request_mb=0.5), top_k=5, source="fake")
+    ) as c:
         yield c
 
 
 def post(client: TestClient, *files: tuple[str, bytes], **params):
-    return client.post("/predict", files=[("files", (name, data, "application/octet-stream")) for name, data in files],
-                       params=params)
+    return client.post(
+        "/predict", files=[("files", (name, data, "application/octet-stream")) for name, data in files], params=params
+    )
 
 
 def assert_error(response, status: int, *fragments: str) -> None:
@@ -112,8 +119,11 @@ def test_health_names_classes_and_backbone(client: TestClient) -> None:
 
 
 def test_predict_several_files_in_one_request(client: TestClient, fake: FakeClassifier) -> None:
-    files = [("r.png", image_bytes((220, 30, 30))), ("g.jpg", image_bytes((30, 220, 30), "JPEG")),
-             ("b.webp", image_bytes((30, 30, 220), "WEBP"))]
+    files = [
+        ("r.png", image_bytes((220, 30, 30))),
+        ("g.jpg", image_bytes((30, 220, 30), "JPEG")),
+        ("b.webp", image_bytes((30, 30, 220), "WEBP")),
+    ]
     response = post(client, *files)
     assert response.status_code == 200, response.text
     predictions = response.json()["predictions"]
@@ -177,14 +187,21 @@ def test_truncated_jpeg(client: TestClient, tmp_path: Path) -> None:
 
 
 def test_one_bad_file_among_good_ones_names_only_it(client: TestClient) -> None:
-    response = post(client, ("ok.png", image_bytes((220, 30, 30))), ("bad.gif", b"GIF89a broken"),
-                    ("fine.png", image_bytes((30, 30, 220))))
+    response = post(
+        client,
+        ("ok.png", image_bytes((220, 30, 30))),
+        ("bad.gif", b"GIF89a broken"),
+        ("fine.png", image_bytes((30, 30, 220))),
+    )
     assert_error(response, 422, "1 of 3 files", "bad.gif")
     assert "ok.png" not in response.json()["error"]
 
 
-@pytest.mark.parametrize("request_kwargs", [{}, {"data": {"files": "not a file"}}, {"data": {"other": "x"}}],
-                         ids=["no_body", "text_field", "other_field"])
+@pytest.mark.parametrize(
+    "request_kwargs",
+    [{}, {"data": {"files": "not a file"}}, {"data": {"other": "x"}}],
+    ids=["no_body", "text_field", "other_field"],
+)
 def test_request_without_files(client: TestClient, request_kwargs: dict) -> None:
     response = client.post("/predict", **request_kwargs)
     assert 400 <= response.status_code < 500 and list(response.json()) == ["error"], response.text
@@ -198,8 +215,11 @@ def test_too_many_files(client: TestClient) -> None:
 
 
 def test_body_over_the_limit_is_refused_before_reading(client: TestClient) -> None:
-    response = client.post("/predict", content=b"x" * 10, headers={"content-length": str(10**9),
-                                                                 "content-type": "multipart/form-data; boundary=b"})
+    response = client.post(
+        "/predict",
+        content=b"x" * 10,
+        headers={"content-length": str(10**9), "content-type": "multipart/form-data; boundary=b"},
+    )
     assert_error(response, 413, "request body", "--max-request-mb")
 
 
@@ -363,18 +383,30 @@ def test_allowed_host_names_of_serve() -> None:
     from pipeline.web.serve import allowed_host_names
 
     assert allowed_host_names("127.0.0.1", []) == ("127.0.0.1", "localhost", "::1")
-    assert allowed_host_names("0.0.0.0", ["ML.lan", "[fe80::1]"]) == ("127.0.0.1", "localhost", "::1", "ml.lan",
-                                                                        "fe80::1")
+    assert allowed_host_names("0.0.0.0", ["ML.lan", "[fe80::1]"]) == (
+        "127.0.0.1",
+        "localhost",
+        "::1",
+        "ml.lan",
+        "fe80::1",
+    )
     assert allowed_host_names("192.168.1.5", []) == ("192.168.1.5",)
 
 
 # -- what every answer carries ----------------------------------------------------------------------------
 def test_every_answer_says_nosniff(client: TestClient) -> None:
-    answers = [client.get("/"), client.get("/health"), client.get("/openapi.json"), client.get("/nothing"),
-               client.get("/predict"), post(client, ("r.png", image_bytes((1, 2, 3)))),
-               post(client, ("bad.png", b"not a png")), client.get("/health", headers={"host": "evil.example"}),
-               client.get("/health", headers={"origin": "http://evil.example"}),
-               client.post("/predict", content=b"x", headers={"content-length": str(10**9)})]
+    answers = [
+        client.get("/"),
+        client.get("/health"),
+        client.get("/openapi.json"),
+        client.get("/nothing"),
+        client.get("/predict"),
+        post(client, ("r.png", image_bytes((1, 2, 3)))),
+        post(client, ("bad.png", b"not a png")),
+        client.get("/health", headers={"host": "evil.example"}),
+        client.get("/health", headers={"origin": "http://evil.example"}),
+        client.post("/predict", content=b"x", headers={"content-length": str(10**9)}),
+    ]
     assert sorted({a.status_code for a in answers}) == [200, 400, 403, 404, 405, 413, 422]
     for answer in answers:
         assert answer.headers["x-content-type-options"] == "nosniff", answer.url

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-
 from conftest import ROOT
 
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'cnncodes[web]'")
@@ -52,10 +51,17 @@ def live_server(tmp_path: Path, request_mb: float = 8, body_s: float = 60, heade
     port = free_port()
     log = tmp_path / "server.log"
     with open(log, "w") as out:
-        server = subprocess.Popen([sys.executable, "-c", SERVER.format(root=str(ROOT), fds=FD_LIMIT, port=port,
-                                                                       request_mb=request_mb, body_s=body_s,
-                                                                       header_s=header_s)],
-                                  stdout=out, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                SERVER.format(
+                    root=str(ROOT), fds=FD_LIMIT, port=port, request_mb=request_mb, body_s=body_s, header_s=header_s
+                ),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     try:
         deadline = time.monotonic() + 60
         while True:
@@ -128,8 +134,10 @@ def test_slow_headers_are_cut_off(tmp_path: Path) -> None:
 
 def test_stalled_body_is_answered_408(tmp_path: Path) -> None:
     with live_server(tmp_path, body_s=1) as (port, _), socket.create_connection(("127.0.0.1", port)) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
-                     b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n")
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+            b"boundary=b\r\nContent-Length: 100000\r\n\r\n--b\r\n"
+        )
         start = time.monotonic()
         sock.settimeout(5)
         answer = sock.recv(65536)
@@ -167,8 +175,10 @@ def test_640_mb_body_is_refused_early(tmp_path: Path, declared: bool) -> None:
     """A 640 MB body (a 8 MB limit here) is refused having read at most the limit and what the sockets buffer."""
     total, limit = 640 * 2**20, 8 * 10**6
     length = f"Content-Length: {total}" if declared else "Transfer-Encoding: chunked"
-    head = (f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-            f"{length}\r\n\r\n").encode()
+    head = (
+        f"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+        f"{length}\r\n\r\n"
+    ).encode()
     with live_server(tmp_path, request_mb=limit / 1e6) as (port, process):
         rss = process.memory_info().rss
         sent, answer = send_until_refused(port, head, total)

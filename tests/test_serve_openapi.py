@@ -10,19 +10,21 @@ import pytest
 from PIL import Image
 
 pytest.importorskip("fastapi", reason="the web extra is not installed: pip install 'cnncodes[web]'")
-schemathesis = pytest.importorskip("schemathesis", reason="the test extra is not installed: pip install "
-                                                          "'cnncodes[test]'")
+schemathesis = pytest.importorskip(
+    "schemathesis", reason="the test extra is not installed: pip install 'cnncodes[test]'"
+)
 from hypothesis import HealthCheck, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
-
-from pipeline.images import ImageError, decode_image  # noqa: E402
-from pipeline.web.api import LOOPBACK_NAMES, ServeLimits, create_app  # noqa: E402
 from schemathesis.checks import positive_data_acceptance  # noqa: E402
 from test_serve import FakeClassifier  # noqa: E402
 
+from pipeline.images import ImageError, decode_image  # noqa: E402
+from pipeline.web.api import LOOPBACK_NAMES, ServeLimits, create_app  # noqa: E402
+
 HOST = "testserver"  # the Host header of schemathesis' ASGI client
-APP = create_app(FakeClassifier(), ServeLimits(max_upload_mb=0.05, max_request_mb=0.5,
-                                               allowed_hosts=(*LOOPBACK_NAMES, HOST)))
+APP = create_app(
+    FakeClassifier(), ServeLimits(max_upload_mb=0.05, max_request_mb=0.5, allowed_hosts=(*LOOPBACK_NAMES, HOST))
+)
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 
@@ -31,7 +33,8 @@ def png(seed: int) -> bytes:
     rng = np.random.default_rng(seed)
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (int(rng.integers(1, 40)), int(rng.integers(1, 40)), 3), np.uint8)).save(
-        buffer, format="PNG")
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 

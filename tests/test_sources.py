@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from heads_fixtures import blobs, fake_hash, write_cache
-from model_fixtures import World, cnn_world, quiet, world  # noqa: F401 (pytest fixtures)
+from model_fixtures import World, quiet
 
 from pipeline.artifacts import read_predictions
 from pipeline.heads import fit_head, load_head
@@ -18,8 +18,9 @@ from pipeline.sources import SOURCES_KEY, head_sources
 NAMES = ["ant", "bee", "cat"]
 
 
-def cache_with_near_copies(path: Path, n: int = 150, dim: int = 96, copies: int = 10, seed: int = 0) -> tuple[Path,
-                                                                                                             list]:
+def cache_with_near_copies(
+    path: Path, n: int = 150, dim: int = 96, copies: int = 10, seed: int = 0
+) -> tuple[Path, list]:
     """Three classes of ReLU-like features with `copies` planted near-copies (same class, small noise)."""
     rng = np.random.default_rng(seed)
     y = np.arange(n) % 3
@@ -33,6 +34,7 @@ def cache_with_near_copies(path: Path, n: int = 150, dim: int = 96, copies: int 
 
 
 # -- honest split by default ----------------------------------------------------------------------
+
 
 def test_near_duplicates_are_grouped_by_default_and_counted(tmp_path: Path) -> None:
     cache, planted = cache_with_near_copies(tmp_path / "c.h5")
@@ -67,6 +69,7 @@ def test_cli_prints_the_near_duplicate_groups(tmp_path: Path) -> None:
 
 # -- several caches -------------------------------------------------------------------------------
 
+
 def test_fit_head_on_two_caches_joins_rows_by_content_hash(tmp_path: Path) -> None:
     X, y = blobs(3, 20, dim=8, seed=1)
     hashes = [fake_hash(("img", i)) for i in range(len(y))]
@@ -98,15 +101,19 @@ def test_caches_of_other_classes_are_refused(tmp_path: Path) -> None:
 
 # -- two backbones, end to end (tiny models) ------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
-def two_backbones(world: World, cnn_world: World, tmp_path_factory) -> Path:  # noqa: F811
+def two_backbones(world: World, cnn_world: World, tmp_path_factory) -> Path:
     """A logreg head on the tiny MobileNetV2 and the small CNN (both 32 px) side by side."""
     out = tmp_path_factory.mktemp("two") / "head"
     return fit_head([world.cache, cnn_world.cache], out=out, n_jobs=1, log=quiet()).folder
 
 
-def test_two_source_head_predicts_what_fit_head_measured(two_backbones: Path, world: World,  # noqa: F811
-                                                         tmp_path: Path) -> None:
+def test_two_source_head_predicts_what_fit_head_measured(
+    two_backbones: Path,
+    world: World,
+    tmp_path: Path,
+) -> None:
     from pipeline.predict import predict
 
     test = read_predictions(two_backbones / "predictions.csv")
@@ -124,8 +131,7 @@ def test_two_source_head_predicts_what_fit_head_measured(two_backbones: Path, wo
     computed = predict(files, moved, runtime="keras", log=quiet(messages))
     assert any(f"computing features of {len(files)}" in m for m in messages)
     assert [p.classes[0] for p in computed] == expected
-    np.testing.assert_allclose([p.probabilities[0] for p in computed], [p.probabilities[0] for p in cached],
-                               atol=1e-4)
+    np.testing.assert_allclose([p.probabilities[0] for p in computed], [p.probabilities[0] for p in cached], atol=1e-4)
 
 
 def test_export_of_a_two_backbone_head_agrees_with_predict(two_backbones: Path, tmp_path: Path) -> None:
@@ -137,8 +143,11 @@ def test_export_of_a_two_backbone_head_agrees_with_predict(two_backbones: Path, 
     assert len(load_head(two_backbones).meta[SOURCES_KEY]) == 2
 
 
-def test_export_resizes_for_a_backbone_of_another_input_size(world: World, cnn_world: World,  # noqa: F811
-                                                             tmp_path: Path) -> None:
+def test_export_resizes_for_a_backbone_of_another_input_size(
+    world: World,
+    cnn_world: World,
+    tmp_path: Path,
+) -> None:
     """A 48 px backbone beside the 32 px one: the model takes 48 px pixels and resizes inside for the other."""
     import keras
 
@@ -169,8 +178,9 @@ def test_report_flags_an_older_heads_near_duplicate_leaks(tmp_path: Path) -> Non
     audit.mkdir()
     (audit / "audit.json").write_text(json.dumps({"near_duplicates": {"threshold": 0.55, "file": "pairs.csv"}}))
     (audit / "pairs.csv").write_text("path_a,path_b,cosine\nt1.png,a.png,0.9\nt2.png,t1.png,0.8\nb.png,c.png,0.7\n")
-    tested = Predictions(["t1.png", "t2.png"], ["h1", "h2"], ["", ""], np.zeros(2, int), np.ones((2, 2)) / 2,
-                         ["x", "y"])
+    tested = Predictions(
+        ["t1.png", "t2.png"], ["h1", "h2"], ["", ""], np.zeros(2, int), np.ones((2, 2)) / 2, ["x", "y"]
+    )
     old = Method("old", tmp_path, "head", {"accuracy": 1.0}, {}, tested)
     assert near_duplicate_leaks(old, audit).startswith("1 test images have a near-duplicate in training")
     grouped = Method("new", tmp_path, "head", {"accuracy": 1.0, "near_duplicate_threshold": 0.55}, {}, tested)

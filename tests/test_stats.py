@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score
 
-from pipeline.stats import (bootstrap_interval, mcnemar_exact, metric_intervals, paired_verdict,
-                            wilson_interval)
+from pipeline.stats import bootstrap_interval, mcnemar_exact, metric_intervals, paired_verdict, wilson_interval
 
 
 def test_wilson_known_case():
@@ -41,10 +40,13 @@ def predictions(n=200, k=12, accuracy=0.85, seed=0):
 
 
 @pytest.mark.filterwarnings("ignore:y_pred contains classes not in y_true")
-@pytest.mark.parametrize("name, sklearn_metric", [
-    ("balanced_accuracy", balanced_accuracy_score),
-    ("macro_f1", lambda t, p: f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0)),
-])
+@pytest.mark.parametrize(
+    "name, sklearn_metric",
+    [
+        ("balanced_accuracy", balanced_accuracy_score),
+        ("macro_f1", lambda t, p: f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0)),
+    ],
+)
 def test_vectorised_bootstrap_matches_sklearn_on_every_resample(name, sklearn_metric):
     y, p = predictions()
     fast = bootstrap_interval(y, p, name, n_resamples=50, seed=3, n_classes=12)
@@ -61,8 +63,11 @@ def test_metric_intervals_contain_the_point_and_are_fast():
         seconds.append(time.perf_counter() - started)
     assert min(seconds) < 0.3
     assert set(intervals) == {"accuracy_ci", "balanced_accuracy_ci", "macro_f1_ci"}
-    points = {"accuracy_ci": np.mean(y == p), "balanced_accuracy_ci": balanced_accuracy_score(y, p),
-              "macro_f1_ci": f1_score(y, p, average="macro")}
+    points = {
+        "accuracy_ci": np.mean(y == p),
+        "balanced_accuracy_ci": balanced_accuracy_score(y, p),
+        "macro_f1_ci": f1_score(y, p, average="macro"),
+    }
     for key, (low, high) in intervals.items():
         assert low < points[key] < high, key
         assert 0.03 < high - low < 0.2, key  # about +-5 points for 200 images
@@ -78,8 +83,10 @@ def test_metric_intervals_of_perfect_and_empty_predictions():
     assert metric_intervals(np.array([], int), np.array([], int), 3)["macro_f1_ci"] == [0.0, 1.0]
 
 
-@pytest.mark.parametrize("a_only, b_only, p", [(1, 0, 1.0), (10, 0, 0.001953125), (0, 10, 0.001953125),
-                                               (0, 0, 1.0), (5, 5, 1.0), (8, 2, 0.109375)])
+@pytest.mark.parametrize(
+    "a_only, b_only, p",
+    [(1, 0, 1.0), (10, 0, 0.001953125), (0, 10, 0.001953125), (0, 0, 1.0), (5, 5, 1.0), (8, 2, 0.109375)],
+)
 def test_mcnemar_known_tables(a_only, b_only, p):
     both, neither = 150, 7
     correct_a = np.array([1] * both + [1] * a_only + [0] * b_only + [0] * neither, bool)
@@ -98,6 +105,8 @@ def test_paired_verdict_wording():
     b = np.array([True] * 189 + [False] * 4)
     assert paired_verdict("fine-tune", "logreg", a, b) == "fine-tune vs logreg: +1 image of 193, p = 1.00: no evidence"
     worse = np.array([True] * 180 + [False] * 13)
-    assert paired_verdict("logreg", "svm", worse, a) == \
-        "logreg vs svm: -10 images of 193, p = 0.002: evidence of a difference"
+    assert (
+        paired_verdict("logreg", "svm", worse, a)
+        == "logreg vs svm: -10 images of 193, p = 0.002: evidence of a difference"
+    )
     assert paired_verdict("a", "b", a, a).startswith("a vs b: +0 images of 193, p = 1.00: no evidence")

@@ -15,16 +15,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import RUNTIME, TINY_ARGS, add_broken
 from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
 from object_store import BUCKET, S3
+from test_cli import assert_user_error, invoke
+
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.images import scan_dataset
 from pipeline.storage import STORAGE_OPTIONS_ENV, storage_options
-from test_cli import assert_user_error, invoke
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def test_scan_of_a_bucket_is_the_scan_of_the_folder(s3: S3, data: Path, url: str
     on_disk, in_store = scan_dataset(data), scan_dataset(url + "/")  # a trailing slash changes nothing
     assert in_store.root == url
     assert in_store.class_names == on_disk.class_names
-    assert [(f.relpath, f.label, f.split) for f in in_store.files] == \
-        [(f.relpath, f.label, f.split) for f in on_disk.files]
+    assert [(f.relpath, f.label, f.split) for f in in_store.files] == [
+        (f.relpath, f.label, f.split) for f in on_disk.files
+    ]
     assert [f.path for f in in_store.files] == [f"{url}/{f.relpath}" for f in on_disk.files]
     assert sorted(in_store.ignored) == sorted(on_disk.ignored)
     # the train/val/test layout too
@@ -61,8 +62,9 @@ def test_scan_of_a_bucket_is_the_scan_of_the_folder(s3: S3, data: Path, url: str
         shutil.copytree(data / part, split / name / part)
     on_disk, in_store = scan_dataset(split), scan_dataset(s3.upload(split, "split"))
     assert in_store.has_splits
-    assert [(f.relpath, f.label, f.split) for f in in_store.files] == \
-        [(f.relpath, f.label, f.split) for f in on_disk.files]
+    assert [(f.relpath, f.label, f.split) for f in in_store.files] == [
+        (f.relpath, f.label, f.split) for f in on_disk.files
+    ]
 
 
 def test_extract_from_the_bucket_equals_extract_from_disk(data: Path, url: str, caches: Path) -> None:
@@ -89,8 +91,9 @@ def test_predict_reads_objects(data: Path, url: str, caches: Path, tmp_path: Pat
     assert [p.classes for p in in_store] == [p.classes for p in on_disk]
 
 
-def test_storage_options_come_from_json_a_file_or_the_environment(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_storage_options_come_from_json_a_file_or_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert storage_options('{"anon": false}') == {"anon": False}
     (tmp_path / "opts.json").write_text('{"endpoint_url": "http://127.0.0.1:9"}')
     assert storage_options(f"@{tmp_path / 'opts.json'}") == {"endpoint_url": "http://127.0.0.1:9"}
@@ -103,8 +106,9 @@ def test_storage_options_come_from_json_a_file_or_the_environment(tmp_path: Path
         storage_options("[1, 2]")
 
 
-def test_mistakes_are_one_line_and_write_nothing(s3: S3, url: str, tmp_path: Path,
-                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_mistakes_are_one_line_and_write_nothing(
+    s3: S3, url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     registry = importlib.import_module("fsspec.registry")  # the module (fsspec.registry is also a mapping)
     out = tmp_path / "c"
 
@@ -123,8 +127,9 @@ def test_mistakes_are_one_line_and_write_nothing(s3: S3, url: str, tmp_path: Pat
     assert not out.exists()
 
 
-def test_an_object_that_cannot_be_read_now_is_tried_again(data: Path, url: str, caches: Path,
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_object_that_cannot_be_read_now_is_tried_again(
+    data: Path, url: str, caches: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline import stream
 
     real_read, flaky = stream.read_bytes, f"{url}/checks/img_03.png"
@@ -142,5 +147,7 @@ def test_an_object_that_cannot_be_read_now_is_tried_again(data: Path, url: str, 
     monkeypatch.undo()
     second = extract(url, TINY_CONFIG, **options)  # not remembered as a bad image: read again, and kept
     assert second.n_new == 1 and "checks/img_03.png" in load(second.cache_path).paths
-    assert_same_cache(second.cache_path, extract(data, TINY_CONFIG, cache=caches / "disk2.h5", runtime=RUNTIME,
-                                                 progress=False, log=quiet()).cache_path)
+    assert_same_cache(
+        second.cache_path,
+        extract(data, TINY_CONFIG, cache=caches / "disk2.h5", runtime=RUNTIME, progress=False, log=quiet()).cache_path,
+    )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import add_broken, add_images
+
 from pipeline.backbones import BackboneConfig, build_backbone
 from pipeline.cache import CacheWriter, Row, layout, load
 from pipeline.engines import run
@@ -16,8 +16,18 @@ from pipeline.errors import UserError
 from pipeline.extract import default_cache_path, extract, extract_layers, summary_lines
 from pipeline.images import scan_dataset
 from pipeline.runtime import KerasRuntime, make_runtime, tflite_path
-from pipeline.stream import (ERROR, HASH, RUNTIME, FeatureMapper, FeatureSink, features_column, hash_files,
-                             read_tasks, stream_features, task_columns)
+from pipeline.stream import (
+    ERROR,
+    HASH,
+    RUNTIME,
+    FeatureMapper,
+    FeatureSink,
+    features_column,
+    hash_files,
+    read_tasks,
+    stream_features,
+    task_columns,
+)
 
 LAYERS = ["block_3_expand_relu", None]  # an early layer and the default (top) one of the tiny MobileNetV2
 
@@ -46,6 +56,7 @@ def by_hash(cache) -> dict[str, np.ndarray]:
 
 
 # -- reader, mapper, writer, runner (no TensorFlow) ------------------------------------------------
+
 
 def writers_for(folder: Path, n: int) -> list[CacheWriter]:
     return [CacheWriter(folder / f"layer{k}.h5", {"layer": str(k)}, f"fp{k}") for k in range(n)]
@@ -113,8 +124,9 @@ def test_local_runner_counts_and_stops_on_ctrl_c(dataset: Path, tmp_path: Path) 
         def write(self, *args) -> None:
             raise KeyboardInterrupt
 
-    stopped = run(tasks, FakeRuntime, Interrupting(writers_for(tmp_path / "b", 2)), batch_size=5, progress=False,
-                  log=quiet)
+    stopped = run(
+        tasks, FakeRuntime, Interrupting(writers_for(tmp_path / "b", 2)), batch_size=5, progress=False, log=quiet
+    )
     assert stopped.interrupted and stopped.n_done == 0
     assert run([], FakeRuntime, FeatureSink([]), progress=False).runtime == ""  # nothing to do: nothing built
     with pytest.raises(UserError, match="^engine is 'spark'"):
@@ -123,10 +135,12 @@ def test_local_runner_counts_and_stops_on_ctrl_c(dataset: Path, tmp_path: Path) 
 
 # -- several layers from one forward pass ----------------------------------------------------------
 
+
 def test_two_layers_one_model_call_per_batch(dataset: Path, tiny_config, tmp_path: Path, counting) -> None:
     folder = tmp_path / "c"
-    summaries = extract_layers(dataset, tiny_config, LAYERS, cache_dir=folder, batch_size=4, runtime="keras",
-                               progress=False, log=quiet)
+    summaries = extract_layers(
+        dataset, tiny_config, LAYERS, cache_dir=folder, batch_size=4, runtime="keras", progress=False, log=quiet
+    )
     assert (counting["calls"], counting["images"], len(counting["built"])) == (3, 12, 1)  # 12 images, batches of 4
     dims = set()
     for summary, layer in zip(summaries, LAYERS):
@@ -142,22 +156,30 @@ def test_two_layers_one_model_call_per_batch(dataset: Path, tiny_config, tmp_pat
     assert len(dims) == 2 and 1280 in dims
 
     for layer in LAYERS:  # extract --layer L finds its cache complete
-        again = extract(dataset, replace(tiny_config, layer=layer), cache_dir=folder, runtime="keras",
-                        progress=False, log=quiet)
+        again = extract(
+            dataset, replace(tiny_config, layer=layer), cache_dir=folder, runtime="keras", progress=False, log=quiet
+        )
         assert (again.n_new, again.n_reused) == (0, 12)
     assert counting["calls"] == 3
 
     # the features are the single-layer model's
-    single = extract(dataset, replace(tiny_config, layer=LAYERS[0]), cache=tmp_path / "single.h5", runtime="keras",
-                     progress=False, log=quiet)
+    single = extract(
+        dataset,
+        replace(tiny_config, layer=LAYERS[0]),
+        cache=tmp_path / "single.h5",
+        runtime="keras",
+        progress=False,
+        log=quiet,
+    )
     want, got = by_hash(load(single.cache_path)), by_hash(load(summaries[0].cache_path))
     scale = float(np.abs(np.stack(list(want.values()))).max())
     for digest, vector in got.items():
         np.testing.assert_allclose(vector, want[digest], rtol=1e-4, atol=1e-5 * scale)
 
 
-def test_only_images_missing_from_a_cache_go_through_the_model(dataset: Path, tiny_config, tmp_path: Path,
-                                                                counting) -> None:
+def test_only_images_missing_from_a_cache_go_through_the_model(
+    dataset: Path, tiny_config, tmp_path: Path, counting
+) -> None:
     folder = tmp_path / "c"
     options = dict(cache_dir=folder, runtime="keras", progress=False, log=quiet)
     extract_layers(dataset, tiny_config, LAYERS, **options)

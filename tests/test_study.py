@@ -8,14 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from heads_fixtures import blobs, fake_hash, write_cache
+from model_fixtures import make_pattern_dataset, quiet, save_small_cnn
 from typer.testing import CliRunner
 
 import cli
 import pipeline.extract as extract_module
 import pipeline.heads as heads_module
 import pipeline.study as study_module
-from heads_fixtures import blobs, fake_hash, write_cache
-from model_fixtures import make_pattern_dataset, quiet, save_small_cnn
 from pipeline.artifacts import PREDICTIONS_CSV, folder_kind, read_predictions
 from pipeline.cache import load
 from pipeline.errors import UserError
@@ -25,8 +25,10 @@ from pipeline.study import choose_winner, study
 from pipeline.study_plan import earlier_stages
 from pipeline.study_report import advice, pareto_front
 
-pytestmark = [pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
-              pytest.mark.filterwarnings("ignore:`shuffle=True` was passed")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+    pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
+]
 
 TINY = "MobileNetV2:weights=none:size=32:alpha=0.35"  # random weights, 32 px: builds in about a second
 N_IMAGES = 24  # make_pattern_dataset: 3 classes x 8
@@ -37,8 +39,16 @@ def run_study(tmp_path: Path, **kwargs):
     data = tmp_path / "data"
     if not data.is_dir():
         make_pattern_dataset(data)
-    options = dict(backbones=TINY, layers="top", heads="logreg", runtime="keras", n_jobs=1,
-                   cache_dir=tmp_path / "cache", out=tmp_path / "study", log=quiet())
+    options = dict(
+        backbones=TINY,
+        layers="top",
+        heads="logreg",
+        runtime="keras",
+        n_jobs=1,
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "study",
+        log=quiet(),
+    )
     return study(data, **{**options, **kwargs})
 
 
@@ -118,8 +128,20 @@ def test_rows_winner_and_outputs(full) -> None:
     assert "test_unknown_rate" in json.loads((folder / "winner" / "metrics.json").read_text())["unknown"]
     # the files
     saved = json.loads((folder / "study.json").read_text())
-    for key in ("dataset_root", "n_images", "images_per_class", "seed", "rows", "winner", "advice", "checkout",
-                "skipped", "finetune", "interrupted", "seconds"):
+    for key in (
+        "dataset_root",
+        "n_images",
+        "images_per_class",
+        "seed",
+        "rows",
+        "winner",
+        "advice",
+        "checkout",
+        "skipped",
+        "finetune",
+        "interrupted",
+        "seconds",
+    ):
         assert key in saved, key
     assert saved["n_images"] == N_IMAGES and saved["interrupted"] is False and saved["finetune"] is None
     assert (folder / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -187,9 +209,25 @@ def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.Monk
 
     monkeypatch.setattr(heads_module, "fit_arrays", interrupted_second_time)
     make_pattern_dataset(tmp_path / "data")
-    result = CliRunner().invoke(cli.app, ["study", str(tmp_path / "data"), "--backbones", TINY, "--layers", "top",
-                                          "--heads", "logreg,svm", "--runtime", "keras",
-                                          "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "study")])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "study",
+            str(tmp_path / "data"),
+            "--backbones",
+            TINY,
+            "--layers",
+            "top",
+            "--heads",
+            "logreg,svm",
+            "--runtime",
+            "keras",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+            "--out",
+            str(tmp_path / "study"),
+        ],
+    )
     assert result.exit_code == 130, (result.stdout, result.stderr, result.exception)
     saved = json.loads((tmp_path / "study" / "study.json").read_text())
     assert saved["interrupted"] is True and len(saved["rows"]) == 1 and saved["winner"]["head_dir"] == "winner"
@@ -213,24 +251,40 @@ def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: p
     assert folder_kind(tmp_path / "study" / "finetune") == "run"
 
 
-@pytest.mark.parametrize("options, fragment", [
-    (dict(heads="logreg,forest"), "heads is 'forest'; it must be one of logreg"),
-    (dict(layers="a+b+c"), "is not a hypercolumn"),
-    (dict(backbones="MobileNetV2:depth=3"), "is not one of alpha=..."),
-    (dict(backbones="MobileNetV2,MobileNetV2"), "without repeats"),
-    (dict(backbones="NoSuchNet"), "unknown backbone"),
-    (dict(budget_minutes=0), "budget_minutes is 0"),
-])
+@pytest.mark.parametrize(
+    "options, fragment",
+    [
+        (dict(heads="logreg,forest"), "heads is 'forest'; it must be one of logreg"),
+        (dict(layers="a+b+c"), "is not a hypercolumn"),
+        (dict(backbones="MobileNetV2:depth=3"), "is not one of alpha=..."),
+        (dict(backbones="MobileNetV2,MobileNetV2"), "without repeats"),
+        (dict(backbones="NoSuchNet"), "unknown backbone"),
+        (dict(budget_minutes=0), "budget_minutes is 0"),
+    ],
+)
 def test_user_errors_come_before_any_model(tmp_path: Path, options: dict, fragment: str) -> None:
     with pytest.raises(UserError, match=fragment.replace("+", r"\+").replace(".", r"\.")):
         study(tmp_path / "no_data_needed", **options, log=quiet())
 
 
 def test_earlier_stages_skip_padding_and_take_the_deepest_first() -> None:
-    layers = [("input", "(64, 64, 3)"), ("stem", "(32, 32, 8)"), ("a1", "(32, 32, 8)"), ("a2", "(32, 32, 16)"),
-              ("pad", "(33, 33, 16)"), ("b1", "(16, 16, 16)"), ("b2", "(16, 16, 16)"), ("b_end", "(16, 16, 32)"),
-              ("pad2", "(17, 17, 32)"), ("c1", "(8, 8, 32)"), ("c2", "(8, 8, 32)"), ("c_end", "(8, 8, 64)"),
-              ("top", "(4, 4, 128)"), ("pool", "(128,)"), ("predictions", "(1000,)")]
+    layers = [
+        ("input", "(64, 64, 3)"),
+        ("stem", "(32, 32, 8)"),
+        ("a1", "(32, 32, 8)"),
+        ("a2", "(32, 32, 16)"),
+        ("pad", "(33, 33, 16)"),
+        ("b1", "(16, 16, 16)"),
+        ("b2", "(16, 16, 16)"),
+        ("b_end", "(16, 16, 32)"),
+        ("pad2", "(17, 17, 32)"),
+        ("c1", "(8, 8, 32)"),
+        ("c2", "(8, 8, 32)"),
+        ("c_end", "(8, 8, 64)"),
+        ("top", "(4, 4, 128)"),
+        ("pool", "(128,)"),
+        ("predictions", "(1000,)"),
+    ]
     assert earlier_stages(layers) == ["c_end", "b_end"]
     assert earlier_stages(layers, count=3) == ["c_end", "b_end", "a2"]
     assert earlier_stages([("pool", "(128,)")]) == []
@@ -254,8 +308,12 @@ def test_choose_winner_uses_cv_then_speed_never_test() -> None:
     def row(kind, cv, test, ms, mb=1.0):
         return dict(kind=kind, cv_accuracy=cv, test_accuracy=test, infer_ms_per_image=ms, model_mb=mb)
 
-    rows = [row("layer", 0.90, 1.00, 1.0), row("layer", 0.95, 0.80, 5.0), row("hypercolumn", 0.99, 1.0, 1.0),
-            row("layer", 0.95, 0.70, 3.0)]
+    rows = [
+        row("layer", 0.90, 1.00, 1.0),
+        row("layer", 0.95, 0.80, 5.0),
+        row("hypercolumn", 0.99, 1.0, 1.0),
+        row("layer", 0.95, 0.70, 3.0),
+    ]
     assert choose_winner(rows) == 2  # best CV whatever the kind; never the test score
     assert choose_winner(rows[:2] + rows[3:]) == 2  # a tie goes to the faster
     assert choose_winner([row("ensemble", 0.9, 0.9, 1.0)]) == 0
@@ -264,11 +322,14 @@ def test_choose_winner_uses_cv_then_speed_never_test() -> None:
 
 def test_advice_places_the_dataset_in_a_quadrant() -> None:
     def data(per_class, top1, top_cv, early_cv):
-        rows = [dict(backbone="b", layer="top", kind="layer", head="logreg", cv_accuracy=top_cv),
-                dict(backbone="b", layer="block6", kind="layer", head="logreg", cv_accuracy=early_cv)]
+        rows = [
+            dict(backbone="b", layer="top", kind="layer", head="logreg", cv_accuracy=top_cv),
+            dict(backbone="b", layer="block6", kind="layer", head="logreg", cv_accuracy=early_cv),
+        ]
         checkout = {"b": {"summary": {"mean_top1": top1, "mean_entropy": 2.0}}} if top1 is not None else {}
-        return dict(images_per_class={"x": per_class, "y": per_class}, checkout=checkout, rows=rows,
-                    winner=None, finetune=None)
+        return dict(
+            images_per_class={"x": per_class, "y": per_class}, checkout=checkout, rows=rows, winner=None, finetune=None
+        )
 
     assert advice(data(50, 0.8, 0.95, 0.90))["quadrant"] == "small & similar"
     unlike = advice(data(50, 0.2, 0.81, 0.84))
@@ -307,8 +368,9 @@ def test_checkout_top5_and_likeness(tmp_path: Path, imagenet_like: Path) -> None
     from pipeline.images import scan_dataset
 
     dataset = scan_dataset(make_pattern_dataset(tmp_path / "data"))
-    result = checkout(dataset.files, dataset.class_names, BackboneConfig(str(imagenet_like)).resolved(),
-                      per_class=4, shown=2)
+    result = checkout(
+        dataset.files, dataset.class_names, BackboneConfig(str(imagenet_like)).resolved(), per_class=4, shown=2
+    )
     assert set(result.likeness) == set(dataset.class_names)
     for values in result.likeness.values():
         assert values["n"] == 4 and 0 < values["mean_top1"] <= 1 and 0 <= values["mean_entropy"] <= np.log(1000)

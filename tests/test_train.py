@@ -11,12 +11,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ROOT, RUNTIME, TINY, TINY_ARGS, make_dataset, requires_shared
 from typer.testing import CliRunner
 
 import cli
-from conftest import ROOT, RUNTIME, TINY, TINY_ARGS, make_dataset, requires_shared
-from pipeline.artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, HEAD_MODEL, METRICS_JSON, PREDICTIONS_CSV,
-                                REPORT_HTML, TMP_MARK, read_predictions)
+from pipeline.artifacts import (
+    CV_PREDICTIONS_CSV,
+    HEAD_JSON,
+    HEAD_MODEL,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    REPORT_HTML,
+    TMP_MARK,
+    read_predictions,
+)
 from pipeline.backbones import BackboneConfig
 from pipeline.extract import extract
 from pipeline.heads import fit_head, load_head
@@ -56,8 +64,15 @@ def test_train_equals_extract_then_fit_head(data: Path, tmp_path: Path, shared_r
     assert_same_head(tmp_path / "model", tmp_path / "head")
     assert (tmp_path / "model" / REPORT_HTML).stat().st_size > 10_000
     text = "\n".join(summary_lines(result))
-    for fragment in ("test accuracy", "label issues", "near-duplicates", f"cnncodes serve --head {tmp_path / 'model'}",
-                     "cnncodes predict", str(result.extract.cache_path), "took: "):
+    for fragment in (
+        "test accuracy",
+        "label issues",
+        "near-duplicates",
+        f"cnncodes serve --head {tmp_path / 'model'}",
+        "cnncodes predict",
+        str(result.extract.cache_path),
+        "took: ",
+    ):
         assert fragment in text, fragment
 
 
@@ -94,8 +109,18 @@ def test_help_lists_every_option_with_its_default() -> None:
         else:
             shown = option.opts[0][2:] if isinstance(option.default, bool) else option.default
             assert f"[default: {shown}]" in text, option.opts[0]
-    for name in ("--backbone", "--layer", "--clf", "--cache-dir", "--runtime", "--seed", "--test-size", "--cv",
-                 "--export", "--out"):
+    for name in (
+        "--backbone",
+        "--layer",
+        "--clf",
+        "--cache-dir",
+        "--runtime",
+        "--seed",
+        "--test-size",
+        "--cv",
+        "--export",
+        "--out",
+    ):
         assert name in text
     assert "--views" not in text  # multi-view features are another issue's option
 
@@ -111,23 +136,28 @@ def assert_user_error(result, *fragments: str) -> None:
 def test_bad_folder_unknown_backbone_missing_extra_bad_option(data: Path, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "model"
     assert_user_error(invoke("train", tmp_path / "nowhere", *TINY_ARGS, "--out", out), "nowhere")
-    assert_user_error(invoke("train", data, "--backbone", "MobileNetv3", "--out", out),
-                      "unknown backbone 'MobileNetv3'")
+    assert_user_error(
+        invoke("train", data, "--backbone", "MobileNetv3", "--out", out), "unknown backbone 'MobileNetv3'"
+    )
     assert_user_error(invoke("train", data, *TINY_ARGS, "--clf", "forest", "--out", out), "--clf")
     assert_user_error(invoke("train", data, *TINY_ARGS, "--export", "onnx", "--out", out), "--export")
-    assert_user_error(invoke("train", data, *TINY_ARGS, "--export", "tflite", "--clf", "knn", "--out", out),
-                      "--export needs a linear head")
+    assert_user_error(
+        invoke("train", data, *TINY_ARGS, "--export", "tflite", "--clf", "knn", "--out", out),
+        "--export needs a linear head",
+    )
     import pipeline.runtime
 
     monkeypatch.setattr(pipeline.runtime, "find_spec", lambda name: None)  # a lean install: no TensorFlow
-    assert_user_error(invoke("train", data, *TINY_ARGS, "--export", "tflite", "--out", out),
-                      "needs TensorFlow", "pip install")
+    assert_user_error(
+        invoke("train", data, *TINY_ARGS, "--export", "tflite", "--out", out), "needs TensorFlow", "pip install"
+    )
     assert not out.exists() and not list(tmp_path.glob("cache*"))  # refused before any work
 
 
 def leftovers(folder: Path) -> list[str]:
-    return [p.name for p in folder.parent.iterdir() if TMP_MARK in p.name or ".old-" in p.name] + \
-        ([p.name for p in folder.iterdir() if TMP_MARK in p.name] if folder.is_dir() else [])
+    return [p.name for p in folder.parent.iterdir() if TMP_MARK in p.name or ".old-" in p.name] + (
+        [p.name for p in folder.iterdir() if TMP_MARK in p.name] if folder.is_dir() else []
+    )
 
 
 def _default_sigint() -> None:
@@ -155,20 +185,42 @@ app()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signal_name", ["SIGKILL", "SIGINT"])
-@pytest.mark.parametrize("module,function,after_real", [
-    ("artifacts", "write_predictions", True),  # half way through staging the head folder: after its first CSV
-    ("web.report", "write_text", False),  # the report, as it is about to be written
-])
-def test_killed_train_leaves_no_half_written_folder_or_report(data: Path, tmp_path: Path, signal_name: str,
-                                                              module: str, function: str, after_real: bool) -> None:
+@pytest.mark.parametrize(
+    "module,function,after_real",
+    [
+        ("artifacts", "write_predictions", True),  # half way through staging the head folder: after its first CSV
+        ("web.report", "write_text", False),  # the report, as it is about to be written
+    ],
+)
+def test_killed_train_leaves_no_half_written_folder_or_report(
+    data: Path, tmp_path: Path, signal_name: str, module: str, function: str, after_real: bool
+) -> None:
     out = tmp_path / "model"
-    argv = ["train", str(data), *TINY_ARGS, "--runtime", RUNTIME, "--cv", "3", "--cache-dir", str(tmp_path / "c"),
-            "--out", str(out), "--no-progress"]
-    code = DRIVER.format(root=str(ROOT), module=module, function=function, after_real=after_real,
-                         signal=signal_name, argv=argv)
-    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
-                          preexec_fn=_default_sigint)
+    argv = [
+        "train",
+        str(data),
+        *TINY_ARGS,
+        "--runtime",
+        RUNTIME,
+        "--cv",
+        "3",
+        "--cache-dir",
+        str(tmp_path / "c"),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    code = DRIVER.format(
+        root=str(ROOT), module=module, function=function, after_real=after_real, signal=signal_name, argv=argv
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""},
+        preexec_fn=_default_sigint,
+    )
     assert done.returncode in (-9, 130), (done.returncode, done.stderr[-2000:])
     if signal_name == "SIGINT":
         assert done.returncode == 130 and "Traceback" not in done.stderr
@@ -180,8 +232,20 @@ def test_killed_train_leaves_no_half_written_folder_or_report(data: Path, tmp_pa
         assert not (out / REPORT_HTML).exists()
     if signal_name == "SIGINT":
         assert leftovers(out) == []  # Ctrl-C cleans its staging; kill -9 leaves it to the next run's recovery
-    rerun = invoke("train", data, *TINY_ARGS, "--runtime", RUNTIME, "--cv", "3", "--cache-dir", tmp_path / "c",
-                   "--out", out, "--no-progress")
+    rerun = invoke(
+        "train",
+        data,
+        *TINY_ARGS,
+        "--runtime",
+        RUNTIME,
+        "--cv",
+        "3",
+        "--cache-dir",
+        tmp_path / "c",
+        "--out",
+        out,
+        "--no-progress",
+    )
     assert rerun.exit_code == 0, rerun.stderr
     assert (out / REPORT_HTML).is_file() and leftovers(out) == []
 
@@ -193,4 +257,3 @@ def test_train_reuses_the_cache_of_extract(data: Path, tmp_path: Path, shared_ru
     result = train(data, config, cache_dir=tmp_path / "c", runtime=RUNTIME, cv=3, out=tmp_path / "m", **QUIET)
     assert result.extract.cache_path == first.cache_path and result.extract.n_new == 0
     assert shared_runtime() == seen  # no image went through the backbone again
-

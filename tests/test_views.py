@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from heads_fixtures import blobs, write_cache
-from model_fixtures import World, pattern, quiet, world  # noqa: F401 (pytest fixtures)
+from model_fixtures import World, pattern, quiet
 
 from pipeline.errors import UserError
 from pipeline.heads import fit_head, training_rows
@@ -54,7 +54,7 @@ def test_fit_head_views_without_views_is_a_one_line_error(tmp_path: Path) -> Non
     assert len(lines) == 1 and "extract DATA_DIR --views K" in lines[0]
 
 
-def test_extract_views_then_fit_head_views(world: World, tmp_path: Path) -> None:  # noqa: F811
+def test_extract_views_then_fit_head_views(world: World, tmp_path: Path) -> None:
     from pipeline.extract import extract
 
     cache = tmp_path / "tiny.h5"
@@ -70,8 +70,7 @@ def test_extract_views_then_fit_head_views(world: World, tmp_path: Path) -> None
     assert got == recipe and block.shape == (3, 2, clean.features.shape[1])
     assert not np.allclose(block[:, 0], clean.features[:3], rtol=1e-3, atol=0)  # a view is not the clean image
     messages: list[str] = []
-    extract(world.data, world.config, cache=cache, runtime="keras", progress=False, log=quiet(messages),
-            views=recipe)
+    extract(world.data, world.config, cache=cache, runtime="keras", progress=False, log=quiet(messages), views=recipe)
     assert not any("extracting" in m for m in messages)  # a re-run reuses the clean rows and the views
     result = fit_head(cache, views=True, out=tmp_path / "head", n_jobs=1, l2_normalize=False, log=quiet())
     assert result.metrics["views"] == 2 and result.metrics["n_train"] == len(result.split.train)

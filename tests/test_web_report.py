@@ -16,25 +16,41 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
+from conftest import pixels, save_image
 from PIL import Image
+from report_fixtures import CLASSES, PER_CLASS, ReportWorld
 from typer.testing import CliRunner
 
 import cli
-from conftest import pixels, save_image
-from report_fixtures import CLASSES, PER_CLASS, ReportWorld
-from pipeline.artifacts import (CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
-                                RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, read_json, read_predictions, write_json)
+from pipeline.artifacts import (
+    AUDIT_JSON,
+    CV_PREDICTIONS_CSV,
+    HEAD_JSON,
+    LEARNING_CURVES_PNG,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    RUN_JSON,
+    RUN_MODEL,
+    SIDECAR_SUFFIX,
+    read_json,
+    read_predictions,
+    write_json,
+)
 from pipeline.errors import UserError
-from pipeline.artifacts import AUDIT_JSON
 from pipeline.web.report import build_report
+
 
 def quiet(message: str) -> None:
     """Drop log lines."""
 
 
 def build(world: ReportWorld, tmp_path: Path, *folders, **kwargs) -> str:
-    out = build_report(folders or [world.heads["logreg"], world.heads["knn"]], out=tmp_path / "report.html",
-                       log=quiet, **{"projection": "pca", **kwargs})
+    out = build_report(
+        folders or [world.heads["logreg"], world.heads["knn"]],
+        out=tmp_path / "report.html",
+        log=quiet,
+        **{"projection": "pca", **kwargs},
+    )
     return out.read_text(encoding="utf-8")
 
 
@@ -48,7 +64,7 @@ def section(html: str, element_id: str) -> str:
     """The HTML from the element with this id to the next section heading."""
     start = html.index(f'id="{element_id}"')
     end = html.find("<h2", start)
-    return html[start:end if end > 0 else len(html)]
+    return html[start : end if end > 0 else len(html)]
 
 
 # -- the report ------------------------------------------------------------------------------------
@@ -121,8 +137,11 @@ def test_each_confusion_cell_holds_its_images(report_world: ReportWorld, tmp_pat
     predictions = read_predictions(report_world.heads[["logreg", "knn"][method]] / PREDICTIONS_CSV)
     assert len(parser.cells) == len(CLASSES) ** 2
     for (target, text), (t, q) in zip(parser.cells, [(t, q) for t in range(3) for q in range(3)]):
-        paths = sorted(predictions.paths[k] for k in range(len(predictions))
-                       if predictions.y_true[k] == t and predictions.y_pred[k] == q)
+        paths = sorted(
+            predictions.paths[k]
+            for k in range(len(predictions))
+            if predictions.y_true[k] == t and predictions.y_pred[k] == q
+        )
         assert int(text) == len(paths)
         assert target == (f"cell-{method}-{t}-{q}" if paths else None)
         if paths:
@@ -136,7 +155,7 @@ def test_galleries(report_world: ReportWorld, tmp_path: Path) -> None:
     assert wrong > 0, "the synthetic data should leave some test images misclassified"
     for title in ("Confidently wrong", "Hesitant", "A few per class"):
         assert f"<h3>{title}</h3>" in html
-    confidently_wrong = html[html.index("<h3>Confidently wrong</h3>"):html.index("<h3>Hesitant</h3>")]
+    confidently_wrong = html[html.index("<h3>Confidently wrong</h3>") : html.index("<h3>Hesitant</h3>")]
     assert confidently_wrong.count('<figure class="thumb wrong">') == min(wrong, 24)
     assert "true " in confidently_wrong and "predicted " in confidently_wrong and "margin" not in confidently_wrong
 
@@ -154,9 +173,12 @@ def test_audit_findings(report_world: ReportWorld, tmp_path: Path) -> None:
 def test_embedding_map_marks_the_misclassified(report_world: ReportWorld, tmp_path: Path) -> None:
     html = build(report_world, tmp_path)
     head = report_world.heads["logreg"]
-    wrong = sum(int((~read_predictions(head / name).correct).sum())
-                for name in (PREDICTIONS_CSV, CV_PREDICTIONS_CSV) if (head / name).is_file())
-    svg = html[html.index('<svg id="map"'):html.index("</svg>")]
+    wrong = sum(
+        int((~read_predictions(head / name).correct).sum())
+        for name in (PREDICTIONS_CSV, CV_PREDICTIONS_CSV)
+        if (head / name).is_file()
+    )
+    svg = html[html.index('<svg id="map"') : html.index("</svg>")]
     assert svg.count("<circle") == PER_CLASS * len(CLASSES)
     assert svg.count('class="wrong"') == wrong > 0
 
@@ -177,8 +199,15 @@ def test_a_finetune_run_folder(report_world: ReportWorld, tmp_path: Path) -> Non
         shutil.copy(report_world.heads["logreg"] / name, run / name)
     (run / RUN_MODEL).write_bytes(b"a Keras model")
     write_json(run / (RUN_MODEL + SIDECAR_SUFFIX), {"classes": CLASSES, "image_size": 32, "resize": "bilinear"})
-    write_json(run / RUN_JSON, {"kind": "finetune", "dataset_root": str(report_world.data),
-                                "cache_path": str(report_world.cache), "classes": CLASSES})
+    write_json(
+        run / RUN_JSON,
+        {
+            "kind": "finetune",
+            "dataset_root": str(report_world.data),
+            "cache_path": str(report_world.cache),
+            "classes": CLASSES,
+        },
+    )
     save_image(run / LEARNING_CURVES_PNG, pixels((30, 30, 30), 4, (50, 30)))
     html = build(report_world, tmp_path, run, report_world.heads["knn"])
     assert "<td>run</td>" in section(html, "summary")
@@ -227,8 +256,19 @@ def test_user_errors(report_world: ReportWorld, tmp_path: Path) -> None:
 
 def test_cli_report_with_tsne(report_world: ReportWorld, tmp_path: Path) -> None:
     out = tmp_path / "cli.html"
-    result = CliRunner().invoke(cli.app, ["report", str(report_world.heads["logreg"]), "--audit",
-                                          str(report_world.audit), "--out", str(out), "--thumb-px", "48"])
+    result = CliRunner().invoke(
+        cli.app,
+        [
+            "report",
+            str(report_world.heads["logreg"]),
+            "--audit",
+            str(report_world.audit),
+            "--out",
+            str(out),
+            "--thumb-px",
+            "48",
+        ],
+    )
     assert result.exit_code == 0, (result.stdout, result.stderr, result.exception)
     html = out.read_text()
     assert "t-SNE" in html and 'id="audit"' in html

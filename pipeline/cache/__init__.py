@@ -16,9 +16,37 @@ written atomically as its own small journal file in `<cache>.partial/`; a run th
 leaves those behind and the next run starts from them, redoing at most one chunk.
 """
 
-from .format import (FORMAT_VERSION, IDENTITY_KEYS, FeatureCache, Layout, Row, copy_cache, describe_mismatch,
-                     layout, layout_line, load, lookup, read_attrs, shards_dir)
+from .format import (
+    FORMAT_VERSION,
+    IDENTITY_KEYS,
+    FeatureCache,
+    Layout,
+    Row,
+    copy_cache,
+    describe_mismatch,
+    layout,
+    layout_line,
+    load,
+    lookup,
+    read_attrs,
+    shards_dir,
+)
 from .writer import CacheWriter, compact
 
-__all__ = ["FORMAT_VERSION", "IDENTITY_KEYS", "CacheWriter", "FeatureCache", "Layout", "Row", "compact", "copy_cache",
-           "describe_mismatch", "layout", "layout_line", "load", "lookup", "read_attrs", "shards_dir"]
+__all__ = [
+    "FORMAT_VERSION",
+    "IDENTITY_KEYS",
+    "CacheWriter",
+    "FeatureCache",
+    "Layout",
+    "Row",
+    "compact",
+    "copy_cache",
+    "describe_mismatch",
+    "layout",
+    "layout_line",
+    "load",
+    "lookup",
+    "read_attrs",
+    "shards_dir",
+]

@@ -99,9 +99,11 @@ def read_attrs(path: str | os.PathLike) -> dict[str, Any]:
     except OSError as exc:
         raise UserError(f"{path} is not a readable HDF5 cache ({exc}).") from None
     if attrs.get("format_version") not in READABLE_VERSIONS:
-        raise UserError(f"{path} has cache format {attrs.get('format_version')!r}; this version of "
-                        f"cnncodes reads formats {' and '.join(map(str, READABLE_VERSIONS))}. "
-                        "Run extract again to rebuild it.")
+        raise UserError(
+            f"{path} has cache format {attrs.get('format_version')!r}; this version of "
+            f"cnncodes reads formats {' and '.join(map(str, READABLE_VERSIONS))}. "
+            "Run extract again to rebuild it."
+        )
     return attrs
 
 
@@ -122,9 +124,11 @@ def _check_shards(path: Path, f: h5py.File) -> None:
     """A virtual dataset reads a missing shard as fill values: refuse instead, naming the file."""
     missing = [name for name in shard_files(f) if not (path.parent / name).is_file()]
     if missing:
-        raise UserError(f"{path} is missing its shard file {path.parent / missing[0]} ({len(missing)} missing). "
-                        f"A cache is the index {path.name} and its folder {shards_dir(path).name}/: copy or "
-                        "move them together (pipeline.cache.copy_cache), or run extract again to rebuild it.")
+        raise UserError(
+            f"{path} is missing its shard file {path.parent / missing[0]} ({len(missing)} missing). "
+            f"A cache is the index {path.name} and its folder {shards_dir(path).name}/: copy or "
+            "move them together (pipeline.cache.copy_cache), or run extract again to rebuild it."
+        )
 
 
 def load(path: str | os.PathLike) -> FeatureCache:
@@ -134,12 +138,17 @@ def load(path: str | os.PathLike) -> FeatureCache:
     with h5py.File(path, "r") as f:
         _check_shards(path, f)
         return FeatureCache(
-            path=path, features=f["features"][()], labels=f["labels"][()],
-            class_names=str_list(f["class_names"]), paths=str_list(f["paths"]),
-            content_hash=str_list(f["content_hash"]), split=str_list(f["split"]),
+            path=path,
+            features=f["features"][()],
+            labels=f["labels"][()],
+            class_names=str_list(f["class_names"]),
+            paths=str_list(f["paths"]),
+            content_hash=str_list(f["content_hash"]),
+            split=str_list(f["split"]),
             runtime=str_list(f["runtime"]),
             skipped=list(zip(str_list(f["skipped/paths"]), str_list(f["skipped/reasons"]))),
-            attrs=attrs)
+            attrs=attrs,
+        )
 
 
 def lookup(path: str | os.PathLike, hashes: Sequence[str]) -> dict[str, np.ndarray]:
@@ -181,8 +190,10 @@ def layout(path: str | os.PathLike) -> Layout:
 
 def layout_line(stats: Layout) -> str:
     """'N rows in S shards (R runs, G unreferenced rows, X MB)' for messages."""
-    return (f"{stats.n_rows} rows in {stats.shards} shard{'s' * (stats.shards != 1)} ({stats.runs} runs, "
-            f"{stats.garbage_rows} unreferenced rows, {stats.bytes / 1e6:.1f} MB)")
+    return (
+        f"{stats.n_rows} rows in {stats.shards} shard{'s' * (stats.shards != 1)} ({stats.runs} runs, "
+        f"{stats.garbage_rows} unreferenced rows, {stats.bytes / 1e6:.1f} MB)"
+    )
 
 
 def copy_cache(source: str | os.PathLike, target: str | os.PathLike) -> Path:
@@ -214,12 +225,14 @@ def copy_cache(source: str | os.PathLike, target: str | os.PathLike) -> Path:
 
 def describe_mismatch(found: dict[str, Any], wanted: dict[str, Any]) -> str:
     """'key: cached -> asked' for every identity key that differs."""
-    return "; ".join(f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in IDENTITY_KEYS
-                     if found.get(k) != wanted.get(k))
+    return "; ".join(
+        f"{k}: {found.get(k)!r} -> {wanted.get(k)!r}" for k in IDENTITY_KEYS if found.get(k) != wanted.get(k)
+    )
 
 
-def virtual_features(f: h5py.File, shard_names: Sequence[str], sizes: Sequence[int],
-                      mapping: Sequence[tuple[int, int]], dim: int) -> None:
+def virtual_features(
+    f: h5py.File, shard_names: Sequence[str], sizes: Sequence[int], mapping: Sequence[tuple[int, int]], dim: int
+) -> None:
     """`features` as a virtual dataset: each run of rows maps onto a block of one shard's `features`."""
     if not mapping:
         f.create_dataset("features", (0, dim), np.float32)
@@ -231,14 +244,24 @@ def virtual_features(f: h5py.File, shard_names: Sequence[str], sizes: Sequence[i
     for i in range(1, len(mapping) + 1):
         if i == len(mapping) or mapping[i] != (mapping[i - 1][0], mapping[i - 1][1] + 1):
             shard, row = mapping[start]
-            layout_[start:i] = sources[shard][row:row + i - start]
+            layout_[start:i] = sources[shard][row : row + i - start]
             start = i
     f.create_virtual_dataset("features", layout_, fillvalue=np.nan)  # a lost shard reads as NaN, not zeros
 
 
-def write_index(path: Path, attrs: dict[str, Any], rows: Sequence[Row], class_names: Sequence[str],
-                runtimes: Sequence[str], skipped: Sequence[tuple[str, str, str]], shard_names: Sequence[str],
-                sizes: Sequence[int], mapping: Sequence[tuple[int, int]], dim: int, next_number: int) -> None:
+def write_index(
+    path: Path,
+    attrs: dict[str, Any],
+    rows: Sequence[Row],
+    class_names: Sequence[str],
+    runtimes: Sequence[str],
+    skipped: Sequence[tuple[str, str, str]],
+    shard_names: Sequence[str],
+    sizes: Sequence[int],
+    mapping: Sequence[tuple[int, int]],
+    dim: int,
+    next_number: int,
+) -> None:
     """Replace the index at path whole (temporary file, fsync, rename): attributes, per-row datasets, the
     skipped files (path, content hash, reason), the shard table and `features` as a virtual dataset."""
     with atomic_path(path) as tmp:

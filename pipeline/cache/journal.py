@@ -50,16 +50,21 @@ class Journal:
                 continue  # a torn journal file cannot exist (atomic rename); ignore anything foreign
             yield Chunk(part, hashes, skipped, dim)
 
-    def write(self, number: int, hashes: Sequence[str], features: np.ndarray, runtimes: Sequence[str],
-              skipped: dict[str, str]) -> Path:
+    def write(
+        self, number: int, hashes: Sequence[str], features: np.ndarray, runtimes: Sequence[str], skipped: dict[str, str]
+    ) -> Path:
         """One chunk file, written atomically; OSError (disk full...) is the caller's to word."""
         part = self.folder / f"chunk-{number:06d}-{os.getpid()}-{time.time_ns()}.npz"
         with atomic_write(part, "wb") as handle:
-            np.savez(handle, fingerprint=np.array(self.fingerprint),
-                     content_hash=np.array(list(hashes), dtype=HASH_DTYPE), features=features,
-                     runtime=np.array(list(runtimes), dtype=str),
-                     skipped_hash=np.array(list(skipped), dtype=HASH_DTYPE),
-                     skipped_reason=np.array(list(skipped.values()), dtype=str))
+            np.savez(
+                handle,
+                fingerprint=np.array(self.fingerprint),
+                content_hash=np.array(list(hashes), dtype=HASH_DTYPE),
+                features=features,
+                runtime=np.array(list(runtimes), dtype=str),
+                skipped_hash=np.array(list(skipped), dtype=HASH_DTYPE),
+                skipped_reason=np.array(list(skipped.values()), dtype=str),
+            )
         return part
 
     @staticmethod

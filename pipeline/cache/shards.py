@@ -22,8 +22,9 @@ MAX_RUNS_BASE, ROWS_PER_RUN = 64, 16  # runs (contiguous blocks read from one sh
 ReadRows = Callable[[Sequence[str]], tuple[np.ndarray, list[str]]]
 
 
-def plan(hashes: Sequence[str], fresh: Sequence[str],
-         place: dict[str, tuple[Hashable, int]]) -> tuple[list[Hashable | None], list[tuple[int, int]]]:
+def plan(
+    hashes: Sequence[str], fresh: Sequence[str], place: dict[str, tuple[Hashable, int]]
+) -> tuple[list[Hashable | None], list[tuple[int, int]]]:
     """The index's shards and each row's (shard position, row in that shard).
 
     hashes are the index's rows in order; fresh, the contents that go into the new shard (None in the
@@ -33,15 +34,19 @@ def plan(hashes: Sequence[str], fresh: Sequence[str],
     shards: list[Hashable | None] = list(dict.fromkeys(place[h][0] for h in hashes if h not in new_row))
     shards += [None] if fresh else []
     position = {s: i for i, s in enumerate(shards)}
-    return shards, [(position[None], new_row[h]) if h in new_row else (position[place[h][0]], place[h][1])
-                    for h in hashes]
+    return shards, [
+        (position[None], new_row[h]) if h in new_row else (position[place[h][0]], place[h][1]) for h in hashes
+    ]
 
 
 def fragmented(mapping: Sequence[tuple[int, int]], sizes: Sequence[int]) -> bool:
     """Too many files or runs to read fast, or more dead rows than live ones: time to compact."""
     live = len(set(mapping))
-    return (len(sizes) > MAX_SHARDS or count_runs(mapping) > MAX_RUNS_BASE + len(mapping) // ROWS_PER_RUN
-            or garbage(mapping, sizes) > live)
+    return (
+        len(sizes) > MAX_SHARDS
+        or count_runs(mapping) > MAX_RUNS_BASE + len(mapping) // ROWS_PER_RUN
+        or garbage(mapping, sizes) > live
+    )
 
 
 def next_number(folder: Path, first_free: int) -> int:
@@ -63,8 +68,8 @@ def write_shard(path: Path, hashes: Sequence[str], dim: int, fingerprint: str, r
             f.attrs.update({"fingerprint": fingerprint, "format_version": FORMAT_VERSION})
             out = f.create_dataset("features", (len(hashes), dim), np.float32)
             for start in range(0, len(hashes), BLOCK_ROWS):
-                values, names = read_rows(hashes[start:start + BLOCK_ROWS])
-                out[start:start + len(values)] = values
+                values, names = read_rows(hashes[start : start + BLOCK_ROWS])
+                out[start : start + len(values)] = values
                 runtimes += names
             f["content_hash"] = np.array(list(hashes), dtype=HASH_DTYPE)
             f.create_dataset("runtime", data=runtimes, dtype=STR_DTYPE)

@@ -17,8 +17,19 @@ import numpy as np
 from ..artifacts import TMP_MARK, process_alive
 from ..errors import UserError
 from . import shards
-from .format import (IDENTITY_KEYS, Layout, Row, describe_mismatch, indexed_shards, layout, read_attrs,
-                     shard_files, shards_dir, str_list, write_index)
+from .format import (
+    IDENTITY_KEYS,
+    Layout,
+    Row,
+    describe_mismatch,
+    indexed_shards,
+    layout,
+    read_attrs,
+    shard_files,
+    shards_dir,
+    str_list,
+    write_index,
+)
 from .journal import Journal
 
 
@@ -47,8 +58,9 @@ class _Source:
 class CacheWriter:
     """Appends features chunk by chunk (journal files) and commits them into the cache atomically."""
 
-    def __init__(self, path: str | os.PathLike, identity: dict[str, Any], fingerprint: str,
-                 chunk_size: int = 256) -> None:
+    def __init__(
+        self, path: str | os.PathLike, identity: dict[str, Any], fingerprint: str, chunk_size: int = 256
+    ) -> None:
         self.path = Path(path)
         self.journal = Journal(self.path, fingerprint)
         self.partial_dir = self.journal.folder
@@ -84,7 +96,8 @@ class CacheWriter:
             raise UserError(
                 f"{self.path} was written with another configuration ({describe_mismatch(attrs, self.identity)}). "
                 "It is not reused: omit --cache for a file named after this configuration, "
-                "or give another --cache path.")
+                "or give another --cache path."
+            )
         with h5py.File(self.path, "r") as f:
             self.dim = int(f["features"].shape[1]) if f["features"].shape[0] else None
             hashes = str_list(f["content_hash"])
@@ -94,8 +107,9 @@ class CacheWriter:
                 self._shard_rows.update(zip(ids, f["shards/rows"][()].tolist()))
                 self._first_free_number = int(f["shards"].attrs.get("next", 1))
                 present = [(self.path.parent / n).is_file() for n in names]
-                for h, s, r, runtime in zip(hashes, f["shards/row_shard"][()], f["shards/row_in_shard"][()],
-                                            str_list(f["runtime"])):
+                for h, s, r, runtime in zip(
+                    hashes, f["shards/row_shard"][()], f["shards/row_in_shard"][()], str_list(f["runtime"])
+                ):
                     if present[s]:
                         self._source[h], self._runtime[h] = (ids[s], int(r)), runtime
                     else:
@@ -103,8 +117,9 @@ class CacheWriter:
             else:  # format 1: the rows live in this very file; the commit copies them into a shard
                 legacy = self._add_source(self.path, "legacy")
                 self._source.update((h, (legacy, i)) for i, h in enumerate(hashes))
-            self._skipped.update((h, r) for h, r in zip(str_list(f["skipped/content_hash"]),
-                                                        str_list(f["skipped/reasons"])) if h)
+            self._skipped.update(
+                (h, r) for h, r in zip(str_list(f["skipped/content_hash"]), str_list(f["skipped/reasons"])) if h
+            )
 
     def _open_journal(self) -> None:
         for chunk in self.journal.chunks():
@@ -146,11 +161,13 @@ class CacheWriter:
         if not self._pending and not self._pending_skipped:
             return
         hashes = [h for h, _, _ in self._pending]
-        features = (np.stack([f for _, f, _ in self._pending]) if self._pending
-                    else np.zeros((0, self.dim or 0), np.float32))
+        features = (
+            np.stack([f for _, f, _ in self._pending]) if self._pending else np.zeros((0, self.dim or 0), np.float32)
+        )
         try:
-            part = self.journal.write(self._n_journal, hashes, features, [r for _, _, r in self._pending],
-                                      self._pending_skipped)
+            part = self.journal.write(
+                self._n_journal, hashes, features, [r for _, _, r in self._pending], self._pending_skipped
+            )
         except OSError as exc:
             raise self._write_error(exc, self.partial_dir) from None
         index = self._add_source(part, "journal")
@@ -165,13 +182,19 @@ class CacheWriter:
         what = "the disk is full" if _is_disk_full(exc) else f"{exc}"
         return UserError(
             f"could not write {target}: {what}. The previous cache {self.path} is intact"
-            + (f" and the {self._n_journal} finished chunks in {self.partial_dir} are kept"
-               if self._n_journal else "")
-            + "; free some space (or choose --cache elsewhere) and run extract again to resume.")
+            + (f" and the {self._n_journal} finished chunks in {self.partial_dir} are kept" if self._n_journal else "")
+            + "; free some space (or choose --cache elsewhere) and run extract again to resume."
+        )
 
     # -- committing --------------------------------------------------------------------------
-    def commit(self, rows: Sequence[Row], class_names: Sequence[str], attrs: dict[str, Any],
-               unreadable: Sequence[tuple[str, str]] = (), compact: bool = False) -> tuple[int, int]:
+    def commit(
+        self,
+        rows: Sequence[Row],
+        class_names: Sequence[str],
+        attrs: dict[str, Any],
+        unreadable: Sequence[tuple[str, str]] = (),
+        compact: bool = False,
+    ) -> tuple[int, int]:
         """Make the cache hold these rows (those whose features are known): one new shard, one new index.
 
         Rows whose content could not be used are recorded under skipped/ with their reason (every
@@ -183,8 +206,11 @@ class CacheWriter:
         """
         self.flush()
         kept = [r for r in rows if r.content_hash in self._source]
-        skipped = [(r.path, r.content_hash, self._skipped[r.content_hash]) for r in rows
-                   if r.content_hash not in self._source and r.content_hash in self._skipped]
+        skipped = [
+            (r.path, r.content_hash, self._skipped[r.content_hash])
+            for r in rows
+            if r.content_hash not in self._source and r.content_hash in self._skipped
+        ]
         skipped += [(p, "", reason) for p, reason in unreadable]
         dim = self.dim or 0
         hashes = [r.content_hash for r in kept]
@@ -204,11 +230,23 @@ class CacheWriter:
             if new_shard is not None:
                 runtimes = shards.write_shard(new_shard, fresh, dim, self.fingerprint, self._read_rows)
                 self._runtime.update(zip(fresh, runtimes))
-            names = [f"{self.shards_dir.name}/{(new_shard if s is None else self._sources[s].path).name}"
-                     for s in planned]
+            names = [
+                f"{self.shards_dir.name}/{(new_shard if s is None else self._sources[s].path).name}" for s in planned
+            ]
             target = self.path
-            write_index(self.path, {**attrs, **self.identity, "fingerprint": self.fingerprint}, kept, class_names,
-                        [self._runtime[h] for h in hashes], skipped, names, sizes, mapping, dim, number + 1)
+            write_index(
+                self.path,
+                {**attrs, **self.identity, "fingerprint": self.fingerprint},
+                kept,
+                class_names,
+                [self._runtime[h] for h in hashes],
+                skipped,
+                names,
+                sizes,
+                mapping,
+                dim,
+                number + 1,
+            )
         except BaseException as exc:
             if new_shard is not None and new_shard.name not in indexed_shards(self.path):
                 new_shard.unlink(missing_ok=True)
@@ -263,19 +301,28 @@ def compact(path: str | os.PathLike) -> tuple[Layout, Layout]:
     before = layout(path)
     journal = Journal(path, attrs["fingerprint"])
     if any(journal.folder.glob("chunk-*.npz")):
-        raise UserError(f"{journal.folder} holds finished chunks of an interrupted extract; run extract again to "
-                        "fold them in, then compact.")
+        raise UserError(
+            f"{journal.folder} holds finished chunks of an interrupted extract; run extract again to "
+            "fold them in, then compact."
+        )
     identity = {k: attrs[k] for k in IDENTITY_KEYS}
     writer = CacheWriter(path, identity, attrs["fingerprint"])
     if writer.lost_hashes:
-        raise UserError(f"{path} has lost shard files ({len(writer.lost_hashes)} rows); run extract again "
-                        "to rebuild them, then compact.")
+        raise UserError(
+            f"{path} has lost shard files ({len(writer.lost_hashes)} rows); run extract again "
+            "to rebuild them, then compact."
+        )
     with h5py.File(path, "r") as f:
-        rows = [Row(p, int(label), s, h) for p, label, s, h in zip(
-            str_list(f["paths"]), f["labels"][()], str_list(f["split"]), str_list(f["content_hash"]))]
+        rows = [
+            Row(p, int(label), s, h)
+            for p, label, s, h in zip(
+                str_list(f["paths"]), f["labels"][()], str_list(f["split"]), str_list(f["content_hash"])
+            )
+        ]
         class_names = str_list(f["class_names"])
-        skipped = list(zip(str_list(f["skipped/paths"]), str_list(f["skipped/content_hash"]),
-                           str_list(f["skipped/reasons"])))
+        skipped = list(
+            zip(str_list(f["skipped/paths"]), str_list(f["skipped/content_hash"]), str_list(f["skipped/reasons"]))
+        )
     rows += [Row(p, -1, "", h) for p, h, _ in skipped if h]
     kept_attrs = {k: v for k, v in attrs.items() if k not in ("format_version", "fingerprint", "feature_dim")}
     writer.commit(rows, class_names, kept_attrs, [(p, r) for p, h, r in skipped if not h], compact=True)

@@ -34,8 +34,11 @@ DEFAULT_TOP_K = 5
 MAX_TOP_K = 1000  # a larger top_k asks for every class, as a smaller one above the class count does
 BODY_TIMEOUT_S = 60.0  # the whole request body must arrive within this, however slowly it trickles
 # Sent with every answer: no MIME sniffing, no framing by other pages, no embedding by other origins.
-SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "X-Frame-Options": "DENY",
-                    "Cross-Origin-Resource-Policy": "same-origin"}
+SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Resource-Policy": "same-origin",
+}
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
 
 
@@ -84,8 +87,7 @@ class MicroBatcher:
     and while the model runs, new requests queue up for the next call.
     """
 
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = 32,
-                 wait_s: float = 0.005) -> None:
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = 32, wait_s: float = 0.005) -> None:
         self.predict, self.max_batch, self.wait_s = predict, max_batch, wait_s
         self.calls = 0  # model calls so far
         self.images = 0  # images through the model so far
@@ -100,7 +102,7 @@ class MicroBatcher:
         futures = []
         for start in range(0, len(images), self.max_batch):
             futures.append(loop.create_future())
-            self._queue.put_nowait((images[start:start + self.max_batch], futures[-1]))
+            self._queue.put_nowait((images[start : start + self.max_batch], futures[-1]))
         return np.concatenate(await asyncio.gather(*futures))
 
     async def run(self) -> None:
@@ -138,8 +140,9 @@ class MicroBatcher:
         except (asyncio.QueueEmpty, asyncio.TimeoutError):
             return None
 
-    async def _run(self, jobs: list[tuple[np.ndarray, asyncio.Future]], loop: asyncio.AbstractEventLoop,
-                   worker: ThreadPoolExecutor) -> None:
+    async def _run(
+        self, jobs: list[tuple[np.ndarray, asyncio.Future]], loop: asyncio.AbstractEventLoop, worker: ThreadPoolExecutor
+    ) -> None:
         batch = np.concatenate([images for images, _ in jobs])
         try:
             proba = await loop.run_in_executor(worker, self.predict, batch)
@@ -153,7 +156,7 @@ class MicroBatcher:
         start = 0
         for images, future in jobs:
             if not future.done():  # done: the client went away and its request was cancelled
-                future.set_result(proba[start:start + len(images)])
+                future.set_result(proba[start : start + len(images)])
             start += len(images)
 
 
@@ -228,14 +231,20 @@ class HostOriginGuard:
         headers = Headers(scope=scope)
         host = headers.get("host", "")
         if "*" not in self.allowed and host_name(host) not in self.allowed:
-            refusal = error_response(400, f"Host {host!r} is not a name this server answers to; open it as "
-                                          f"http://{min(self.allowed)}:PORT/ or start it with "
-                                          "--allowed-hosts NAME")
+            refusal = error_response(
+                400,
+                f"Host {host!r} is not a name this server answers to; open it as "
+                f"http://{min(self.allowed)}:PORT/ or start it with "
+                "--allowed-hosts NAME",
+            )
             return await refusal(scope, receive, send)
         origin = headers.get("origin")
         if origin is not None and origin.lower() != f"{scope.get('scheme', 'http')}://{host}".lower():
-            refusal = error_response(403, f"requests from pages of other origins ({origin}) are refused; use "
-                                          "this server's own page, or a client that sends no Origin header")
+            refusal = error_response(
+                403,
+                f"requests from pages of other origins ({origin}) are refused; use "
+                "this server's own page, or a client that sends no Origin header",
+            )
             return await refusal(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -254,8 +263,9 @@ class BodyGuard:
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = (f"the request body is over {_mb(self.max_bytes)} (--max-request-mb; at most {MAX_FILES} files "
-                   "per request)")
+        too_big = (
+            f"the request body is over {_mb(self.max_bytes)} (--max-request-mb; at most {MAX_FILES} files per request)"
+        )
         headers = Headers(scope=scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > self.max_bytes:
@@ -293,13 +303,15 @@ class ErrorBody(BaseModel):
 
 
 def _documented(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    reasons = {400: "the Host header is not a name this server answers to (--allowed-hosts), or the body is "
-                    "not multipart form data",
-               403: "the request comes from a web page of another origin",
-               408: "the request body did not arrive in time",
-               413: "a file or the whole body is over its size limit",
-               422: "a file is not a readable image, or the request breaks this schema (no files, more than "
-                    f"{MAX_FILES}, top_k out of range)"}
+    reasons = {
+        400: "the Host header is not a name this server answers to (--allowed-hosts), or the body is "
+        "not multipart form data",
+        403: "the request comes from a web page of another origin",
+        408: "the request body did not arrive in time",
+        413: "a file or the whole body is over its size limit",
+        422: "a file is not a readable image, or the request breaks this schema (no files, more than "
+        f"{MAX_FILES}, top_k out of range)",
+    }
     return {status: {"model": ErrorBody, "description": reasons[status]} for status in statuses}
 
 
@@ -315,11 +327,21 @@ def service(request: Request) -> Service:
 async def page(svc: Annotated[Service, Depends(service)]) -> HTMLResponse:
     """The upload page (self-contained: no script, style or font from elsewhere)."""
     classifier = svc.classifier
-    return HTMLResponse(render("serve.html", title="cnncodes classifier", classes=classifier.classes,
-                               backbone=classifier.backbone, top_k=svc.default_k,
-                               max_upload_mb=svc.limits.max_upload_mb, max_files=MAX_FILES, source=svc.source,
-                               placeholder=placeholder_uri(), thumb_px=THUMBNAIL_PX,
-                               detector=classifier.unknown_threshold is not None))
+    return HTMLResponse(
+        render(
+            "serve.html",
+            title="cnncodes classifier",
+            classes=classifier.classes,
+            backbone=classifier.backbone,
+            top_k=svc.default_k,
+            max_upload_mb=svc.limits.max_upload_mb,
+            max_files=MAX_FILES,
+            source=svc.source,
+            placeholder=placeholder_uri(),
+            thumb_px=THUMBNAIL_PX,
+            detector=classifier.unknown_threshold is not None,
+        )
+    )
 
 
 @router.get("/health")
@@ -327,12 +349,21 @@ async def health(svc: Annotated[Service, Depends(service)]) -> dict[str, Any]:
     """The model's classes and backbone, whether it has an unknown detector, and how many model calls and images
     it has run."""
     classifier, limits = svc.classifier, svc.limits
-    return {"status": "ok", "classes": classifier.classes, "backbone": classifier.backbone,
-            "unknown_detector": classifier.unknown_threshold is not None,
-            "unknown_threshold": classifier.unknown_threshold,
-            "image_size": classifier.image_size, "source": svc.source, "model_calls": svc.batcher.calls,
-            "images": svc.batcher.images, "max_batch": svc.batcher.max_batch, "max_upload_mb": limits.max_upload_mb,
-            "max_request_mb": limits.max_request_mb, "max_megapixels": limits.max_megapixels}
+    return {
+        "status": "ok",
+        "classes": classifier.classes,
+        "backbone": classifier.backbone,
+        "unknown_detector": classifier.unknown_threshold is not None,
+        "unknown_threshold": classifier.unknown_threshold,
+        "image_size": classifier.image_size,
+        "source": svc.source,
+        "model_calls": svc.batcher.calls,
+        "images": svc.batcher.images,
+        "max_batch": svc.batcher.max_batch,
+        "max_upload_mb": limits.max_upload_mb,
+        "max_request_mb": limits.max_request_mb,
+        "max_megapixels": limits.max_megapixels,
+    }
 
 
 async def _decode(upload: UploadFile, svc: Service) -> np.ndarray | UploadError:
@@ -347,8 +378,9 @@ async def _decode(upload: UploadFile, svc: Service) -> np.ndarray | UploadError:
     classifier = svc.classifier
     try:
         async with svc.decode_slots:  # bounds the memory that decoding takes, whatever the number of requests
-            return await asyncio.to_thread(decode_image, data, classifier.image_size, classifier.resize,
-                                           max_pixels=svc.limits.max_pixels)
+            return await asyncio.to_thread(
+                decode_image, data, classifier.image_size, classifier.resize, max_pixels=svc.limits.max_pixels
+            )
     except ImageError as exc:
         return UploadError(422, f"{name}: {exc}")
 
@@ -358,13 +390,18 @@ def _top(proba: np.ndarray, classes: Sequence[str], k: int) -> list[dict[str, An
     return [{"class": classes[i], "probability": float(proba[i])} for i in order]
 
 
-def _answer(filename: str | None, row: np.ndarray, classes: Sequence[str], k: int,
-            threshold: float | None) -> dict[str, Any]:
+def _answer(
+    filename: str | None, row: np.ndarray, classes: Sequence[str], k: int, threshold: float | None
+) -> dict[str, Any]:
     """One file's JSON: its top-k, and whether it is unknown (null for both without a detector)."""
     score = float(row[-1])
     known = threshold is not None and not np.isnan(score)
-    return {"filename": filename, "top": _top(row[:-1], classes, k),
-            "unknown": bool(score > threshold) if known else None, "unknown_score": score if known else None}
+    return {
+        "filename": filename,
+        "top": _top(row[:-1], classes, k),
+        "unknown": bool(score > threshold) if known else None,
+        "unknown_score": score if known else None,
+    }
 
 
 TOP_K_HELP = "classes per image, most probable first (at most the class count; default: the server's --top-k)"
@@ -373,9 +410,14 @@ TOP_K_HELP = "classes per image, most probable first (at most the class count; d
 @router.post("/predict", responses=_documented(408, 413, 422))
 async def predict(
     svc: Annotated[Service, Depends(service)],
-    files: Annotated[list[UploadFile], File(min_length=1, max_length=MAX_FILES,
-                                            description=f"one to {MAX_FILES} images (JPEG, PNG, GIF, BMP, "
-                                                        "WebP or TIFF)")],
+    files: Annotated[
+        list[UploadFile],
+        File(
+            min_length=1,
+            max_length=MAX_FILES,
+            description=f"one to {MAX_FILES} images (JPEG, PNG, GIF, BMP, WebP or TIFF)",
+        ),
+    ],
     # absent (None): the server's --top-k; annotated int so that the schema says integer (null is not a value
     # a client may send: Optional[int] would publish it as one)
     top_k: Annotated[int, Query(ge=1, le=MAX_TOP_K, description=TOP_K_HELP)] = None,  # noqa: RUF013
@@ -436,14 +478,32 @@ async def lifespan(app: FastAPI):
             await task
 
 
-def create_app(classifier: PixelClassifier, limits: ServeLimits = ServeLimits(), *, max_batch: int = 32,
-               batch_wait_ms: float = 5, top_k: int = DEFAULT_TOP_K, source: str = "") -> FastAPI:
+def create_app(
+    classifier: PixelClassifier,
+    limits: ServeLimits = ServeLimits(),
+    *,
+    max_batch: int = 32,
+    batch_wait_ms: float = 5,
+    top_k: int = DEFAULT_TOP_K,
+    source: str = "",
+) -> FastAPI:
     """The FastAPI app: GET / (the page), POST /predict, GET /health, /openapi.json (and /docs with limits.docs)."""
     n_classes = len(classifier.classes)
-    app = FastAPI(title="cnncodes classifier", lifespan=lifespan, docs_url="/docs" if limits.docs else None,
-                  redoc_url=None, description=f"Classifies images into {n_classes} classes with {classifier.backbone}.")
-    app.state.service = Service(classifier, MicroBatcher(classifier.predict_scored, max_batch, batch_wait_ms / 1000),
-                                limits, min(top_k, n_classes), source, asyncio.Semaphore(limits.max_decodes))
+    app = FastAPI(
+        title="cnncodes classifier",
+        lifespan=lifespan,
+        docs_url="/docs" if limits.docs else None,
+        redoc_url=None,
+        description=f"Classifies images into {n_classes} classes with {classifier.backbone}.",
+    )
+    app.state.service = Service(
+        classifier,
+        MicroBatcher(classifier.predict_scored, max_batch, batch_wait_ms / 1000),
+        limits,
+        min(top_k, n_classes),
+        source,
+        asyncio.Semaphore(limits.max_decodes),
+    )
     app.include_router(router)
     app.add_exception_handler(UploadError, upload_error)
     app.add_exception_handler(HTTPException, http_error)

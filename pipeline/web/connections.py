@@ -33,8 +33,9 @@ FD_RESERVE = 32  # descriptors kept free for everything but client sockets (file
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header deadline and eviction of idle connections above max_connections."""
 
-    def __init__(self, *args: Any, max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_connections: int, header_timeout_s: float = HEADER_TIMEOUT_S, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_connections, self.header_timeout_s = max_connections, header_timeout_s
         self.opened = time.monotonic()
@@ -50,9 +51,11 @@ class GuardedH11Protocol(H11Protocol):
         self._arm_header_timer()
         open_now = [c for c in self.connections if getattr(c, "transport", None) and not c.transport.is_closing()]
         if len(open_now) > self.max_connections:
-            idle = sorted((c for c in open_now if c is not self and isinstance(c, GuardedH11Protocol) and c.idle),
-                          key=lambda c: c.opened)
-            for connection in idle[:len(open_now) - self.max_connections]:
+            idle = sorted(
+                (c for c in open_now if c is not self and isinstance(c, GuardedH11Protocol) and c.idle),
+                key=lambda c: c.opened,
+            )
+            for connection in idle[: len(open_now) - self.max_connections]:
                 connection.close_idle()
 
     def on_response_complete(self) -> None:
@@ -95,21 +98,40 @@ def connection_cap(max_connections: int) -> tuple[int, int]:
     batch = max(8, min(2048, free // 8))
     cap = min(max_connections, free - 2 * batch)
     if cap < 8:
-        raise UserError(f"only {free + FD_RESERVE} file descriptors are left to this process (ulimit -n {soft}); "
-                        "raise the limit (ulimit -n 4096) to serve.")
+        raise UserError(
+            f"only {free + FD_RESERVE} file descriptors are left to this process (ulimit -n {soft}); "
+            "raise the limit (ulimit -n 4096) to serve."
+        )
     return cap, batch
 
 
-def run_server(app: Any, host: str, port: int, max_connections: int, *, header_timeout_s: float = HEADER_TIMEOUT_S,
-               log: Callable[[str], None] = logger.info) -> None:
+def run_server(
+    app: Any,
+    host: str,
+    port: int,
+    max_connections: int,
+    *,
+    header_timeout_s: float = HEADER_TIMEOUT_S,
+    log: Callable[[str], None] = logger.info,
+) -> None:
     """Serve app with uvicorn (h11) on host:port until Ctrl-C, with the timeouts and the connection cap above."""
     import uvicorn
 
     cap, batch = connection_cap(max_connections)
     if cap < max_connections:
-        log(f"note: serving at most {cap} connections at once (--max-connections {max_connections} is more than "
-            "the file-descriptor limit allows)")
-    uvicorn.run(app, host=host, port=port, log_level="warning", http=functools.partial(  # type: ignore[arg-type]
-        GuardedH11Protocol, max_connections=cap, header_timeout_s=header_timeout_s), timeout_keep_alive=KEEP_ALIVE_S,
+        log(
+            f"note: serving at most {cap} connections at once (--max-connections {max_connections} is more than "
+            "the file-descriptor limit allows)"
+        )
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_level="warning",
+        http=functools.partial(  # type: ignore[arg-type]
+            GuardedH11Protocol, max_connections=cap, header_timeout_s=header_timeout_s
+        ),
+        timeout_keep_alive=KEEP_ALIVE_S,
         limit_concurrency=cap + batch,  # a backstop (503) for when every connection is busy: closing ones count
-        backlog=batch)
+        backlog=batch,
+    )

@@ -21,9 +21,11 @@ from ..images import decode_image
 THUMBNAIL_PX = 96
 THUMBNAIL_QUALITY = 70
 # Shown where an image cannot be read (moved, deleted or corrupt): a grey square with a question mark.
-PLACEHOLDER_SVG = ('<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96" viewBox="0 0 96 96">'
-                   '<rect width="96" height="96" fill="#ddd"/><text x="48" y="60" font-size="40" '
-                   'text-anchor="middle" fill="#888" font-family="sans-serif">?</text></svg>')
+PLACEHOLDER_SVG = (
+    '<svg xmlns="http://www.w3.org/2000/svg" width="96" height="96" viewBox="0 0 96 96">'
+    '<rect width="96" height="96" fill="#ddd"/><text x="48" y="60" font-size="40" '
+    'text-anchor="middle" fill="#888" font-family="sans-serif">?</text></svg>'
+)
 
 
 @lru_cache(maxsize=1)
@@ -31,9 +33,13 @@ def environment() -> Any:
     """The Jinja2 environment loading this package's templates, with HTML autoescaping on."""
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    return Environment(loader=PackageLoader("pipeline.web", "templates"),
-                       autoescape=select_autoescape(("html",)), undefined=StrictUndefined,
-                       trim_blocks=True, lstrip_blocks=True)
+    return Environment(
+        loader=PackageLoader("pipeline.web", "templates"),
+        autoescape=select_autoescape(("html",)),
+        undefined=StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
 
 
 def render(template: str, **context: Any) -> str:

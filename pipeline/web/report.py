@@ -20,9 +20,26 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..artifacts import (AUDIT_JSON, CV_PREDICTIONS_CSV, HEAD_JSON, LEARNING_CURVES_PNG, METRICS_JSON, PREDICTIONS_CSV,
-                         REPORT_HTML, RUN_JSON, RUN_MODEL, SIDECAR_SUFFIX, STUDY_JSON, Predictions, folder_kind, output_home,
-                         paired_outcomes, read_json, read_predictions, write_text)
+from ..artifacts import (
+    AUDIT_JSON,
+    CV_PREDICTIONS_CSV,
+    HEAD_JSON,
+    LEARNING_CURVES_PNG,
+    METRICS_JSON,
+    PREDICTIONS_CSV,
+    REPORT_HTML,
+    RUN_JSON,
+    RUN_MODEL,
+    SIDECAR_SUFFIX,
+    STUDY_JSON,
+    Predictions,
+    folder_kind,
+    output_home,
+    paired_outcomes,
+    read_json,
+    read_predictions,
+    write_text,
+)
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
 from ..plots import new_figure
@@ -52,6 +69,7 @@ class ImageTable:
 
     def encode(self, px: int) -> tuple[list[str], list[str]]:
         """(data URIs, '' for unreadable images; the unreadable paths with their reasons)."""
+
         def one(path: str) -> tuple[str, str]:
             try:
                 return thumbnail_uri(path, px), ""
@@ -95,20 +113,25 @@ def load_method(folder: Path, name: str | None = None) -> Method:
     """A head or run folder: its metrics, what it was trained on, its per-image predictions when written."""
     kind = folder_kind(folder)
     if kind not in ("head", "run"):
-        raise UserError(f"{folder} is not a head, run or study folder; give folders written by fit-head, "
-                        "finetune or study.")
+        raise UserError(
+            f"{folder} is not a head, run or study folder; give folders written by fit-head, finetune or study."
+        )
     metrics = read_json(folder / METRICS_JSON, "it is written by fit-head and finetune")
     if kind == "head":
         meta = read_json(folder / HEAD_JSON, "it is written by fit-head")
     else:
-        meta = {**read_json(folder / (RUN_MODEL + SIDECAR_SUFFIX), "it is written by finetune beside the model"),
-                **(read_json(folder / RUN_JSON) if (folder / RUN_JSON).is_file() else {})}
+        meta = {
+            **read_json(folder / (RUN_MODEL + SIDECAR_SUFFIX), "it is written by finetune beside the model"),
+            **(read_json(folder / RUN_JSON) if (folder / RUN_JSON).is_file() else {}),
+        }
     method = Method(name or f"{folder.name} ({metrics.get('method', kind)})", folder, kind, metrics, meta)
     if (folder / PREDICTIONS_CSV).is_file():
         method.predictions = read_predictions(folder / PREDICTIONS_CSV)
     else:
-        method.notes.append(f"{folder} has no {PREDICTIONS_CSV}: its confusion-matrix images, galleries and "
-                            "paired tests are left out; fit it again to write it.")
+        method.notes.append(
+            f"{folder} has no {PREDICTIONS_CSV}: its confusion-matrix images, galleries and "
+            "paired tests are left out; fit it again to write it."
+        )
     if (folder / CV_PREDICTIONS_CSV).is_file():
         method.cv_predictions = read_predictions(folder / CV_PREDICTIONS_CSV)
     return method
@@ -127,12 +150,17 @@ def near_duplicate_leaks(method: Method, audit_folder: Path | None) -> str:
     near = audit.get("near_duplicates") or {}
     tested = set(method.predictions.paths)
     pairs = _csv_rows(audit_folder, near, 10**9)
-    leaked = {a if a in tested else b for a, b in ((r["path_a"], r["path_b"]) for r in pairs)
-              if (a in tested) != (b in tested)}
+    leaked = {
+        a if a in tested else b
+        for a, b in ((r["path_a"], r["path_b"]) for r in pairs)
+        if (a in tested) != (b in tested)
+    }
     if not leaked:
         return ""
-    return (f"{len(leaked)} test images have a near-duplicate in training (audit, cosine >= {near.get('threshold')}): "
-            "this score is optimistic; fit again (near-duplicates are grouped by default now)")
+    return (
+        f"{len(leaked)} test images have a near-duplicate in training (audit, cosine >= {near.get('threshold')}): "
+        "this score is optimistic; fit again (near-duplicates are grouped by default now)"
+    )
 
 
 def summary_rows(methods: Sequence[Method], audit_folder: Path | None = None) -> list[dict[str, str]]:
@@ -141,13 +169,19 @@ def summary_rows(methods: Sequence[Method], audit_folder: Path | None = None) ->
     rows = []
     for m in methods:
         x = m.metrics
-        rows.append({"method": m.name, "kind": m.kind, "accuracy": _ci(x, "accuracy"),
-                     "accuracy_note": near_duplicate_leaks(m, audit_folder),
-                     "balanced_accuracy": _ci(x, "balanced_accuracy"), "macro_f1": _ci(x, "macro_f1"),
-                     "n_test": str(x.get("n_test", "")),
-                     "cv": f"{x['cv_score']:.4f}" if isinstance(x.get("cv_score"), (int, float)) else "",
-                     "train_s": f"{x['train_seconds']:.1f}" if isinstance(x.get("train_seconds"), (int, float))
-                     else ""})
+        rows.append(
+            {
+                "method": m.name,
+                "kind": m.kind,
+                "accuracy": _ci(x, "accuracy"),
+                "accuracy_note": near_duplicate_leaks(m, audit_folder),
+                "balanced_accuracy": _ci(x, "balanced_accuracy"),
+                "macro_f1": _ci(x, "macro_f1"),
+                "n_test": str(x.get("n_test", "")),
+                "cv": f"{x['cv_score']:.4f}" if isinstance(x.get("cv_score"), (int, float)) else "",
+                "train_s": f"{x['train_seconds']:.1f}" if isinstance(x.get("train_seconds"), (int, float)) else "",
+            }
+        )
     return rows
 
 
@@ -170,8 +204,17 @@ def paired_rows(methods: Sequence[Method]) -> list[dict[str, Any]]:
             rows.append({"a": a.name, "b": b.name, "n": 0, "verdict": "no common test images: not comparable"})
             continue
         test = mcnemar_exact(ca, cb)
-        rows.append({"a": a.name, "b": b.name, "n": test["n"], "a_only": test["a_only"], "b_only": test["b_only"],
-                     "p": format_p(test["p_value"]), "verdict": paired_verdict(a.name, b.name, ca, cb)})
+        rows.append(
+            {
+                "a": a.name,
+                "b": b.name,
+                "n": test["n"],
+                "a_only": test["a_only"],
+                "b_only": test["b_only"],
+                "p": format_p(test["p_value"]),
+                "verdict": paired_verdict(a.name, b.name, ca, cb),
+            }
+        )
     return rows
 
 
@@ -200,14 +243,21 @@ def reliability_figure(metrics: dict[str, Any]) -> str | None:
     fig = new_figure(4.2, 3.6)
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], color="#999", lw=1, ls="--", label="perfect calibration")
-    for key, label, colour in (("reliability_uncalibrated", f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}",
-                                "#d62728"),
-                               ("reliability", f"calibrated, ECE {metrics['ece']:.3f}", "#1f77b4")):
+    for key, label, colour in (
+        ("reliability_uncalibrated", f"uncalibrated, ECE {metrics['ece_uncalibrated']:.3f}", "#d62728"),
+        ("reliability", f"calibrated, ECE {metrics['ece']:.3f}", "#1f77b4"),
+    ):
         table = metrics[key]
         count = np.asarray(table["count"])
         used = count > 0
-        ax.plot(np.asarray(table["confidence"])[used], np.asarray(table["accuracy"])[used], "o-", ms=3,
-                color=colour, label=label)
+        ax.plot(
+            np.asarray(table["confidence"])[used],
+            np.asarray(table["accuracy"])[used],
+            "o-",
+            ms=3,
+            color=colour,
+            label=label,
+        )
     ax.set_xlabel("confidence (top class probability)")
     ax.set_ylabel("accuracy")
     ax.set_xlim(0, 1)
@@ -224,11 +274,13 @@ def unknown_facts(metrics: dict[str, Any]) -> list[str]:
         return ["This head has no unknown detector (fitted before they existed, or with --no-unknown)."]
     total = unknown["n_accepted"] + unknown["n_unknown"]
     fitted_on = unknown.get("fitted_on", "known images (the training part's out-of-fold scores)")
-    return [f"Unknown detector ({unknown['method']}), threshold {unknown['threshold']:.3f}: set to accept "
-            f"{unknown['accept']:.0%} of {fitted_on}.",
-            f"Test part: {unknown['n_accepted']} of {total} accepted ({1 - unknown['test_unknown_rate']:.1%}), "
-            f"{unknown['n_unknown']} called unknown ({unknown['test_unknown_rate']:.1%}); accuracy on the accepted "
-            f"{unknown['accepted_accuracy']:.4f} (on all {metrics['accuracy']:.4f})."]
+    return [
+        f"Unknown detector ({unknown['method']}), threshold {unknown['threshold']:.3f}: set to accept "
+        f"{unknown['accept']:.0%} of {fitted_on}.",
+        f"Test part: {unknown['n_accepted']} of {total} accepted ({1 - unknown['test_unknown_rate']:.1%}), "
+        f"{unknown['n_unknown']} called unknown ({unknown['test_unknown_rate']:.1%}); accuracy on the accepted "
+        f"{unknown['accepted_accuracy']:.4f} (on all {metrics['accuracy']:.4f}).",
+    ]
 
 
 # -- per-method sections: confusion matrix with its images, galleries ---------------------------------
@@ -250,9 +302,18 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
     for (t, q), items in cells.items():
         counts[t, q] = len(items)
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
-    matrix = [[{"count": int(counts[t, q]), "rate": float(rates[t, q]), "id": f"{t}-{q}",
-                "title": f"true {names[t]}, predicted {names[q]}: {counts[t, q]} images"} for q in range(n)]
-              for t in range(n)]
+    matrix = [
+        [
+            {
+                "count": int(counts[t, q]),
+                "rate": float(rates[t, q]),
+                "id": f"{t}-{q}",
+                "title": f"true {names[t]}, predicted {names[q]}: {counts[t, q]} images",
+            }
+            for q in range(n)
+        ]
+        for t in range(n)
+    ]
     top = np.sort(p.proba, axis=1)[:, ::-1]
     confidence = top[:, 0]
     margin = top[:, 0] - (top[:, 1] if n > 1 else 0)
@@ -260,38 +321,58 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
     wrong = wrong[np.argsort(-confidence[wrong], kind="stable")][:GALLERY_SIZE]
     hesitant = np.argsort(margin, kind="stable")[:GALLERY_SIZE]
     rng = np.random.default_rng(seed)
-    per_class = [int(k) for c in range(n) for k in
-                 np.sort(rng.permutation(np.flatnonzero(p.y_true == c))[:PER_CLASS])]
+    per_class = [int(k) for c in range(n) for k in np.sort(rng.permutation(np.flatnonzero(p.y_true == c))[:PER_CLASS])]
 
     def gallery(rows: Sequence[int], extra: Callable[[int], str] | None = None) -> list[dict[str, Any]]:
-        return [_item(images, root, p.paths[k], _caption(p, k) + ([extra(k)] if extra else []),
-                      bool(p.y_true[k] != y_pred[k])) for k in rows]
+        return [
+            _item(
+                images, root, p.paths[k], _caption(p, k) + ([extra(k)] if extra else []), bool(p.y_true[k] != y_pred[k])
+            )
+            for k in rows
+        ]
 
     curves = m.folder / LEARNING_CURVES_PNG
     return {
-        "name": m.name, "classes": names, "matrix": matrix,
-        "reliability": reliability_figure(m.metrics), "unknown": unknown_facts(m.metrics)
-        if m.kind == "head" or "unknown" in m.metrics else [],
+        "name": m.name,
+        "classes": names,
+        "matrix": matrix,
+        "reliability": reliability_figure(m.metrics),
+        "unknown": unknown_facts(m.metrics) if m.kind == "head" or "unknown" in m.metrics else [],
         "curves": file_uri(curves) if m.kind == "run" and curves.is_file() else None,
         "cells": {f"{t}-{q}": items for (t, q), items in cells.items()},
         "galleries": [
-            {"title": "Confidently wrong", "note": f"misclassified test images, most confident first "
-                                                   f"({len(np.flatnonzero(~p.correct))} in all)",
-             "items": gallery(wrong)},
-            {"title": "Hesitant", "note": "the smallest margin between the two most probable classes",
-             "items": gallery(hesitant, lambda k: f"margin {margin[k]:.2f}")},
-            {"title": "A few per class", "note": f"up to {PER_CLASS} test images of each class, drawn by seed {seed}",
-             "items": gallery(per_class)},
+            {
+                "title": "Confidently wrong",
+                "note": f"misclassified test images, most confident first ({len(np.flatnonzero(~p.correct))} in all)",
+                "items": gallery(wrong),
+            },
+            {
+                "title": "Hesitant",
+                "note": "the smallest margin between the two most probable classes",
+                "items": gallery(hesitant, lambda k: f"margin {margin[k]:.2f}"),
+            },
+            {
+                "title": "A few per class",
+                "note": f"up to {PER_CLASS} test images of each class, drawn by seed {seed}",
+                "items": gallery(per_class),
+            },
         ],
     }
 
 
 # -- study -----------------------------------------------------------------------------------------
-STUDY_COLUMNS = [("backbone", "backbone", "{}"), ("layer", "layer", "{}"), ("head", "head", "{}"),
-                 ("cv_accuracy", "CV acc", "{:.4f}"), ("test_accuracy", "test acc", "{:.4f}"),
-                 ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
-                 ("extract_images_per_s", "extract img/s", "{:.1f}"), ("fit_seconds", "fit s", "{:.1f}"),
-                 ("infer_ms_per_image", "infer ms/img", "{:.2f}"), ("model_mb", "model MB", "{:.1f}")]
+STUDY_COLUMNS = [
+    ("backbone", "backbone", "{}"),
+    ("layer", "layer", "{}"),
+    ("head", "head", "{}"),
+    ("cv_accuracy", "CV acc", "{:.4f}"),
+    ("test_accuracy", "test acc", "{:.4f}"),
+    ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
+    ("extract_images_per_s", "extract img/s", "{:.1f}"),
+    ("fit_seconds", "fit s", "{:.1f}"),
+    ("infer_ms_per_image", "infer ms/img", "{:.2f}"),
+    ("model_mb", "model MB", "{:.1f}"),
+]
 
 
 def _format(value: Any, fmt: str) -> str:
@@ -305,27 +386,46 @@ def study_section(folder: Path, study: dict[str, Any], images: ImageTable) -> di
     """The study's table (the winner marked), its advice, skipped configurations and the ImageNet checkout."""
     winner = study.get("winner") or {}
     key = lambda r: tuple(r.get(k) for k in ("backbone", "layer", "head"))  # noqa: E731
-    rows = [{"cells": [_format(r.get(k), fmt) for k, _, fmt in STUDY_COLUMNS], "winner": key(r) == key(winner)}
-            for r in study.get("rows", [])]
+    rows = [
+        {"cells": [_format(r.get(k), fmt) for k, _, fmt in STUDY_COLUMNS], "winner": key(r) == key(winner)}
+        for r in study.get("rows", [])
+    ]
     root = study.get("dataset_root", "")
     checkout = []
     for backbone, part in (study.get("checkout") or {}).items():
         grid = part.get("grid_png")
-        checkout.append({
-            "backbone": backbone,
-            "grid": file_uri(folder / grid) if grid and (folder / grid).is_file() else None,
-            "likeness": [{"class": c, "top1": v.get("mean_top1"), "entropy": v.get("mean_entropy")}
-                         for c, v in part.get("likeness", {}).items()],
-            "samples": [_item(images, root, s["path"], [s["path"], f"class {s.get('class', '')}"] +
-                              [f"{label} {prob:.2f}" for label, prob in s.get("top5", [])[:3]])
-                        for s in part.get("samples", [])[:GALLERY_SIZE]],
-        })
+        checkout.append(
+            {
+                "backbone": backbone,
+                "grid": file_uri(folder / grid) if grid and (folder / grid).is_file() else None,
+                "likeness": [
+                    {"class": c, "top1": v.get("mean_top1"), "entropy": v.get("mean_entropy")}
+                    for c, v in part.get("likeness", {}).items()
+                ],
+                "samples": [
+                    _item(
+                        images,
+                        root,
+                        s["path"],
+                        [s["path"], f"class {s.get('class', '')}"]
+                        + [f"{label} {prob:.2f}" for label, prob in s.get("top5", [])[:3]],
+                    )
+                    for s in part.get("samples", [])[:GALLERY_SIZE]
+                ],
+            }
+        )
     advice = study.get("advice") or {}
-    return {"columns": [title for _, title, _ in STUDY_COLUMNS], "rows": rows, "advice": advice,
-            "advice_text": advice.get("text", []), "skipped": study.get("skipped", []),
-            "checkout": checkout, "interrupted": study.get("interrupted", False),
-            "facts": {k: study[k] for k in ("dataset_root", "n_images", "seed", "seconds") if k in study},
-            "finetune": study.get("finetune")}
+    return {
+        "columns": [title for _, title, _ in STUDY_COLUMNS],
+        "rows": rows,
+        "advice": advice,
+        "advice_text": advice.get("text", []),
+        "skipped": study.get("skipped", []),
+        "checkout": checkout,
+        "interrupted": study.get("interrupted", False),
+        "facts": {k: study[k] for k in ("dataset_root", "n_images", "seed", "seconds") if k in study},
+        "finetune": study.get("finetune"),
+    }
 
 
 # -- audit -----------------------------------------------------------------------------------------
@@ -342,25 +442,53 @@ def audit_section(folder: Path, images: ImageTable) -> dict[str, Any]:
     """The audit's summary, label issues, near-duplicate pairs, outliers and learning curve."""
     audit = read_json(folder / AUDIT_JSON, "give a folder written by `audit`")
     root = audit.get("dataset_root", "")
-    issues = [_item(images, root, r["path"], [r["path"], f"given {r.get('given', '')}",
-                                               f"suggested {r.get('suggested', '')}",
-                                               f"label quality {float(r.get('score', 'nan')):.3f}"], True)
-              for r in _csv_rows(folder, audit.get("label_issues"), GALLERY_SIZE)]
-    pairs = [{"a": _item(images, root, r["path_a"], [r["path_a"], f"{r.get('label_a', '')} ({r.get('split_a', '')})"]),
-              "b": _item(images, root, r["path_b"], [r["path_b"], f"{r.get('label_b', '')} ({r.get('split_b', '')})"]),
-              "cosine": float(r.get("cosine", "nan")), "kind": r.get("kind", "")}
-             for r in _csv_rows(folder, audit.get("near_duplicates"), GALLERY_SIZE)]
-    outliers = [_item(images, root, r["path"], [r["path"], f"label {r.get('label', '')}",
-                                                 f"score {float(r.get('score', 'nan')):.3f}"])
-                for r in _csv_rows(folder, audit.get("outliers"), GALLERY_SIZE)]
+    issues = [
+        _item(
+            images,
+            root,
+            r["path"],
+            [
+                r["path"],
+                f"given {r.get('given', '')}",
+                f"suggested {r.get('suggested', '')}",
+                f"label quality {float(r.get('score', 'nan')):.3f}",
+            ],
+            True,
+        )
+        for r in _csv_rows(folder, audit.get("label_issues"), GALLERY_SIZE)
+    ]
+    pairs = [
+        {
+            "a": _item(images, root, r["path_a"], [r["path_a"], f"{r.get('label_a', '')} ({r.get('split_a', '')})"]),
+            "b": _item(images, root, r["path_b"], [r["path_b"], f"{r.get('label_b', '')} ({r.get('split_b', '')})"]),
+            "cosine": float(r.get("cosine", "nan")),
+            "kind": r.get("kind", ""),
+        }
+        for r in _csv_rows(folder, audit.get("near_duplicates"), GALLERY_SIZE)
+    ]
+    outliers = [
+        _item(
+            images,
+            root,
+            r["path"],
+            [r["path"], f"label {r.get('label', '')}", f"score {float(r.get('score', 'nan')):.3f}"],
+        )
+        for r in _csv_rows(folder, audit.get("outliers"), GALLERY_SIZE)
+    ]
     curve = audit.get("learning_curve") or {}
     curve_png = curve.get("file")
-    return {"summary": audit.get("summary", []), "n_images": audit.get("n_images"),
-            "label_issues": audit.get("label_issues") or {}, "issues": issues,
-            "near_duplicates": audit.get("near_duplicates") or {}, "pairs": pairs,
-            "outliers_info": audit.get("outliers") or {}, "outliers": outliers,
-            "curve": curve, "curve_png": file_uri(folder / curve_png) if curve_png and (folder / curve_png).is_file()
-            else None}
+    return {
+        "summary": audit.get("summary", []),
+        "n_images": audit.get("n_images"),
+        "label_issues": audit.get("label_issues") or {},
+        "issues": issues,
+        "near_duplicates": audit.get("near_duplicates") or {},
+        "pairs": pairs,
+        "outliers_info": audit.get("outliers") or {},
+        "outliers": outliers,
+        "curve": curve,
+        "curve_png": file_uri(folder / curve_png) if curve_png and (folder / curve_png).is_file() else None,
+    }
 
 
 # -- the embedding map -----------------------------------------------------------------------------
@@ -380,8 +508,7 @@ def project(features: np.ndarray, method: str, seed: int) -> np.ndarray:
     # one OpenMP thread: on a busy machine t-SNE's spinning threads made it 5x slower (57 s vs 10 s for 960
     # images with other jobs running), and on a quiet one the loss is small
     with threadpool_limits(1):
-        return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca",
-                    random_state=seed).fit_transform(reduced)
+        return TSNE(2, perplexity=min(30.0, (len(x) - 1) / 3), init="pca", random_state=seed).fit_transform(reduced)
 
 
 def class_colours(n: int) -> list[str]:
@@ -394,15 +521,18 @@ def class_colours(n: int) -> list[str]:
     return [to_hex(hsv_to_rgb((i / n, 0.65, 0.85))) for i in range(n)]
 
 
-def map_section(method: Method, images: ImageTable, projection: str, seed: int,
-                log: Callable[[str], None]) -> tuple[dict[str, Any] | None, str | None]:
+def map_section(
+    method: Method, images: ImageTable, projection: str, seed: int, log: Callable[[str], None]
+) -> tuple[dict[str, Any] | None, str | None]:
     """The 2-D map of the method's cached features, or None and the reason it is left out."""
     from ..cache import load
 
     cache_path = method.cache_path
     if not cache_path or not Path(cache_path).is_file():
-        return None, (f"embedding map left out: the feature cache of {method.name} ({cache_path or 'not recorded'}) "
-                      "is gone; run extract again to draw it.")
+        return None, (
+            f"embedding map left out: the feature cache of {method.name} ({cache_path or 'not recorded'}) "
+            "is gone; run extract again to draw it."
+        )
     cache = load(cache_path)
     if len(cache) == 0:
         return None, f"embedding map left out: {cache_path} holds no features."
@@ -424,21 +554,44 @@ def map_section(method: Method, images: ImageTable, projection: str, seed: int,
     for k in range(len(cache)):
         label = cache.class_names[cache.labels[k]]
         pred = predicted.get(cache.paths[k])
-        points.append({"x": round(float(sx[k]), 1), "y": round(float(sy[k]), 1), "colour": colours[cache.labels[k]],
-                       "wrong": pred is not None and pred != label, "path": cache.paths[k], "label": label,
-                       "pred": pred, "split": cache.split[k],
-                       "img": images.ref(root, cache.paths[k]) if k in with_thumbnail else -1})
+        points.append(
+            {
+                "x": round(float(sx[k]), 1),
+                "y": round(float(sy[k]), 1),
+                "colour": colours[cache.labels[k]],
+                "wrong": pred is not None and pred != label,
+                "path": cache.paths[k],
+                "label": label,
+                "pred": pred,
+                "split": cache.split[k],
+                "img": images.ref(root, cache.paths[k]) if k in with_thumbnail else -1,
+            }
+        )
     points.sort(key=lambda p: p["wrong"])  # misclassified points drawn last, on top
     n_wrong = sum(p["wrong"] for p in points)
-    return {"width": width, "height": height, "points": points, "projection": projection,
-            "legend": list(zip(cache.class_names, colours)), "cache": str(cache_path), "n_wrong": n_wrong,
-            "sampled": len(cache) > MAP_THUMBNAILS}, None
+    return {
+        "width": width,
+        "height": height,
+        "points": points,
+        "projection": projection,
+        "legend": list(zip(cache.class_names, colours)),
+        "cache": str(cache_path),
+        "n_wrong": n_wrong,
+        "sampled": len(cache) > MAP_THUMBNAILS,
+    }, None
 
 
 # -- the whole report ------------------------------------------------------------------------------
-def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike | None = None,
-                 out: str | os.PathLike | None = None, *, projection: str = "tsne",
-                 thumb_px: int = THUMBNAIL_PX, seed: int = 0, log: Callable[[str], None] = logger.info) -> Path:
+def build_report(
+    folders: Sequence[str | os.PathLike],
+    audit: str | os.PathLike | None = None,
+    out: str | os.PathLike | None = None,
+    *,
+    projection: str = "tsne",
+    thumb_px: int = THUMBNAIL_PX,
+    seed: int = 0,
+    log: Callable[[str], None] = logger.info,
+) -> Path:
     """Write one self-contained HTML report of head, run and study folders (and an audit folder).
 
     out defaults to report.html in the output home.
@@ -475,15 +628,29 @@ def build_report(folders: Sequence[str | os.PathLike], audit: str | os.PathLike 
     log(f"embedding {len(images.index)} thumbnails")
     uris, missing = images.encode(thumb_px)
     if missing:
-        notes.append(f"{len(missing)} images could not be read and are shown as a grey placeholder; first: "
-                     + "; ".join(missing[:3]))
-    html = render("report.html", title="cnncodes report", generated=time.strftime("%Y-%m-%d %H:%M"),
-                  sources=[str(f) for f in folders] + ([f"audit: {audit}"] if audit else []), notes=notes,
-                  summary=summary_rows(methods, Path(audit) if audit is not None else None),
-                  figure=summary_figure(methods), paired=paired_rows(methods),
-                  studies=studies, sections=sections, audit=audit_part, embedding=embedding,
-                  data={"images": uris, "placeholder": placeholder_uri()}, thumb_px=thumb_px)
+        notes.append(
+            f"{len(missing)} images could not be read and are shown as a grey placeholder; first: "
+            + "; ".join(missing[:3])
+        )
+    html = render(
+        "report.html",
+        title="cnncodes report",
+        generated=time.strftime("%Y-%m-%d %H:%M"),
+        sources=[str(f) for f in folders] + ([f"audit: {audit}"] if audit else []),
+        notes=notes,
+        summary=summary_rows(methods, Path(audit) if audit is not None else None),
+        figure=summary_figure(methods),
+        paired=paired_rows(methods),
+        studies=studies,
+        sections=sections,
+        audit=audit_part,
+        embedding=embedding,
+        data={"images": uris, "placeholder": placeholder_uri()},
+        thumb_px=thumb_px,
+    )
     path = write_text(out if out is not None else output_home() / REPORT_HTML, html)
-    log(f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB, {len(uris)} thumbnails) "
-        f"in {time.perf_counter() - started:.1f} s")
+    log(
+        f"report written to {path} ({path.stat().st_size / 1e6:.1f} MB, {len(uris)} thumbnails) "
+        f"in {time.perf_counter() - started:.1f} s"
+    )
     return path

@@ -18,19 +18,32 @@ from ..params import Interval, ParamError, check_params, define, literal
 
 logger = logging.getLogger(__name__)
 
-define(host=[str], port=[Interval(1, 65535, integer=True)], max_upload_mb=[Interval(0.001, 4096)],
-       max_request_mb=[Interval(0.001, 65536)], max_megapixels=[Interval(0.01, 1000)],
-       max_decodes=[Interval(1, 256, integer=True)], max_connections=[Interval(8, 100_000, integer=True)],
-       max_batch=[Interval(1, 1024, integer=True)], batch_wait_ms=[Interval(0, 1000)])
+define(
+    host=[str],
+    port=[Interval(1, 65535, integer=True)],
+    max_upload_mb=[Interval(0.001, 4096)],
+    max_request_mb=[Interval(0.001, 65536)],
+    max_megapixels=[Interval(0.01, 1000)],
+    max_decodes=[Interval(1, 256, integer=True)],
+    max_connections=[Interval(8, 100_000, integer=True)],
+    max_batch=[Interval(1, 1024, integer=True)],
+    batch_wait_ms=[Interval(0, 1000)],
+)
 WEB_INSTALL = install_hint("web")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def _require_web() -> None:
     """UserError naming the extra to install when FastAPI, uvicorn or python-multipart is missing."""
-    missing = [name for name, modules in (("fastapi", ["fastapi"]), ("uvicorn", ["uvicorn"]),
-                                          ("python-multipart", ["python_multipart", "multipart"]))
-               if not any(find_spec(m) for m in modules)]
+    missing = [
+        name
+        for name, modules in (
+            ("fastapi", ["fastapi"]),
+            ("uvicorn", ["uvicorn"]),
+            ("python-multipart", ["python_multipart", "multipart"]),
+        )
+        if not any(find_spec(m) for m in modules)
+    ]
     if missing:
         raise UserError(f"serve needs {', '.join(missing)}, which is not installed: {WEB_INSTALL}.")
 
@@ -42,8 +55,9 @@ def _check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as exc:
-            raise UserError(f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host.") \
-                from None
+            raise UserError(
+                f"cannot listen on {host}:{port} ({exc.strerror}); choose another --port or --host."
+            ) from None
 
 
 def allowed_host_names(host: str, extra: Sequence[str]) -> tuple[str, ...]:
@@ -56,22 +70,50 @@ def allowed_host_names(host: str, extra: Sequence[str]) -> tuple[str, ...]:
         names += LOOPBACK_NAMES
     for name in extra:
         if not name or "/" in name or " " in name:
-            raise ParamError("{} " + literal(repr(name)) + " is not a host name; give names like example.org or "
-                             "192.168.1.20 (or * for any).", "allowed_hosts")
+            raise ParamError(
+                "{} " + literal(repr(name)) + " is not a host name; give names like example.org or "
+                "192.168.1.20 (or * for any).",
+                "allowed_hosts",
+            )
         names.append(name.strip("[]"))
     return tuple(dict.fromkeys(n.lower() for n in names))
 
 
-def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None = None, *,
-          host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20, max_request_mb: float = 100,
-          max_megapixels: float = 24, max_decodes: int = 2, max_connections: int = 256,
-          allowed_hosts: Sequence[str] = (), docs: bool = False, max_batch: int = 32, batch_wait_ms: float = 5,
-          top_k: int = 5, runtime: str = "auto", threads: int | None = None,
-          log: Callable[[str], None] = logger.info) -> None:
+def serve(
+    head: str | os.PathLike | None = None,
+    model: str | os.PathLike | None = None,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 20,
+    max_request_mb: float = 100,
+    max_megapixels: float = 24,
+    max_decodes: int = 2,
+    max_connections: int = 256,
+    allowed_hosts: Sequence[str] = (),
+    docs: bool = False,
+    max_batch: int = 32,
+    batch_wait_ms: float = 5,
+    top_k: int = 5,
+    runtime: str = "auto",
+    threads: int | None = None,
+    log: Callable[[str], None] = logger.info,
+) -> None:
     """Load a head or model file once and serve the page and the API with uvicorn until Ctrl-C."""
-    check_params(dict(host=host, port=port, max_upload_mb=max_upload_mb, max_request_mb=max_request_mb,
-                      max_megapixels=max_megapixels, max_decodes=max_decodes, max_connections=max_connections,
-                      max_batch=max_batch, batch_wait_ms=batch_wait_ms, top_k=top_k))
+    check_params(
+        dict(
+            host=host,
+            port=port,
+            max_upload_mb=max_upload_mb,
+            max_request_mb=max_request_mb,
+            max_megapixels=max_megapixels,
+            max_decodes=max_decodes,
+            max_connections=max_connections,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
+            top_k=top_k,
+        )
+    )
     if (head is None) == (model is None):
         raise UserError("give exactly one of --head HEAD_DIR or --model FILE.")
     names = allowed_host_names(host, allowed_hosts)
@@ -89,8 +131,16 @@ def serve(head: str | os.PathLike | None = None, model: str | os.PathLike | None
         classifier = load_classifier(head, model, runtime, threads, scratch_dir=scratch, log=log)
         size = classifier.image_size
         classifier.predict_scored(np.zeros((1, size, size, 3), np.uint8))  # warm up before the first request
-        app = create_app(classifier, limits, max_batch=max_batch, batch_wait_ms=batch_wait_ms, top_k=top_k,
-                         source=Path(head or model).name)
-        log(f"serving {len(classifier.classes)} classes ({classifier.backbone}) on http://{host}:{port}/ "
-            f"(answering to {', '.join(names)}){' (API docs at /docs)' if docs else ''}; Ctrl-C stops")
+        app = create_app(
+            classifier,
+            limits,
+            max_batch=max_batch,
+            batch_wait_ms=batch_wait_ms,
+            top_k=top_k,
+            source=Path(head or model).name,
+        )
+        log(
+            f"serving {len(classifier.classes)} classes ({classifier.backbone}) on http://{host}:{port}/ "
+            f"(answering to {', '.join(names)}){' (API docs at /docs)' if docs else ''}; Ctrl-C stops"
+        )
         run_server(app, host, port, max_connections, log=log)
