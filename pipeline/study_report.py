@@ -13,6 +13,7 @@ import numpy as np
 from .artifacts import STUDY_JSON, STUDY_MD, STUDY_PNG, write_json, write_text
 from .checkout import MAX_ENTROPY
 from .plots import new_figure, save_figure
+from .tables import format_cell
 
 LARGE_PER_CLASS = 1000  # images per class (median) from which CS231n's "large dataset" advice applies
 # Mean top-1 probability of the backbone's own ImageNet classifier from which images count as ImageNet-like.
@@ -20,14 +21,15 @@ LARGE_PER_CLASS = 1000  # images per class (median) from which CS231n's "large d
 # EfficientNet-Lite0/2, whose label-smoothed softmax is never very confident; the layer comparison decides ties.
 IMAGENET_LIKE_TOP1 = 0.3
 CV_MARGIN = 0.01  # an earlier layer beats the top when its CV accuracy is at least this much higher
-COLUMNS = [
+# The study table, as study.md and the HTML report show it: (row key, title, format)
+STUDY_COLUMNS = [
     ("backbone", "backbone", "{}"),
     ("layer", "layer", "{}"),
     ("head", "head", "{}"),
     ("cv_accuracy", "CV acc", "{:.4f}"),
     ("test_accuracy", "test acc", "{:.4f}"),
     ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
-    ("extract_images_per_s", "extract img/s", "{:.0f}"),
+    ("extract_images_per_s", "extract img/s", "{:.1f}"),
     ("fit_seconds", "fit s", "{:.1f}"),
     ("infer_ms_per_image", "infer ms/img", "{:.2f}"),
     ("model_mb", "model MB", "{:.2f}"),
@@ -158,21 +160,16 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row.get(key)
-    return "" if value is None else fmt.format(value)
-
-
 def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
     """The rows by CV accuracy (fine-tuning last), the winner starred."""
     ordered = sorted(rows, key=lambda r: (r["cv_accuracy"] is None, -(r["cv_accuracy"] or 0)))
     lines = [
-        "| | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
-        "| --- | " + " | ".join("---:" if "{:" in fmt else "---" for _, _, fmt in COLUMNS) + " |",
+        "| | " + " | ".join(title for _, title, _ in STUDY_COLUMNS) + " |",
+        "| --- | " + " | ".join("---:" if "{:" in fmt else "---" for _, _, fmt in STUDY_COLUMNS) + " |",
     ]
     for r in ordered:
         mark = "**winner**" if r.get("head_dir") == "winner" else ""
-        lines.append(f"| {mark} | " + " | ".join(_cell(r, k, fmt) for k, _, fmt in COLUMNS) + " |")
+        lines.append(f"| {mark} | " + " | ".join(format_cell(r, k, fmt) for k, _, fmt in STUDY_COLUMNS) + " |")
     return "\n".join(lines)
 
 

@@ -28,8 +28,14 @@ def metrics_table(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    return "" if row.get(key) is None else fmt.format(row[key])
+def format_cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    """A table cell: the row's value in its format, blank when it has none (and as it is when the format
+    does not fit it, as in a study.json written by another version)."""
+    value = row.get(key)
+    try:
+        return "" if value is None else fmt.format(value)
+    except (ValueError, TypeError, IndexError, KeyError):
+        return str(value)
 
 
 # (title, cell) per column of the comparison table; metrics carry their 95% interval when known
@@ -38,9 +44,9 @@ COMPARE_COLUMNS: list[tuple[str, Any]] = [
     ("test acc [95% CI]", lambda r: ci_text(r, "accuracy")),
     ("balanced acc [95% CI]", lambda r: ci_text(r, "balanced_accuracy")),
     ("macro F1 [95% CI]", lambda r: ci_text(r, "macro_f1")),
-    ("train s", lambda r: _cell(r, "train_seconds", "{:.1f}")),
-    ("infer ms/img", lambda r: _cell(r, "inference_ms", "{:.2f}")),
-    ("size MB", lambda r: _cell(r, "size_mb", "{:.2f}")),
+    ("train s", lambda r: format_cell(r, "train_seconds", "{:.1f}")),
+    ("infer ms/img", lambda r: format_cell(r, "inference_ms", "{:.2f}")),
+    ("size MB", lambda r: format_cell(r, "size_mb", "{:.2f}")),
     ("paired test vs the best (McNemar)", lambda r: r.get("paired_verdict") or ""),
 ]
 

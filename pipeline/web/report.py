@@ -43,7 +43,8 @@ from ..artifacts import (
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
 from ..plots import new_figure
-from ..tables import ci_text
+from ..study_report import STUDY_COLUMNS
+from ..tables import ci_text, format_cell
 from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
 
 logger = logging.getLogger(__name__)
@@ -361,25 +362,6 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
 
 
 # -- study -----------------------------------------------------------------------------------------
-STUDY_COLUMNS = [
-    ("backbone", "backbone", "{}"),
-    ("layer", "layer", "{}"),
-    ("head", "head", "{}"),
-    ("cv_accuracy", "CV acc", "{:.4f}"),
-    ("test_accuracy", "test acc", "{:.4f}"),
-    ("test_ci", "95% CI", "[{0[0]:.3f}, {0[1]:.3f}]"),
-    ("extract_images_per_s", "extract img/s", "{:.1f}"),
-    ("fit_seconds", "fit s", "{:.1f}"),
-    ("infer_ms_per_image", "infer ms/img", "{:.2f}"),
-    ("model_mb", "model MB", "{:.1f}"),
-]
-
-
-def _format(value: Any, fmt: str) -> str:
-    try:
-        return "" if value is None else fmt.format(value)
-    except (ValueError, TypeError, IndexError, KeyError):
-        return str(value)
 
 
 def study_section(folder: Path, study: dict[str, Any], images: ImageTable) -> dict[str, Any]:
@@ -387,7 +369,7 @@ def study_section(folder: Path, study: dict[str, Any], images: ImageTable) -> di
     winner = study.get("winner") or {}
     key = lambda r: tuple(r.get(k) for k in ("backbone", "layer", "head"))  # noqa: E731
     rows = [
-        {"cells": [_format(r.get(k), fmt) for k, _, fmt in STUDY_COLUMNS], "winner": key(r) == key(winner)}
+        {"cells": [format_cell(r, k, fmt) for k, _, fmt in STUDY_COLUMNS], "winner": key(r) == key(winner)}
         for r in study.get("rows", [])
     ]
     root = study.get("dataset_root", "")
