@@ -58,22 +58,22 @@ def main() -> None:
         )
         wall = time.perf_counter() - start
         data = result.data
-        print(f"\n## {dataset}: {wall:.0f} s wall ({len(data['rows'])} configurations)\n")
-        print(table_markdown(data["rows"]) + "\n")
-        for label, info in data["backbones"].items():
+        print(f"\n## {dataset}: {wall:.0f} s wall ({len(data.rows)} configurations)\n")
+        print(table_markdown(data.rows) + "\n")
+        for label, info in data.backbones.items():
             print(*(f"- {label}: {note}" for note in info["notes"]), sep="\n")
-        print(*(f"- {line}" for line in data["advice"]["text"]), sep="\n")
-        print(*(f"- skipped {s['config']}: {s['reason']}" for s in data["skipped"]), sep="\n")
-        default = next((r for r in data["rows"] if (r["backbone"], r["layer"], r["head"]) == DEFAULT), None)
-        winner = data["winner"]
+        print(*(f"- {line}" for line in data.advice["text"]), sep="\n")
+        print(*(f"- skipped {s['config']}: {s['reason']}" for s in data.skipped), sep="\n")
+        default = next((r for r in data.rows if (r.backbone, r.layer, r.head) == DEFAULT), None)
+        winner = data.winner
         if default and winner:
             ok = (
-                winner["test_accuracy"] >= default["test_accuracy"]
-                or default["test_ci"][0] <= winner["test_accuracy"] <= default["test_ci"][1]
+                winner.test_accuracy >= default.test_accuracy
+                or default.test_ci[0] <= winner.test_accuracy <= default.test_ci[1]
             )
             print(
-                f"check: winner test {winner['test_accuracy']:.4f} vs default (Lite0 top logreg) "
-                f"{default['test_accuracy']:.4f} [{default['test_ci'][0]:.3f}, {default['test_ci'][1]:.3f}]: "
+                f"check: winner test {winner.test_accuracy:.4f} vs default (Lite0 top logreg) "
+                f"{default.test_accuracy:.4f} [{default.test_ci[0]:.3f}, {default.test_ci[1]:.3f}]: "
                 + ("ok" if ok else "FAIL"),
                 flush=True,
             )

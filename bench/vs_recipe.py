@@ -123,7 +123,7 @@ def train_once(args: argparse.Namespace, split: Path, work: Path) -> dict[str, A
     """`cli.py train` (cold feature cache, warm conversion) as one timed process; its stages from its `took:` line."""
     cache_dir, model = work / "cache", work / "model"
     for stale in [model, *cache_dir.glob("*.h5*")]:  # feature caches, their shards and journals; not the .tflite
-        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     seconds, cpu, out = run(
         [
             sys.executable,
@@ -238,7 +238,8 @@ def study_once(split: Path, work: Path, views: int = 0) -> dict[str, Any]:
         "--out",
         str(work / "study"),
     ]
-    seconds, cpu, _ = run(command + (["--views", str(views)] if views else []), "study")
+    seconds, cpu, out = run(command + (["--views", str(views)] if views else []), "study")
+    (work / "study" / "study.log").write_text(out)  # its own per-stage lines, for the record
     data = json.loads((work / "study" / "study.json").read_text())
     winner = data["winner"]
     return {

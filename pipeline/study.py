@@ -45,6 +45,7 @@ from .splits import Split
 from .stats import mcnemar_exact, paired_verdict, wilson_interval
 from .study_plan import Plan, parse_backbone, plan_layers, probe, split_list, timing_images
 from .study_report import advice, checkout_png, slug, table_markdown, write_outputs
+from .study_results import FinetuneResult, StudyResults, StudyRow
 from .views import ViewRecipe, load_view_features, view_recipe
 
 logger = logging.getLogger(__name__)
@@ -62,14 +63,14 @@ define(budget_minutes=[Interval(0.001, 100_000), None], heads=[Options(CLASSIFIE
 # -- fitting one configuration ---------------------------------------------------------------------
 @dataclass
 class Outcome:
-    """One fitted configuration: its table row and what saving it as a head folder needs."""
+    """One fitted configuration: what fit_config measured and what saving it as a head folder needs."""
 
-    row: dict[str, Any]
     fitted: Any  # heads.FittedHead
     cache: FeatureCache
     split: Split
     test_proba: np.ndarray
     head_ms: float
+    test_correct: int
     sources: list[Any] = field(default_factory=list)  # pipeline.sources.Source of each cache, in order
     near_duplicates: dict[str, Any] = field(default_factory=dict)  # what metrics.json records of the grouping
 
@@ -100,31 +101,17 @@ def fit_config(
     proba = fitted.model.predict_proba(X[split.test])
     head_ms = 1000 * (time.perf_counter() - start) / len(split.test)
     correct = int((proba.argmax(1) == y[split.test]).sum())
-    row = {
-        "head": clf,
-        "cv_accuracy": fitted.cv_score,
-        "cv_folds": fitted.cv_folds,
-        "best_params": fitted.best_params,
-        "test_accuracy": correct / len(split.test),
-        "test_ci": list(wilson_interval(correct, len(split.test))),
-        "n_train": int(len(split.train)),
-        "n_test": int(len(split.test)),
-        "fit_seconds": fitted.fit_seconds,
-        "feature_dim": int(X.shape[1]),
-        "cache": str(cache.path),
-    }
-    return Outcome(row, fitted, cache, split, proba, head_ms)
+    return Outcome(fitted, cache, split, proba, head_ms, correct)
 
 
-def choose_winner(rows: Sequence[dict[str, Any]]) -> int | None:
+def choose_winner(rows: Sequence[StudyRow]) -> int | None:
     """The row with the best CV accuracy, whatever its kind (layer, hypercolumn, ensemble); ties go to the
     faster, then the smaller one. Test scores play no part."""
-    eligible = [k for k, r in enumerate(rows) if r.get("cv_accuracy") is not None]
+    eligible = [k for k, r in enumerate(rows) if r.cv_accuracy is not None]
     if not eligible:
         return None
     return min(
-        eligible,
-        key=lambda k: (-round(rows[k]["cv_accuracy"], 12), rows[k]["infer_ms_per_image"], rows[k]["model_mb"], k),
+        eligible, key=lambda k: (-round(rows[k].cv_accuracy, 12), rows[k].infer_ms_per_image, rows[k].model_mb, k)
     )
 
 
@@ -191,22 +178,22 @@ class StudyResult:
     """What study() measured (the study.json object) and where it wrote it."""
 
     folder: Path
-    data: dict[str, Any]
+    data: StudyResults
     markdown: str
 
     @property
     def interrupted(self) -> bool:
-        return bool(self.data["interrupted"])
+        return self.data.interrupted
 
     def lines(self) -> list[str]:
         """What the command prints: the table, the winner, the advice, what was skipped, where it all is."""
         data = self.data
-        lines = [table_markdown(data["rows"]), ""]
-        lines += [f"- {line}" for line in data["advice"]["text"]]
-        lines += [f"skipped {s['config']}: {s['reason']}" for s in data["skipped"]]
-        if data["winner"] is not None:
+        lines = [table_markdown(data.rows), ""]
+        lines += [f"- {line}" for line in data.advice["text"]]
+        lines += [f"skipped {s['config']}: {s['reason']}" for s in data.skipped]
+        if data.winner is not None:
             lines.append(f"winner (by CV accuracy, before the test part was looked at): {self.folder / 'winner'}/")
-        lines.append(f"study written to {self.folder}/ (study.md, study.json, study.png) in {data['seconds']:.0f} s")
+        lines.append(f"study written to {self.folder}/ (study.md, study.json, study.png) in {data.seconds:.0f} s")
         if self.interrupted:
             lines.append("interrupted: the table holds what was finished.")
         return lines
@@ -243,7 +230,7 @@ class Study:
         self.budget = None if budget_minutes is None else 60.0 * budget_minutes
         self.scale = {clf: 1.0 for clf in FIT_COST}  # measured / estimated fit seconds, per classifier
         self.n_train = int(round(len(dataset.files) * (1 - test_size)))
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[StudyRow] = []
         self.outcomes: list[Outcome] = []
         self.checkouts: dict[str, Any] = {}
         self.skipped: list[dict[str, str]] = []
@@ -354,28 +341,37 @@ class Study:
         if self.views:
             outcome.fitted.options["views_recipe"] = self.views.to_json()
         outcome.near_duplicates = near_duplicate_metrics(self.near_threshold, self.near_pairs, outcome.split)
-        row = outcome.row
+        fitted, n_test, dim = outcome.fitted, len(outcome.split.test), int(cache.features.shape[1])
         self.scale[task.clf] = 1.0
-        self.scale[task.clf] = row["fit_seconds"] / max(self._fit_cost(task.clf, row["feature_dim"]), 1e-9)
+        self.scale[task.clf] = fitted.fit_seconds / max(self._fit_cost(task.clf, dim), 1e-9)
         backbones = task.backbones
-        kind = "ensemble" if task.partner else "layer" if len(task.layers) == 1 else "hypercolumn"
-        outcome.row = {
-            "backbone": "+".join(p.label for p in backbones),
-            "layer": "+".join(k for _, k in pieces),
-            "kind": kind,
-            **row,
-            "extract_images_per_s": min(p.images_per_s for p in backbones),
+        row = StudyRow(
+            backbone="+".join(p.label for p in backbones),
+            layer="+".join(k for _, k in pieces),
+            kind="ensemble" if task.partner else "layer" if len(task.layers) == 1 else "hypercolumn",
+            head=task.clf,
+            cv_accuracy=fitted.cv_score,
+            cv_folds=fitted.cv_folds,
+            best_params=fitted.best_params,
+            test_accuracy=outcome.test_correct / n_test,
+            test_ci=list(wilson_interval(outcome.test_correct, n_test)),
+            n_train=len(outcome.split.train),
+            n_test=n_test,
+            fit_seconds=fitted.fit_seconds,
+            feature_dim=dim,
+            cache=str(cache.path),
+            extract_images_per_s=min(p.images_per_s for p in backbones),
             # each backbone runs once, to its deepest layer; the parameters up to it count once
-            "infer_ms_per_image": sum(max(p.ms[k] for q, k in pieces if q is p) for p in backbones) + outcome.head_ms,
-            "model_mb": (
+            infer_ms_per_image=sum(max(p.ms[k] for q, k in pieces if q is p) for p in backbones) + outcome.head_ms,
+            model_mb=(
                 sum(max(p.params[k] for q, k in pieces if q is p) for p in backbones) * 4
-                + len(pickle.dumps(outcome.fitted.model))
+                + len(pickle.dumps(fitted.model))
             )
             / 1e6,
-        }
-        self.rows.append(outcome.row)
+        )
+        self.rows.append(row)
         self.outcomes.append(outcome)
-        self.log(f"  CV accuracy {row['cv_accuracy']:.4f} ({row['fit_seconds']:.1f} s)")
+        self.log(f"  CV accuracy {row.cv_accuracy:.4f} ({row.fit_seconds:.1f} s)")
 
     def checkout(self, plan: Plan) -> None:
         """The backbone's ImageNet classifier on sample images; skipped with the reason when there is none."""
@@ -402,9 +398,9 @@ class Study:
     def ensemble_tasks(self) -> list[Task]:
         """Pairs of backbones, each with the layer of its best single-layer CV row, with every head."""
         best: dict[str, str] = {}
-        for row in sorted(self.rows, key=lambda r: -r["cv_accuracy"]):
-            if row["kind"] == "layer":
-                best.setdefault(row["backbone"], row["layer"])
+        for row in sorted(self.rows, key=lambda r: -r.cv_accuracy):
+            if row.kind == "layer":
+                best.setdefault(row.backbone, row.layer)
         plans = [p for p in self.plans if p.label in best and not p.failed]
         return [
             Task(a, (best[a.label],), c, (b, best[b.label]))
@@ -439,39 +435,39 @@ class Study:
                     continue
                 self.fit(task)
 
-    def finetune(self, winner: int, stage: Path) -> dict[str, Any] | None:
-        """Fine-tune the winner's backbone from a logistic-regression head; a paired test against the winner."""
+    def finetune(self, winner: int, stage: Path) -> tuple[FinetuneResult, bool] | None:
+        """Fine-tune the winner's backbone from a logistic-regression head; a paired test against the winner.
+
+        Returns the run's result and whether it was interrupted, or None when it does not fit the budget."""
         from .finetune import finetune
 
-        if self.rows[winner]["kind"] != "layer":  # fine-tuning trains one backbone: the best single layer
+        if self.rows[winner].kind != "layer":  # fine-tuning trains one backbone: the best single layer
             winner = max(
-                (k for k, r in enumerate(self.rows) if r["kind"] == "layer"), key=lambda k: self.rows[k]["cv_accuracy"]
+                (k for k, r in enumerate(self.rows) if r.kind == "layer"), key=lambda k: self.rows[k].cv_accuracy
             )
         row, outcome = self.rows[winner], self.outcomes[winner]
-        plan = next(p for p in self.plans if p.label == row["backbone"])
-        estimate = (FINETUNE_PASSES * self.n_train + len(self.dataset.files)) * plan.ms[row["layer"]] / 1000
+        plan = next(p for p in self.plans if p.label == row.backbone)
+        estimate = (FINETUNE_PASSES * self.n_train + len(self.dataset.files)) * plan.ms[row.layer] / 1000
         if estimate > self.left():
             self.skipped.append(
                 {
-                    "config": f"{plan.label} {row['layer']} finetune",
+                    "config": f"{plan.label} {row.layer} finetune",
                     "reason": f"over budget: estimated {estimate:.0f} s, {max(self.left(), 0):.0f} s left",
                 }
             )
             return None
-        init = stage / "winner" if row["head"] == "logreg" else None
+        init = stage / "winner" if row.head == "logreg" else None
         same = [
-            k
-            for k, r in enumerate(self.rows)
-            if (r["backbone"], r["layer"], r["head"]) == (row["backbone"], row["layer"], "logreg")
+            k for k, r in enumerate(self.rows) if (r.backbone, r.layer, r.head) == (row.backbone, row.layer, "logreg")
         ]
         if init is None and same:  # fine-tuning starts from a logistic regression: the winner's layer's one
-            init = stage / "heads" / slug(f"{row['backbone']}-{row['layer']}-logreg")
+            init = stage / "heads" / slug(f"{row.backbone}-{row.layer}-logreg")
             save_outcome(init, self.outcomes[same[0]])
-            self.rows[same[0]]["head_dir"] = str(init.relative_to(stage))
-        self.log(f"fine-tuning {plan.label} {row['layer']}" + (f" from {init.relative_to(stage)}" if init else ""))
+            self.rows[same[0]].head_dir = str(init.relative_to(stage))
+        self.log(f"fine-tuning {plan.label} {row.layer}" + (f" from {init.relative_to(stage)}" if init else ""))
         result = finetune(
             self.dataset.root,
-            replace(plan.config, layer=plan.layers[row["layer"]]),
+            replace(plan.config, layer=plan.layers[row.layer]),
             init_head=init,
             test_size=self.test_size,
             seed=self.seed,
@@ -483,31 +479,29 @@ class Study:
         test, verdict = paired_test(outcome, stage / "finetune")
         m = result.metrics
         n_classes = len(self.dataset.class_names)
-        tuned_row = {
-            "backbone": plan.label,
-            "layer": row["layer"],
-            "kind": "finetune",
-            "head": "finetune",
-            "cv_accuracy": None,
-            "test_accuracy": m["accuracy"],
-            "n_test": m["n_test"],
-            "test_ci": m.get("accuracy_ci") or list(wilson_interval(round(m["accuracy"] * m["n_test"]), m["n_test"])),
-            "fit_seconds": m["train_seconds"],
-            "extract_images_per_s": None,
-            "infer_ms_per_image": plan.ms[row["layer"]],
-            "model_mb": (plan.params[row["layer"]] + (plan.dims[row["layer"]] + 1) * n_classes) * 4 / 1e6,
-            "head_dir": "finetune",
-        }
-        worth = test["p_value"] < 0.05 and test["a_only"] > test["b_only"]
-        return {
-            "row": tuned_row,
-            "paired_test": test,
-            "verdict": verdict,
-            "worth_it": worth,
-            "init_head": str(init.relative_to(stage)) if init else None,
-            "epochs_run": m.get("epochs_run"),
-            "interrupted": result.interrupted,
-        }
+        tuned_row = StudyRow(
+            backbone=plan.label,
+            layer=row.layer,
+            kind="finetune",
+            head="finetune",
+            cv_accuracy=None,
+            test_accuracy=m["accuracy"],
+            n_test=m["n_test"],
+            test_ci=m.get("accuracy_ci") or list(wilson_interval(round(m["accuracy"] * m["n_test"]), m["n_test"])),
+            fit_seconds=m["train_seconds"],
+            infer_ms_per_image=plan.ms[row.layer],
+            model_mb=(plan.params[row.layer] + (plan.dims[row.layer] + 1) * n_classes) * 4 / 1e6,
+            head_dir="finetune",
+        )
+        tuned = FinetuneResult(
+            row=tuned_row,
+            paired_test=test,
+            verdict=verdict,
+            worth_it=test["p_value"] < 0.05 and test["a_only"] > test["b_only"],
+            init_head=str(init.relative_to(stage)) if init else None,
+            epochs_run=m.get("epochs_run"),
+        )
+        return tuned, result.interrupted
 
 
 def study(
@@ -585,27 +579,27 @@ def study(
         winner = choose_winner(run.rows)
         if winner is not None:
             save_outcome(stage / "winner", run.outcomes[winner])
-            run.rows[winner]["head_dir"] = "winner"
+            run.rows[winner].head_dir = "winner"
             if finetune and not interrupted:
-                tuned = run.finetune(winner, stage)
-                if tuned is not None:
-                    run.rows.append(tuned["row"])
-                    interrupted = tuned.pop("interrupted")
-        data = {
-            "dataset_root": str(dataset.root),
-            "n_images": len(dataset.files),
-            "images_per_class": {
+                finetuned = run.finetune(winner, stage)
+                if finetuned is not None:
+                    tuned, interrupted = finetuned
+                    run.rows.append(tuned.row)
+        data = StudyResults(
+            dataset_root=str(dataset.root),
+            n_images=len(dataset.files),
+            images_per_class={
                 name: sum(f.label == c for f in dataset.files) for c, name in enumerate(dataset.class_names)
             },
-            "seed": seed,
-            "test_size": test_size,
-            "cv": cv,
-            "heads": clfs,
-            "layers": tokens,
-            "near_duplicates": {"threshold": run.near_threshold, "pairs": len(run.near_pairs or [])},
-            "ensembles": ensembles,
-            "views": views,
-            "backbones": {
+            seed=seed,
+            test_size=test_size,
+            cv=cv,
+            heads=clfs,
+            layers=tokens,
+            near_duplicates={"threshold": run.near_threshold, "pairs": len(run.near_pairs or [])},
+            ensembles=ensembles,
+            views=views,
+            backbones={
                 p.label: {
                     "config": p.config.__dict__,
                     "layers": p.layers,
@@ -615,9 +609,9 @@ def study(
                 }
                 for p in plans
             },
-            "rows": run.rows,
-            "winner": run.rows[winner] if winner is not None else None,
-            "checkout": {
+            rows=run.rows,
+            winner=run.rows[winner] if winner is not None else None,
+            checkout={
                 label: {
                     "likeness": c.likeness,
                     "summary": c.summary(),
@@ -627,11 +621,11 @@ def study(
                 }
                 for label, c in run.checkouts.items()
             },
-            "finetune": tuned,
-            "skipped": run.skipped,
-            "interrupted": interrupted,
-            "seconds": time.perf_counter() - run.started,
-        }
-        data["advice"] = advice(data)
+            finetune=tuned,
+            skipped=run.skipped,
+            interrupted=interrupted,
+            seconds=time.perf_counter() - run.started,
+        )
+        data.advice = advice(data)
         markdown = write_outputs(stage, data, {label: c.figure for label, c in run.checkouts.items()})
     return StudyResult(out, data, markdown)

@@ -1,6 +1,6 @@
 """A study's report: the CS231n advice from its measurements, study.md, study.json, study.png.
 
-Everything here reads the study.json object; nothing is measured or fitted here.
+Everything here reads a StudyResults (the study.json object); nothing is measured or fitted here.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import numpy as np
 from .artifacts import STUDY_JSON, STUDY_MD, STUDY_PNG, write_json, write_text
 from .checkout import MAX_ENTROPY
 from .plots import new_figure, save_figure
+from .study_results import StudyResults, StudyRow
 from .tables import format_cell
 
 LARGE_PER_CLASS = 1000  # images per class (median) from which CS231n's "large dataset" advice applies
@@ -56,19 +57,14 @@ def checkout_png(label: str) -> str:
     return f"checkout-{slug(label)}.png"
 
 
-def config_name(row: dict[str, Any]) -> str:
-    """'backbone layer head' of a row."""
-    return f"{row['backbone']} {row['layer']} {row['head']}"
-
-
-def layer_evidence(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def layer_evidence(rows: Sequence[StudyRow]) -> list[dict[str, Any]]:
     """Per backbone: the top's best CV accuracy over heads against the best earlier layer's."""
     evidence = []
-    for backbone in dict.fromkeys(r["backbone"] for r in rows):
+    for backbone in dict.fromkeys(r.backbone for r in rows):
         best: dict[str, float] = {}
         for r in rows:
-            if r["backbone"] == backbone and r["kind"] == "layer":
-                best[r["layer"]] = max(best.get(r["layer"], -1.0), r["cv_accuracy"])
+            if r.backbone == backbone and r.kind == "layer":
+                best[r.layer] = max(best.get(r.layer, -1.0), r.cv_accuracy)
         earlier = {k: v for k, v in best.items() if k != "top"}
         if "top" in best and earlier:
             layer = max(earlier, key=earlier.get)
@@ -84,9 +80,9 @@ def layer_evidence(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     return evidence
 
 
-def advice(data: dict[str, Any]) -> dict[str, Any]:
+def advice(data: StudyResults) -> dict[str, Any]:
     """Place the dataset in CS231n's size x similarity quadrant from the measurements, and say what to do."""
-    counts = list(data["images_per_class"].values())
+    counts = list(data.images_per_class.values())
     median = float(np.median(counts))
     size = "large" if median >= LARGE_PER_CLASS else "small"
     text = [
@@ -94,7 +90,7 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
         f"(large from {LARGE_PER_CLASS} per class)."
     ]
     votes: dict[str, str] = {}
-    summaries = {label: c["summary"] for label, c in data["checkout"].items()}
+    summaries = {label: c["summary"] for label, c in data.checkout.items()}
     likeness = None
     if summaries:
         top1 = float(np.mean([s["mean_top1"] for s in summaries.values()]))
@@ -109,7 +105,7 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
         )
     else:
         text.append("ImageNet likeness: not measured (no backbone with its ImageNet classifier; see Skipped).")
-    evidence = layer_evidence(data["rows"])
+    evidence = layer_evidence(data.rows)
     for e in evidence:
         verdict = (
             "these images are unlike ImageNet; the earlier layer transfers better"
@@ -131,20 +127,20 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
         similarity, reason = votes["layers"], "the evidence is mixed; the CV comparison of layers decides"
     quadrant = f"{size} & {similarity}"
     text.append(f"Quadrant: {quadrant} ({reason}). CS231n's advice: {RECOMMENDATIONS[quadrant]}")
-    winner = data["winner"]
+    winner = data.winner
     if winner is not None:
         text.append(
-            f"The winner, {config_name(winner)}, has CV accuracy {winner['cv_accuracy']:.4f} and test "
-            f"accuracy {winner['test_accuracy']:.4f} [{winner['test_ci'][0]:.3f}, {winner['test_ci'][1]:.3f}]."
+            f"The winner, {winner.name}, has CV accuracy {winner.cv_accuracy:.4f} and test "
+            f"accuracy {winner.test_accuracy:.4f} [{winner.test_ci[0]:.3f}, {winner.test_ci[1]:.3f}]."
         )
-    tuned = data.get("finetune")
-    if tuned:
-        row = tuned["row"]
+    tuned = data.finetune
+    if tuned and winner is not None:
+        row = tuned.row
         text.append(
-            f"Fine-tuning {row['backbone']} {row['layer']}: test accuracy {row['test_accuracy']:.4f} in "
-            f"{row['fit_seconds']:.0f} s against the winner's {winner['test_accuracy']:.4f} in "
-            f"{winner['fit_seconds']:.1f} s; {tuned['verdict']}: fine-tuning "
-            + ("is worth it here." if tuned["worth_it"] else "is not worth it here.")
+            f"Fine-tuning {row.backbone} {row.layer}: test accuracy {row.test_accuracy:.4f} in "
+            f"{row.fit_seconds:.0f} s against the winner's {winner.test_accuracy:.4f} in "
+            f"{winner.fit_seconds:.1f} s; {tuned.verdict}: fine-tuning "
+            + ("is worth it here." if tuned.worth_it else "is not worth it here.")
         )
     elif size == "large" and winner is not None:
         text.append("With this much data, try `--finetune` to measure what fine-tuning adds.")
@@ -160,43 +156,49 @@ def advice(data: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def table_markdown(rows: Sequence[dict[str, Any]]) -> str:
+def table_cells(row: StudyRow) -> list[str]:
+    """A row's cells in STUDY_COLUMNS order."""
+    values = row.to_json()
+    return [format_cell(values, key, fmt) for key, _, fmt in STUDY_COLUMNS]
+
+
+def table_markdown(rows: Sequence[StudyRow]) -> str:
     """The rows by CV accuracy (fine-tuning last), the winner starred."""
-    ordered = sorted(rows, key=lambda r: (r["cv_accuracy"] is None, -(r["cv_accuracy"] or 0)))
+    ordered = sorted(rows, key=lambda r: (r.cv_accuracy is None, -(r.cv_accuracy or 0)))
     lines = [
         "| | " + " | ".join(title for _, title, _ in STUDY_COLUMNS) + " |",
         "| --- | " + " | ".join("---:" if "{:" in fmt else "---" for _, _, fmt in STUDY_COLUMNS) + " |",
     ]
     for r in ordered:
-        mark = "**winner**" if r.get("head_dir") == "winner" else ""
-        lines.append(f"| {mark} | " + " | ".join(format_cell(r, k, fmt) for k, _, fmt in STUDY_COLUMNS) + " |")
+        mark = "**winner**" if r.head_dir == "winner" else ""
+        lines.append(f"| {mark} | " + " | ".join(table_cells(r)) + " |")
     return "\n".join(lines)
 
 
-def study_markdown(data: dict[str, Any]) -> str:
+def study_markdown(data: StudyResults) -> str:
     """study.md: the table, how the winner was chosen, the advice, the checkout, what was skipped."""
-    counts = list(data["images_per_class"].values())
-    root = Path(data["dataset_root"])
+    counts = list(data.images_per_class.values())
+    root = Path(data.dataset_root)
     out = [
         f"# Study of {root.name}",
         "",
-        f"{data['n_images']} images in {len(counts)} classes ({min(counts)} to {max(counts)} per class), "
-        f"`{root}`. Split: fit-head's (test_size {data['test_size']}, seed {data['seed']}, duplicates grouped"
+        f"{data.n_images} images in {len(counts)} classes ({min(counts)} to {max(counts)} per class), "
+        f"`{root}`. Split: fit-head's (test_size {data.test_size}, seed {data.seed}, duplicates grouped"
         + (
             f", near-duplicates too (whitened cosine >= {near['threshold']:g}, {near['pairs']} pairs)"
-            if (near := data.get("near_duplicates") or {}).get("threshold")
+            if (near := data.near_duplicates).get("threshold")
             else ""
         )
         + "); "
-        f"{data['cv']}-fold grouped CV on the training part. {data['seconds']:.0f} s in all.",
+        f"{data.cv}-fold grouped CV on the training part. {data.seconds:.0f} s in all.",
         "",
     ]
-    if data["interrupted"]:
+    if data.interrupted:
         out += ["**Interrupted**: the table holds what was finished.", ""]
-    winner = data["winner"]
+    winner = data.winner
     if winner is not None:
         out += [
-            f"**Winner: {config_name(winner)}**, saved in `winner/`: a normal head folder that predict, "
+            f"**Winner: {winner.name}**, saved in `winner/`: a normal head folder that predict, "
             "export and compare take.",
             "",
         ]
@@ -207,7 +209,7 @@ def study_markdown(data: dict[str, Any]) -> str:
         "side) or an ensemble (two backbones, each with its best layer); a winner on several caches is a "
         "head on several sources, which predict, serve and export take as they take any head.",
         "",
-        table_markdown(data["rows"]),
+        table_markdown(data.rows),
         "",
         "Test accuracy carries a 95% Wilson interval. extract img/s: the extraction run (all layers of a "
         "backbone in one pass), or the probe's rate when the cache was already complete. infer ms/img: the "
@@ -215,23 +217,23 @@ def study_markdown(data: dict[str, Any]) -> str:
         "parameters up to that layer plus the pickled head.",
         "",
     ]
-    for label, info in data["backbones"].items():
+    for label, info in data.backbones.items():
         for note in info["notes"]:
             out.append(f"- {label}: {note}")
     out += ["", "## What to do (CS231n's transfer-learning advice, measured)", ""]
-    out += [f"- {line}" for line in data["advice"]["text"]]
-    if data["finetune"]:
-        test = data["finetune"]["paired_test"]
+    out += [f"- {line}" for line in data.advice["text"]]
+    if data.finetune:
+        test = data.finetune.paired_test
         out += [
             "",
             "## Fine-tuning",
             "",
-            f"From `{data['finetune']['init_head'] or 'a new softmax layer'}`, "
-            f"{data['finetune']['epochs_run']} epochs; run folder `finetune/`. Paired test on the "
+            f"From `{data.finetune.init_head or 'a new softmax layer'}`, "
+            f"{data.finetune.epochs_run} epochs; run folder `finetune/`. Paired test on the "
             f"{test['n']} common test images (exact McNemar): fine-tune right where the head is wrong on "
             f"{test['a_only']}, the reverse on {test['b_only']}, p = {test['p_value']:.3g}.",
         ]
-    for label, check in data["checkout"].items():
+    for label, check in data.checkout.items():
         out += [
             "",
             f"## ImageNet checkout: {label}",
@@ -247,8 +249,8 @@ def study_markdown(data: dict[str, Any]) -> str:
             f"- `{s['path']}` ({s['class']}): " + ", ".join(f"{label} {p:.2f}" for label, p in s["top5"])
             for s in check["samples"]
         ]
-    if data["skipped"]:
-        out += ["", "## Skipped", ""] + [f"- {s['config']}: {s['reason']}" for s in data["skipped"]]
+    if data.skipped:
+        out += ["", "## Skipped", ""] + [f"- {s['config']}: {s['reason']}" for s in data.skipped]
     return "\n".join(out) + "\n"
 
 
@@ -263,23 +265,23 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     return front
 
 
-def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
+def study_figure(rows: Sequence[StudyRow]) -> Any:
     """Test accuracy against inference time, marker area by model size; the winner and the Pareto front marked."""
     fig = new_figure(8, 5)
     ax = fig.add_subplot()
     if not rows:
         ax.text(0.5, 0.5, "no configuration finished", ha="center", va="center")
         return fig
-    x = np.array([r["infer_ms_per_image"] for r in rows])
-    y = np.array([r["test_accuracy"] for r in rows])
-    size = np.array([r["model_mb"] for r in rows])
-    low = np.array([r["test_accuracy"] - r["test_ci"][0] for r in rows])
-    high = np.array([r["test_ci"][1] - r["test_accuracy"] for r in rows])
+    x = np.array([r.infer_ms_per_image for r in rows])
+    y = np.array([r.test_accuracy for r in rows])
+    size = np.array([r.model_mb for r in rows])
+    low = np.array([r.test_accuracy - r.test_ci[0] for r in rows])
+    high = np.array([r.test_ci[1] - r.test_accuracy for r in rows])
     ax.errorbar(x, y, yerr=[low, high], fmt="none", ecolor="lightgray", zorder=1)
-    colours = {b: f"C{k}" for k, b in enumerate(dict.fromkeys(r["backbone"] for r in rows))}
+    colours = {b: f"C{k}" for k, b in enumerate(dict.fromkeys(r.backbone for r in rows))}
     markers = {"layer": "o", "hypercolumn": "s", "ensemble": "D", "finetune": "^"}
     for kind, marker in markers.items():
-        idx = [k for k, r in enumerate(rows) if r["kind"] == kind]
+        idx = [k for k, r in enumerate(rows) if r.kind == kind]
         if idx:
             ax.scatter(
                 x[idx],
@@ -287,14 +289,14 @@ def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
                 s=20 + 400 * size[idx] / max(size.max(), 1e-9),
                 marker=marker,
                 alpha=0.7,
-                c=[colours[rows[k]["backbone"]] for k in idx],
+                c=[colours[rows[k].backbone] for k in idx],
                 edgecolors="black",
                 linewidths=0.5,
                 zorder=2,
             )
     front = pareto_front(list(zip(x, y)))
     ax.step(x[front], y[front], where="post", color="gray", linestyle="--", label="Pareto front (test)", zorder=1)
-    winner = [k for k, r in enumerate(rows) if r.get("head_dir") == "winner"]
+    winner = [k for k, r in enumerate(rows) if r.head_dir == "winner"]
     if winner:
         ax.scatter(
             x[winner],
@@ -304,7 +306,7 @@ def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
             color="gold",
             edgecolors="black",
             zorder=3,
-            label=f"winner (by CV): {config_name(rows[winner[0]])}",
+            label=f"winner (by CV): {rows[winner[0]].name}",
         )
     for backbone, colour in colours.items():
         ax.scatter([], [], color=colour, label=backbone)
@@ -316,12 +318,12 @@ def study_figure(rows: Sequence[dict[str, Any]]) -> Any:
     return fig
 
 
-def write_outputs(folder: Path, data: dict[str, Any], figures: dict[str, Any]) -> str:
+def write_outputs(folder: Path, data: StudyResults, figures: dict[str, Any]) -> str:
     """study.json, study.md, study.png and the checkout grids in folder; returns the markdown."""
     for label, figure in figures.items():
         save_figure(figure, folder / checkout_png(label), dpi=80)
     markdown = study_markdown(data)
-    write_json(folder / STUDY_JSON, data)
+    write_json(folder / STUDY_JSON, data.to_json())
     write_text(folder / STUDY_MD, markdown)
-    save_figure(study_figure(data["rows"]), folder / STUDY_PNG)
+    save_figure(study_figure(data.rows), folder / STUDY_PNG)
     return markdown

@@ -100,6 +100,7 @@ def make_study(folder: Path, world: ReportWorld, paths: list[str]) -> Path:
         "cv_accuracy": 0.9,
         "test_accuracy": 0.88,
         "test_ci": [0.8, 0.93],
+        "n_test": 30,
         "extract_images_per_s": 80.0,
         "fit_seconds": 1.2,
         "infer_ms_per_image": 12.0,

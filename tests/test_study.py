@@ -24,6 +24,7 @@ from pipeline.sources import head_sources, join, join_caches
 from pipeline.study import choose_winner, study
 from pipeline.study_plan import earlier_stages
 from pipeline.study_report import advice, pareto_front
+from pipeline.study_results import StudyResults, StudyRow, read_study
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
@@ -86,39 +87,39 @@ def full(tmp_path_factory: pytest.TempPathFactory):
 
 def test_one_forward_pass_yields_every_layer(full) -> None:
     result, counted = full
-    layers = result.data["backbones"][TINY]["layers"]
+    layers = result.data.backbones[TINY]["layers"]
     assert len(layers) == 3 and layers["top"] is None  # the top and two earlier stages
     assert counted == {"images": N_IMAGES, "runtimes": 1}  # one model, each image once, for three caches
-    caches = {r["cache"] for r in result.data["rows"] if r["kind"] == "layer"}
+    caches = {r.cache for r in result.data.rows if r.kind == "layer"}
     assert len(caches) == 3
     for path in caches:
         cache = load(path)
         assert len(cache) == N_IMAGES and cache.attrs["layer"] in ("", *layers.values())
-    assert any("auto: top, " in note for note in result.data["backbones"][TINY]["notes"])
+    assert any("auto: top, " in note for note in result.data.backbones[TINY]["notes"])
 
 
 def test_rows_winner_and_outputs(full) -> None:
     result, _ = full
     data, folder = result.data, result.folder
-    rows = data["rows"]
+    rows = data.rows
     assert len(rows) == 4  # 3 layers + 1 hypercolumn, one head
-    hyper = [r for r in rows if r["kind"] == "hypercolumn"]
-    assert len(hyper) == 1 and hyper[0]["layer"].endswith("+top")
-    singles = {r["layer"]: r["feature_dim"] for r in rows if r["kind"] == "layer"}
-    assert hyper[0]["feature_dim"] == singles[hyper[0]["layer"].split("+")[0]] + singles["top"]
+    hyper = [r for r in rows if r.kind == "hypercolumn"]
+    assert len(hyper) == 1 and hyper[0].layer.endswith("+top")
+    singles = {r.layer: r.feature_dim for r in rows if r.kind == "layer"}
+    assert hyper[0].feature_dim == singles[hyper[0].layer.split("+")[0]] + singles["top"]
     for r in rows:
-        assert 0 <= r["test_ci"][0] <= r["test_accuracy"] <= r["test_ci"][1] <= 1
-        assert r["n_test"] > 0 and r["fit_seconds"] > 0 and r["infer_ms_per_image"] > 0 and r["model_mb"] > 0
-        assert r["extract_images_per_s"] > 0
+        assert 0 <= r.test_ci[0] <= r.test_accuracy <= r.test_ci[1] <= 1
+        assert r.n_test > 0 and r.fit_seconds > 0 and r.infer_ms_per_image > 0 and r.model_mb > 0
+        assert r.extract_images_per_s > 0
     # the winner: the best CV accuracy of any kind (a hypercolumn too), saved as a normal head folder
-    winner = data["winner"]
-    assert winner["head_dir"] == "winner"
-    assert winner["cv_accuracy"] == max(r["cv_accuracy"] for r in rows)
+    winner = data.winner
+    assert winner.head_dir == "winner"
+    assert winner.cv_accuracy == max(r.cv_accuracy for r in rows)
     assert folder_kind(folder / "winner") == "head"
     head = load_head(folder / "winner")
-    assert head.meta["feature_dim"] == winner["feature_dim"]
+    assert head.meta["feature_dim"] == winner.feature_dim
     test = read_predictions(folder / "winner" / PREDICTIONS_CSV)
-    assert len(test) == winner["n_test"] and np.isclose(test.correct.mean(), winner["test_accuracy"])
+    assert len(test) == winner.n_test and np.isclose(test.correct.mean(), winner.test_accuracy)
     cache, _ = join_caches([s.cache_path for s in head_sources(head.meta)])
     rows_of = {h: i for i, h in enumerate(cache.content_hash)}
     features = cache.features[[rows_of[h] for h in test.content_hash]]
@@ -144,15 +145,16 @@ def test_rows_winner_and_outputs(full) -> None:
     ):
         assert key in saved, key
     assert saved["n_images"] == N_IMAGES and saved["interrupted"] is False and saved["finetune"] is None
+    assert read_study(folder) == data and StudyResults.from_json(data.to_json()) == data  # typed, round-trips
     assert (folder / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (folder / "study.md").read_text()
     assert "before the test part was looked at" in md and "**winner**" in md
     assert md.count("| " + TINY) == 4
     # random weights have no ImageNet classifier: the checkout is skipped, with the reason
-    assert data["checkout"] == {}
-    assert any(s["config"] == f"{TINY} checkout" and "ImageNet" in s["reason"] for s in data["skipped"])
-    assert data["advice"]["quadrant"].startswith("small & ")
-    assert any("CV" in line and "vs top" in line for line in data["advice"]["text"])
+    assert data.checkout == {}
+    assert any(s["config"] == f"{TINY} checkout" and "ImageNet" in s["reason"] for s in data.skipped)
+    assert data.advice["quadrant"].startswith("small & ")
+    assert any("CV" in line and "vs top" in line for line in data.advice["text"])
 
 
 def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -170,22 +172,22 @@ def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
 
     monkeypatch.setattr(heads_module, "fit_arrays", rigged)  # the study fits through fit-head's own code
     data = run_study(tmp_path, heads="logreg,svm").data
-    by_head = {r["head"]: r for r in data["rows"]}
-    assert by_head["svm"]["test_accuracy"] < by_head["logreg"]["test_accuracy"]  # the test part disagrees
-    assert data["winner"]["head"] == "svm" and by_head["svm"]["head_dir"] == "winner"
+    by_head = {r.head: r for r in data.rows}
+    assert by_head["svm"].test_accuracy < by_head["logreg"].test_accuracy  # the test part disagrees
+    assert data.winner.head == "svm" and by_head["svm"].head_dir == "winner"
     metrics = json.loads((tmp_path / "study" / "winner" / "metrics.json").read_text())
-    assert metrics["accuracy"] == by_head["svm"]["test_accuracy"]
+    assert metrics["accuracy"] == by_head["svm"].test_accuracy
 
 
 def test_skips_with_reasons_and_goes_on(tmp_path: Path) -> None:
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a zip archive")
     data = run_study(tmp_path, backbones=f"{TINY},{bad}", layers="top,no_such_layer").data
-    reasons = {s["config"]: s["reason"] for s in data["skipped"]}
+    reasons = {s["config"]: s["reason"] for s in data.skipped}
     assert "could not load" in reasons["broken"]
     assert "no layer 'no_such_layer'" in reasons[f"{TINY} no_such_layer"]
-    assert [(r["backbone"], r["layer"]) for r in data["rows"]] == [(TINY, "top")]
-    assert data["winner"]["backbone"] == TINY
+    assert [(r.backbone, r.layer) for r in data.rows] == [(TINY, "top")]
+    assert data.winner.backbone == TINY
     md = (tmp_path / "study" / "study.md").read_text()
     assert "## Skipped" in md and "no_such_layer" in md
 
@@ -193,8 +195,8 @@ def test_skips_with_reasons_and_goes_on(tmp_path: Path) -> None:
 def test_budget_runs_cheap_configurations_and_lists_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(study_module.FIT_COST, "svm", (1e3, 1))  # an svm fit now looks hours long
     data = run_study(tmp_path, heads="logreg,svm", budget_minutes=10).data
-    assert [r["head"] for r in data["rows"]] == ["logreg"]
-    (skip,) = [s for s in data["skipped"] if s["config"].endswith("svm")]
+    assert [r.head for r in data.rows] == ["logreg"]
+    (skip,) = [s for s in data.skipped if s["config"].endswith("svm")]
     assert skip["config"] == f"{TINY} top svm" and skip["reason"].startswith("over budget: estimated")
 
 
@@ -242,12 +244,12 @@ def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: p
     real = finetune_module.finetune
     monkeypatch.setattr(finetune_module, "finetune", lambda *a, **k: real(*a, **k, epochs=1, batch_size=8))
     data = run_study(tmp_path, finetune=True).data
-    tuned = data["finetune"]
-    assert tuned["init_head"] == "winner"
-    assert data["rows"][-1]["kind"] == "finetune" and data["rows"][-1]["head_dir"] == "finetune"
-    assert tuned["paired_test"]["n"] == data["winner"]["n_test"]
-    assert "fine-tune vs winner head" in tuned["verdict"]
-    assert any("fine-tuning is" in line for line in data["advice"]["text"])
+    tuned = data.finetune
+    assert tuned.init_head == "winner"
+    assert data.rows[-1].kind == "finetune" and data.rows[-1].head_dir == "finetune"
+    assert tuned.paired_test["n"] == data.winner.n_test
+    assert "fine-tune vs winner head" in tuned.verdict
+    assert any("fine-tuning is" in line for line in data.advice["text"])
     assert folder_kind(tmp_path / "study" / "finetune") == "run"
 
 
@@ -306,7 +308,7 @@ def test_hypercolumn_aligns_rows_by_content_hash(tmp_path: Path) -> None:
 
 def test_choose_winner_uses_cv_then_speed_never_test() -> None:
     def row(kind, cv, test, ms, mb=1.0):
-        return dict(kind=kind, cv_accuracy=cv, test_accuracy=test, infer_ms_per_image=ms, model_mb=mb)
+        return StudyRow("b", "top", kind, "logreg", cv, test, [0.0, 1.0], 10, 1.0, ms, mb)
 
     rows = [
         row("layer", 0.90, 1.00, 1.0),
@@ -323,13 +325,11 @@ def test_choose_winner_uses_cv_then_speed_never_test() -> None:
 def test_advice_places_the_dataset_in_a_quadrant() -> None:
     def data(per_class, top1, top_cv, early_cv):
         rows = [
-            dict(backbone="b", layer="top", kind="layer", head="logreg", cv_accuracy=top_cv),
-            dict(backbone="b", layer="block6", kind="layer", head="logreg", cv_accuracy=early_cv),
+            StudyRow("b", layer, "layer", "logreg", cv, 0.9, [0.8, 0.95], 20, 1.0, 1.0, 1.0)
+            for layer, cv in (("top", top_cv), ("block6", early_cv))
         ]
         checkout = {"b": {"summary": {"mean_top1": top1, "mean_entropy": 2.0}}} if top1 is not None else {}
-        return dict(
-            images_per_class={"x": per_class, "y": per_class}, checkout=checkout, rows=rows, winner=None, finetune=None
-        )
+        return StudyResults("", 2 * per_class, {"x": per_class, "y": per_class}, 0, rows, None, 1.0, checkout=checkout)
 
     assert advice(data(50, 0.8, 0.95, 0.90))["quadrant"] == "small & similar"
     unlike = advice(data(50, 0.2, 0.81, 0.84))
@@ -386,9 +386,9 @@ def test_checkout_top5_and_likeness(tmp_path: Path, imagenet_like: Path) -> None
 
 def test_study_with_an_imagenet_model_writes_the_checkout(tmp_path: Path, imagenet_like: Path) -> None:
     data = run_study(tmp_path, backbones=str(imagenet_like)).data
-    check = data["checkout"]["tiny_imagenet"]
+    check = data.checkout["tiny_imagenet"]
     assert (tmp_path / "study" / check["grid_png"]).is_file()
-    assert data["advice"]["likeness"]["backbones"] == ["tiny_imagenet"]
+    assert data.advice["likeness"]["backbones"] == ["tiny_imagenet"]
     md = (tmp_path / "study" / "study.md").read_text()
     assert "## ImageNet checkout: tiny_imagenet" in md and "thing_" in md
 
@@ -398,11 +398,24 @@ def test_ensembles_and_views_can_win_and_save_a_multi_source_head(tmp_path: Path
     views; the winner (by CV, any kind) is a head folder that predicts what the study measured."""
     other = "MobileNet:weights=none:size=32:alpha=0.25"
     data = run_study(tmp_path, backbones=f"{TINY},{other}", ensembles=True, views=2).data
-    ensembles = [r for r in data["rows"] if r["kind"] == "ensemble"]
-    assert len(ensembles) == 1 and ensembles[0]["backbone"] == f"{TINY}+{other}"
-    assert data["views"] == 2 and data["winner"]["cv_accuracy"] == max(r["cv_accuracy"] for r in data["rows"])
+    ensembles = [r for r in data.rows if r.kind == "ensemble"]
+    assert len(ensembles) == 1 and ensembles[0].backbone == f"{TINY}+{other}"
+    assert data.views == 2 and data.winner.cv_accuracy == max(r.cv_accuracy for r in data.rows)
     head = load_head(tmp_path / "study" / "winner")
     assert head.meta["options"]["views"] == 2
-    assert len(head_sources(head.meta)) == (2 if data["winner"]["kind"] == "ensemble" else 1)
+    assert len(head_sources(head.meta)) == (2 if data.winner.kind == "ensemble" else 1)
     test = read_predictions(tmp_path / "study" / "winner" / PREDICTIONS_CSV)
-    assert np.isclose(test.correct.mean(), data["winner"]["test_accuracy"])
+    assert np.isclose(test.correct.mean(), data.winner.test_accuracy)
+
+
+def test_study_json_of_another_version_reads_or_says_what_to_do(tmp_path: Path) -> None:
+    row = StudyRow("b", "top", "layer", "logreg", 0.9, 0.88, [0.8, 0.93], 30, 1.2, 12.0, 9.0)
+    data = StudyResults("/data", 60, {"x": 30, "y": 30}, 0, [row], row, 12.0).to_json()
+    older = {k: v for k, v in data.items() if k not in ("test_size", "cv", "heads", "layers", "views")}
+    older["rows"] = [{k: v for k, v in r.items() if k != "kind"} | {"from_the_future": 1} for r in older["rows"]]
+    (tmp_path / "study.json").write_text(json.dumps(older))
+    read = read_study(tmp_path)  # optional fields take their defaults, unknown keys are dropped
+    assert read.rows == [row] and read.cv == 5 and read.winner == row
+    (tmp_path / "study.json").write_text(json.dumps({**data, "rows": [{"backbone": "b"}]}))
+    with pytest.raises(UserError, match="study.json is not a study.json this version reads.*cnncodes study"):
+        read_study(tmp_path)

@@ -31,7 +31,6 @@ from ..artifacts import (
     RUN_JSON,
     RUN_MODEL,
     SIDECAR_SUFFIX,
-    STUDY_JSON,
     Predictions,
     folder_kind,
     output_home,
@@ -43,8 +42,9 @@ from ..artifacts import (
 from ..errors import UserError
 from ..params import Interval, Options, check_params, define
 from ..plots import new_figure
-from ..study_report import STUDY_COLUMNS
-from ..tables import ci_text, format_cell
+from ..study_report import STUDY_COLUMNS, table_cells
+from ..study_results import StudyResults, read_study
+from ..tables import ci_text
 from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
 
 logger = logging.getLogger(__name__)
@@ -364,17 +364,13 @@ def method_section(m: Method, images: ImageTable, seed: int) -> dict[str, Any]:
 # -- study -----------------------------------------------------------------------------------------
 
 
-def study_section(folder: Path, study: dict[str, Any], images: ImageTable) -> dict[str, Any]:
+def study_section(folder: Path, study: StudyResults, images: ImageTable) -> dict[str, Any]:
     """The study's table (the winner marked), its advice, skipped configurations and the ImageNet checkout."""
-    winner = study.get("winner") or {}
-    key = lambda r: tuple(r.get(k) for k in ("backbone", "layer", "head"))  # noqa: E731
-    rows = [
-        {"cells": [format_cell(r, k, fmt) for k, _, fmt in STUDY_COLUMNS], "winner": key(r) == key(winner)}
-        for r in study.get("rows", [])
-    ]
-    root = study.get("dataset_root", "")
+    winner = study.winner.name if study.winner else None
+    rows = [{"cells": table_cells(r), "winner": r.name == winner} for r in study.rows]
+    root = study.dataset_root
     checkout = []
-    for backbone, part in (study.get("checkout") or {}).items():
+    for backbone, part in study.checkout.items():
         grid = part.get("grid_png")
         checkout.append(
             {
@@ -396,17 +392,16 @@ def study_section(folder: Path, study: dict[str, Any], images: ImageTable) -> di
                 ],
             }
         )
-    advice = study.get("advice") or {}
     return {
         "columns": [title for _, title, _ in STUDY_COLUMNS],
         "rows": rows,
-        "advice": advice,
-        "advice_text": advice.get("text", []),
-        "skipped": study.get("skipped", []),
+        "advice": study.advice,
+        "advice_text": study.advice.get("text", []),
+        "skipped": study.skipped,
         "checkout": checkout,
-        "interrupted": study.get("interrupted", False),
-        "facts": {k: study[k] for k in ("dataset_root", "n_images", "seed", "seconds") if k in study},
-        "finetune": study.get("finetune"),
+        "interrupted": study.interrupted,
+        "facts": {k: getattr(study, k) for k in ("dataset_root", "n_images", "seed", "seconds")},
+        "finetune": study.finetune.to_json() if study.finetune else None,
     }
 
 
@@ -591,9 +586,9 @@ def build_report(
         if not given.is_dir():
             raise UserError(f"{given} is not a folder; give head, run or study folders.")
         if folder_kind(given) == "study":
-            study = read_json(given / STUDY_JSON, "it is written by `study`")
+            study = read_study(given)
             studies.append({"folder": str(given), **study_section(given, study, images)})
-            winner = (study.get("winner") or {}).get("head_dir")
+            winner = study.winner.head_dir if study.winner else None
             if winner and folder_kind(given / winner) in ("head", "run"):
                 methods.append(load_method(given / winner, f"{given.name}: winner ({winner})"))
         else:
