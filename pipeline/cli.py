@@ -103,6 +103,8 @@ THUMB_PX = typer.Option(96, help="Thumbnail size in pixels (JPEG, embedded once 
 QUANTIZE = typer.Option("none", help="TFLite weights: none, float16 or dynamic (int8).")
 VERIFY = typer.Option(64, help="Check the written model on this many of the head's test images (0: skip).")
 PROGRESS = typer.Option(True, help="Show a progress bar.")
+FLIP = typer.Option(True, help="With --views: flip views horizontally at random (--no-flip: never).")
+VIEWS_SEED = typer.Option(0, help="With --views: the seed of the augmentations.")
 ACCEPT = typer.Option("0.95", help="The unknown detector's threshold accepts this share of known images (out of fold).")
 UNKNOWN = typer.Option(
     True,
@@ -169,9 +171,17 @@ def train_command(
     ),
     progress: bool = PROGRESS,
     storage_options: str | None = STORAGE_OPTIONS,
+    views: int = typer.Option(
+        0,
+        help="Also cache K augmented views of every image and train on those of the training images "
+        "(extract --views K + fit-head --views); scores stay on the clean images.",
+    ),
+    flip: bool = FLIP,
+    views_seed: int = VIEWS_SEED,
 ) -> None:
     """Folder to trusted model in one process: extract, fit-head, the audit's headline, report [, export]."""
     from pipeline.train import summary_lines, train
+    from pipeline.views import view_recipe
 
     result = train(
         data_dir,
@@ -201,6 +211,7 @@ def train_command(
         accept=accept if unknown else None,
         storage_options=storage_options,
         progress=progress,
+        views=view_recipe(views, views_seed, flip),
         log=lambda m: typer.echo(m, err=True),
     )
     typer.echo("\n".join(summary_lines(result)))
@@ -257,8 +268,8 @@ def extract_command(
         help="Also cache K augmented views of every image (random resized crop, flip, "
         "mild colour jitter), for `fit-head --views`.",
     ),
-    flip: bool = typer.Option(True, help="With --views: flip views horizontally at random (--no-flip: never)."),
-    views_seed: int = typer.Option(0, help="With --views: the seed of the augmentations."),
+    flip: bool = FLIP,
+    views_seed: int = VIEWS_SEED,
 ) -> None:
     """Extract CNN codes of every image under DATA_DIR into an HDF5 cache (incremental, resumable)."""
     from pipeline.extract import extract, summary_lines

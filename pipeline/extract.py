@@ -22,7 +22,7 @@ from .params import ParamError, check_params
 from .runtime import make_runtime
 from .storage import storage_options as resolve_storage_options
 from .stream import FeatureSink, RunResult, hash_files, read_tasks
-from .views import VIEWS_ATTR, ViewRecipe, ViewsRuntime, views_path
+from .views import VIEWS_ATTR, ViewRecipe, ViewsRuntime, refuse_other_recipe, views_path
 
 logger = logging.getLogger(__name__)
 
@@ -295,6 +295,8 @@ def _extract_views(
 ) -> bool:
     """The views pass: each image lacking views decoded once, its K views through the backbone, written to the
     companion caches (streamed in chunks like the clean features). Returns whether it was interrupted."""
+    for path in paths:
+        refuse_other_recipe(path, recipe)
     writers = [
         CacheWriter(
             views_path(p),

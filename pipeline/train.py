@@ -36,6 +36,7 @@ from .heads import NEAR_DUPLICATES, HeadResult
 from .neighbours import DEFAULT_THRESHOLD
 from .params import Options, ParamError, check_params, define
 from .runtime import require_tensorflow
+from .views import ViewRecipe
 from .web.report import build_report
 
 logger = logging.getLogger(__name__)
@@ -158,10 +159,14 @@ def train(
     accept: float | str | None = 0.95,
     storage_options: str | dict[str, Any] | None = None,
     progress: bool = True,
+    views: ViewRecipe | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> TrainResult:
     """Extract data_dir into the usual cache, fit the head into out (staged and swapped in whole, as fit-head
-    does), then write out/report.html and, with export, out/model.<format>; return where each went."""
+    does), then write out/report.html and, with export, out/model.<format>; return where each went.
+
+    views: also cache augmented views of every image (pipeline.views.view_recipe) and train on those of the
+    training images, as extract --views K and fit-head --views do."""
     from .heads import fit_head
 
     check_params(
@@ -216,6 +221,7 @@ def train(
         progress=progress,
         storage_options=storage_options,
         log=log,
+        views=views,
     )
     seconds["extract: decoding + inference (overlapped)"] = summary.extract_seconds
     seconds["extract: scan, hashing, runtime load, cache commit"] = (
@@ -240,6 +246,7 @@ def train(
         l2_normalize=l2_normalize,
         group_near_duplicates=group_near_duplicates,
         accept=accept,
+        views=views is not None,
         out=folder,
         log=log,
     )

@@ -44,6 +44,10 @@ class ViewRecipe:
         """The recipe as a canonical JSON string (what the fingerprint and the cache attributes hold)."""
         return json.dumps(asdict(self), sort_keys=True)
 
+    def as_flags(self) -> str:
+        """The options that make this recipe, as extract, fit-head and train take them."""
+        return f"--views {self.k} --views-seed {self.seed}" + ("" if self.flip else " --no-flip")
+
     def fingerprint(self, features_fingerprint: str) -> str:
         """The views cache's fingerprint: the clean features' configuration and this recipe."""
         return hashlib.sha256(f"{features_fingerprint} {self.to_json()}".encode()).hexdigest()[:16]
@@ -134,6 +138,20 @@ def load_views(cache_path: str | os.PathLike, hashes: Sequence[str]) -> tuple[np
         )
     block = np.stack([found[h] for h in hashes])
     return block.reshape(len(hashes), recipe.k, -1), recipe
+
+
+def refuse_other_recipe(cache_path: str | os.PathLike, recipe: ViewRecipe) -> None:
+    """UserError when the cache's views were made with another recipe (they are never mixed), naming the
+    options that made them."""
+    from .cache import read_attrs
+
+    path = views_path(cache_path)
+    attrs = read_attrs(path) if path.is_file() else {}
+    if VIEWS_ATTR in attrs and (found := recipe_from_attrs(attrs)) != recipe:
+        raise UserError(
+            f"{path} holds views made with {found.as_flags()}; give those options to reuse them, or delete "
+            f"the file to make views with {recipe.as_flags()}."
+        )
 
 
 def recipe_from_attrs(attrs: dict[str, Any]) -> ViewRecipe:

@@ -120,9 +120,9 @@ def test_help_lists_every_option_with_its_default() -> None:
         "--cv",
         "--export",
         "--out",
+        "--views",
     ):
         assert name in text
-    assert "--views" not in text  # multi-view features are another issue's option
 
 
 def assert_user_error(result, *fragments: str) -> None:
@@ -257,3 +257,20 @@ def test_train_reuses_the_cache_of_extract(data: Path, tmp_path: Path, shared_ru
     result = train(data, config, cache_dir=tmp_path / "c", runtime=RUNTIME, cv=3, out=tmp_path / "m", **QUIET)
     assert result.extract.cache_path == first.cache_path and result.extract.n_new == 0
     assert shared_runtime() == seen  # no image went through the backbone again
+
+
+def test_train_with_views_equals_extract_then_fit_head_with_views(data: Path, tmp_path: Path, shared_runtime) -> None:
+    from pipeline.views import view_recipe
+
+    config, views = BackboneConfig(**TINY), view_recipe(2, seed=1)
+    train(data, config, cache_dir=tmp_path / "a", runtime=RUNTIME, cv=3, out=tmp_path / "model", views=views, **QUIET)
+    summary = extract(data, config, cache_dir=tmp_path / "b", runtime=RUNTIME, views=views, **QUIET)
+    fit_head(summary.cache_path, cv=3, views=True, out=tmp_path / "head", log=lambda m: None)
+    assert_same_head(tmp_path / "model", tmp_path / "head")
+    assert load_head(tmp_path / "model").meta["options"]["views"] == 2  # trained on the views, scored on clean
+    options = (*TINY_ARGS, "--runtime", RUNTIME, "--cache-dir", tmp_path / "a", "--out", tmp_path / "m2")
+    result = invoke("train", data, *options, "--views", 2, "--views-seed", 1)
+    assert result.exit_code == 0, result.output
+    assert load_head(tmp_path / "m2").meta["options"]["views"] == 2
+    # views of another recipe are never mixed in: one line naming the options that made the cached ones
+    assert_user_error(invoke("train", data, *options, "--views", 3), "made with --views 2 --views-seed 1; give those")
