@@ -364,3 +364,17 @@ def test_planted_faults_in_flowers(tmp_path):
     assert figures["recall_top_2x"] >= 0.8, figures
     assert figures["pair_recall"] >= 0.95, figures
     assert figures["planted_cross_split"] == figures["planted_found"]  # copies of test images in training: leakage
+
+
+def test_whitening_of_few_wide_rows_equals_the_covariance_path() -> None:
+    """With fewer images than dimensions comparable_rows takes the thin SVD; its cosines are the eigh path's."""
+    X = np.random.default_rng(0).normal(size=(40, 90)) + np.linspace(0, 3, 90)
+    unit = X / np.linalg.norm(X, axis=1, keepdims=True)
+    centred = unit - unit.mean(axis=0)
+    variance, directions = np.linalg.eigh(centred.T @ centred)
+    spread = np.sqrt(np.clip(variance, 0, None))
+    expected = centred @ (directions / (spread + 0.15 * spread.max()))
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    wide, tall = comparable_rows(X), comparable_rows(np.vstack([X] * 3))  # 40 < 90 rows; 120 >= 90
+    np.testing.assert_allclose(wide @ wide.T, expected @ expected.T, atol=1e-5)
+    np.testing.assert_allclose(tall[:40] @ tall[:40].T, expected @ expected.T, atol=1e-5)
