@@ -46,10 +46,10 @@ from .backbones import BackboneConfig, build_backbone, temp_seed
 from .cache import load
 from .calibration import apply_temperature
 from .errors import UserError
-from .export import calibrated_model, linear_weights, sidecar_entries
 from .extract import extract
 from .heads import NEAR_DUPLICATES, calibration_metrics, fit_unknown, load_head, near_duplicate_hash_pairs, rows_digest
 from .images import decode_image
+from .keras_head import calibrated_model, linear_weights, sidecar_entries
 from .metrics import classification_metrics, save_metrics
 from .openset import DEFAULT_ACCEPT, save_detector
 from .params import Interval, Matches, Options, ParamError, as_number, check_params, define
@@ -362,7 +362,8 @@ def finetune(
     if head is not None:
         head.check_features(config.identity(), head.meta["feature_dim"], f"backbone {config.backbone}")
     started = time.perf_counter()
-    # the cache is the list of usable images, their classes, hashes and splits: fit-head's split exactly
+    # the cache is the list of usable images, their classes, hashes and splits, and its features find the
+    # near-duplicates fit-head groups: fit-head's split exactly (a cached dataset costs only the scan)
     summary = extract(data_dir, config, cache=cache, cache_dir=cache_dir, progress=False, log=log)
     rows = load(summary.cache_path)
     if summary.skipped:

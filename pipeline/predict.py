@@ -166,7 +166,7 @@ def _model_predictions(
 
 def split_outputs(outputs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray | None]:
     """A model file's outputs as (probabilities, unknown scores or None: a model exported or fine-tuned without a
-    detector, or before detectors existed); see export.calibrated_model."""
+    detector, or before detectors existed); see keras_head.calibrated_model."""
     return np.asarray(outputs[0]), (np.asarray(outputs[1]).reshape(-1) if len(outputs) > 1 else None)
 
 

@@ -115,15 +115,28 @@ def test_no_import_cycle_among_pipeline_modules() -> None:
             visit(node, [node])
 
 
-def test_heads_import_no_presentation_module() -> None:
-    graph = import_graph()
-    reached, todo = set(), ["pipeline.heads"]
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """The pipeline modules start imports, directly or through others."""
+    reached, todo = set(), [start]
     while todo:
         for child in graph.get(todo.pop(), ()):
             if child not in reached:
                 reached.add(child)
                 todo.append(child)
+    return reached
+
+
+def test_heads_import_no_presentation_module() -> None:
+    reached = reachable(import_graph(), "pipeline.heads")
     assert not reached & PRESENTATION, sorted(reached & PRESENTATION)
+
+
+def test_finetune_and_the_library_import_no_command_module() -> None:
+    """finetune builds its model with the shared Keras head (keras_head), not through the export command."""
+    graph = import_graph()
+    assert "pipeline.export" not in reachable(graph, "pipeline.finetune")
+    library = [m for m in graph if m not in ("pipeline.cli", "pipeline.__main__")]
+    assert "pipeline.cli" not in set().union(*(reachable(graph, m) for m in library))  # the CLI calls the library
 
 
 def test_one_version() -> None:
