@@ -9,7 +9,7 @@ BACKBONE ?= $(if $(wildcard $(SHARED)/keras-models/efficientnet_lite0_imagenet.k
 LAYER ?= $(if $(findstring .keras,$(BACKBONE)),--layer avg_pool,)
 DEMO_DIR ?= demo
 
-.PHONY: venv browser test lint docs demo clean
+.PHONY: venv browser test test-quick lint docs demo clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,10 @@ browser: venv
 
 test: venv browser
 	$(PY) -m pytest -q
+
+# The edit-test loop: every test but the slow real-process ones and the ../shared integration tests.
+test-quick: venv
+	$(PY) -m pytest -q -m "not slow and not integration"
 
 lint: venv
 	$(PY) -m ruff check .

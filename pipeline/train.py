@@ -30,9 +30,9 @@ from .audit import (
 )
 from .backbones import BackboneConfig
 from .errors import install_hint
+from .export import FORMATS, LINEAR_HEADS  # and export's option table (--quantize, --verify), which train takes
 from .extract import ExtractSummary, extract
 from .heads import NEAR_DUPLICATES, HeadResult
-from .keras_head import FORMATS, LINEAR_HEADS
 from .neighbours import DEFAULT_THRESHOLD
 from .params import Options, ParamError, check_params, define
 from .runtime import require_tensorflow
