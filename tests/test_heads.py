@@ -874,3 +874,13 @@ def test_accept_sets_the_detector_and_enters_the_fingerprint(blob_cache: Path, t
     assert load_head(tmp_path / "none").detector is None
     with pytest.raises(UserError, match="^accept is 1.5"):
         fit(blob_cache, tmp_path / "c", accept=1.5)
+
+
+def test_a_chain_of_near_duplicates_is_named_in_the_split_notes(tmp_path: Path) -> None:
+    X, y = blobs()  # 90 rows, 3 classes
+    cache = load(write_cache(tmp_path / "chain.h5", X, y, CLASS_NAMES3))
+    chain = [(i, i + 1) for i in range(0, 9)]  # rows 0-9 linked one to the next: a group of 10 (11% of 90)
+    notes = " ".join(split_rows(cache, 0.2, 0, chain).notes)
+    assert "near-duplicate links chain 10 of 90 images into one group" in notes and "--group-near-duplicates" in notes
+    pairs = [(2 * i, 2 * i + 1) for i in range(10)]  # ten pairs of copies: the usual case, no note
+    assert "chain" not in " ".join(split_rows(cache, 0.2, 0, pairs).notes)
