@@ -16,6 +16,7 @@ from pipeline.compare import compare
 from pipeline.errors import UserError
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
     pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
 ]

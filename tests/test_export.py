@@ -28,7 +28,10 @@ from pipeline.predict import predict
 from pipeline.runtime import load_model_file, sidecar_path
 from pipeline.stream import as_outputs
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
+]
 
 
 def expected_proba(w: World, head_dir: Path, data: Path, cache_path: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -533,6 +533,7 @@ def test_unicode_and_spaces_in_names(tmp_path: Path, tiny_config, cache_path, sh
 
 
 @pytest.mark.slow
+@pytest.mark.slow
 def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
     """A run crashed under Keras and resumed under TFLite: one cache, both runtimes, the same features.
 

@@ -20,6 +20,7 @@ from pipeline.heads import load_head
 from pipeline.splits import split_rows
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
     pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
 ]

@@ -31,7 +31,7 @@ CHUNK = BATCH = 4
 DELAY = 0.4  # seconds per inference batch in the runs that get killed: time to kill them half way
 REGISTRY = "cnncodes-test-actors"
 # Ray Data's own configuration code warns about its deprecated options whatever we set
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")]
 
 
 @pytest.fixture(scope="module")

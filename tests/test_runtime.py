@@ -15,6 +15,8 @@ from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.runtime import KerasRuntime, TFLiteRuntime, make_runtime, tflite_path
 
+pytestmark = pytest.mark.slow
+
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
 FLOWERS = SHARED / "datasets" / "oxford_flowers12"

@@ -134,6 +134,7 @@ def test_two_source_head_predicts_what_fit_head_measured(
     np.testing.assert_allclose([p.probabilities[0] for p in computed], [p.probabilities[0] for p in cached], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_export_of_a_two_backbone_head_agrees_with_predict(two_backbones: Path, tmp_path: Path) -> None:
     from pipeline.export import export_head
 
@@ -143,6 +144,7 @@ def test_export_of_a_two_backbone_head_agrees_with_predict(two_backbones: Path, 
     assert len(load_head(two_backbones).meta[SOURCES_KEY]) == 2
 
 
+@pytest.mark.slow
 def test_export_resizes_for_a_backbone_of_another_input_size(
     world: World,
     cnn_world: World,

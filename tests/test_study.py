@@ -27,6 +27,7 @@ from pipeline.study_report import advice, pareto_front
 from pipeline.study_results import StudyResults, StudyRow, read_study
 
 pytestmark = [
+    pytest.mark.slow,
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),
     pytest.mark.filterwarnings("ignore:`shuffle=True` was passed"),
 ]

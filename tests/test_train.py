@@ -76,6 +76,7 @@ def test_train_equals_extract_then_fit_head(data: Path, tmp_path: Path, shared_r
         assert fragment in text, fragment
 
 
+@pytest.mark.slow
 def test_train_on_real_images_equals_extract_then_fit_head(tmp_path: Path) -> None:
     """A small real dataset (12 photos per class of usd_bills_kaggle) and EfficientNet-Lite0, as a user runs it."""
     source = requires_shared("datasets", "usd_bills_kaggle")

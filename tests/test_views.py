@@ -54,6 +54,7 @@ def test_fit_head_views_without_views_is_a_one_line_error(tmp_path: Path) -> Non
     assert len(lines) == 1 and "extract DATA_DIR --views K" in lines[0]
 
 
+@pytest.mark.slow
 def test_extract_views_then_fit_head_views(world: World, tmp_path: Path) -> None:
     from pipeline.extract import extract
 
