@@ -91,6 +91,18 @@ def closed_by_server(sock: socket.socket, within_s: float) -> bool:
         return False
 
 
+def read_until_closed(sock: socket.socket) -> bytes:
+    """What the server sent before it closed sock; the head and the JSON body may come in separate packets.
+    A reset or the socket's timeout ends the answer early (closing an unread socket may reset it)."""
+    answer = b""
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return answer
+
+
 def test_300_idle_sockets_leave_health_answering(tmp_path: Path) -> None:
     """With 256 descriptors, 300 connections that send nothing used to hold them all (uvicorn times out none)."""
     with live_server(tmp_path) as (port, process):
@@ -140,10 +152,10 @@ def test_stalled_body_is_answered_408(tmp_path: Path) -> None:
         )
         start = time.monotonic()
         sock.settimeout(5)
-        answer = sock.recv(65536)
+        answer = read_until_closed(sock)
         assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
-        assert b"did not arrive within 1 s" in answer and time.monotonic() - start < 3
-        assert closed_by_server(sock, 2)
+        assert b"did not arrive within 1 s" in answer, answer
+        assert time.monotonic() - start < 3
 
 
 PART_HEAD = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
@@ -163,10 +175,7 @@ def send_until_refused(port: int, head: bytes, total: int, part: int = 1 << 20) 
                 sent += part
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             pass
-        try:
-            answer = sock.recv(65536)
-        except (ConnectionResetError, TimeoutError):
-            answer = b""
+        answer = read_until_closed(sock)
     return sent, answer
 
 
