@@ -37,7 +37,7 @@ from .neighbours import DEFAULT_THRESHOLD
 from .params import Options, ParamError, check_params, define
 from .runtime import require_tensorflow
 from .views import ViewRecipe
-from .web.report import build_report
+from .web.report import Thumbnails, build_report, report_images
 
 logger = logging.getLogger(__name__)
 
@@ -234,32 +234,43 @@ def train(
     started = time.perf_counter()
     importer.join()
     seconds["imports left after extraction"] = time.perf_counter() - started
-    started = time.perf_counter()
-    head = fit_head(
-        summary.cache_path,
-        clf,
-        cv=cv,
-        n_jobs=n_jobs,
-        class_weight=class_weight,
-        seed=seed,
-        test_size=test_size,
-        l2_normalize=l2_normalize,
-        group_near_duplicates=group_near_duplicates,
-        accept=accept,
-        views=views is not None,
-        out=folder,
-        log=log,
-    )
-    seconds["fit-head: CV sweep + refit"] = head.metrics["fit_seconds"]
-    seconds["fit-head: load, evaluate, save"] = time.perf_counter() - started - head.metrics["fit_seconds"]
-    started = time.perf_counter()
-    headline = audit_headline(head, summary.cache_path, threshold)
-    seconds["audit headline"] = time.perf_counter() - started
-    started = time.perf_counter()
-    report = build_report(
-        [folder], None, folder / REPORT_HTML, projection=projection, thumb_px=thumb_px, seed=seed, log=log
-    )
-    seconds["report"] = time.perf_counter() - started
+    with Thumbnails(thumb_px, workers=1) as thumbnails:
+        # decoding the report's images again costs about as much as the fit: start it now, on the core
+        # the fit leaves idle
+        thumbnails.start(report_images(summary.cache_path))
+        started = time.perf_counter()
+        head = fit_head(
+            summary.cache_path,
+            clf,
+            cv=cv,
+            n_jobs=n_jobs,
+            class_weight=class_weight,
+            seed=seed,
+            test_size=test_size,
+            l2_normalize=l2_normalize,
+            group_near_duplicates=group_near_duplicates,
+            accept=accept,
+            views=views is not None,
+            out=folder,
+            log=log,
+        )
+        seconds["fit-head: CV sweep + refit"] = head.metrics["fit_seconds"]
+        seconds["fit-head: load, evaluate, save"] = time.perf_counter() - started - head.metrics["fit_seconds"]
+        started = time.perf_counter()
+        headline = audit_headline(head, summary.cache_path, threshold)
+        seconds["audit headline"] = time.perf_counter() - started
+        started = time.perf_counter()
+        report = build_report(
+            [folder],
+            None,
+            folder / REPORT_HTML,
+            projection=projection,
+            thumb_px=thumb_px,
+            seed=seed,
+            thumbnails=thumbnails,
+            log=log,
+        )
+        seconds["report"] = time.perf_counter() - started
     model, check = None, {}
     if export is not None:
         from .export import export_head

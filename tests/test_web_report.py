@@ -37,7 +37,9 @@ from pipeline.artifacts import (
     write_json,
 )
 from pipeline.errors import UserError
-from pipeline.web.report import build_report
+from pipeline.web import report as web_report
+from pipeline.web.render import Thumbnails
+from pipeline.web.report import build_report, report_images
 
 
 def quiet(message: str) -> None:
@@ -82,6 +84,25 @@ def test_report_is_self_contained_and_embeds_each_image_once(report_world: Repor
         assert thumb.format == "JPEG" and thumb.size == (96, 96)
     referenced = {int(i) for i in re.findall(r'data-img="(-?\d+)"', html)} - {-1}
     assert referenced and max(referenced) < len(images)
+
+
+def test_thumbnails_started_early_are_the_ones_the_page_shows(
+    report_world: ReportWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """train starts report_images(cache) while the head fits: they are every image the page embeds, and the
+    page is the same with them as without (a pool of another size is not used)."""
+    own = image_table(build(report_world, tmp_path))
+    started = report_images(report_world.cache)
+    assert len(started) == len(own) and all(Path(p).is_file() for p in started)
+    with Thumbnails(96, workers=1) as early:
+        early.start(started)
+        assert image_table(build(report_world, tmp_path, thumbnails=early)) == own
+        assert len(early) == len(own)  # the page asked for no image that was not started
+    with Thumbnails(48) as other_size:
+        assert image_table(build(report_world, tmp_path, thumbnails=other_size)) == own
+        assert len(other_size) == 0
+    monkeypatch.setattr(web_report, "MAP_THUMBNAILS", len(own) - 1)  # the map shows a sample: start none
+    assert report_images(report_world.cache) == []
 
 
 def test_summary_table_has_intervals_and_the_paired_verdict(report_world: ReportWorld, tmp_path: Path) -> None:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import base64
 import io
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable
 
 from PIL import Image
 
@@ -66,6 +67,49 @@ def thumbnail_uri(path: str | os.PathLike, px: int = THUMBNAIL_PX, quality: int 
     buffer = io.BytesIO()
     Image.fromarray(pixels).save(buffer, format="JPEG", quality=quality, optimize=True)
     return data_uri(buffer.getvalue(), "image/jpeg")
+
+
+def thumbnail_or_problem(path: str, px: int) -> tuple[str, str]:
+    """(thumbnail data URI, '') of an image file, or ('', the reason it cannot be shown)."""
+    try:
+        return thumbnail_uri(path, px), ""
+    except Exception as exc:  # a moved or broken image gets the placeholder, never a crash
+        return "", f"{path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
+
+
+class Thumbnails:
+    """Thumbnails of image files (by path), encoded on a thread pool from the moment they are asked for.
+
+    A caller that knows which images a page will show starts them early, while other work runs: train does
+    so while the head fits, since decoding the images again costs about as much as the fit. Leaving the
+    context cancels what has not started.
+    """
+
+    def __init__(self, px: int = THUMBNAIL_PX, workers: int | None = None) -> None:
+        self.px = px
+        self._pool = ThreadPoolExecutor(workers or os.cpu_count() or 2, thread_name_prefix="cnncodes-thumbnails")
+        self._pending: dict[str, Future] = {}
+
+    def start(self, paths: Iterable[str]) -> None:
+        """Queue the thumbnails of paths that are not queued yet, in this order."""
+        for path in paths:
+            if path not in self._pending:
+                self._pending[path] = self._pool.submit(thumbnail_or_problem, path, self.px)
+
+    def get(self, path: str) -> tuple[str, str]:
+        """thumbnail_or_problem(path), waiting for it (queued now if it was not)."""
+        self.start([path])
+        return self._pending[path].result()
+
+    def __len__(self) -> int:
+        """How many thumbnails were asked for."""
+        return len(self._pending)
+
+    def __enter__(self) -> Thumbnails:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def file_uri(path: str | os.PathLike, mime: str = "image/png") -> str:

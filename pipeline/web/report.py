@@ -12,7 +12,7 @@ import csv
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -45,7 +45,7 @@ from ..plots import new_figure
 from ..study_report import STUDY_COLUMNS, table_cells
 from ..study_results import StudyResults, read_study
 from ..tables import ci_text
-from .render import THUMBNAIL_PX, figure_uri, file_uri, placeholder_uri, render, thumbnail_uri
+from .render import THUMBNAIL_PX, Thumbnails, figure_uri, file_uri, placeholder_uri, render
 
 logger = logging.getLogger(__name__)
 
@@ -59,27 +59,25 @@ ALL_PAIRS_UP_TO = 4  # with more methods, each is tested against the most accura
 
 # -- images: each embedded once, referenced by index ----------------------------------------------
 class ImageTable:
-    """Every image the page shows, by absolute path; encoded to data URIs once, in parallel, at the end."""
+    """Every image the page shows, by absolute path (image_key); encoded to data URIs once, at the end."""
 
     def __init__(self) -> None:
         self.index: dict[str, int] = {}
 
     def ref(self, root: str | os.PathLike, relpath: str) -> int:
         """The index of root/relpath in the page's image list."""
-        return self.index.setdefault(str(Path(root) / relpath), len(self.index))
+        return self.index.setdefault(image_key(root, relpath), len(self.index))
 
-    def encode(self, px: int) -> tuple[list[str], list[str]]:
+    def encode(self, thumbnails: Thumbnails) -> tuple[list[str], list[str]]:
         """(data URIs, '' for unreadable images; the unreadable paths with their reasons)."""
-
-        def one(path: str) -> tuple[str, str]:
-            try:
-                return thumbnail_uri(path, px), ""
-            except Exception as exc:  # a moved or broken image gets the placeholder, never a crash
-                return "", f"{path}: {exc.strerror if isinstance(exc, OSError) and exc.strerror else exc}"
-
-        with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
-            results = list(pool.map(one, self.index))
+        thumbnails.start(self.index)
+        results = [thumbnails.get(path) for path in self.index]
         return [uri for uri, _ in results], [problem for _, problem in results if problem]
+
+
+def image_key(root: str | os.PathLike, relpath: str) -> str:
+    """How a page names the image relpath of the dataset at root: the path its thumbnail is read from."""
+    return str(Path(root) / relpath)
 
 
 def _item(images: ImageTable, root: str, path: str, caption: list[str], wrong: bool = False) -> dict[str, Any]:
@@ -558,6 +556,20 @@ def map_section(
     }, None
 
 
+def report_images(cache_path: str | os.PathLike) -> list[str]:
+    """The images (image_key) a report of a head on this cache shows, when it shows every one of them: up
+    to MAP_THUMBNAILS images, each point of the map has its thumbnail. Empty for a bigger cache, whose map
+    shows a sample, and for a dataset in an object store."""
+    from ..cache import load
+    from ..storage import is_url
+
+    cache = load(cache_path)
+    root = str(cache.attrs.get("dataset_root", ""))
+    if not root or is_url(root) or len(cache) > MAP_THUMBNAILS:
+        return []
+    return [image_key(root, path) for path in cache.paths]
+
+
 # -- the whole report ------------------------------------------------------------------------------
 def build_report(
     folders: Sequence[str | os.PathLike],
@@ -567,11 +579,13 @@ def build_report(
     projection: str = "tsne",
     thumb_px: int = THUMBNAIL_PX,
     seed: int = 0,
+    thumbnails: Thumbnails | None = None,
     log: Callable[[str], None] = logger.info,
 ) -> Path:
     """Write one self-contained HTML report of head, run and study folders (and an audit folder).
 
-    out defaults to report.html in the output home.
+    out defaults to report.html in the output home. thumbnails: a pool of thumb_px thumbnails the caller
+    started early (the caller closes it); by default the report encodes its own.
     """
     check_params(dict(projection=projection, thumb_px=thumb_px, seed=seed))
     if not folders:
@@ -603,7 +617,9 @@ def build_report(
         notes.append(note)
     audit_part = audit_section(Path(audit), images) if audit is not None else None
     log(f"embedding {len(images.index)} thumbnails")
-    uris, missing = images.encode(thumb_px)
+    given = thumbnails is not None and thumbnails.px == thumb_px
+    with nullcontext(thumbnails) if given else Thumbnails(thumb_px) as pool:
+        uris, missing = images.encode(pool)
     if missing:
         notes.append(
             f"{len(missing)} images could not be read and are shown as a grey placeholder; first: "
