@@ -234,10 +234,11 @@ def train(
     started = time.perf_counter()
     importer.join()
     seconds["imports left after extraction"] = time.perf_counter() - started
+    early = report_images(summary.cache_path)
     with Thumbnails(thumb_px, workers=1) as thumbnails:
         # decoding the report's images again costs about as much as the fit: start it now, on the core
-        # the fit leaves idle
-        thumbnails.start(report_images(summary.cache_path))
+        # the fit leaves idle (a report of a bigger dataset picks a sample and decodes it on every core)
+        thumbnails.start(early)
         started = time.perf_counter()
         head = fit_head(
             summary.cache_path,
@@ -267,7 +268,7 @@ def train(
             projection=projection,
             thumb_px=thumb_px,
             seed=seed,
-            thumbnails=thumbnails,
+            thumbnails=thumbnails if early else None,
             log=log,
         )
         seconds["report"] = time.perf_counter() - started
