@@ -11,12 +11,15 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import tempfile
+import threading
 import warnings
+from contextlib import contextmanager
 from dataclasses import replace
 from importlib.util import find_spec
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -43,6 +46,37 @@ class Runtime(Protocol):
     def __call__(self, batch: np.ndarray) -> np.ndarray | list[np.ndarray]: ...
 
 
+@contextmanager
+def interrupt_held() -> Iterator[None]:
+    """Hold a Ctrl-C that comes during the block and raise it (KeyboardInterrupt) when the block ends.
+
+    TensorFlow calls back into Python from C++ (numpy's __array__ while it binds a tf.function's
+    inputs) and turns an exception raised there into a TypeError: a Ctrl-C that lands inside a model
+    call would end the command with a traceback instead of keeping what was finished. A second Ctrl-C
+    raises at once. Only on the main thread, and only where Ctrl-C raises KeyboardInterrupt (a server or
+    a caller with its own handler keeps it).
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    held: list[int] = []
+
+    def hold(signum: int, frame: Any) -> None:
+        if held:
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if held:
+            raise KeyboardInterrupt  # replaces what TensorFlow made of a second Ctrl-C
+
+
 class KerasRuntime:
     """The Keras model inside one traced tf.function (any batch size, one trace)."""
 
@@ -60,7 +94,8 @@ class KerasRuntime:
         self(np.zeros((1, self.image_size, self.image_size, 3), np.uint8))  # trace now, not in the first batch
 
     def __call__(self, batch: np.ndarray) -> np.ndarray | list[np.ndarray]:
-        result = self._run(batch)
+        with interrupt_held():
+            result = self._run(batch)
         return [r.numpy() for r in result] if isinstance(result, (list, tuple)) else result.numpy()
 
 

@@ -216,3 +216,42 @@ def test_efficientnet_lite0_tflite_matches_keras_on_flowers(tmp_path: Path) -> N
     assert a.shape[1] == 1280 and np.linalg.norm(a, axis=1).min() > 1  # real features, not tiny ones
     cos = cosines(a, b)
     assert cos.min() >= 0.9999, cos
+
+
+class _Features:
+    """What a traced function returns: something with .numpy()."""
+
+    def numpy(self) -> np.ndarray:
+        return np.zeros((1, 4), np.float32)
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_during_a_keras_call_is_raised_when_the_call_returns(presses: int) -> None:
+    """TensorFlow turns a KeyboardInterrupt raised in its C++ callbacks into a TypeError (extract's Ctrl-C
+    then ended in a traceback, exit 1): the runtime holds the first Ctrl-C until the call returns."""
+    import os
+    import signal
+    import time
+
+    finished = []
+
+    def call_that_mangles_interrupts(batch: np.ndarray) -> _Features:
+        try:
+            for _ in range(presses):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.05)  # the handler runs by now
+        except KeyboardInterrupt:
+            raise TypeError("Binding inputs to tf.function failed") from None
+        finished.append(True)
+        return _Features()
+
+    runtime = object.__new__(KerasRuntime)
+    runtime._run = call_that_mangles_interrupts
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):  # never the TypeError, whatever the number of presses
+            runtime(np.zeros((1, 8, 8, 3), np.uint8))
+        assert finished == ([True] if presses == 1 else [])  # one press: the call ran to its end
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
