@@ -32,8 +32,8 @@ TINY_ARGS = ["--backbone", "MobileNetV2", "--weights", "none", "--image-size", "
 # Tests run the Keras runtime unless they test TFLite: `auto` means TFLite on a CPU, and converting
 # even the tiny backbone takes about 20 s (tests that want it convert once, see test_extract.py).
 RUNTIME = "keras"
-# Session fixtures registered once for every module: world, cnn_world, finetune_run (TensorFlow-backed) and
-# report_world (a synthetic cache, heads, an audit and a study folder).
+# Session fixtures registered once for every module: world, cnn_world, finetune_run, tiny_tflite (TensorFlow-backed)
+# and report_world (a synthetic cache, heads, an audit and a study folder).
 pytest_plugins = ["model_fixtures", "report_fixtures"]
 
 

@@ -2,9 +2,11 @@
 
 One tiny dataset (3 classes x 8 images with distinct patterns), one Keras-runtime cache of the
 random-weights MobileNetV2 (alpha 0.35, 32x32), and heads fitted on it, built once per session so
-that the TensorFlow work is shared between test files. conftest.py registers this module as a plugin
-(`pytest_plugins`), so every test module can ask for `world`, `cnn_world` or `finetune_run` without
-importing them.
+that the TensorFlow work is shared between test files; the same dataset through a two-layer CNN file
+(`cnn_world`: ordinary feature norms, 2 s to convert or to trace a training step where MobileNetV2 takes
+about 20 s), its fine-tuning run (`finetune_run`), and the tiny backbone converted to TFLite once
+(`tiny_tflite`). conftest.py registers this module as a plugin (`pytest_plugins`), so every test module can
+ask for them without importing them.
 
 Random-init features are tiny (norms ~1e-10): heads meant to be compared exactly with a Keras or
 TFLite model are fitted with l2_normalize=False (see the notes in the tests).
@@ -13,6 +15,7 @@ TFLite model are fitted with l2_normalize=False (see the notes in the tests).
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,18 +133,20 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
 
 
 @pytest.fixture(scope="session")
-def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
-    """One end-to-end fine-tuning run (1 head epoch + 1 fine-tuning epoch) on the tiny dataset."""
+def finetune_run(cnn_world: World, tmp_path_factory: pytest.TempPathFactory):
+    """One end-to-end fine-tuning run (1 head epoch + 1 fine-tuning epoch) of the small CNN on the tiny dataset
+    (tracing the tiny MobileNetV2's training step took most of 30 s; test_finetune.py trains it where the point
+    is MobileNetV2's own layers)."""
     from pipeline.cache import copy_cache
     from pipeline.finetune import finetune
 
     root = tmp_path_factory.mktemp("finetune_run")
-    cache = root / "tiny.h5"
-    copy_cache(world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
+    cache = root / "cnn.h5"
+    copy_cache(cnn_world.cache, cache)  # finetune re-commits its cache: keep the shared one untouched
     messages: list[str] = []
     result = finetune(
-        world.data,
-        TINY_CONFIG,
+        cnn_world.data,
+        cnn_world.config,
         epochs=1,
         head_epochs=1,
         batch_size=8,
@@ -150,6 +155,31 @@ def finetune_run(world: World, tmp_path_factory: pytest.TempPathFactory):
         log=quiet(messages),
     )
     return result, messages
+
+
+@dataclass
+class Conversion:
+    """The tiny backbone converted to TFLite once: the file and what make_runtime logged while converting."""
+
+    path: Path
+    messages: list[str]
+
+    def place(self, folder: Path) -> Path:
+        """Copy the converted file into folder, where extract finds it as its own earlier conversion."""
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copy(self.path, folder / self.path.name))
+
+
+@pytest.fixture(scope="session")
+def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """The tiny backbone converted to TFLite by make_runtime, once per session (about 20 s a conversion): the
+    modules that run TFLite place it beside their caches instead of converting the same configuration again."""
+    from pipeline.runtime import make_runtime, tflite_path
+
+    folder = tmp_path_factory.mktemp("tiny_tflite")
+    messages: list[str] = []
+    make_runtime(TINY_CONFIG.resolved(), "tflite", tflite_dir=folder, log=quiet(messages))
+    return Conversion(tflite_path(TINY_CONFIG.resolved(), folder), messages)
 
 
 def save_small_cnn(path: Path) -> Path:

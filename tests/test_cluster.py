@@ -16,14 +16,14 @@ import time
 from pathlib import Path
 
 import pytest
-from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
+from model_fixtures import TINY_CONFIG, Conversion, assert_same_cache, make_pattern_dataset, quiet
 from object_store import S3
 
 from pipeline.cache import load
 from pipeline.extract import extract
 
 NO_RAY = "Ray is not installed (pip install 'cnncodes[ray]'): the Ray engine cannot be tested"
-RUNTIME = "tflite"  # the CPU actors' runtime, converted once beside the caches
+RUNTIME = "tflite"  # the CPU actors' runtime: the session's conversion, placed beside the caches
 BATCH = 4
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600), pytest.mark.filterwarnings("ignore::DeprecationWarning")]
 
@@ -56,13 +56,15 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("caches")
+def caches(tiny_tflite: Conversion, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("caches")
+    tiny_tflite.place(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def reference(data: Path, caches: Path) -> Path:
-    """The local engine's cache (the backbone is converted to TFLite here, once)."""
+    """The local engine's cache."""
     return extract(
         data, TINY_CONFIG, cache=caches / "local.h5", runtime=RUNTIME, engine="local", progress=False, log=quiet()
     ).cache_path

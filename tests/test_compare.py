@@ -25,15 +25,17 @@ NUMBERS = ("accuracy", "balanced_accuracy", "macro_f1", "train_seconds", "infere
 
 
 @pytest.fixture(scope="module")
-def compared(world: World, finetune_run, tmp_path_factory: pytest.TempPathFactory):
+def compared(cnn_world: World, finetune_run, tmp_path_factory: pytest.TempPathFactory):
+    """The small CNN's logreg head against its fine-tuning run."""
     result, _ = finetune_run
     out = tmp_path_factory.mktemp("compare") / "cmp"
     messages: list[str] = []
-    rows, folder = compare([world.heads["logreg"], result.folder], out=out, log=quiet(messages))
+    rows, folder = compare([cnn_world.heads["logreg"], result.folder], out=out, log=quiet(messages))
     return rows, folder, result, messages
 
 
-def test_compare_writes_three_files_one_row_per_input(world: World, compared) -> None:
+def test_compare_writes_three_files_one_row_per_input(cnn_world: World, compared) -> None:
+    world = cnn_world
     rows, folder, result, messages = compared
     assert folder.is_dir()
     for name in ("compare.md", "compare.json", "compare.png"):

@@ -533,13 +533,24 @@ def test_unicode_and_spaces_in_names(tmp_path: Path, tiny_config, cache_path, sh
 
 
 @pytest.mark.slow
-@pytest.mark.slow
-def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, shared_runtime, monkeypatch) -> None:
+def test_tflite_rows_match_keras_rows(
+    tmp_path: Path, tiny_config, cache_path, shared_runtime, tiny_tflite, monkeypatch
+) -> None:
     """A run crashed under Keras and resumed under TFLite: one cache, both runtimes, the same features.
 
     The fingerprint leaves the runtime out, so rows from both may share a cache; that is only sound
-    when they agree. Converting the tiny backbone takes about 20 s, once.
+    when they agree. The conversion extract asks for hands over the session's (the same configuration,
+    converted once per test run: about 20 s).
     """
+    import pipeline.runtime as runtime_module
+
+    conversions: list[Path] = []
+
+    def session_conversion(model, path, quantize="none", input_dtype="uint8"):
+        conversions.append(Path(path))
+        return Path(shutil.copy(tiny_tflite.path, path))
+
+    monkeypatch.setattr(runtime_module, "convert_to_tflite", session_conversion)
     data = make_dataset(tmp_path / "data", per_class=6)
     with monkeypatch.context() as mp:
         flaky_flush(mp, 1, RuntimeError("simulated crash"))
@@ -551,7 +562,7 @@ def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, s
     )
     assert (summary.n_resumed, summary.n_new, summary.runtime) == (4, 14, "tflite")
     converted = cache_path.parent / f"MobileNetV2-32-{tiny_config.resolved().fingerprint()}.tflite"
-    assert converted.is_file() and any("converting the backbone to TFLite" in m for m in messages)
+    assert conversions == [converted] and any("converting the backbone to TFLite" in m for m in messages)
     c = load(cache_path)
     assert sorted(c.runtime) == ["keras"] * 4 + ["tflite"] * 14
 
@@ -560,12 +571,11 @@ def test_tflite_rows_match_keras_rows(tmp_path: Path, tiny_config, cache_path, s
     assert_same_features(c.features, np.stack([want[h] for h in c.content_hash]))
 
     import pipeline.extract as extract_module
-    import pipeline.runtime as runtime_module
 
     monkeypatch.setattr(extract_module, "make_runtime", runtime_module.make_runtime)  # no memo: really load it
     messages.clear()  # a second cache in the same folder reuses the conversion
     again = extract(
         data, tiny_config, cache=cache_path.with_name("other.h5"), runtime="tflite", progress=False, log=messages.append
     )
-    assert again.n_new == 18 and not any("converting" in m for m in messages)
+    assert again.n_new == 18 and not any("converting" in m for m in messages) and len(conversions) == 1
     assert_same_features(load(again.cache_path).features, load(reference.cache_path).features)

@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import ROOT, add_broken
-from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
+from model_fixtures import TINY_CONFIG, Conversion, assert_same_cache, make_pattern_dataset, quiet
 
 from pipeline.cache import load
 from pipeline.errors import UserError
 from pipeline.extract import extract
 
 NO_RAY = "Ray is not installed (pip install 'cnncodes[ray]'): the Ray engine cannot be tested"
-# TFLite, the CPU actors' runtime: converted once (beside the caches), then no actor imports TensorFlow
+# TFLite, the CPU actors' runtime: the session's conversion placed beside the caches; no actor imports TensorFlow
 RUNTIME = "tflite"
 CHUNK = BATCH = 4
 DELAY = 0.4  # seconds per inference batch in the runs that get killed: time to kill them half way
@@ -59,14 +59,16 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder for every cache of the module: the converted backbone beside them is shared."""
-    return tmp_path_factory.mktemp("caches")
+def caches(tiny_tflite: Conversion, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for every cache of the module, with the session's converted backbone beside them."""
+    folder = tmp_path_factory.mktemp("caches")
+    tiny_tflite.place(folder)
+    return folder
 
 
 @pytest.fixture(scope="module")
 def reference(data: Path, caches: Path) -> Path:
-    """The local engine's cache of the dataset (the backbone is converted to TFLite here, once)."""
+    """The local engine's cache of the dataset."""
     cache = caches / "local.h5"
     extract(data, TINY_CONFIG, cache=cache, runtime=RUNTIME, progress=False, log=quiet())
     return cache

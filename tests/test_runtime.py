@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import TINY_CONFIG, World, quiet
+from model_fixtures import TINY_CONFIG, Conversion, World, quiet
 
 from pipeline.cache import load
 from pipeline.errors import UserError
@@ -42,9 +42,10 @@ def paired(keras_cache, tflite_cache) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def tflite_extract(world: World, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny dataset extracted again with runtime='tflite' (one conversion, cached beside the cache)."""
+def tflite_extract(world: World, tiny_tflite: Conversion, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny dataset extracted again with runtime='tflite', the session's conversion placed beside the cache."""
     folder = tmp_path_factory.mktemp("tflite_cache")
+    tiny_tflite.place(folder)
     messages: list[str] = []
     summary = extract(
         world.data, TINY_CONFIG, cache=folder / "tiny.h5", runtime="tflite", progress=False, log=quiet(messages)
@@ -75,13 +76,14 @@ def test_tflite_features_match_keras_features(world: World, tflite_extract) -> N
 
 
 def test_converted_file_is_named_by_fingerprint_and_reused(
-    world: World, tflite_extract, monkeypatch: pytest.MonkeyPatch
+    world: World, tiny_tflite: Conversion, tflite_extract, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     summary, messages, folder = tflite_extract
     converted = tflite_path(world.config, folder)
-    assert converted.name == f"MobileNetV2-32-{world.config.fingerprint()}.tflite"
+    assert converted.name == tiny_tflite.path.name == f"MobileNetV2-32-{world.config.fingerprint()}.tflite"
     assert converted.is_file()
-    assert sum(CONVERTING in m for m in messages) == 1
+    assert sum(CONVERTING in m for m in tiny_tflite.messages) == 1  # make_runtime converted once, saying so
+    assert not any(CONVERTING in m for m in messages)  # extract found the conversion beside its cache
     mtime = converted.stat().st_mtime_ns
 
     import pipeline.runtime as runtime_module
