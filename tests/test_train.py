@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,6 +54,16 @@ def assert_same_head(trained: Path, fitted: Path) -> None:
 @pytest.fixture
 def data(tmp_path: Path) -> Path:
     return make_dataset(tmp_path / "data", per_class=8)
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(dataset, cache folder) extracted once: a train process that finds every image cached imports no TensorFlow,
+    so the kill tests below spend their seconds on the stages they kill."""
+    root = tmp_path_factory.mktemp("extracted")
+    data = make_dataset(root / "data", per_class=8)
+    extract(data, BackboneConfig(**TINY), cache_dir=root / "c", runtime=RUNTIME, **QUIET)
+    return data, root / "c"
 
 
 def test_train_equals_extract_then_fit_head(data: Path, tmp_path: Path, shared_runtime) -> None:
@@ -194,8 +205,10 @@ app()
     ],
 )
 def test_killed_train_leaves_no_half_written_folder_or_report(
-    data: Path, tmp_path: Path, signal_name: str, module: str, function: str, after_real: bool
+    extracted: tuple[Path, Path], tmp_path: Path, signal_name: str, module: str, function: str, after_real: bool
 ) -> None:
+    data, caches = extracted
+    shutil.copytree(caches, tmp_path / "c")  # the stages killed here come after extraction
     out = tmp_path / "model"
     argv = [
         "train",
