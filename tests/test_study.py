@@ -244,7 +244,8 @@ def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: p
 
     real = finetune_module.finetune
     monkeypatch.setattr(finetune_module, "finetune", lambda *a, **k: real(*a, **k, epochs=1, batch_size=8))
-    data = run_study(tmp_path, finetune=True).data
+    # the two-layer CNN file: tracing the tiny MobileNetV2's training step took most of this test's 17-20 s
+    data = run_study(tmp_path, finetune=True, backbones=str(save_small_cnn(tmp_path / "small_cnn.keras"))).data
     tuned = data.finetune
     assert tuned.init_head == "winner"
     assert data.rows[-1].kind == "finetune" and data.rows[-1].head_dir == "finetune"
