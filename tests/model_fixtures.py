@@ -32,6 +32,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 
 TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
+LITE0 = ROOT.parent / "shared" / "keras-models" / "efficientnet_lite0_imagenet.keras"
 CLASSES3 = ("bars", "checks", "speckle")
 CLASSES2 = ("bars", "checks")
 PER_CLASS = 8
@@ -180,6 +181,21 @@ def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
     messages: list[str] = []
     make_runtime(TINY_CONFIG.resolved(), "tflite", tflite_dir=folder, log=quiet(messages))
     return Conversion(tflite_path(TINY_CONFIG.resolved(), folder), messages)
+
+
+@pytest.fixture(scope="session")
+def lite0_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    """EfficientNet-Lite0 (avg_pool) from ../shared converted to TFLite by make_runtime, once per session (about
+    15 s): the integration tests on real images place it beside their caches and run TFLite (3-4x Keras' speed)."""
+    from pipeline.runtime import make_runtime, tflite_path
+
+    if not LITE0.is_file():
+        pytest.skip(f"{LITE0} is absent (the real models and datasets live in {LITE0.parents[1]})")
+    config = BackboneConfig(str(LITE0), layer="avg_pool").resolved()
+    folder = tmp_path_factory.mktemp("lite0_tflite")
+    messages: list[str] = []
+    make_runtime(config, "tflite", tflite_dir=folder, log=quiet(messages))
+    return Conversion(tflite_path(config, folder), messages)
 
 
 def save_small_cnn(path: Path) -> Path:

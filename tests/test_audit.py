@@ -337,11 +337,11 @@ def test_audit_command_never_imports_tensorflow(planted, tmp_path):
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_planted_faults_in_flowers(tmp_path):
+def test_planted_faults_in_flowers(tmp_path, lite0_tflite):
     """bench/audit.py on 4 flower classes: 5% of the images moved to a wrong class, 20 test images
     re-encoded into training. Most moved images must lead the label issues, nearly every copy be found."""
     requires_shared("datasets", "oxford_flowers12")
-    requires_shared("keras-models", "efficientnet_lite0_imagenet.keras")
+    lite0_tflite.place(tmp_path)  # beside the bench's caches: it runs TFLite without converting again
     out = subprocess.run(
         [
             sys.executable,
@@ -349,7 +349,7 @@ def test_planted_faults_in_flowers(tmp_path):
             "--classes",
             "4",
             "--runtime",
-            "keras",
+            "tflite",
             "--work",
             str(tmp_path),
         ],

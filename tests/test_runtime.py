@@ -195,10 +195,13 @@ def test_extract_refuses_unknown_runtime(world: World, tmp_path: Path) -> None:
 
 @pytest.mark.integration
 @pytest.mark.slow
-def test_efficientnet_lite0_tflite_matches_keras_on_flowers(tmp_path: Path) -> None:
-    if not LITE0.is_file() or not FLOWERS.is_dir():
-        pytest.skip(f"{LITE0} or {FLOWERS} is absent (the real models and datasets live in {SHARED})")
+def test_efficientnet_lite0_tflite_matches_keras_on_flowers(tmp_path: Path, lite0_tflite: Conversion) -> None:
+    if not FLOWERS.is_dir():
+        pytest.skip(f"{FLOWERS} is absent (the real models and datasets live in {SHARED})")
     from pipeline.backbones import BackboneConfig
+
+    assert sum(CONVERTING in m for m in lite0_tflite.messages) == 1  # make_runtime converted the real model
+    lite0_tflite.place(tmp_path / "tflite")
 
     data = tmp_path / "flowers"
     classes = sorted(p for p in FLOWERS.iterdir() if p.is_dir())

@@ -88,7 +88,7 @@ def test_train_equals_extract_then_fit_head(data: Path, tmp_path: Path, shared_r
 
 
 @pytest.mark.slow
-def test_train_on_real_images_equals_extract_then_fit_head(tmp_path: Path) -> None:
+def test_train_on_real_images_equals_extract_then_fit_head(tmp_path: Path, lite0_tflite) -> None:
     """A small real dataset (12 photos per class of usd_bills_kaggle) and EfficientNet-Lite0, as a user runs it."""
     source = requires_shared("datasets", "usd_bills_kaggle")
     lite0 = requires_shared("keras-models", "efficientnet_lite0_imagenet.keras")
@@ -98,9 +98,11 @@ def test_train_on_real_images_equals_extract_then_fit_head(tmp_path: Path) -> No
         for image in sorted(folder.iterdir())[:12]:
             (data / folder.name / image.name).symlink_to(image)
     config = BackboneConfig(str(lite0), layer="avg_pool")
-    # the Keras runtime: converting Lite0 to TFLite (minutes) would cost more than these 84 images
-    result = train(data, config, cache_dir=tmp_path / "a", runtime="keras", out=tmp_path / "model", **QUIET)
-    summary = extract(data, config, cache_dir=tmp_path / "b", runtime="keras", **QUIET)
+    # TFLite, as on a user's CPU, with the session's conversion beside both caches
+    lite0_tflite.place(tmp_path / "a"), lite0_tflite.place(tmp_path / "b")
+    result = train(data, config, cache_dir=tmp_path / "a", runtime="tflite", out=tmp_path / "model", **QUIET)
+    summary = extract(data, config, cache_dir=tmp_path / "b", runtime="tflite", **QUIET)
+    assert (result.extract.runtime, summary.runtime) == ("tflite", "tflite")
     fit_head(summary.cache_path, out=tmp_path / "head", log=lambda m: None)
     assert_same_head(tmp_path / "model", tmp_path / "head")
     assert result.head.metrics["accuracy"] > 0.5  # real features; chance is 1/7
