@@ -72,7 +72,7 @@ def free_port() -> int:
 
 
 @contextmanager
-def running_server(head: Path, log_path: Path) -> Iterator[str]:
+def running_server(head: Path, log_path: Path, runtime: str) -> Iterator[str]:
     """`cli.py serve --head HEAD` in a subprocess on a free loopback port; its base URL once /health answers."""
     import httpx
 
@@ -80,7 +80,7 @@ def running_server(head: Path, log_path: Path) -> Iterator[str]:
     url = f"http://127.0.0.1:{port}/"
     with open(log_path, "w") as log:
         server = subprocess.Popen(
-            [sys.executable, "cli.py", "serve", "--head", str(head), "--port", str(port), "--runtime", "keras"],
+            [sys.executable, "cli.py", "serve", "--head", str(head), "--port", str(port), "--runtime", runtime],
             cwd=ROOT,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -109,7 +109,8 @@ def running_server(head: Path, log_path: Path) -> Iterator[str]:
 def served_head(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path, Path, str | None]:
     """(head folder, an image it did not see, the image's true class or None).
 
-    With ../shared: Lite0 on 3 flower classes x 10 images, and a held-out flower of one of them.
+    With ../shared: Lite0 on 3 flower classes x 10 images, and a held-out flower of one of them (TFLite: the
+    session's conversion beside the cache, where the server finds it too).
     Without: the tiny random-weights head of model_fixtures, and a generated image.
     """
     if FLOWERS.is_dir() and LITE0.is_file():
@@ -122,9 +123,10 @@ def served_head(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path
             (root / "data" / cls).mkdir(parents=True)
             for image in sorted((FLOWERS / cls).glob("*.jpg"))[:10]:
                 shutil.copy(image, root / "data" / cls / image.name)
+        request.getfixturevalue("lite0_tflite").place(root)
         config = BackboneConfig(str(LITE0), "imagenet", "avg_pool")
         summary = extract(
-            root / "data", config, cache=root / "flowers3.h5", runtime="keras", progress=False, log=lambda m: None
+            root / "data", config, cache=root / "flowers3.h5", runtime="tflite", progress=False, log=lambda m: None
         )
         head = fit_head(summary.cache_path, "logreg", cv=3, n_jobs=1, out=root / "head", log=lambda m: None).folder
         held_out = sorted((FLOWERS / "daisy").glob("*.jpg"))[-1]
@@ -135,6 +137,16 @@ def served_head(tmp_path_factory: pytest.TempPathFactory, request) -> tuple[Path
     image = tmp_path_factory.mktemp("upload") / "checks.png"
     Image.fromarray(pattern("checks", 99)).save(image)
     return tiny.heads["logreg"], image, None
+
+
+@pytest.fixture(scope="module")
+def server(served_head, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """One `serve` process for the module's page tests (TFLite for the Lite0 head, Keras for the tiny one)."""
+    head, _, true_class = served_head
+    with running_server(
+        head, tmp_path_factory.mktemp("serve") / "serve.log", "tflite" if true_class else "keras"
+    ) as url:
+        yield url
 
 
 @contextmanager
@@ -161,56 +173,56 @@ def other_site(html: str) -> Iterator[str]:
         site.shutdown()
 
 
-def test_serve_page_classifies_an_uploaded_image(page, browser, served_head, tmp_path: Path) -> None:
+def test_serve_page_classifies_an_uploaded_image(page, browser, served_head, server: str, tmp_path: Path) -> None:
     import httpx
 
-    head, image, true_class = served_head
-    with running_server(head, tmp_path / "serve.log") as url:
-        classes = httpx.get(url + "health").json()["classes"]
-        page.goto(url)
-        page.set_input_files("#files", str(image))
-        card = page.locator(".result.prediction")
-        card.wait_for(timeout=120_000)
-        predicted = card.locator(".row.first .cls").inner_text()
-        bar = card.locator(".row.first .fill")
-        probability = float(bar.get_attribute("data-probability"))
-        shown = bar.evaluate("e => e.getBoundingClientRect().width / e.parentNode.getBoundingClientRect().width")
-        assert card.locator(".name").inner_text() == image.name
-        assert predicted in classes and card.locator(".row").count() == min(5, len(classes))
-        assert abs(shown - probability) < 0.02  # the bar is as long as the probability
-        assert card.locator(".row.first .pct").inner_text() == f"{100 * probability:.1f}%"
-        if true_class:  # Lite0 on flowers: the held-out daisy is a daisy
-            assert predicted == true_class and probability > 1 / len(classes)
-        with open(image, "rb") as handle:  # the page shows what the API answers
-            api = httpx.post(url + "predict", files={"files": (image.name, handle)}).json()
-        assert api["predictions"][0]["top"][0]["class"] == predicted
-        assert abs(api["predictions"][0]["top"][0]["probability"] - probability) < 1e-6
-        page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
-        assert page.errors == []
-        # a file that is not an image: the card says why, naming the file, and the server stays up
-        bad = tmp_path / "notes.jpg"
-        bad.write_text("not an image")
-        page.set_input_files("#files", str(bad))
-        error = page.locator(".result.failed .error")
-        error.wait_for(timeout=60_000)
-        assert "notes.jpg" in error.inner_text() and "not an image" in error.inner_text()
-        assert httpx.get(url + "health").status_code == 200
-        calls = httpx.get(url + "health").json()["model_calls"]
-        # another site's page posts a form with an image to the server (a CORS 'simple request'): refused, unrun
-        form = (
-            f'<form id="f" method="post" enctype="multipart/form-data" action="{url}predict">'
-            '<input type="file" name="files" id="files"></form>'
-        )
-        with other_site(form) as site:
-            context = browser.new_context()
-            hostile = context.new_page()
-            hostile.goto(site)
-            hostile.set_input_files("#files", str(image))
-            with hostile.expect_response(url + "predict") as answer:
-                hostile.evaluate("document.getElementById('f').submit()")
-            assert answer.value.status == 403 and "other origins" in answer.value.json()["error"]
-            context.close()
-        assert httpx.get(url + "health").json()["model_calls"] == calls
+    _, image, true_class = served_head
+    url = server
+    classes = httpx.get(url + "health").json()["classes"]
+    page.goto(url)
+    page.set_input_files("#files", str(image))
+    card = page.locator(".result.prediction")
+    card.wait_for(timeout=120_000)
+    predicted = card.locator(".row.first .cls").inner_text()
+    bar = card.locator(".row.first .fill")
+    probability = float(bar.get_attribute("data-probability"))
+    shown = bar.evaluate("e => e.getBoundingClientRect().width / e.parentNode.getBoundingClientRect().width")
+    assert card.locator(".name").inner_text() == image.name
+    assert predicted in classes and card.locator(".row").count() == min(5, len(classes))
+    assert abs(shown - probability) < 0.02  # the bar is as long as the probability
+    assert card.locator(".row.first .pct").inner_text() == f"{100 * probability:.1f}%"
+    if true_class:  # Lite0 on flowers: the held-out daisy is a daisy
+        assert predicted == true_class and probability > 1 / len(classes)
+    with open(image, "rb") as handle:  # the page shows what the API answers
+        api = httpx.post(url + "predict", files={"files": (image.name, handle)}).json()
+    assert api["predictions"][0]["top"][0]["class"] == predicted
+    assert abs(api["predictions"][0]["top"][0]["probability"] - probability) < 1e-6
+    page.screenshot(path=str(tmp_path / "serve.png"), full_page=True)
+    assert page.errors == []
+    # a file that is not an image: the card says why, naming the file, and the server stays up
+    bad = tmp_path / "notes.jpg"
+    bad.write_text("not an image")
+    page.set_input_files("#files", str(bad))
+    error = page.locator(".result.failed .error")
+    error.wait_for(timeout=60_000)
+    assert "notes.jpg" in error.inner_text() and "not an image" in error.inner_text()
+    assert httpx.get(url + "health").status_code == 200
+    calls = httpx.get(url + "health").json()["model_calls"]
+    # another site's page posts a form with an image to the server (a CORS 'simple request'): refused, unrun
+    form = (
+        f'<form id="f" method="post" enctype="multipart/form-data" action="{url}predict">'
+        '<input type="file" name="files" id="files"></form>'
+    )
+    with other_site(form) as site:
+        context = browser.new_context()
+        hostile = context.new_page()
+        hostile.goto(site)
+        hostile.set_input_files("#files", str(image))
+        with hostile.expect_response(url + "predict") as answer:
+            hostile.evaluate("document.getElementById('f').submit()")
+        assert answer.value.status == 403 and "other origins" in answer.value.json()["error"]
+        context.close()
+    assert httpx.get(url + "health").json()["model_calls"] == calls
     assert all(u.startswith((url, "blob:", "data:")) for u in page.requests), page.requests
 
 
@@ -260,11 +272,11 @@ def test_report_opens_from_disk_and_its_cells_open_their_images(page, report_wor
     assert page.errors == []
 
 
-def test_serve_page_shows_a_bank_note_as_unknown(page, served_head, tmp_path: Path) -> None:
+def test_serve_page_shows_a_bank_note_as_unknown(page, served_head, server: str, tmp_path: Path) -> None:
     """The flowers head's detector: a held-out daisy shows its class, a bank note shows in grey as unknown."""
     import httpx
 
-    head, flower, true_class = served_head
+    _, flower, true_class = served_head
     if true_class is None:
         pytest.skip(f"needs the Lite0 flowers head ({SHARED} is absent)")
     notes = SHARED / "datasets" / "usd_bills_kaggle" / "1_dollar"
@@ -273,29 +285,29 @@ def test_serve_page_shows_a_bank_note_as_unknown(page, served_head, tmp_path: Pa
     note = min(
         (p for p in notes.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png")), key=lambda p: p.stat().st_size
     )
-    with running_server(head, tmp_path / "serve.log") as url:
-        health = httpx.get(url + "health").json()
-        assert health["unknown_detector"] is True
-        page.goto(url)
-        assert "unknown detector on" in page.locator("#detector").inner_text()
-        page.set_input_files("#files", str(flower))
-        page.locator(".result.prediction").wait_for(timeout=120_000)
-        page.set_input_files("#files", str(note))
-        page.locator(".result.prediction.unknown").wait_for(timeout=120_000)
-        cards = page.locator(".result.prediction")
-        assert cards.count() == 2
-        note_card, flower_card = cards.nth(0), cards.nth(1)  # the newest card comes first
-        assert note_card.locator(".name").inner_text() == note.name
-        assert "unknown" not in (flower_card.get_attribute("class") or "")
-        assert flower_card.locator(".row.first .cls").inner_text() == true_class
-        verdict = note_card.locator(".verdict").inner_text()
-        closest = note_card.locator(".row.first .cls").inner_text()
-        percent = round(100 * float(note_card.locator(".row.first .fill").get_attribute("data-probability")))
-        assert verdict == f"Not one of my {len(health['classes'])} classes (closest: {closest}, {percent}%)"
-        grey = note_card.evaluate("e => getComputedStyle(e).backgroundColor")
-        assert grey == "rgb(243, 243, 243)"
-        with open(note, "rb") as handle:
-            api = httpx.post(url + "predict", files={"files": (note.name, handle)}).json()["predictions"][0]
-        assert api["unknown"] is True and api["unknown_score"] > health["unknown_threshold"]
-        page.screenshot(path=str(tmp_path / "serve-unknown.png"), full_page=True)
-        assert page.errors == []
+    url = server
+    health = httpx.get(url + "health").json()
+    assert health["unknown_detector"] is True
+    page.goto(url)
+    assert "unknown detector on" in page.locator("#detector").inner_text()
+    page.set_input_files("#files", str(flower))
+    page.locator(".result.prediction").wait_for(timeout=120_000)
+    page.set_input_files("#files", str(note))
+    page.locator(".result.prediction.unknown").wait_for(timeout=120_000)
+    cards = page.locator(".result.prediction")
+    assert cards.count() == 2
+    note_card, flower_card = cards.nth(0), cards.nth(1)  # the newest card comes first
+    assert note_card.locator(".name").inner_text() == note.name
+    assert "unknown" not in (flower_card.get_attribute("class") or "")
+    assert flower_card.locator(".row.first .cls").inner_text() == true_class
+    verdict = note_card.locator(".verdict").inner_text()
+    closest = note_card.locator(".row.first .cls").inner_text()
+    percent = round(100 * float(note_card.locator(".row.first .fill").get_attribute("data-probability")))
+    assert verdict == f"Not one of my {len(health['classes'])} classes (closest: {closest}, {percent}%)"
+    grey = note_card.evaluate("e => getComputedStyle(e).backgroundColor")
+    assert grey == "rgb(243, 243, 243)"
+    with open(note, "rb") as handle:
+        api = httpx.post(url + "predict", files={"files": (note.name, handle)}).json()["predictions"][0]
+    assert api["unknown"] is True and api["unknown_score"] > health["unknown_threshold"]
+    page.screenshot(path=str(tmp_path / "serve-unknown.png"), full_page=True)
+    assert page.errors == []
