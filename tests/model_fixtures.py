@@ -3,8 +3,8 @@
 One tiny dataset (3 classes x 8 images with distinct patterns), one Keras-runtime cache of the
 random-weights MobileNetV2 (alpha 0.35, 32x32), and heads fitted on it, built once per session so
 that the TensorFlow work is shared between test files; the same dataset through a two-layer CNN file
-(`cnn_world`: ordinary feature norms, 2 s to convert or to trace a training step where MobileNetV2 takes
-about 20 s), its fine-tuning run (`finetune_run`), and the tiny backbone converted to TFLite once
+(`cnn_world`: ordinary feature norms; 1 s to convert where the tiny MobileNetV2 takes 9 s, and its training
+step traces in seconds), its fine-tuning run (`finetune_run`), and the tiny backbone converted to TFLite once
 (`tiny_tflite`). conftest.py registers this module as a plugin (`pytest_plugins`), so every test module can
 ask for them without importing them.
 
@@ -173,7 +173,7 @@ class Conversion:
 
 @pytest.fixture(scope="session")
 def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
-    """The tiny backbone converted to TFLite by make_runtime, once per session (about 20 s a conversion): the
+    """The tiny backbone converted to TFLite by make_runtime, once per session (about 9 s a conversion): the
     modules that run TFLite place it beside their caches instead of converting the same configuration again."""
     from pipeline.runtime import make_runtime, tflite_path
 

@@ -29,7 +29,7 @@ CHUNK, BATCH = 16, 8
 
 
 def cli_args(data: Path, cache: Path) -> list[str]:
-    # --runtime keras: TFLite would first convert the model (about 20 s) and then finish 300 tiny images
+    # --runtime keras: TFLite would first convert the model (about 9 s) and then finish 300 tiny images
     # in a blink, too fast to stop it half way; the journal and the commit do not depend on the runtime.
     return [
         sys.executable,

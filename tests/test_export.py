@@ -2,8 +2,8 @@
 scikit-learn head on raw pixels; predict --model; export refusals.
 
 The exports of both formats are of a small CNN whose features have ordinary norms (cnn_world, L2-normalised
-heads): the fold does not depend on the backbone, and converting it takes 2 s where the tiny MobileNetV2 takes
-about 20 s (a real Keras Applications backbone is converted in test_runtime.py). Heads of the random-init
+heads): the fold does not depend on the backbone, and converting it takes 1 s where the tiny MobileNetV2 takes
+about 9 s (a real Keras Applications backbone is converted in test_runtime.py). Heads of the random-init
 MobileNetV2 (world) compared to 1e-4 are fitted with l2_normalize=False: its features have norms ~1e-10, below
 which scikit-learn's Normalizer leaves vectors unscaled while Keras' UnitNormalization still scales them.
 """
@@ -212,7 +212,7 @@ def test_export_suffix_must_match_format(
 ) -> None:
     import pipeline.export as export_module
 
-    def fake_convert(model, path, quantize="none", input_dtype="uint8"):  # a real conversion takes ~15 s
+    def fake_convert(model, path, quantize="none", input_dtype="uint8"):  # a real conversion takes seconds
         shutil.copy(exported["logreg", "tflite"], path)
         return Path(path)
 

@@ -540,7 +540,7 @@ def test_tflite_rows_match_keras_rows(
 
     The fingerprint leaves the runtime out, so rows from both may share a cache; that is only sound
     when they agree. The conversion extract asks for hands over the session's (the same configuration,
-    converted once per test run: about 20 s).
+    converted once per test run: about 9 s).
     """
     import pipeline.runtime as runtime_module
 
