@@ -186,7 +186,7 @@ def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
 @pytest.fixture(scope="session")
 def lite0_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
     """EfficientNet-Lite0 (avg_pool) from ../shared converted to TFLite by make_runtime, once per session (about
-    15 s): the integration tests on real images place it beside their caches and run TFLite (3-4x Keras' speed)."""
+    10 s): the integration tests on real images place it beside their caches and run TFLite (3-4x Keras' speed)."""
     from pipeline.runtime import make_runtime, tflite_path
 
     if not LITE0.is_file():
