@@ -99,7 +99,8 @@ def test_train_on_real_images_equals_extract_then_fit_head(tmp_path: Path, lite0
             (data / folder.name / image.name).symlink_to(image)
     config = BackboneConfig(str(lite0), layer="avg_pool")
     # TFLite, as on a user's CPU, with the session's conversion beside both caches
-    lite0_tflite.place(tmp_path / "a"), lite0_tflite.place(tmp_path / "b")
+    for cache_dir in ("a", "b"):
+        lite0_tflite.place(tmp_path / cache_dir)
     result = train(data, config, cache_dir=tmp_path / "a", runtime="tflite", out=tmp_path / "model", **QUIET)
     summary = extract(data, config, cache_dir=tmp_path / "b", runtime="tflite", **QUIET)
     assert (result.extract.runtime, summary.runtime) == ("tflite", "tflite")
