@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import zipfile
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -297,8 +298,36 @@ def _layer_error(model: Any, layer: str, source: str) -> UserError:
     )
 
 
+# Inside loaded_once(): each backbone's whole model (and _full_model's other answers), by what decides its weights.
+_LOADED: ContextVar[dict[tuple, tuple[Any, str, str | None, str]] | None] = ContextVar("cnncodes_loaded", default=None)
+
+
+@contextlib.contextmanager
+def loaded_once() -> Iterator[None]:
+    """Within the block, each backbone is loaded (or built) once, and every model made from it shares its layers.
+
+    A study lists a backbone's layers, times each layer's model and extracts them all: without this it loaded
+    the same weights three to five times. The models share weights, so nothing inside the block may train them.
+    """
+    token = _LOADED.set({})
+    try:
+        yield
+    finally:
+        _LOADED.reset(token)
+
+
 def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
     """The whole loaded or built model, its name for messages, its preprocess module and default layer."""
+    loaded = _LOADED.get()
+    key = (config.backbone, config.weights, config.image_size, config.alpha, config.keras_version)
+    if loaded is None:
+        return _load_full_model(config)
+    if key not in loaded:
+        loaded[key] = _load_full_model(config)
+    return loaded[key]
+
+
+def _load_full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
     import keras
 
     if config.weights == "file":

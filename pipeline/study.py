@@ -25,6 +25,7 @@ from .artifacts import (
     read_predictions,
     staged_folder,
 )
+from .backbones import loaded_once
 from .cache import FeatureCache, load
 from .checkout import LIKENESS_PER_CLASS, checkout
 from .errors import UserError
@@ -386,14 +387,15 @@ class Study:
     def run(self) -> None:
         """Every task, cheapest useful first, within the budget; what does not fit is listed as skipped.
         With ensembles, then each pair of backbones, each with the layer of its best CV row."""
-        self.prepare()
-        live = [p for p in self.plans if not p.failed]
-        tasks = [Task(p, (k,), c) for p in live for k in p.layers for c in self.clfs]
-        tasks += [Task(p, pair, c) for p in live for pair in p.hypercolumns for c in self.clfs]
-        tasks += [Task(p) for p in live]
-        self._run_tasks(tasks)
-        if self.ensembles:
-            self._run_tasks(self.ensemble_tasks())
+        with loaded_once():  # a backbone's layers listed, timed and extracted from one loaded model
+            self.prepare()
+            live = [p for p in self.plans if not p.failed]
+            tasks = [Task(p, (k,), c) for p in live for k in p.layers for c in self.clfs]
+            tasks += [Task(p, pair, c) for p in live for pair in p.hypercolumns for c in self.clfs]
+            tasks += [Task(p) for p in live]
+            self._run_tasks(tasks)
+            if self.ensembles:
+                self._run_tasks(self.ensemble_tasks())
 
     def ensemble_tasks(self) -> list[Task]:
         """Pairs of backbones, each with the layer of its best single-layer CV row, with every head."""

@@ -13,6 +13,7 @@ from model_fixtures import make_pattern_dataset, quiet, save_small_cnn
 from typer.testing import CliRunner
 
 import cli
+import pipeline.backbones as backbones_module
 import pipeline.extract as extract_module
 import pipeline.heads as heads_module
 import pipeline.study as study_module
@@ -56,9 +57,13 @@ def run_study(tmp_path: Path, **kwargs):
 
 @pytest.fixture(scope="module")
 def full(tmp_path_factory: pytest.TempPathFactory):
-    """One study with auto layers and a hypercolumn; counts the images through the backbone."""
-    counted = {"images": 0, "runtimes": 0}
-    real = extract_module.make_runtime
+    """One study with auto layers and a hypercolumn; counts the images through the backbone and its loads."""
+    counted = {"images": 0, "runtimes": 0, "loads": 0}
+    real, real_load = extract_module.make_runtime, backbones_module._load_full_model
+
+    def counting_load(config):
+        counted["loads"] += 1
+        return real_load(config)
 
     def counting(*args, **kwargs):
         runtime = real(*args, **kwargs)
@@ -82,6 +87,7 @@ def full(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("study_full")
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(extract_module, "make_runtime", counting)
+        patch.setattr(backbones_module, "_load_full_model", counting_load)
         result = run_study(tmp, layers="auto,auto+top")
     return result, counted
 
@@ -90,7 +96,8 @@ def test_one_forward_pass_yields_every_layer(full) -> None:
     result, counted = full
     layers = result.data.backbones[TINY]["layers"]
     assert len(layers) == 3 and layers["top"] is None  # the top and two earlier stages
-    assert counted == {"images": N_IMAGES, "runtimes": 1}  # one model, each image once, for three caches
+    # one model, each image once, for three caches; the backbone built once for listing, timing and extracting
+    assert counted == {"images": N_IMAGES, "runtimes": 1, "loads": 1}
     caches = {r.cache for r in result.data.rows if r.kind == "layer"}
     assert len(caches) == 3
     for path in caches:
