@@ -125,11 +125,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     extract(w.data, config, cache=w.cache, runtime="keras", progress=False, log=quiet())
     for clf, l2 in (("logreg", False), ("svm", False), ("knn", True), ("rbf-svm", True)):
         w.heads[clf] = _fit(w.cache, clf, root / "heads" / clf, l2)
-    w.data2 = make_pattern_dataset(root / "data2", CLASSES2, seed=1)
-    w.cache2 = root / "caches" / "binary.h5"
-    extract(w.data2, config, cache=w.cache2, runtime="keras", progress=False, log=quiet())
-    for clf in ("logreg", "svm"):
-        w.heads2[clf] = _fit(w.cache2, clf, root / "heads2" / clf, False)
     return w
 
 
@@ -214,7 +209,8 @@ def save_small_cnn(path: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def cnn_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
-    """The 3-class dataset through a small CNN model file (ordinary feature norms); L2-normalised heads."""
+    """The 3-class dataset through a small CNN model file (ordinary feature norms); L2-normalised heads.
+    Also a 2-class dataset with its heads (data2, cache2, heads2), for the binary exports."""
     from pipeline.extract import extract
 
     root = tmp_path_factory.mktemp("cnn_world")
@@ -223,4 +219,9 @@ def cnn_world(world: World, tmp_path_factory: pytest.TempPathFactory) -> World:
     extract(w.data, config, cache=w.cache, runtime="keras", progress=False, log=quiet())
     for clf in ("logreg", "svm"):
         w.heads[clf] = _fit(w.cache, clf, root / "heads" / clf, True)
+    w.data2 = make_pattern_dataset(root / "data2", CLASSES2, seed=1)
+    w.cache2 = root / "caches" / "binary.h5"
+    extract(w.data2, config, cache=w.cache2, runtime="keras", progress=False, log=quiet())
+    for clf in ("logreg", "svm"):
+        w.heads2[clf] = _fit(w.cache2, clf, root / "heads2" / clf, True)
     return w

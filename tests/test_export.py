@@ -86,10 +86,11 @@ def test_export_reproduces_head(cnn_world: World, exported, clf: str, fmt: str) 
 
 
 @pytest.mark.parametrize("clf", ["logreg", "svm"])
-def test_binary_export_reproduces_head(world: World, clf: str, tmp_path: Path) -> None:
-    path, _ = export_head(world.heads2[clf], tmp_path / f"{clf}2.keras", verify=0)
+def test_binary_export_reproduces_head(cnn_world: World, clf: str, tmp_path: Path) -> None:
+    w = cnn_world
+    path, _ = export_head(w.heads2[clf], tmp_path / f"{clf}2.keras", verify=0)
     assert load_model_file(path)[0].model.output_shape == [(None, 2), (None, 1)]  # probabilities, unknown score
-    images, expected = expected_proba(world, world.heads2[clf], world.data2, world.cache2)
+    images, expected = expected_proba(w, w.heads2[clf], w.data2, w.cache2)
     assert (np.abs(expected[:, 0] - expected[:, 1])).min() > 0.05
     assert_matches_head(path, images, expected, CLASSES2)
 
@@ -231,24 +232,26 @@ def test_cli_export_knn_head_is_a_user_error(world: World, tmp_path: Path) -> No
     assert "Traceback" not in result.output + result.stderr
 
 
-def test_cli_export_keras_with_verification(world: World, tmp_path: Path) -> None:
+def test_cli_export_keras_with_verification(cnn_world: World, tmp_path: Path) -> None:
     import cli
 
     out = tmp_path / "cli.keras"
-    result = CliRunner().invoke(cli.app, ["export", str(world.heads["logreg"]), "--out", str(out), "--verify", "12"])
+    result = CliRunner().invoke(
+        cli.app, ["export", str(cnn_world.heads["logreg"]), "--out", str(out), "--verify", "12"]
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert out.is_file() and sidecar_path(out).is_file()
-    n_test = len(read_predictions(world.heads["logreg"] / PREDICTIONS_CSV))
+    n_test = len(read_predictions(cnn_world.heads["logreg"] / PREDICTIONS_CSV))
     assert f"check on {min(12, n_test)} of the head's {n_test} test images" in result.stdout
     assert "top-1 agreement 1.0000" in result.stdout and "test accuracy on those images: exported" in result.stdout
 
 
-def test_export_works_without_the_cache_and_refuses_bad_verify(world: World, tmp_path: Path) -> None:
+def test_export_works_without_the_cache_and_refuses_bad_verify(cnn_world: World, tmp_path: Path) -> None:
     """export (with its check) needs the head folder and the images, not the feature cache."""
     import cli
 
     moved = tmp_path / "moved.h5"
-    shutil.copytree(world.heads["logreg"], tmp_path / "head")
+    shutil.copytree(cnn_world.heads["logreg"], tmp_path / "head")
     head = json.loads((tmp_path / "head" / "head.json").read_text())
     (tmp_path / "head" / "head.json").write_text(json.dumps({**head, "cache_path": str(moved)}))
     path, check = export_head(tmp_path / "head", tmp_path / "m.keras", verify=100)
