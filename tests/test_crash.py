@@ -1,7 +1,8 @@
 """Crash safety of the real command: kill -9 in the middle of an extract, and Ctrl-C (SIGINT).
 
-Each test starts `python cli.py extract` (TensorFlow import included, about 10 s) and stops it once at
-least two journal chunks are on disk.
+Each test starts `python cli.py extract` (TensorFlow import included) and stops it once at least two
+journal chunks are on disk. The backbone is the two-layer CNN file: the journal and the commit do not depend
+on the backbone, and MobileNetV2's build and trace made each process several seconds slower.
 """
 
 from __future__ import annotations
@@ -17,28 +18,37 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, RUNTIME, TINY_ARGS, make_dataset
+from conftest import ROOT, RUNTIME, make_dataset
+from model_fixtures import save_small_cnn
 from typer.testing import CliRunner
 
 import cli
+from pipeline.backbones import BackboneConfig
 from pipeline.cache import load
 from pipeline.extract import extract
 
 pytestmark = pytest.mark.slow
 
 PER_CLASS, SUBSET_PER_CLASS = 100, 20  # 300 images; the old cache holds 60 of them
-CHUNK, BATCH = 16, 8
+# One image a batch and a chunk: about 150 commits of the journal, each a file written and synced, so a run
+# lasts long enough to be stopped after its second chunk (the CNN alone would finish 300 images in a blink).
+CHUNK, BATCH = 2, 1
 
 
-def cli_args(data: Path, cache: Path) -> list[str]:
-    # --runtime keras: TFLite would first convert the model (about 9 s) and then finish 300 tiny images
-    # in a blink, too fast to stop it half way; the journal and the commit do not depend on the runtime.
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> BackboneConfig:
+    return BackboneConfig(str(save_small_cnn(tmp_path_factory.mktemp("crash_cnn") / "small_cnn.keras"))).resolved()
+
+
+def cli_args(data: Path, cache: Path, config: BackboneConfig) -> list[str]:
+    # --runtime keras: TFLite would first convert the model; the journal and the commit do not depend on it
     return [
         sys.executable,
         "cli.py",
         "extract",
         str(data),
-        *TINY_ARGS,
+        "--backbone",
+        config.backbone,
         "--cache",
         str(cache),
         "--chunk-size",
@@ -61,10 +71,10 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def start(data: Path, cache: Path, logs: Path) -> subprocess.Popen:
+def start(data: Path, cache: Path, config: BackboneConfig, logs: Path) -> subprocess.Popen:
     logs.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(
-        cli_args(data, cache),
+        cli_args(data, cache, config),
         cwd=ROOT,
         env=env(),
         stdout=open(logs / "stdout", "w"),
@@ -104,7 +114,7 @@ def assert_rows_match(got, reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory, tiny_config):
+def big(tmp_path_factory: pytest.TempPathFactory, cnn: BackboneConfig):
     """300 images, a 60-image subset at the same relative paths, and an uninterrupted reference cache."""
     base = tmp_path_factory.mktemp("crash")
     full = make_dataset(base / "full", per_class=PER_CLASS)
@@ -114,22 +124,20 @@ def big(tmp_path_factory: pytest.TempPathFactory, tiny_config):
             (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, subset / path.parent.name / path.name)
     reference = base / "reference" / "all.h5"
-    summary = extract(
-        full, tiny_config, cache=reference, batch_size=32, runtime=RUNTIME, progress=False, log=lambda m: None
-    )
+    summary = extract(full, cnn, cache=reference, batch_size=32, runtime=RUNTIME, progress=False, log=lambda m: None)
     assert summary.n_rows == 3 * PER_CLASS
     return full, subset, load(reference)
 
 
-def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config) -> None:
+def test_kill_9_keeps_the_old_cache_and_resumes(big, cnn: BackboneConfig, tmp_path: Path) -> None:
     full, subset, reference = big
     cache = tmp_path / "cache" / "features.h5"
     partial = cache.with_name(cache.name + ".partial")
-    first = extract(subset, tiny_config, cache=cache, runtime=RUNTIME, progress=False, log=lambda m: None)
+    first = extract(subset, cnn, cache=cache, runtime=RUNTIME, progress=False, log=lambda m: None)
     assert first.n_rows == 3 * SUBSET_PER_CLASS
     old = load(cache)
 
-    proc = start(full, cache, tmp_path / "killed")
+    proc = start(full, cache, cnn, tmp_path / "killed")
     chunks = wait_for_chunks(proc, partial, 2, tmp_path / "killed")
     os.kill(proc.pid, signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
@@ -142,7 +150,7 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config
     assert not list(cache.parent.glob("*.tmp*"))
 
     # the rerun in this process: what is tested is what it finds on disk (a fresh process costs TensorFlow's import)
-    resumed = CliRunner().invoke(cli.app, cli_args(full, cache)[2:])
+    resumed = CliRunner().invoke(cli.app, cli_args(full, cache, cnn)[2:])
     assert resumed.exit_code == 0, resumed.output[-3000:]
     counts = re.search(r"new (\d+), already cached (\d+), resumed from an interrupted run (\d+)", resumed.stdout)
     assert counts, resumed.stdout
@@ -159,11 +167,11 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, tmp_path: Path, tiny_config
     assert_rows_match(final, reference)
 
 
-def test_ctrl_c_saves_finished_rows(big, tmp_path: Path) -> None:
+def test_ctrl_c_saves_finished_rows(big, cnn: BackboneConfig, tmp_path: Path) -> None:
     full, _, reference = big
     cache = tmp_path / "cache" / "features.h5"
     partial = cache.with_name(cache.name + ".partial")
-    proc = start(full, cache, tmp_path / "interrupted")
+    proc = start(full, cache, cnn, tmp_path / "interrupted")
     wait_for_chunks(proc, partial, 2, tmp_path / "interrupted")
     os.kill(proc.pid, signal.SIGINT)
     assert proc.wait(timeout=120) == 130, (tmp_path / "interrupted" / "stderr").read_text()[-3000:]
