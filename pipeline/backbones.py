@@ -327,6 +327,12 @@ def _full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
     return loaded[key]
 
 
+def whole_model(config: BackboneConfig) -> Any:
+    """The backbone's whole model: a model file as saved (its classifier included), a Keras Applications
+    model without its top. Loaded once per backbone inside loaded_once()."""
+    return _full_model(config)[0]
+
+
 def _load_full_model(config: BackboneConfig) -> tuple[Any, str, str | None, str]:
     import keras
 

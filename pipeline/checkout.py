@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .backbones import APPLICATIONS, BackboneConfig, preprocess_layer_class
+from .backbones import APPLICATIONS, BackboneConfig, preprocess_layer_class, whole_model
 from .errors import UserError
 from .images import ImageError, ImageFile, decode_image
 
@@ -47,10 +47,7 @@ def imagenet_classifier(config: BackboneConfig) -> Any:
     import keras
 
     if config.weights == "file":
-        try:
-            model = keras.saving.load_model(config.backbone, compile=False)
-        except Exception as exc:  # Keras raises many kinds for unreadable files
-            raise UserError(f"{Path(config.backbone).name} could not be loaded ({type(exc).__name__})") from None
+        model = whole_model(config)  # in a study, the model its layers were listed, timed and extracted from
         if model.output_shape[-1] != IMAGENET_CLASSES or len(model.output_shape) != 2:
             raise UserError(
                 f"{Path(config.backbone).name} ends in {model.output_shape[-1]} outputs, not the "

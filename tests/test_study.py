@@ -393,8 +393,15 @@ def test_checkout_top5_and_likeness(tmp_path: Path, imagenet_like: Path) -> None
         imagenet_classifier(BackboneConfig(str(save_small_cnn(tmp_path / "cnn.keras"))).resolved())
 
 
-def test_study_with_an_imagenet_model_writes_the_checkout(tmp_path: Path, imagenet_like: Path) -> None:
+def test_study_with_an_imagenet_model_writes_the_checkout(
+    tmp_path: Path, imagenet_like: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import keras
+
+    loads, real_load = [], keras.saving.load_model
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: loads.append(a) or real_load(*a, **k))
     data = run_study(tmp_path, backbones=str(imagenet_like)).data
+    assert len(loads) == 1  # the file loaded once: its top layer's features and its ImageNet checkout
     check = data.checkout["tiny_imagenet"]
     assert (tmp_path / "study" / check["grid_png"]).is_file()
     assert data.advice["likeness"]["backbones"] == ["tiny_imagenet"]
