@@ -306,8 +306,9 @@ _LOADED: ContextVar[dict[tuple, tuple[Any, str, str | None, str]] | None] = Cont
 def loaded_once() -> Iterator[None]:
     """Within the block, each backbone is loaded (or built) once, and every model made from it shares its layers.
 
-    A study lists a backbone's layers, times each layer's model and extracts them all: without this it loaded
-    the same weights three to five times. The models share weights, so nothing inside the block may train them.
+    A study lists a backbone's layers, times each layer's model, extracts them all and runs a model file's
+    ImageNet checkout: without this it loaded the same weights up to six times. The models share weights, so
+    nothing inside the block may train them (the study fine-tunes after it).
     """
     token = _LOADED.set({})
     try:
