@@ -30,7 +30,7 @@ TINY = dict(backbone="MobileNetV2", weights="none", image_size=32, alpha=0.35)
 # The same configuration as command-line options.
 TINY_ARGS = ["--backbone", "MobileNetV2", "--weights", "none", "--image-size", "32", "--alpha", "0.35"]
 # Tests run the Keras runtime unless they test TFLite: `auto` means TFLite on a CPU, and converting
-# even the tiny backbone takes about 9 s (tests that want it use the session's, see tiny_tflite in model_fixtures.py).
+# even the tiny backbone takes about 3 s (tests that want it use the session's, see tiny_tflite in model_fixtures.py).
 RUNTIME = "keras"
 # Session fixtures registered once for every module: world, cnn_world, finetune_run, tiny_tflite (TensorFlow-backed)
 # and report_world (a synthetic cache, heads, an audit and a study folder).

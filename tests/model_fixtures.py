@@ -3,10 +3,10 @@
 One tiny dataset (3 classes x 8 images with distinct patterns), one Keras-runtime cache of the
 random-weights MobileNetV2 (alpha 0.35, 32x32), and heads fitted on it, built once per session so
 that the TensorFlow work is shared between test files; the same dataset through a two-layer CNN file
-(`cnn_world`: ordinary feature norms; 1 s to convert where the tiny MobileNetV2 takes 9 s, and its training
-step traces in seconds), its fine-tuning run (`finetune_run`), and the tiny backbone converted to TFLite once
-(`tiny_tflite`). conftest.py registers this module as a plugin (`pytest_plugins`), so every test module can
-ask for them without importing them.
+(`cnn_world`: ordinary feature norms; its export converts in under 1 s where the tiny MobileNetV2's takes
+8 s, and its training step traces in seconds), its fine-tuning run (`finetune_run`), and the tiny backbone
+converted to TFLite once (`tiny_tflite`). conftest.py registers this module as a plugin (`pytest_plugins`),
+so every test module can ask for them without importing them.
 
 Random-init features are tiny (norms ~1e-10): heads meant to be compared exactly with a Keras or
 TFLite model are fitted with l2_normalize=False (see the notes in the tests).
@@ -168,7 +168,7 @@ class Conversion:
 
 @pytest.fixture(scope="session")
 def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
-    """The tiny backbone converted to TFLite by make_runtime, once per session (about 9 s a conversion): the
+    """The tiny backbone converted to TFLite by make_runtime, once per session (about 3 s a conversion): the
     modules that run TFLite place it beside their caches instead of converting the same configuration again."""
     from pipeline.runtime import make_runtime, tflite_path
 
@@ -181,7 +181,7 @@ def tiny_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
 @pytest.fixture(scope="session")
 def lite0_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
     """EfficientNet-Lite0 (avg_pool) from ../shared converted to TFLite by make_runtime, once per session (about
-    10 s): the integration tests on real images place it beside their caches and run TFLite (3-4x Keras' speed)."""
+    4 s): the integration tests on real images place it beside their caches and run TFLite (3-4x Keras' speed)."""
     from pipeline.runtime import make_runtime, tflite_path
 
     if not LITE0.is_file():

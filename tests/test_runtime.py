@@ -131,7 +131,7 @@ def test_damaged_cached_file_is_converted_again(
 
     calls = []
 
-    def fake_convert(model, path, quantize="none", input_dtype="uint8"):
+    def fake_convert(model, path, **options):
         calls.append(Path(path))
         shutil.copy(good, path)  # stands in for a (slow) real conversion
         return Path(path)
