@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 
 TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
-LITE0 = ROOT.parent / "shared" / "keras-models" / "efficientnet_lite0_imagenet.keras"
+SHARED = ROOT.parent / "shared"
+LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
 CLASSES3 = ("bars", "checks", "speckle")
 CLASSES2 = ("bars", "checks")
 PER_CLASS = 8
@@ -191,6 +193,54 @@ def lite0_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
     messages: list[str] = []
     make_runtime(config, "tflite", tflite_dir=folder, log=quiet(messages))
     return Conversion(tflite_path(config, folder), messages)
+
+
+@dataclass
+class KerasHomeRun:
+    """`extract` of real images through MobileNet 0.25 with ImageNet weights found through KERAS_HOME."""
+
+    keras_home: Path
+    data: Path
+    cache: Path
+    done: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="session")
+def mobilenet_keras_home(tmp_path_factory: pytest.TempPathFactory) -> KerasHomeRun:
+    """MobileNet 0.25's ImageNet weights from ../shared through KERAS_HOME, which Keras reads when it is imported,
+    so `cli.py extract --runtime tflite` runs in its own process: 8 flowers of each of 3 classes, once per session.
+    The integration test checks the features it cached, the lean test the conversion it left beside the cache."""
+    models = SHARED / "keras-models" / "models"
+    flowers = SHARED / "datasets" / "oxford_flowers12"
+    for needed in (models / "mobilenet_2_5_224_tf_no_top.h5", flowers):
+        if not needed.exists():
+            pytest.skip(f"{needed} is absent (the real models and datasets live in {SHARED})")
+    root = tmp_path_factory.mktemp("keras_home_run")
+    (root / "keras_home").mkdir()
+    (root / "keras_home" / "models").symlink_to(models)
+    data = root / "flowers-small"
+    for cls in ("daisy", "sunflower", "iris"):
+        (data / cls).mkdir(parents=True)
+        for path in sorted((flowers / cls).glob("*.jpg"))[:PER_CLASS]:
+            shutil.copy(path, data / cls / path.name)
+    cache = root / "caches" / "mobilenet.h5"
+    backbone = ["--backbone", "MobileNet", "--alpha", "0.25", "--weights", "imagenet", "--image-size", "224"]
+    env = {
+        **os.environ,
+        "KERAS_HOME": str(root / "keras_home"),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "CUDA_VISIBLE_DEVICES": "",
+    }
+    done = subprocess.run(
+        [sys.executable, "cli.py", "extract", str(data), *backbone, "--cache", str(cache), "--runtime", "tflite"]
+        + ["--no-progress"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    return KerasHomeRun(root / "keras_home", data, cache, done)
 
 
 def save_small_cnn(path: Path) -> Path:

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SHARED, requires_shared
+from conftest import SHARED, requires_shared
 
 from pipeline.backbones import BackboneConfig, layer_names
 from pipeline.cache import load
@@ -20,7 +16,6 @@ pytestmark = pytest.mark.integration
 
 FLOWERS = SHARED / "datasets" / "oxford_flowers12"
 LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
-KERAS_MODELS = SHARED / "keras-models" / "models"
 
 
 def nearest_centroid_accuracy(features: np.ndarray, labels: np.ndarray) -> float:
@@ -71,49 +66,12 @@ def test_lite0_layers_include_the_pooled_layer() -> None:
     assert names["avg_pool"] == "(1280,)" and "top_activation" in names and "predictions" in names
 
 
-def test_mobilenet_alpha_025_imagenet_through_keras_home(tmp_path: Path) -> None:
-    """Keras reads KERAS_HOME when it is imported, so this runs in its own process."""
-    requires_shared(KERAS_MODELS.relative_to(SHARED), "mobilenet_2_5_224_tf_no_top.h5")
-    flowers = requires_shared(FLOWERS.relative_to(SHARED))
-    data = tmp_path / "flowers-small"
-    for cls in ("daisy", "sunflower", "iris"):
-        (data / cls).mkdir(parents=True)
-        for path in sorted((flowers / cls).glob("*.jpg"))[:4]:
-            shutil.copy(path, data / cls / path.name)
-    keras_home = tmp_path / "keras_home"
-    keras_home.mkdir()
-    (keras_home / "models").symlink_to(KERAS_MODELS)
-    cache = tmp_path / "mobilenet.h5"
-    env = {**os.environ, "KERAS_HOME": str(keras_home), "TF_CPP_MIN_LOG_LEVEL": "2", "CUDA_VISIBLE_DEVICES": ""}
-    out = subprocess.run(
-        [
-            sys.executable,
-            "cli.py",
-            "extract",
-            str(data),
-            "--backbone",
-            "MobileNet",
-            "--alpha",
-            "0.25",
-            "--weights",
-            "imagenet",
-            "--image-size",
-            "224",
-            "--cache",
-            str(cache),
-            "--runtime",
-            "keras",
-            "--no-progress",
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert f"cache: {cache} (12 images)" in out.stdout
-    c = load(cache)
-    assert c.features.shape == (12, 256) and np.abs(c.features).max() > 0.1  # real weights, not a random init
+def test_mobilenet_alpha_025_imagenet_through_keras_home(mobilenet_keras_home) -> None:
+    """Keras reads KERAS_HOME when it is imported, so the session's fixture extracts in its own process."""
+    run = mobilenet_keras_home
+    assert run.done.returncode == 0, run.done.stderr[-3000:]
+    assert f"cache: {run.cache} (24 images)" in run.done.stdout
+    c = load(run.cache)
+    assert c.features.shape == (24, 256) and np.abs(c.features).max() > 0.1  # real weights, not a random init
     assert c.attrs["weights"].startswith("imagenet (keras ") and c.attrs["alpha"] == 0.25
     assert c.class_names == ["daisy", "iris", "sunflower"]

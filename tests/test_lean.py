@@ -170,32 +170,11 @@ print("gpu", has_gpu())
 
 
 @pytest.mark.integration
-def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_lean_install_runs_a_head_on_keras_applications_imagenet_weights(tmp_path: Path, mobilenet_keras_home) -> None:
     """MobileNet 0.25 with ImageNet weights (KERAS_HOME): its features are keyed by the Keras release that
     made them. A lean install has no Keras to ask, yet finds the head's cached conversion and runs it."""
-    from conftest import requires_shared
-
-    models = requires_shared("keras-models", "models", "mobilenet_2_5_224_tf_no_top.h5").parent
-    (tmp_path / "keras_home").mkdir()
-    (tmp_path / "keras_home" / "models").symlink_to(models)
-    monkeypatch.setenv("KERAS_HOME", str(tmp_path / "keras_home"))
-    cache, head = tmp_path / "caches" / "mobilenet.h5", tmp_path / "head"
-    backbone = ["--backbone", "MobileNet", "--alpha", "0.25", "--weights", "imagenet"]
-    made = run_cli(
-        [
-            "extract",
-            make_pattern_dataset(tmp_path / "data"),
-            *backbone,
-            "--cache",
-            cache,
-            "--runtime",
-            "tflite",
-            "--no-progress",
-        ]
-    )
-    assert made.code == 0 and "with tflite" in made.out, made.out + made.err[-3000:]
+    made, cache, head = mobilenet_keras_home.done, mobilenet_keras_home.cache, tmp_path / "head"
+    assert made.returncode == 0 and "with tflite" in made.stdout, made.stdout + made.stderr[-3000:]
     assert len(list(cache.parent.glob("MobileNet-*.tflite"))) == 1  # the conversion, cached beside the cache
     from pipeline.heads import fit_head
 
