@@ -1,8 +1,9 @@
 """Crash safety of the real command: kill -9 in the middle of an extract, and Ctrl-C (SIGINT).
 
-Each test starts `python cli.py extract` (TensorFlow import included) and stops it once at least two
-journal chunks are on disk. The backbone is the two-layer CNN file: the journal and the commit do not depend
-on the backbone, and MobileNetV2's build and trace made each process several seconds slower.
+Each test starts `python cli.py extract` and stops it once at least two journal chunks are on disk. The
+backbone is the two-layer CNN file, converted to TFLite once and placed beside every cache: the process runs
+the CPU's default runtime without importing TensorFlow (which took 8-10 s of each process), and the journal
+and the commit do not depend on the backbone.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, RUNTIME, make_dataset
-from model_fixtures import save_small_cnn
+from conftest import ROOT, make_dataset
+from model_fixtures import Conversion, quiet, save_small_cnn
 from typer.testing import CliRunner
 
 import cli
@@ -29,10 +30,12 @@ from pipeline.extract import extract
 
 pytestmark = pytest.mark.slow
 
-PER_CLASS, SUBSET_PER_CLASS = 100, 20  # 300 images; the old cache holds 60 of them
-# One image a batch and a chunk: about 150 commits of the journal, each a file written and synced, so a run
-# lasts long enough to be stopped after its second chunk (the CNN alone would finish 300 images in a blink).
+PER_CLASS, SUBSET_PER_CLASS = 150, 20  # 450 images; the old cache holds 60 of them
+# One image a batch and a chunk: about 220 commits of the journal, each a file written and synced, so a run
+# lasts long enough to be stopped after its second chunk (the CNN alone would finish 450 images in a blink):
+# measured, a process writes its second chunk 0.8 s after its start and ends 1.4-1.6 s later.
 CHUNK, BATCH = 2, 1
+RUNTIME = "tflite"
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +43,22 @@ def cnn(tmp_path_factory: pytest.TempPathFactory) -> BackboneConfig:
     return BackboneConfig(str(save_small_cnn(tmp_path_factory.mktemp("crash_cnn") / "small_cnn.keras"))).resolved()
 
 
+@pytest.fixture(scope="module")
+def conversion(cnn: BackboneConfig, tmp_path_factory: pytest.TempPathFactory) -> Conversion:
+    from pipeline.runtime import make_runtime, tflite_path
+
+    folder = tmp_path_factory.mktemp("crash_tflite")
+    make_runtime(cnn, "tflite", tflite_dir=folder, log=quiet())
+    return Conversion(tflite_path(cnn, folder), [])
+
+
+def cache_in(folder: Path, conversion: Conversion) -> Path:
+    """features.h5 in folder, beside the CNN's conversion, which extract finds as its own earlier one."""
+    conversion.place(folder)
+    return folder / "features.h5"
+
+
 def cli_args(data: Path, cache: Path, config: BackboneConfig) -> list[str]:
-    # --runtime keras: TFLite would first convert the model; the journal and the commit do not depend on it
     return [
         sys.executable,
         "cli.py",
@@ -114,7 +131,7 @@ def assert_rows_match(got, reference) -> None:
 
 
 @pytest.fixture(scope="module")
-def big(tmp_path_factory: pytest.TempPathFactory, cnn: BackboneConfig):
+def big(tmp_path_factory: pytest.TempPathFactory, cnn: BackboneConfig, conversion: Conversion):
     """300 images, a 60-image subset at the same relative paths, and an uninterrupted reference cache."""
     base = tmp_path_factory.mktemp("crash")
     full = make_dataset(base / "full", per_class=PER_CLASS)
@@ -123,15 +140,17 @@ def big(tmp_path_factory: pytest.TempPathFactory, cnn: BackboneConfig):
         if int(path.stem.split("_")[1]) < SUBSET_PER_CLASS:
             (subset / path.parent.name).mkdir(parents=True, exist_ok=True)
             shutil.copy2(path, subset / path.parent.name / path.name)
-    reference = base / "reference" / "all.h5"
+    reference = cache_in(base / "reference", conversion)
     summary = extract(full, cnn, cache=reference, batch_size=32, runtime=RUNTIME, progress=False, log=lambda m: None)
     assert summary.n_rows == 3 * PER_CLASS
     return full, subset, load(reference)
 
 
-def test_kill_9_keeps_the_old_cache_and_resumes(big, cnn: BackboneConfig, tmp_path: Path) -> None:
+def test_kill_9_keeps_the_old_cache_and_resumes(
+    big, cnn: BackboneConfig, conversion: Conversion, tmp_path: Path
+) -> None:
     full, subset, reference = big
-    cache = tmp_path / "cache" / "features.h5"
+    cache = cache_in(tmp_path / "cache", conversion)
     partial = cache.with_name(cache.name + ".partial")
     first = extract(subset, cnn, cache=cache, runtime=RUNTIME, progress=False, log=lambda m: None)
     assert first.n_rows == 3 * SUBSET_PER_CLASS
@@ -149,7 +168,7 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, cnn: BackboneConfig, tmp_pa
     np.testing.assert_array_equal(still.features, old.features)
     assert not list(cache.parent.glob("*.tmp*"))
 
-    # the rerun in this process: what is tested is what it finds on disk (a fresh process costs TensorFlow's import)
+    # the rerun in this process: what is tested is what it finds on disk
     resumed = CliRunner().invoke(cli.app, cli_args(full, cache, cnn)[2:])
     assert resumed.exit_code == 0, resumed.output[-3000:]
     counts = re.search(r"new (\d+), already cached (\d+), resumed from an interrupted run (\d+)", resumed.stdout)
@@ -159,7 +178,9 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, cnn: BackboneConfig, tmp_pa
     assert new + resumed_rows == 3 * (PER_CLASS - SUBSET_PER_CLASS)  # only the rest was extracted
     assert f"cache: {cache} ({3 * PER_CLASS} images)" in resumed.stdout
     # journal gone, no temp files
-    assert sorted(p.name for p in cache.parent.iterdir()) == ["features.h5", "features.h5.shards"]
+    assert sorted(p.name for p in cache.parent.iterdir()) == sorted(
+        [conversion.path.name, "features.h5", "features.h5.shards"]
+    )
 
     final = load(cache)
     assert len(final) == 3 * PER_CLASS and sorted(final.content_hash) == sorted(reference.content_hash)
@@ -167,9 +188,9 @@ def test_kill_9_keeps_the_old_cache_and_resumes(big, cnn: BackboneConfig, tmp_pa
     assert_rows_match(final, reference)
 
 
-def test_ctrl_c_saves_finished_rows(big, cnn: BackboneConfig, tmp_path: Path) -> None:
+def test_ctrl_c_saves_finished_rows(big, cnn: BackboneConfig, conversion: Conversion, tmp_path: Path) -> None:
     full, _, reference = big
-    cache = tmp_path / "cache" / "features.h5"
+    cache = cache_in(tmp_path / "cache", conversion)
     partial = cache.with_name(cache.name + ".partial")
     proc = start(full, cache, cnn, tmp_path / "interrupted")
     wait_for_chunks(proc, partial, 2, tmp_path / "interrupted")
@@ -184,6 +205,8 @@ def test_ctrl_c_saves_finished_rows(big, cnn: BackboneConfig, tmp_path: Path) ->
     assert 2 * CHUNK <= len(saved) < 3 * PER_CLASS
     assert f"cache: {cache} ({len(saved)} images)" in stdout
     assert not partial.exists()
-    assert sorted(p.name for p in cache.parent.iterdir()) == ["features.h5", "features.h5.shards"]
+    assert sorted(p.name for p in cache.parent.iterdir()) == sorted(
+        [conversion.path.name, "features.h5", "features.h5.shards"]
+    )
     assert set(saved.content_hash) <= set(reference.content_hash)
     assert_rows_match(saved, reference)
