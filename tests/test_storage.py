@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import RUNTIME, TINY_ARGS, add_broken
-from model_fixtures import TINY_CONFIG, assert_same_cache, make_pattern_dataset, quiet
+from conftest import TINY_ARGS, add_broken
+from model_fixtures import TINY_CONFIG, Conversion, assert_same_cache, make_pattern_dataset, quiet
 from object_store import BUCKET, S3
 from test_cli import assert_user_error, invoke
 
@@ -25,6 +25,8 @@ from pipeline.errors import UserError
 from pipeline.extract import extract
 from pipeline.images import scan_dataset
 from pipeline.storage import STORAGE_OPTIONS_ENV, storage_options
+
+RUNTIME = "tflite"  # the CPU's runtime: the session's conversion, placed beside the caches
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,11 @@ def url(s3: S3, data: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("caches")
+def caches(tiny_tflite: Conversion, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One folder for the module's caches, with the session's converted backbone beside them."""
+    folder = tmp_path_factory.mktemp("caches")
+    tiny_tflite.place(folder)
+    return folder
 
 
 def test_scan_of_a_bucket_is_the_scan_of_the_folder(s3: S3, data: Path, url: str, tmp_path: Path) -> None:
