@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Callable
 
@@ -34,7 +35,15 @@ TINY_ARGS = ["--backbone", "MobileNetV2", "--weights", "none", "--image-size", "
 RUNTIME = "keras"
 # Session fixtures registered once for every module: world, cnn_world, finetune_run, tiny_tflite (TensorFlow-backed)
 # and report_world (a synthetic cache, heads, an audit and a study folder).
-pytest_plugins = ["model_fixtures", "report_fixtures"]
+# Third-party plugins load here by module name, those installed only (pyproject.toml's addopts turns off loading
+# through entry points): pytest rewrites the assertions of every module of an entry-point plugin's distribution,
+# and with PYTHONDONTWRITEBYTECODE it cannot cache that, so schemathesis and hypothesis cost about 6 s a session.
+OPTIONAL_PLUGINS = ("pytest_timeout", "_hypothesis_pytestplugin", "schemathesis.pytest.plugin")
+pytest_plugins = [
+    "model_fixtures",
+    "report_fixtures",
+    *(name for name in OPTIONAL_PLUGINS if find_spec(name.split(".")[0]) is not None),
+]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
