@@ -33,8 +33,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 
 TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
-SHARED = ROOT.parent / "shared"
-LITE0 = SHARED / "keras-models" / "efficientnet_lite0_imagenet.keras"
+LITE0 = ROOT.parent / "shared" / "keras-models" / "efficientnet_lite0_imagenet.keras"
 CLASSES3 = ("bars", "checks", "speckle")
 CLASSES2 = ("bars", "checks")
 PER_CLASS = 8
@@ -199,8 +198,6 @@ def lite0_tflite(tmp_path_factory: pytest.TempPathFactory) -> Conversion:
 class KerasHomeRun:
     """`extract` of real images through MobileNet 0.25 with ImageNet weights found through KERAS_HOME."""
 
-    keras_home: Path
-    data: Path
     cache: Path
     done: subprocess.CompletedProcess
 
@@ -210,11 +207,10 @@ def mobilenet_keras_home(tmp_path_factory: pytest.TempPathFactory) -> KerasHomeR
     """MobileNet 0.25's ImageNet weights from ../shared through KERAS_HOME, which Keras reads when it is imported,
     so `cli.py extract --runtime tflite` runs in its own process: 8 flowers of each of 3 classes, once per session.
     The integration test checks the features it cached, the lean test the conversion it left beside the cache."""
-    models = SHARED / "keras-models" / "models"
-    flowers = SHARED / "datasets" / "oxford_flowers12"
-    for needed in (models / "mobilenet_2_5_224_tf_no_top.h5", flowers):
-        if not needed.exists():
-            pytest.skip(f"{needed} is absent (the real models and datasets live in {SHARED})")
+    from conftest import requires_shared
+
+    models = requires_shared("keras-models", "models", "mobilenet_2_5_224_tf_no_top.h5").parent
+    flowers = requires_shared("datasets", "oxford_flowers12")
     root = tmp_path_factory.mktemp("keras_home_run")
     (root / "keras_home").mkdir()
     (root / "keras_home" / "models").symlink_to(models)
@@ -240,7 +236,7 @@ def mobilenet_keras_home(tmp_path_factory: pytest.TempPathFactory) -> KerasHomeR
         text=True,
         timeout=300,
     )
-    return KerasHomeRun(root / "keras_home", data, cache, done)
+    return KerasHomeRun(cache, done)
 
 
 def save_small_cnn(path: Path) -> Path:
