@@ -55,14 +55,20 @@ def _time_ms(runtime: Any, files: list[ImageFile], resize: str, after: Callable[
     return 1000 * (time.perf_counter() - start) / max(count, 1)
 
 
-def describe(path: str | os.PathLike, timing: int = TIMING_IMAGES) -> tuple[dict[str, Any], Predictions]:
-    """One comparison row for a head folder or a fine-tuning run folder, and its test predictions."""
-    path = Path(path)
+def comparable_kind(path: Path) -> str:
+    """"head" or "run"; anything else is refused, naming the folder."""
     kind = folder_kind(path)
     if kind not in ("head", "run"):
         raise UserError(
             f"{path} is neither a head folder (head.json) nor a fine-tuning run (model.keras) with its metrics.json."
         )
+    return kind
+
+
+def describe(path: str | os.PathLike, timing: int = TIMING_IMAGES) -> tuple[dict[str, Any], Predictions]:
+    """One comparison row for a head folder or a fine-tuning run folder, and its test predictions."""
+    path = Path(path)
+    kind = comparable_kind(path)
     metrics = load_metrics(path)
     predictions = read_predictions(path / PREDICTIONS_CSV)
     row = {
@@ -119,6 +125,8 @@ def compare(
     paths: Sequence[str | os.PathLike], out: str | os.PathLike | None = None, log: Callable[[str], None] = logger.info
 ) -> tuple[list[dict[str, Any]], Path]:
     """Rows for every head or run, with paired tests; writes compare.md, compare.json and compare.png in out."""
+    for path in paths:  # every folder checked before any is measured: a typo costs no backbone build
+        comparable_kind(Path(path))
     rows, predictions = [], []
     for path in paths:
         log(f"measuring {path}")

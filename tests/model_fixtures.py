@@ -239,12 +239,12 @@ def mobilenet_keras_home(tmp_path_factory: pytest.TempPathFactory) -> KerasHomeR
     return KerasHomeRun(cache, done)
 
 
-def save_small_cnn(path: Path) -> Path:
+def save_small_cnn(path: Path, seed: int = 7) -> Path:
     """A tiny seeded CNN saved as a .keras file: its pooled features have ordinary magnitudes (norms ~1),
     unlike the random-init MobileNetV2's (~1e-10); usable with L2 normalisation and float16 weights."""
     import keras
 
-    keras.utils.set_random_seed(7)
+    keras.utils.set_random_seed(seed)
     inputs = keras.Input((32, 32, 3), name="image")
     x = keras.layers.Rescaling(1 / 255.0, name="scale")(inputs)
     x = keras.layers.Conv2D(8, 3, strides=2, activation="relu", name="conv_a")(x)

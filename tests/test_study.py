@@ -56,6 +56,13 @@ def run_study(tmp_path: Path, **kwargs):
 
 
 @pytest.fixture(scope="module")
+def cnn(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The two-layer CNN file (label "small_cnn"): a study of it builds and runs in a fraction of the tiny
+    MobileNetV2's time, for the tests whose point is the study's bookkeeping, not a backbone's stages."""
+    return str(save_small_cnn(tmp_path_factory.mktemp("study_cnn") / "small_cnn.keras"))
+
+
+@pytest.fixture(scope="module")
 def full(tmp_path_factory: pytest.TempPathFactory):
     """One study with auto layers and a hypercolumn; counts the images through the backbone and its loads."""
     counted = {"images": 0, "runtimes": 0, "loads": 0}
@@ -165,7 +172,7 @@ def test_rows_winner_and_outputs(full) -> None:
     assert any("CV" in line and "vs top" in line for line in data.advice["text"])
 
 
-def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cnn: str) -> None:
     """The svm head gets the best CV score but a model trained on shifted labels: it must still win."""
     real = heads_module.fit_arrays
 
@@ -179,7 +186,7 @@ def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
         return fitted
 
     monkeypatch.setattr(heads_module, "fit_arrays", rigged)  # the study fits through fit-head's own code
-    data = run_study(tmp_path, heads="logreg,svm").data
+    data = run_study(tmp_path, backbones=cnn, heads="logreg,svm").data
     by_head = {r.head: r for r in data.rows}
     assert by_head["svm"].test_accuracy < by_head["logreg"].test_accuracy  # the test part disagrees
     assert data.winner.head == "svm" and by_head["svm"].head_dir == "winner"
@@ -187,28 +194,30 @@ def test_winner_is_chosen_on_cv_only(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert metrics["accuracy"] == by_head["svm"].test_accuracy
 
 
-def test_skips_with_reasons_and_goes_on(tmp_path: Path) -> None:
+def test_skips_with_reasons_and_goes_on(tmp_path: Path, cnn: str) -> None:
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a zip archive")
-    data = run_study(tmp_path, backbones=f"{TINY},{bad}", layers="top,no_such_layer").data
+    data = run_study(tmp_path, backbones=f"{cnn},{bad}", layers="top,no_such_layer").data
     reasons = {s["config"]: s["reason"] for s in data.skipped}
     assert "could not load" in reasons["broken"]
-    assert "no layer 'no_such_layer'" in reasons[f"{TINY} no_such_layer"]
-    assert [(r.backbone, r.layer) for r in data.rows] == [(TINY, "top")]
-    assert data.winner.backbone == TINY
+    assert "no layer 'no_such_layer'" in reasons["small_cnn no_such_layer"]
+    assert [(r.backbone, r.layer) for r in data.rows] == [("small_cnn", "top")]
+    assert data.winner.backbone == "small_cnn"
     md = (tmp_path / "study" / "study.md").read_text()
     assert "## Skipped" in md and "no_such_layer" in md
 
 
-def test_budget_runs_cheap_configurations_and_lists_the_rest(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_budget_runs_cheap_configurations_and_lists_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cnn: str
+) -> None:
     monkeypatch.setitem(study_module.FIT_COST, "svm", (1e3, 1))  # an svm fit now looks hours long
-    data = run_study(tmp_path, heads="logreg,svm", budget_minutes=10).data
+    data = run_study(tmp_path, backbones=cnn, heads="logreg,svm", budget_minutes=10).data
     assert [r.head for r in data.rows] == ["logreg"]
     (skip,) = [s for s in data.skipped if s["config"].endswith("svm")]
-    assert skip["config"] == f"{TINY} top svm" and skip["reason"].startswith("over budget: estimated")
+    assert skip["config"] == "small_cnn top svm" and skip["reason"].startswith("over budget: estimated")
 
 
-def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cnn: str) -> None:
     real, calls = heads_module.fit_arrays, []
 
     def interrupted_second_time(*args, **kwargs):
@@ -225,7 +234,7 @@ def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.Monk
             "study",
             str(tmp_path / "data"),
             "--backbones",
-            TINY,
+            cnn,
             "--layers",
             "top",
             "--heads",
@@ -246,13 +255,13 @@ def test_ctrl_c_writes_the_table_so_far(tmp_path: Path, monkeypatch: pytest.Monk
 
 
 @pytest.mark.slow
-def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_finetune_adds_a_row_and_a_paired_verdict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cnn: str) -> None:
     import pipeline.finetune as finetune_module
 
     real = finetune_module.finetune
     monkeypatch.setattr(finetune_module, "finetune", lambda *a, **k: real(*a, **k, epochs=1, batch_size=8))
     # the two-layer CNN file: tracing the tiny MobileNetV2's training step took most of this test's 17-20 s
-    data = run_study(tmp_path, finetune=True, backbones=str(save_small_cnn(tmp_path / "small_cnn.keras"))).data
+    data = run_study(tmp_path, finetune=True, backbones=cnn).data
     tuned = data.finetune
     assert tuned.init_head == "winner"
     assert data.rows[-1].kind == "finetune" and data.rows[-1].head_dir == "finetune"
@@ -409,13 +418,13 @@ def test_study_with_an_imagenet_model_writes_the_checkout(
     assert "## ImageNet checkout: tiny_imagenet" in md and "thing_" in md
 
 
-def test_ensembles_and_views_can_win_and_save_a_multi_source_head(tmp_path: Path) -> None:
+def test_ensembles_and_views_can_win_and_save_a_multi_source_head(tmp_path: Path, cnn: str) -> None:
     """Two backbones with --ensembles and 2 cached views: an ensemble row per head, every head trained with
     views; the winner (by CV, any kind) is a head folder that predicts what the study measured."""
-    other = "MobileNet:weights=none:size=32:alpha=0.25"
-    data = run_study(tmp_path, backbones=f"{TINY},{other}", ensembles=True, views=2).data
+    other = str(save_small_cnn(tmp_path / "other_cnn.keras", seed=8))  # other weights, other features
+    data = run_study(tmp_path, backbones=f"{cnn},{other}", ensembles=True, views=2).data
     ensembles = [r for r in data.rows if r.kind == "ensemble"]
-    assert len(ensembles) == 1 and ensembles[0].backbone == f"{TINY}+{other}"
+    assert len(ensembles) == 1 and ensembles[0].backbone == "small_cnn+other_cnn"
     assert data.views == 2 and data.winner.cv_accuracy == max(r.cv_accuracy for r in data.rows)
     head = load_head(tmp_path / "study" / "winner")
     assert head.meta["options"]["views"] == 2
