@@ -56,7 +56,7 @@ def _time_ms(runtime: Any, files: list[ImageFile], resize: str, after: Callable[
 
 
 def comparable_kind(path: Path) -> str:
-    """"head" or "run"; anything else is refused, naming the folder."""
+    """The folder's kind, "head" or "run"; anything else is refused, naming the folder."""
     kind = folder_kind(path)
     if kind not in ("head", "run"):
         raise UserError(
