@@ -441,6 +441,7 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(
         return [*real_callbacks(model, phase, *args), *([CtrlC()] if phase == 2 else [])]
 
     monkeypatch.setattr(finetune_module, "_callbacks", with_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)  # Python's, or one an earlier test's library left
     out = tmp_path / "run"
     result = CliRunner().invoke(
         cli.app,
@@ -465,7 +466,7 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(
     )
     assert sent and result.exit_code == 130, (result.output[-2000:], result.exception)
     assert "interrupted: the best weights so far were evaluated and saved." in result.output
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler was put back
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["interrupted"] is True and 2 <= metrics["epochs_run"] < 500
     for name in ("model.keras", "model.keras.json", "history.csv", "learning_curves.png", "confusion_matrix.png"):
