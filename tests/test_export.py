@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -165,18 +166,21 @@ def test_float16_tflite_export_and_verify(cnn_world: World, tmp_path: Path) -> N
     assert 0.0 <= check["max_abs_prob_diff"] < 0.05
 
 
-def test_verify_export_reports_exact_agreement(world: World, tmp_path: Path) -> None:
-    """On the tiny MobileNetV2's heads, whose probabilities differ (the small CNN's heads are both certain)."""
-    heads = world.heads
-    runtime, _ = load_model_file(export_head(heads["logreg"], tmp_path / "logreg.keras", verify=0)[0])
-    test = read_predictions(heads["logreg"] / PREDICTIONS_CSV)
-    check = verify_export(runtime, load_head(heads["logreg"]), test, max_images=3)
+def test_verify_export_reports_exact_agreement(cnn_world: World, exported) -> None:
+    """The module's .keras export of the logreg head against the head's own test predictions, then against the
+    same predictions made flatter: the check measures exactly that difference."""
+    head_dir = cnn_world.heads["logreg"]
+    runtime, _ = load_model_file(exported["logreg", "keras"])
+    test, head = read_predictions(head_dir / PREDICTIONS_CSV), load_head(head_dir)
+    check = verify_export(runtime, head, test, max_images=3)
     assert check["images"] == 3
     assert check["top1_agreement"] == 1.0 and check["max_abs_prob_diff"] <= 1e-4
-    # against another head's probabilities the difference shows
-    other_test = read_predictions(heads["svm"] / PREDICTIONS_CSV)
-    other = verify_export(runtime, load_head(heads["svm"]), other_test, max_images=10)
-    assert other["max_abs_prob_diff"] > 1e-3
+    # against other probabilities (each row halfway to uniform: the same top class) the difference shows
+    flatter = replace(test, proba=0.5 * test.proba + 0.5 / test.proba.shape[1])
+    other = verify_export(runtime, head, flatter, max_images=len(test))
+    assert other["images"] == len(test) and other["top1_agreement"] == 1.0
+    assert other["max_abs_prob_diff"] == pytest.approx(np.abs(test.proba - flatter.proba).max(), abs=1e-4)
+    assert other["max_abs_prob_diff"] > 0.1
 
 
 # -- refusals -------------------------------------------------------------------------------------

@@ -479,9 +479,10 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(
 def test_seed_decides_the_new_layers_and_the_random_backbone_is_fixed(world: World) -> None:
     """A weights=None backbone is always the seed-0 one (it is the cache's configuration), it does not
     reseed the caller, and the finetune seed alone decides the rest of the model."""
-    from pipeline.backbones import build_backbone, temp_seed
+    from pipeline.backbones import BackboneConfig, build_backbone, temp_seed
 
-    config = TINY_CONFIG.resolved()
+    # MobileNet v1 at alpha 0.25: a Keras Applications family with a third of MobileNetV2's layers (5 builds here)
+    config = BackboneConfig("MobileNet", "none", image_size=32, alpha=0.25).resolved()
 
     def model_weights(seed: int) -> list[np.ndarray]:
         with temp_seed(seed):
