@@ -20,6 +20,11 @@ SHARED_REASON = f"{SHARED} is absent: it holds the real models and datasets the 
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The Ray clusters the tests start (and their processes, which inherit this) report no usage. Besides phoning home,
+# Ray Data's usage collection queries Prometheus from a background thread after each run and logs the refused
+# connection with its traceback; on Python 3.11 formatting a traceback calls ast.parse, whose state is shared by all
+# threads, and a concurrent ast.parse in the test thread failed with "AST constructor recursion depth mismatch".
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from pipeline.backbones import BackboneConfig  # noqa: E402
 from pipeline.runtime import make_runtime as _REAL_MAKE_RUNTIME  # noqa: E402 (imports no TensorFlow)
