@@ -33,6 +33,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from pipeline.backbones import BackboneConfig  # noqa: E402
 
 TINY_CONFIG = BackboneConfig("MobileNetV2", "none", image_size=32, alpha=0.35)
+# MobileNet v1 at alpha 0.25, random weights: a Keras Applications family with a third of MobileNetV2's layers, for
+# tests where any such family proves the point and the backbone is built or traced several times
+SMALL_APPLICATION = BackboneConfig("MobileNet", "none", image_size=32, alpha=0.25)
 LITE0 = ROOT.parent / "shared" / "keras-models" / "efficientnet_lite0_imagenet.keras"
 CLASSES3 = ("bars", "checks", "speckle")
 CLASSES2 = ("bars", "checks")

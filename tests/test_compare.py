@@ -68,7 +68,7 @@ def test_compare_writes_three_files_one_row_per_input(cnn_world: World, compared
 
 
 def test_compare_refuses_a_folder_that_is_neither(world: World, tmp_path: Path) -> None:
-    """A folder with metrics.json but neither head files nor model.keras: refused before the head before it
+    """A folder with metrics.json but neither head files nor model.keras: refused before the head listed first
     is measured (no backbone built for a typo)."""
     other = tmp_path / "other"
     other.mkdir()

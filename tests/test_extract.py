@@ -22,6 +22,7 @@ from conftest import (
     pixels,
     save_image,
 )
+from model_fixtures import SMALL_APPLICATION
 
 import pipeline.cache as cache_module
 from pipeline.backbones import BackboneConfig
@@ -268,11 +269,9 @@ def test_default_cache_names_differ_per_config(dataset: Path, tiny_config, tmp_p
 
 
 def test_features_deterministic_for_random_weights(dataset: Path, tmp_path) -> None:
-    """Two runs, each building its own model from the seed, give the same features (MobileNet v1 at alpha 0.25:
-    a Keras Applications family with a third of MobileNetV2's layers, built and traced twice here)."""
-    config = BackboneConfig("MobileNet", "none", image_size=32, alpha=0.25)
-    run(dataset, config, tmp_path / "one.h5", batch_size=5)
-    run(dataset, config, tmp_path / "two.h5", batch_size=3)
+    """Two runs, each building its own model from the seed, give the same features."""
+    run(dataset, SMALL_APPLICATION, tmp_path / "one.h5", batch_size=5)
+    run(dataset, SMALL_APPLICATION, tmp_path / "two.h5", batch_size=3)
     one, two = load(tmp_path / "one.h5"), load(tmp_path / "two.h5")
     assert one.paths == two.paths
     assert_same_features(one.features, two.features)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from model_fixtures import CLASSES3, TINY_CONFIG, World, quiet, save_small_cnn
+from model_fixtures import CLASSES3, SMALL_APPLICATION, TINY_CONFIG, World, quiet, save_small_cnn
 
 from pipeline.artifacts import PREDICTIONS_CSV, RUN_JSON, read_predictions
 from pipeline.cache import load
@@ -441,7 +441,7 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(
         return [*real_callbacks(model, phase, *args), *([CtrlC()] if phase == 2 else [])]
 
     monkeypatch.setattr(finetune_module, "_callbacks", with_ctrl_c)
-    handler = signal.getsignal(signal.SIGINT)  # Python's, or one an earlier test's library left
+    handler = signal.getsignal(signal.SIGINT)  # Python's, or SIG_IGN under a shell's background job
     out = tmp_path / "run"
     result = CliRunner().invoke(
         cli.app,
@@ -479,10 +479,9 @@ def test_ctrl_c_stops_after_the_batch_and_keeps_the_best_weights(
 def test_seed_decides_the_new_layers_and_the_random_backbone_is_fixed(world: World) -> None:
     """A weights=None backbone is always the seed-0 one (it is the cache's configuration), it does not
     reseed the caller, and the finetune seed alone decides the rest of the model."""
-    from pipeline.backbones import BackboneConfig, build_backbone, temp_seed
+    from pipeline.backbones import build_backbone, temp_seed
 
-    # MobileNet v1 at alpha 0.25: a Keras Applications family with a third of MobileNetV2's layers (5 builds here)
-    config = BackboneConfig("MobileNet", "none", image_size=32, alpha=0.25).resolved()
+    config = SMALL_APPLICATION.resolved()  # built 5 times here
 
     def model_weights(seed: int) -> list[np.ndarray]:
         with temp_seed(seed):
